@@ -1,0 +1,192 @@
+"""The VGG family as one Flax Linen module whose parameters carry the Keras layer names."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Convolutions per block; every block doubles the width up to 512 and ends in a 2x2 max pool.
+BLOCK_SIZES = {
+    "vgg11": (1, 1, 2, 2, 2),
+    "vgg13": (2, 2, 2, 2, 2),
+    "vgg16": (2, 2, 3, 3, 3),
+    "vgg19": (2, 2, 4, 4, 4),
+}
+WIDTHS = (64, 128, 256, 512, 512)
+HEADS = ("keras", "torch")
+POOLINGS = (None, "avg", "max")
+MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
+
+
+def conv_names(block_sizes: Sequence[int]) -> list[str]:
+    """Keras names of the conv layers in order: block1_conv1 ... block5_convN."""
+    return [f"block{b}_conv{i}" for b, n in enumerate(block_sizes, 1) for i in range(1, n + 1)]
+
+
+def adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 averaging matrix with torch's AdaptiveAvgPool bin edges.
+
+    Bin i covers [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)), so bins overlap when n_in is not
+    a multiple of n_out, exactly as torchvision's head sees them.
+    """
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class VGG(nn.Module):
+    """VGG11/13/16/19 (optionally with BatchNorm), Keras-style arguments.
+
+    Input: float NHWC images already preprocessed for the weights (see `preprocess_input`),
+    at least 32x32, 3 channels. Output: (N, num_classes) probabilities
+    (`classifier_activation="softmax"`) or logits (None); with `include_top=False` the
+    (N, H/32, W/32, 512) conv features, or (N, 512) with `pooling`.
+    `outputs=("block3_conv3", "fc2", ...)` returns a dict of those layers' outputs instead,
+    computed in one pass that stops after the last one asked for.
+    """
+
+    block_sizes: Sequence[int] = BLOCK_SIZES["vgg16"]
+    batch_norm: bool = False
+    include_top: bool = True
+    pooling: str | None = None
+    num_classes: int = 1000
+    classifier_activation: str | None = "softmax"
+    head: str = "keras"  # "keras": flatten, 224x224 only; "torch": adaptive 7x7 average pool, any size
+    dropout_rate: float = 0.0  # torchvision's head trains with 0.5; Keras' has no dropout
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def layer_names(self) -> list[str]:
+        """Every layer whose output `outputs=` can ask for, in forward order."""
+        names = []
+        for b, n in enumerate(self.block_sizes, 1):
+            names += [f"block{b}_conv{i}" for i in range(1, n + 1)] + [f"block{b}_pool"]
+        if self.include_top:
+            names += ["flatten", "fc1", "fc2", "predictions"]
+        elif self.pooling:
+            names += [f"global_{self.pooling}_pool"]
+        return names
+
+    def check_input(self, shape: Sequence[int]) -> None:
+        """Raise ValueError naming what was expected when `shape` (NHWC) cannot go through."""
+        if len(shape) != 4:
+            raise ValueError(f"VGG expects NHWC images (4 dims), found shape {tuple(shape)}")
+        _, h, w, c = shape
+        if c != 3:
+            raise ValueError(f"VGG expects 3 channels (RGB, NHWC), found {c} in shape {tuple(shape)}")
+        if h < MIN_SIZE or w < MIN_SIZE:
+            raise ValueError(f"VGG expects images of at least {MIN_SIZE}x{MIN_SIZE}, found {h}x{w}")
+        if self.include_top and self.head == "keras" and (h, w) != (224, 224):
+            raise ValueError(
+                f"the Keras head (flatten -> fc1) expects 224x224 inputs, found {h}x{w}; "
+                "use include_top=False or head='torch' for other sizes")
+
+    def _check_config(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, found {self.head!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, found {self.pooling!r}")
+        if self.classifier_activation not in ("softmax", None):
+            raise ValueError(
+                f"classifier_activation must be 'softmax' or None, found {self.classifier_activation!r}")
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, outputs: Sequence[str] | None = None):
+        self._check_config()
+        self.check_input(x.shape)
+        wanted = set(outputs or ())
+        unknown = wanted - set(self.layer_names())
+        if unknown:
+            raise ValueError(f"unknown layer(s) {sorted(unknown)}; this model has {self.layer_names()}")
+        taps = {}
+
+        def tap(name, y):
+            if name in wanted:
+                taps[name] = y
+            return bool(wanted) and len(taps) == len(wanted)
+
+        x = jnp.asarray(x, self.dtype)
+        for b, (n, width) in enumerate(zip(self.block_sizes, WIDTHS), 1):
+            for i in range(1, n + 1):
+                name = f"block{b}_conv{i}"
+                x = nn.Conv(width, (3, 3), padding="SAME", name=name, dtype=self.dtype,
+                            param_dtype=self.param_dtype,
+                            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))(x)
+                if self.batch_norm:
+                    # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                     name=f"{name}_bn", dtype=self.dtype,
+                                     param_dtype=self.param_dtype)(x)
+                x = nn.relu(x)
+                if tap(name, x):
+                    return taps
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+            if tap(f"block{b}_pool", x):
+                return taps
+
+        if not self.include_top:
+            if self.pooling == "avg":
+                x = jnp.mean(x, axis=(1, 2))
+            elif self.pooling == "max":
+                x = jnp.max(x, axis=(1, 2))
+            if self.pooling and tap(f"global_{self.pooling}_pool", x):
+                return taps
+            return taps if wanted else x
+
+        if self.head == "torch" and x.shape[1:3] != (7, 7):
+            ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], 7), x.dtype)
+            pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], 7), x.dtype)
+            x = jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+        # H, W, C flatten order: the Keras layout, and the one the converter gives torch's fc1.
+        x = x.reshape(x.shape[0], -1)
+        if tap("flatten", x):
+            return taps
+        for name in ("fc1", "fc2"):
+            x = nn.relu(nn.Dense(4096, name=name, dtype=self.dtype, param_dtype=self.param_dtype)(x))
+            if self.dropout_rate:
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            if tap(name, x):
+                return taps
+        x = nn.Dense(self.num_classes, name="predictions", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(x)
+        if self.classifier_activation == "softmax":
+            x = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
+        if tap("predictions", x):
+            return taps
+        return x
+
+
+ARCHS = {
+    **{name: dict(block_sizes=sizes) for name, sizes in BLOCK_SIZES.items()},
+    **{f"{name}_bn": dict(block_sizes=sizes, batch_norm=True) for name, sizes in BLOCK_SIZES.items()},
+}
+
+VGG11 = functools.partial(VGG, **ARCHS["vgg11"])
+VGG13 = functools.partial(VGG, **ARCHS["vgg13"])
+VGG16 = functools.partial(VGG, **ARCHS["vgg16"])
+VGG19 = functools.partial(VGG, **ARCHS["vgg19"])
+VGG11_BN = functools.partial(VGG, **ARCHS["vgg11_bn"])
+VGG13_BN = functools.partial(VGG, **ARCHS["vgg13_bn"])
+VGG16_BN = functools.partial(VGG, **ARCHS["vgg16_bn"])
+VGG19_BN = functools.partial(VGG, **ARCHS["vgg19_bn"])
+
+
+def create(arch: str, **kwargs) -> VGG:
+    """VGG module for an arch name ("vgg16", "vgg19_bn", ...) with Keras-style keyword arguments."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
+    return VGG(**ARCHS[arch], **kwargs)
+
+
+def arch_name(model: VGG) -> str:
+    """Inverse of `create`: "vgg16", "vgg11_bn", ..."""
+    for name, cfg in ARCHS.items():
+        if tuple(cfg["block_sizes"]) == tuple(model.block_sizes) and cfg.get("batch_norm", False) == model.batch_norm:
+            return name
+    raise ValueError(f"block sizes {tuple(model.block_sizes)} are not a known VGG")
