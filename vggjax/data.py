@@ -1,0 +1,256 @@
+"""Input pipelines: the book's cats-vs-dogs splits, from tfds or from a folder, as padded uint8 batches.
+
+`load_split` returns a `Split` whose `batches(epoch, skip=k)` yields NumPy dicts of one static
+shape, so a jitted step never recompiles:
+
+    {"image": uint8 (B, S, S, 3), "label": int32 (B,), "mask": bool (B,)}
+
+The last batch of an epoch is padded (zeros, label 0) and `mask` marks the real examples, so an
+evaluation sees every example exactly once. With `shuffle=True` the order is a NumPy permutation
+seeded by `(seed, epoch)`: reproducible, different each epoch, and `skip=k` starts the epoch at
+batch k without decoding the skipped images (a resumed run continues bit-exactly).
+
+Sources:
+
+- `"tfds"`: tfds `cats_vs_dogs` has one `train` split of 23,262 images. It is read in its
+  deterministic record order (`shuffle_files=False`) and sliced like the book's copy script
+  (cat.0-999 train, cat.1000-1499 validation, cat.1500-1999 test): per class, the first 1000
+  images go to `train`, the next 500 to `validation`, the next 500 to `test` (`BOOK_SPLITS`), so
+  each split is balanced and disjoint from the others. Reading stops as soon as the requested
+  split is complete; its encoded JPEGs are kept in memory (about 35 MB per 1000 images).
+- a directory `DIR/{train,validation,test}/<class>/*.jpg`: indexed by
+  `tfds.folder_dataset.ImageFolder`, which defines the split names, the class names (sorted
+  directory names, shared by all splits) and the label ids. ImageFolder's own `as_dataset` is
+  not used to read: it decodes inside the pipeline, so one bad file kills an epoch, and its
+  shuffle is unseeded. The files are listed by ImageFolder's rule (sorted class directories,
+  `.jpg/.jpeg/.png` in any case, other files ignored) and the count is checked against
+  ImageFolder's.
+
+Every image is decoded once up front, in parallel, with the very decoder the epochs use
+(`tf.io.decode_image(channels=3)`, which turns grayscale, palette, 16-bit, RGBA (alpha dropped,
+as Keras' loaders do) and CMYK JPEGs into RGB). Files it cannot read or decode (zero-byte,
+truncated, not an image) are skipped and reported in ONE `SkippedFilesWarning` naming them;
+`Split.skipped` lists them all. Each epoch then decodes, resizes to (S, S) with bilinear
+interpolation (as Keras' `image_dataset_from_directory`, no aspect-preserving crop), rounds to
+uint8 and prefetches. Images stay uint8 until the device does the float work.
+
+This is the only vggjax module that imports TensorFlow; it hides the GPUs from TF on import so
+that TF never claims memory JAX needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from typing import Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+try:
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:
+    # TF's devices were already initialised by the caller's own TF code; their choice stands.
+    pass
+
+import tensorflow_datasets as tfds  # noqa: E402  (after hiding the GPUs)
+
+# Images per class in each split, in slicing order (the book's protocol: 2000/1000/1000).
+BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}
+# What tfds.folder_dataset.ImageFolder lists (its _SUPPORTED_IMAGE_FORMAT); anything else is ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# How many skipped files the warning names before summarising the rest.
+_NAMED_IN_WARNING = 20
+
+
+class SkippedFilesWarning(UserWarning):
+    """Some images could not be read or decoded and were left out of a split."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """One split of an image-classification dataset, ready to batch; see the module docstring."""
+
+    name: str
+    class_names: tuple[str, ...]
+    image_size: int
+    batch_size: int
+    shuffle: bool
+    seed: int
+    labels: np.ndarray  # int32 (num_examples,)
+    names: tuple[str, ...]  # file path (folder) or image/filename (tfds) of each example
+    skipped: tuple[str, ...]  # files left out because they could not be decoded
+    # Per example: a file path (from_files) or the encoded image bytes.
+    encoded: tuple = dataclasses.field(repr=False)
+    from_files: bool = True
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch, the last one padded: ceil(num_examples / batch_size)."""
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example indices of `epoch`, int64 (num_examples,): a permutation seeded by
+        (seed, epoch) when shuffling, else 0..N-1."""
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the batches of `epoch` from batch `skip` on (skipped images are never decoded).
+
+        Each batch: {"image": uint8 (B, S, S, 3), "label": int32 (B,), "mask": bool (B,)}.
+        """
+        if not 0 <= skip <= self.steps_per_epoch:
+            raise ValueError(f"skip={skip} is outside 0..{self.steps_per_epoch} "
+                             f"(the batches per epoch of split {self.name!r})")
+        idx = self.order(epoch)[skip * self.batch_size:]
+        if idx.size == 0:
+            return iter(())
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"encoded": tf.constant([self.encoded[i] for i in idx]),
+             "label": self.labels[idx]})
+        size = self.image_size
+        from_files = self.from_files
+
+        def load(example):
+            image = _decode(_read(example["encoded"], from_files))
+            image = tf.image.resize(image, (size, size), method="bilinear")
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+            return {"image": image, "label": example["label"]}
+
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(self.batch_size).map(_pad_to(self.batch_size, size))
+        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def load_split(source: str, split: str, image_size: int, batch_size: int, *, shuffle: bool,
+               seed: int = 0, data_dir: str | None = None,
+               per_class: Mapping[str, int] = BOOK_SPLITS) -> Split:
+    """Load one split of cats-vs-dogs (`source="tfds"`) or of an image folder (`source=DIR`).
+
+    `data_dir` is tfds' data directory (tfds source only). `per_class` is the tfds slicing:
+    images per class for each split, in order. Undecodable files are skipped with one
+    `SkippedFilesWarning`. Raises ValueError for an unknown split, a missing folder, too few
+    tfds examples or a split with no decodable image.
+    """
+    if image_size < 1 or batch_size < 1:
+        raise ValueError(f"image_size and batch_size must be positive, found {image_size}, {batch_size}")
+    if source == "tfds":
+        class_names, encoded, labels, names = _tfds_examples(split, data_dir, per_class)
+        from_files, where = False, f"tfds cats_vs_dogs[{split}]"
+    else:
+        class_names, encoded, labels, names = _folder_examples(source, split)
+        from_files, where = True, os.path.join(source, split)
+    ok = _decodable(encoded, from_files)
+    skipped = tuple(n for n, good in zip(names, ok) if not good)
+    if skipped:
+        shown = ", ".join(skipped[:_NAMED_IN_WARNING])
+        more = f" and {len(skipped) - _NAMED_IN_WARNING} more" if len(skipped) > _NAMED_IN_WARNING else ""
+        warnings.warn(f"{where}: skipped {len(skipped)} of {len(names)} files that could not be "
+                      f"read or decoded as images: {shown}{more}", SkippedFilesWarning, stacklevel=2)
+    if not ok.any():
+        raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
+    keep = np.flatnonzero(ok)
+    return Split(name=split, class_names=tuple(class_names), image_size=image_size,
+                 batch_size=batch_size, shuffle=shuffle, seed=seed,
+                 labels=np.asarray(labels, np.int32)[keep],
+                 names=tuple(names[i] for i in keep), skipped=skipped,
+                 encoded=tuple(encoded[i] for i in keep), from_files=from_files)
+
+
+def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int]):
+    """The `split` slice of cats_vs_dogs' one `train` split: per class, ranks
+    [start, start + per_class[split]) in record order, where start sums the earlier splits."""
+    if split not in per_class:
+        raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
+    splits = list(per_class)
+    start = sum(per_class[s] for s in splits[:splits.index(split)])
+    stop = start + per_class[split]
+    ds, info = tfds.load("cats_vs_dogs", split="train", shuffle_files=False, data_dir=data_dir,
+                         with_info=True, decoders={"image": tfds.decode.SkipDecoding()})
+    class_names = info.features["label"].names
+    seen = np.zeros(len(class_names), np.int64)
+    encoded, labels, names = [], [], []
+    for example in ds.as_numpy_iterator():
+        label = int(example["label"])
+        if start <= seen[label] < stop:
+            encoded.append(example["image"])
+            labels.append(label)
+            names.append(example["image/filename"].decode())
+        seen[label] += 1
+        if seen.min() >= stop:
+            break
+    else:
+        raise ValueError(f"tfds cats_vs_dogs 'train' has {dict(zip(class_names, seen.tolist()))} "
+                         f"images per class; split {split!r} needs {stop} of each")
+    return class_names, encoded, labels, names
+
+
+def _folder_examples(root: str, split: str):
+    """(class_names, paths, labels, paths as names) of `root/split`, as ImageFolder indexes it."""
+    if not tf.io.gfile.isdir(root):
+        raise ValueError(f"image folder {root!r} does not exist (expected {root}/<split>/<class>/*.jpg)")
+    builder = tfds.folder_dataset.ImageFolder(root)
+    splits = builder.info.splits
+    if split not in splits:
+        raise ValueError(f"image folder {root!r} has no split {split!r}; ImageFolder found {sorted(splits)}")
+    label = builder.info.features["label"]
+    split_dir = os.path.join(root, split)
+    paths, labels = [], []
+    for class_name in sorted(_subdirs(split_dir)):
+        class_dir = os.path.join(split_dir, class_name)
+        for file_name in sorted(tf.io.gfile.listdir(class_dir)):
+            if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(class_dir, file_name))
+                labels.append(label.str2int(class_name))
+    if len(paths) != splits[split].num_examples:
+        raise RuntimeError(f"{split_dir}: listed {len(paths)} images but ImageFolder counts "
+                           f"{splits[split].num_examples}; its listing rule changed")
+    return label.names, paths, labels, paths
+
+
+def _subdirs(path: str) -> list[str]:
+    return [d.rstrip("/") for d in tf.io.gfile.listdir(path)
+            if tf.io.gfile.isdir(os.path.join(path, d))]
+
+
+def _read(encoded: tf.Tensor, from_files: bool) -> tf.Tensor:
+    return tf.io.read_file(encoded) if from_files else encoded
+
+
+def _decode(data: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP/WebP -> uint8 (H, W, 3); the one decoder both validation and epochs use."""
+    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _decodable(encoded, from_files: bool) -> np.ndarray:
+    """bool (N,): which items read and decode. Decodes each once, in parallel; a failing item
+    is dropped by `ignore_errors`, so the surviving indices are the good ones."""
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(encoded)), tf.constant(list(encoded))))
+    ds = ds.map(lambda i, x: (i, tf.shape(_decode(_read(x, from_files)))),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
+    ok = np.zeros(len(encoded), bool)
+    for i, _ in ds.as_numpy_iterator():
+        ok[i] = True
+    return ok
+
+
+def _pad_to(batch_size: int, size: int):
+    """Pad a (possibly short) batch to `batch_size` rows and add the mask of real rows."""
+    def pad(batch):
+        n = tf.shape(batch["label"])[0]
+        missing = batch_size - n
+        image = tf.pad(batch["image"], [[0, missing], [0, 0], [0, 0], [0, 0]])
+        label = tf.pad(tf.cast(batch["label"], tf.int32), [[0, missing]])
+        return {"image": tf.ensure_shape(image, (batch_size, size, size, 3)),
+                "label": tf.ensure_shape(label, (batch_size,)),
+                "mask": tf.ensure_shape(tf.range(batch_size) < n, (batch_size,))}
+    return pad

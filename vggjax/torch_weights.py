@@ -1,0 +1,223 @@
+"""torchvision and timm VGG state dicts (.pth, .pt, .bin, .safetensors) as vggjax variables."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Callable, Mapping, NamedTuple
+
+import numpy as np
+
+from vggjax.model import ARCHS, WIDTHS
+from vggjax.weights import check_variables, expected_shapes, unflatten
+
+POOLED = (7, 7, WIDTHS[-1])  # torch's AdaptiveAvgPool2d((7, 7)) output that fc1 reads, as H, W, C
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+class Layout(NamedTuple):
+    """How one torch tensor is stored: its shape given the Keras shape, and the conversion."""
+
+    torch_shape: Callable[[tuple], tuple]
+    to_keras: Callable[[np.ndarray], np.ndarray]
+
+
+def _fc1_from_conv(w: np.ndarray) -> np.ndarray:
+    # (out, C, H, W) -> (H*W*C, out): rows in our H, W, C flatten order instead of torch's C, H, W.
+    rows = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+    # Transposing 400 MB in one strided copy thrashes the cache; blocks of rows are ~3x faster.
+    out = np.empty(rows.shape[::-1], np.float32)
+    for i in range(0, len(rows), 256):
+        out[:, i:i + 256] = rows[i:i + 256].T
+    return out
+
+
+LAYOUTS = {
+    "vector": Layout(lambda s: s, lambda w: w),
+    "conv": Layout(lambda s: (s[3], s[2], s[0], s[1]), lambda w: w.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
+    "linear": Layout(lambda s: s[::-1], lambda w: w.T),  # (out, in) -> (in, out)
+    # torchvision's fc1: nn.Linear over torch.flatten of (C, 7, 7).
+    "fc1_linear": Layout(lambda s: (s[1], s[0]),
+                         lambda w: _fc1_from_conv(w.reshape(w.shape[0], POOLED[2], *POOLED[:2]))),
+    # timm's ConvMlp: fc1 is the same weights as a 7x7 conv, fc2 as a 1x1 conv.
+    "fc1_conv": Layout(lambda s: (s[1], POOLED[2], *POOLED[:2]), _fc1_from_conv),
+    "conv1x1": Layout(lambda s: (s[1], s[0], 1, 1), lambda w: w[:, :, 0, 0].T),
+}
+
+# Head modules of each layout: torch module -> (Keras layer, layout of its weight).
+HEADS = {
+    "torchvision": {"classifier.0": ("fc1", "fc1_linear"), "classifier.3": ("fc2", "linear"),
+                    "classifier.6": ("predictions", "linear")},
+    "timm": {"pre_logits.fc1": ("fc1", "fc1_conv"), "pre_logits.fc2": ("fc2", "conv1x1"),
+             "head.fc": ("predictions", "linear")},
+}
+
+
+def feature_indices(arch: str) -> dict[str, int]:
+    """Keras conv name -> index of that Conv2d in torch's `features` Sequential.
+
+    torchvision (and timm) build `features` as conv, [BatchNorm2d], ReLU per conv and one
+    MaxPool2d per block, so e.g. vgg16 has convs at 0, 2, 5, 7, 10, ... and vgg16_bn at 0, 3, 7, ...
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
+    per_conv = 3 if ARCHS[arch].get("batch_norm", False) else 2
+    indices, i = {}, 0
+    for b, n in enumerate(ARCHS[arch]["block_sizes"], 1):
+        for c in range(1, n + 1):
+            indices[f"block{b}_conv{c}"] = i
+            i += per_conv
+        i += 1  # the block's MaxPool2d
+    return indices
+
+
+def _plan(arch: str, head: str | None) -> dict[str, tuple[str, str]]:
+    """torch key -> ('/'-joined vggjax path, layout name) for every tensor the file must hold."""
+    plan = {}
+    batch_norm = ARCHS[arch].get("batch_norm", False)
+    for name, i in feature_indices(arch).items():
+        plan[f"features.{i}.weight"] = (f"params/{name}/kernel", "conv")
+        plan[f"features.{i}.bias"] = (f"params/{name}/bias", "vector")
+        if batch_norm:
+            bn = f"features.{i + 1}"
+            plan[f"{bn}.weight"] = (f"params/{name}_bn/scale", "vector")
+            plan[f"{bn}.bias"] = (f"params/{name}_bn/bias", "vector")
+            plan[f"{bn}.running_mean"] = (f"batch_stats/{name}_bn/mean", "vector")
+            plan[f"{bn}.running_var"] = (f"batch_stats/{name}_bn/var", "vector")
+    for module, (layer, layout) in HEADS.get(head, {}).items():
+        plan[f"{module}.weight"] = (f"params/{layer}/kernel", layout)
+        plan[f"{module}.bias"] = (f"params/{layer}/bias", "vector")
+    return plan
+
+
+def _head_layout(state: Mapping[str, object], source: str) -> str | None:
+    """Which head the state dict carries: "torchvision", "timm", or None (conv base only)."""
+    found = [head for head, modules in HEADS.items()
+             if any(key.startswith(f"{m}.") for key in state for m in modules)]
+    if len(found) > 1:
+        raise ValueError(f"{source} mixes torchvision (classifier.*) and timm (pre_logits.*, head.fc.*) "
+                         "head keys; expected one layout")
+    return found[0] if found else None
+
+
+def _guess_arch(state: Mapping[str, object]) -> str | None:
+    """The arch whose conv count and BatchNorm use match the state dict's `features`, if any."""
+    n_convs = sum(k.startswith("features.") and k.endswith(".weight") and np.ndim(v) == 4
+                  for k, v in state.items())
+    batch_norm = any(k.startswith("features.") and k.endswith(".running_mean") for k in state)
+    return next((arch for arch, cfg in ARCHS.items() if sum(cfg["block_sizes"]) == n_convs
+                 and cfg.get("batch_norm", False) == batch_norm), None)
+
+
+def from_state_dict(state: Mapping[str, np.ndarray], arch: str, source: str) -> tuple[dict, bool]:
+    """Map a torchvision or timm VGG state dict to vggjax variables.
+
+    `state`: torch key -> array (anything `np.asarray` takes), e.g. "features.0.weight" (64, 3, 3, 3)
+    OIHW. Returns ({"params": ..., ["batch_stats": ...]}, include_top): float32 arrays keyed by
+    Keras layer names, conv kernels HWIO, fc1 (25088, 4096) with rows in H, W, C order.
+    include_top is True when the state dict has a head (any number of classes). `source` (the
+    file) is named in every error: missing or unexpected keys, shapes that do not fit `arch`.
+    """
+    head = _head_layout(state, source)
+    plan = _plan(arch, head)
+    # BatchNorm's step counter only matters for momentum=None, which torchvision does not use.
+    unexpected = sorted(k for k in set(state) - set(plan) if not k.endswith(".num_batches_tracked"))
+    missing = [k for k in plan if k not in state]
+    if missing or unexpected:
+        guess = _guess_arch(state)
+        hint = f" (its features look like {guess}: convert it as {guess})" if guess not in (
+            None, arch) else ""
+        raise ValueError(f"{source} is not a {head or 'torchvision/timm'} {arch} state dict{hint}: "
+                         f"missing keys {missing}; unexpected keys {unexpected}")
+    include_top = head is not None
+    # The head's size comes from the file, so fine-tuned heads (e.g. 2 classes) load too.
+    num_classes = 1000
+    if include_top:
+        bias_key = next(k for k, (path, _) in plan.items() if path == "params/predictions/bias")
+        if np.ndim(state[bias_key]) != 1:
+            raise ValueError(f"{source}: {bias_key} must be 1-D, "
+                         f"found shape {np.shape(state[bias_key])}")
+        num_classes = len(state[bias_key])
+    want = expected_shapes(arch, include_top, num_classes)
+    flat, problems = {}, []
+    for key, (path, layout) in plan.items():
+        value = np.asarray(state[key], np.float32)
+        torch_shape = tuple(LAYOUTS[layout].torch_shape(want[path]))
+        if value.shape != torch_shape:
+            problems.append(f"{key}: expected shape {torch_shape}, found {value.shape}")
+            continue
+        flat[path] = np.ascontiguousarray(LAYOUTS[layout].to_keras(value))
+    if problems:
+        raise ValueError(f"{source} does not hold {arch} weights: " + "; ".join(problems))
+    variables = unflatten(flat)
+    check_variables(variables, arch, include_top, source, num_classes)
+    return variables, include_top
+
+
+def _tensor_dict_from_pickle(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs PyTorch: pip install 'vggjax[torch]' "
+                          "(or convert the file to .safetensors, which needs no torch)") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only=True stops at the first global that is not a tensor type; loading it anyway
+        # would let the pickle run arbitrary code, so the file is refused, never retried.
+        blocked = re.search(r"GLOBAL (\S+)", str(e))
+        if blocked:
+            raise ValueError(f"{path} refused for safety: unpickling it would call {blocked[1]}, "
+                             "which could run arbitrary code; vggjax loads only plain tensors "
+                             "(torch.load weights_only=True). Re-export it from a trusted copy as "
+                             "torch.save(model.state_dict(), path) or .safetensors") from None
+        # torch wraps the unpickler's reason in advice on weights_only=False; keep the reason.
+        reason = [line.strip() for line in str(e).split("Check the documentation")[0].splitlines()
+                  if line.strip()]
+        raise ValueError(f"{path} is not a readable PyTorch file: torch.load(weights_only=True) "
+                         f"cannot unpickle it ({reason[-1] if reason else e}); it is corrupt or "
+                         "holds more than tensors") from None
+    except Exception as e:  # torch reports corrupt input as KeyError, RuntimeError, EOFError, ...
+        raise ValueError(f"{path} is not a readable PyTorch file (truncated, corrupt or not written "
+                         f"by torch.save): {type(e).__name__}: {e}") from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict "
+                         "(torch.save(model.state_dict(), path))")
+    odd = sorted(str(k) for k, v in obj.items()
+                 if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
+    if odd:
+        raise ValueError(f"{path} is not a plain state dict: entries {odd} are not named tensors; "
+                         "save model.state_dict() itself")
+    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
+
+
+def _tensor_dict_from_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def read_torch_file(path: str | os.PathLike, arch: str) -> tuple[dict, bool]:
+    """Read a torchvision/timm VGG checkpoint and return `from_state_dict`'s (variables, include_top).
+
+    `.pth`/`.pt`/`.bin` are read with torch.load(weights_only=True) (needs torch; files whose
+    pickle would run code are refused with ValueError); `.safetensors` needs no torch.
+    Arrays come back float32, Keras-named, checked against `arch`.
+    """
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: expected a {', '.join(PICKLE_SUFFIXES + SAFETENSORS_SUFFIXES)} file, "
+                         f"found suffix {suffix!r}")
+    if os.path.getsize(path) == 0:  # FileNotFoundError, naming the path, if it does not exist
+        raise ValueError(f"{path} is empty")
+    if suffix in SAFETENSORS_SUFFIXES:
+        state = _tensor_dict_from_safetensors(path)
+    else:
+        state = _tensor_dict_from_pickle(path)
+    return from_state_dict(state, arch, source=path)
