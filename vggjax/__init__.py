@@ -7,5 +7,6 @@ from vggjax.model import (ARCHS, VGG, VGG11, VGG11_BN, VGG13, VGG13_BN, VGG16, V
                           VGG19_BN, create)
 from vggjax.summary import summary
 from vggjax.preprocessing import decode_predictions, preprocess_input
+from vggjax.pretrained import Pretrained, convert_file, load
 
 __version__ = "0.1.0"

@@ -1,0 +1,84 @@
+"""tools/convert_weights.py: one success line, or 'error: ...' and exit 1 with nothing written."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vggjax
+from vggjax.keras_weights import write_legacy_h5
+
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_weights.py"
+# The CLI's main(), in-process, for the cases not worth a subprocess.
+_spec = importlib.util.spec_from_file_location("convert_weights", SCRIPT)
+convert_weights = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert_weights)
+
+
+def run_cli(env, *args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True,
+                          text=True, cwd=SCRIPT.parents[1], timeout=300)
+
+
+@pytest.fixture(scope="module")
+def notop_params(make_variables):
+    return make_variables("vgg16", include_top=False, seed=11)["params"]
+
+
+@pytest.fixture
+def notop_h5(notop_params, tmp_path):
+    path = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    write_legacy_h5(notop_params, path)
+    return path
+
+
+def test_cli_converts_into_the_default_cache_dir(notop_params, notop_h5, subprocess_env):
+    result = run_cli(subprocess_env, "--source", "keras", "--arch", "vgg16", "--input", str(notop_h5))
+    assert result.returncode == 0, result.stderr
+    out = Path(subprocess_env["VGGJAX_CACHE"]) / "converted" / "keras_vgg16_notop"
+    assert result.stdout.splitlines() == [
+        f"converted keras vgg16 (without top) to {out}"]
+    pt = vggjax.load(out)
+    assert pt.meta["source_file"] == str(notop_h5) and pt.meta["preprocessing"] == "caffe"
+    for name, layer in notop_params.items():
+        np.testing.assert_array_equal(pt.params[name]["kernel"], layer["kernel"])
+        np.testing.assert_array_equal(pt.params[name]["bias"], layer["bias"])
+
+
+@pytest.mark.parametrize("damage, extra, pattern", [
+    (lambda path: None, ["--include-top"], "holds no classifier"),
+    (lambda path: path.write_bytes(b""), [], "is empty (0 bytes)"),
+], ids=["notop-file-with-include-top", "empty-file"])
+def test_cli_error_is_one_line_without_traceback(notop_h5, tmp_path, subprocess_env, damage, extra,
+                                                 pattern):
+    damage(notop_h5)
+    out = tmp_path / "out"
+    result = run_cli(subprocess_env, "--source", "keras", "--arch", "vgg16", "--input",
+                     str(notop_h5), "--output", str(out), *extra)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and pattern in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not out.exists()
+
+
+def test_cli_runs_from_anywhere_and_timm_needs_input(subprocess_env, tmp_path):
+    """No PYTHONPATH and another working dir: the script finds its checkout by itself when
+    vggjax is not installed (and uses the installed one when it is)."""
+    env = {k: v for k, v in subprocess_env.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--source", "timm", "--arch", "vgg16"],
+                            env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: timm weights have no checksum pinned")
+    assert "--input FILE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_refuses_to_overwrite_without_flag(notop_h5, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--source", "keras", "--arch", "vgg16", "--input", str(notop_h5), "--output", str(out)]
+    assert convert_weights.main(args) == 0
+    assert convert_weights.main(args) == 1
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert convert_weights.main(args + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notop_h5.name, "out"])

@@ -1,0 +1,155 @@
+"""vggjax checkpoints: save/load round trip, BatchNorm variables, atomic writes, clear load errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vggjax
+from vggjax import pretrained
+from vggjax.weights import flatten
+
+META = dict(arch="vgg11_bn", include_top=False, head="torch", preprocessing="torch")
+
+
+def test_import_vggjax_pulls_in_neither_tensorflow_nor_torch(subprocess_env):
+    code = ("import sys, vggjax, vggjax.pretrained, vggjax.keras_weights, vggjax.download\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tensorflow', 'torch', 'keras')))")
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def bn_variables(make_variables):
+    """A vgg11_bn conv base as training hands it over: JAX arrays in Flax's tree, with
+    BatchNorm statistics far from their 0/1 init so that swapping or dropping them would show.
+    (Random rather than model.init: same tree, without seconds of CPU random numbers.)"""
+    variables = jax.tree.map(jnp.asarray, make_variables("vgg11_bn", include_top=False, seed=0))
+    shapes = jax.eval_shape(vggjax.create("vgg11_bn", include_top=False).init,
+                            jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    assert jax.tree.structure(variables) == jax.tree.structure(shapes)
+    return variables
+
+
+@pytest.fixture(scope="module")
+def saved_bn(bn_variables, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("saved") / "vgg11_bn_finetuned"
+    pretrained.save(directory, bn_variables, {**META, "epochs": 3})
+    return directory
+
+
+def test_round_trip_keeps_every_array_and_the_metadata(bn_variables, saved_bn):
+    pt = vggjax.load(saved_bn)
+    want, have = flatten(bn_variables), flatten(pt.variables)
+    assert sorted(want) == sorted(have)
+    for path in want:
+        np.testing.assert_array_equal(have[path], want[path], err_msg=path)
+    assert pt.batch_stats is not None
+    assert pt.meta == {**META, "epochs": 3, "classifier_activation": None, "num_classes": 1000,
+                       "vggjax_version": vggjax.__version__}
+    assert json.loads((saved_bn / "vggjax.json").read_text()) == pt.meta
+
+
+def test_loaded_bn_model_computes_what_the_saved_one_did(bn_variables, saved_bn):
+    pt = vggjax.load(saved_bn)
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(pt.preprocess(images), vggjax.preprocess_input(images, "torch"))
+    x = pt.preprocess(images)
+    want = vggjax.create("vgg11_bn", include_top=False).apply(bn_variables, x)
+    np.testing.assert_array_equal(pt.model.apply(pt.variables, x), want)
+    assert pt.model.batch_norm and not pt.model.include_top and pt.model.head == "torch"
+
+
+def test_plain_vgg_has_no_batch_stats(make_variables, tmp_path):
+    variables = make_variables("vgg11", include_top=False)
+    pretrained.save(tmp_path / "ckpt", variables, {**META, "arch": "vgg11"})
+    pt = vggjax.load(tmp_path / "ckpt")
+    assert pt.batch_stats is None and list(pt.variables) == ["params"]
+
+
+def test_save_refuses_to_overwrite_unless_asked(bn_variables, tmp_path):
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"ckpt already exists.*overwrite=True"):
+        pretrained.save(directory, bn_variables, META)
+    assert [p.name for p in directory.iterdir()] == ["notes.txt"]
+    pretrained.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
+    assert vggjax.load(directory).meta["run"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or old dir left
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda v, m: ({"params": {k: x for k, x in v["params"].items() if k != "block3_conv2"},
+                    "batch_stats": v["batch_stats"]}, m),
+     r"variables for .*missing \['params/block3_conv2/bias', 'params/block3_conv2/kernel'\]"),
+    (lambda v, m: ({"params": v["params"]}, m), r"missing \['batch_stats/block1_conv1_bn/mean'"),
+    (lambda v, m: (v, {**m, "preprocessing": "tf"}), r"preprocessing must be one of"),
+    (lambda v, m: (v, {k: x for k, x in m.items() if k != "head"}), r"lacks \['head'\]"),
+    (lambda v, m: (v, {**m, "arch": "vgg11"}), r"does not hold vgg11 weights"),
+])
+def test_save_rejects_bad_input_and_writes_nothing(bn_variables, tmp_path, edit, pattern):
+    variables, meta = edit(bn_variables, META)
+    with pytest.raises(ValueError, match=pattern):
+        pretrained.save(tmp_path / "ckpt", variables, meta)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_that_fails_midway_leaves_the_old_dir_and_no_temp(bn_variables, saved_bn,
+                                                                  tmp_path, monkeypatch):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(saved_bn, directory)
+
+    def corrupted_copy(tmp, variables, meta):
+        raise RuntimeError(f"checkpoint in {tmp} reloaded differently")  # as a bad disk would
+
+    monkeypatch.setattr(pretrained, "_verify_copy", corrupted_copy)
+    with pytest.raises(RuntimeError, match="reloaded differently"):
+        pretrained.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
+    with pytest.raises(RuntimeError):
+        pretrained.save(tmp_path / "new", bn_variables, META)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert vggjax.load(directory).meta["epochs"] == 3  # the previous checkpoint, intact
+
+
+def _write_json(text):
+    return lambda d: (d / "vggjax.json").write_text(text)
+
+
+def _edit_meta(**changes):
+    def edit(d):
+        meta = json.loads((d / "vggjax.json").read_text())
+        (d / "vggjax.json").write_text(json.dumps({**meta, **changes}))
+    return edit
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda d: (d / "vggjax.json").unlink(), r"is not a vggjax checkpoint: vggjax.json is missing"),
+    (_write_json("{not json"), r"vggjax.json is corrupt"),
+    (_write_json("[1, 2]"), r"vggjax.json must be a JSON object"),
+    (_write_json('{"arch": "vgg11_bn"}'), r"vggjax.json lacks \['include_top', 'head', 'preprocessing'\]"),
+    (_edit_meta(head="tf", include_top="yes"), r"include_top must be true or false.*head must be one of"),
+    (_edit_meta(arch="vgg13_bn"), r"does not hold vgg13_bn weights without top: missing \["),
+    (_edit_meta(include_top=True), r"does not hold vgg11_bn weights with top: missing \['params/fc1/bias'"),
+    (lambda d: shutil.rmtree(d / "checkpoint"), r"checkpoint/ is missing"),
+    (lambda d: (d / "checkpoint" / "manifest.ocdbt").write_bytes(b"garbage"),
+     r"checkpoint could not be restored: .*manifest"),
+])
+def test_load_of_a_damaged_dir_names_it(saved_bn, tmp_path, damage, pattern):
+    directory = tmp_path / "damaged"
+    shutil.copytree(saved_bn, directory)
+    damage(directory)
+    with pytest.raises(ValueError, match=pattern) as err:
+        vggjax.load(directory)
+    assert str(directory) in str(err.value)
+
+
+def test_load_of_a_missing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such checkpoint directory"):
+        vggjax.load(tmp_path / "nowhere")

@@ -1,0 +1,143 @@
+"""Where the official VGG weight files live, their checksums, and a verified, cached download."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# (arch, include_top) -> (path under KERAS_URL, md5): keras/src/applications/vgg16.py, vgg19.py.
+KERAS_FILES = {
+    ("vgg16", True): ("vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+                      "64373286793e3c8b2b4e3219cbf3544b"),
+    ("vgg16", False): ("vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                       "6d6bbae143d832006294945121d1f1fc"),
+    ("vgg19", True): ("vgg19/vgg19_weights_tf_dim_ordering_tf_kernels.h5",
+                      "cbe5617147190e668d6c5d5026f83318"),
+    ("vgg19", False): ("vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                       "253f8cb515780f3b799900260a226db6"),
+}
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+# torchvision names each file with the first 8 hex digits of its sha256 (torch.hub checks them).
+TORCHVISION_FILES = {
+    "vgg11": "vgg11-8a719046.pth",
+    "vgg13": "vgg13-19584684.pth",
+    "vgg16": "vgg16-397923af.pth",
+    "vgg19": "vgg19-dcbb9e9d.pth",
+    "vgg11_bn": "vgg11_bn-6002323d.pth",
+    "vgg13_bn": "vgg13_bn-abd245e5.pth",
+    "vgg16_bn": "vgg16_bn-6c64b313.pth",
+    "vgg19_bn": "vgg19_bn-c79401a0.pth",
+}
+TIMM_PAGE = "https://huggingface.co/timm/{arch}.tv_in1k"
+TIMEOUT_S = 10.0
+
+
+class DownloadError(OSError):
+    """The weights could not be fetched, or what arrived does not match the pinned checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFile:
+    """An official weights file: its URL and the checksum (full hex, or a hex prefix) it must have."""
+
+    url: str
+    algorithm: str  # "md5" or "sha256"
+    digest: str
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+def official_file(source: str, arch: str, include_top: bool) -> WeightFile:
+    """The official file for `source` ("keras", "torchvision") and `arch`.
+
+    torchvision publishes only full models (include_top is then irrelevant); timm has no
+    checksum pinned here, so it raises ValueError saying to pass the file with --input.
+    """
+    if source == "keras":
+        if (arch, include_top) not in KERAS_FILES:
+            raise ValueError(f"Keras publishes VGG weights only for vgg16 and vgg19, not {arch!r}; "
+                             "use --source torchvision for the other VGGs")
+        name, md5 = KERAS_FILES[arch, include_top]
+        return WeightFile(KERAS_URL + name, "md5", md5)
+    if source == "torchvision":
+        if arch not in TORCHVISION_FILES:
+            raise ValueError(f"torchvision has no VGG called {arch!r}; "
+                             f"expected one of {sorted(TORCHVISION_FILES)}")
+        name = TORCHVISION_FILES[arch]
+        return WeightFile(TORCHVISION_URL + name, "sha256", name.rsplit("-", 1)[1].split(".")[0])
+    if source == "timm":
+        raise ValueError(
+            f"timm weights have no checksum pinned in vggjax, so they are not downloaded for you: "
+            f"get model.safetensors from {TIMM_PAGE.format(arch=arch)} and pass it with --input FILE")
+    raise ValueError(f"unknown weights source {source!r}; expected keras, torchvision or timm")
+
+
+def cache_dir() -> Path:
+    """$VGGJAX_CACHE, or ~/.cache/vggjax."""
+    return Path(os.environ.get("VGGJAX_CACHE") or Path.home() / ".cache" / "vggjax")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matches(digest: str, expected: str) -> bool:
+    """True when `digest` is `expected` or starts with it (torchvision pins 8-hex prefixes)."""
+    return len(expected) >= 8 and digest.lower().startswith(expected.lower())
+
+
+def download(url: str, dest: str | os.PathLike, algorithm: str, expected: str,
+             timeout: float = TIMEOUT_S) -> Path:
+    """Fetch `url` to `dest` only if its checksum matches `expected`.
+
+    Streams into a hidden temp file next to `dest`, hashing on the way, and renames it into
+    place only after the check, so `dest` never holds a partial or wrong file. Raises
+    DownloadError (with the temp file deleted) when offline, on timeout or on a mismatch.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        h = hashlib.new(algorithm)
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+            except OSError as err:  # URLError, timeouts and refused connections are OSErrors
+                raise DownloadError(
+                    f"could not download {url} ({err}). If this machine is offline, download "
+                    f"that file elsewhere, copy it here and pass it with --input FILE "
+                    f"(convert_file(..., input_path=FILE))") from None
+        if not matches(h.hexdigest(), expected):
+            raise DownloadError(f"{url} does not have the expected {algorithm} {expected} "
+                                f"(got {h.hexdigest()}); the download was discarded")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def fetch(source: str, arch: str, include_top: bool, timeout: float = TIMEOUT_S) -> Path:
+    """Path of the official file in `cache_dir()/downloads`, downloaded and verified if absent.
+
+    Only verified files are ever renamed into the cache, so a cached file is trusted as is.
+    """
+    wf = official_file(source, arch, include_top)
+    dest = cache_dir() / "downloads" / wf.filename
+    if dest.is_file():
+        return dest
+    return download(wf.url, dest, wf.algorithm, wf.digest, timeout)

@@ -1,0 +1,255 @@
+"""Converted weights on disk: an Orbax checkpoint plus vggjax.json, written atomically and loaded back."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vggjax import download, keras_weights
+from vggjax.model import ARCHS, HEADS, VGG, create
+from vggjax.preprocessing import MODES, preprocess_input
+from vggjax.weights import check_variables, flatten
+
+METADATA = "vggjax.json"
+CHECKPOINT = "checkpoint"
+# What the weights of each source expect around them; stored with every converted checkpoint.
+SOURCES = {
+    "keras": dict(head="keras", preprocessing="caffe", classifier_activation="softmax"),
+    "torchvision": dict(head="torch", preprocessing="torch", classifier_activation=None),
+    "timm": dict(head="torch", preprocessing="torch", classifier_activation=None),
+}
+REQUIRED_META = ("arch", "include_top", "head", "preprocessing")
+NUM_CLASSES = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A loaded checkpoint: `model.apply(variables, preprocess(images))` reproduces the source
+    framework's output (Keras: softmax probabilities; torchvision/timm: logits)."""
+
+    model: VGG
+    params: dict
+    batch_stats: dict | None  # BatchNorm running statistics; None for plain VGGs
+    meta: dict
+
+    @property
+    def variables(self) -> dict:
+        """{"params": ..., ["batch_stats": ...]}: what `model.apply` needs (BN variants need both)."""
+        out = {"params": self.params}
+        if self.batch_stats is not None:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+    def preprocess(self, images):
+        """RGB NHWC images (uint8 or float 0..255) -> float32 input in the weights' convention."""
+        return preprocess_input(images, self.meta["preprocessing"])
+
+
+def default_output_dir(source: str, arch: str, include_top: bool) -> Path:
+    """$VGGJAX_CACHE/converted/<source>_<arch>[_notop]."""
+    return download.cache_dir() / "converted" / f"{source}_{arch}{'' if include_top else '_notop'}"
+
+
+def read_weights(source: str, arch: str, path: str | os.PathLike) -> tuple[dict, bool]:
+    """({"params": ..., ["batch_stats": ...]} as float32 NumPy, include_top) from a source file."""
+    if source == "keras":
+        return keras_weights.read_keras_h5(path, arch)
+    if source in ("torchvision", "timm"):
+        from vggjax.torch_weights import read_torch_file  # imports torch or safetensors lazily
+        return read_torch_file(os.fspath(path), arch)
+    raise ValueError(f"unknown weights source {source!r}; expected one of {sorted(SOURCES)}")
+
+
+def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = None,
+                 output_dir: str | os.PathLike | None = None, include_top: bool = False,
+                 overwrite: bool = False) -> dict:
+    """Convert an official weights file into a checked vggjax checkpoint; return its metadata.
+
+    `input_path=None` downloads the official file (checksum-verified, cached). A file holding
+    the classifier can be converted without it (`include_top=False`), not the other way
+    round. The output directory appears complete or not at all.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown weights source {source!r}; expected one of {sorted(SOURCES)}")
+    create(arch)  # unknown arch: fail before any download
+    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(
+        source, arch, include_top)
+    _refuse_overwrite(output_dir.absolute(), overwrite)
+    if input_path is None:
+        input_path = download.fetch(source, arch, include_top)
+    input_path = os.fspath(input_path)
+    variables, has_top = read_weights(source, arch, input_path)
+    if include_top and not has_top:
+        raise ValueError(f"{input_path} holds no classifier (fc1, fc2, predictions): it is a "
+                         f"'notop' file; convert it without --include-top, or use the full file")
+    if has_top and not include_top:
+        variables = dict(variables, params={k: v for k, v in variables["params"].items()
+                                            if k not in keras_weights.TOP})
+    check_variables(variables, arch, include_top, source=input_path)
+    meta = dict(arch=arch, source=source, source_file=os.path.abspath(input_path),
+                source_sha256=download.file_digest(input_path, "sha256"),
+                include_top=include_top, **SOURCES[source], num_classes=NUM_CLASSES)
+    return save(output_dir, variables, meta, overwrite=overwrite)
+
+
+def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
+         overwrite: bool = False) -> dict:
+    """Write `variables` ({"params", ["batch_stats"]}, keyed by Keras layer names) and `meta`
+    to `directory`; return the metadata as written.
+
+    `meta` needs arch, include_top, head and preprocessing; other keys are kept. The
+    variables must pass `check_variables`. Everything is written to a temp dir next to
+    `directory`, reloaded and compared bit for bit, then renamed into place; on any error the
+    temp dir is removed and `directory` is left as it was.
+    """
+    directory = Path(directory).absolute()
+    meta = _complete_meta(meta, f"metadata for {directory}")
+    variables = jax.tree.map(np.asarray, dict(variables))
+    check_variables(variables, meta["arch"], meta["include_top"], source=f"variables for {directory}",
+                    num_classes=meta["num_classes"])
+    _refuse_overwrite(directory, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        _write_checkpoint(tmp / CHECKPOINT, variables)
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _verify_copy(tmp, variables, meta)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def load(directory: str | os.PathLike) -> Pretrained:
+    """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py)."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    meta = _read_meta(directory)
+    if not (directory / CHECKPOINT).is_dir():
+        raise ValueError(f"{directory} is not a vggjax checkpoint: {CHECKPOINT}/ is missing")
+    try:
+        variables = _restore(directory / CHECKPOINT)
+    except Exception as err:  # Orbax raises many types for a damaged checkpoint
+        raise ValueError(f"{directory / CHECKPOINT} could not be restored: {err}") from err
+    check_variables(variables, meta["arch"], meta["include_top"], source=str(directory),
+                    num_classes=meta["num_classes"])
+    model = create(meta["arch"], include_top=meta["include_top"], head=meta["head"],
+                   classifier_activation=meta["classifier_activation"],
+                   num_classes=meta["num_classes"])
+    variables = jax.tree.map(jnp.asarray, variables)
+    return Pretrained(model=model, params=variables["params"],
+                      batch_stats=variables.get("batch_stats"), meta=meta)
+
+
+def _complete_meta(meta: Mapping, where: str) -> dict:
+    """Check the keys `load` relies on and fill the defaults; raise ValueError naming `where`."""
+    from vggjax import __version__
+
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{where} must be a JSON object, found {type(meta).__name__}")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{where} lacks {missing} (needs {list(REQUIRED_META)})")
+    meta = dict(meta)
+    meta.setdefault("classifier_activation", "softmax" if meta["head"] == "keras" else None)
+    meta.setdefault("num_classes", NUM_CLASSES)
+    meta.setdefault("vggjax_version", __version__)
+    problems = []
+    if meta["arch"] not in ARCHS:
+        problems.append(f"arch {meta['arch']!r} is not one of {sorted(ARCHS)}")
+    if not isinstance(meta["include_top"], bool):
+        problems.append(f"include_top must be true or false, found {meta['include_top']!r}")
+    if meta["head"] not in HEADS:
+        problems.append(f"head must be one of {HEADS}, found {meta['head']!r}")
+    if meta["preprocessing"] not in MODES:
+        problems.append(f"preprocessing must be one of {sorted(MODES)}, found {meta['preprocessing']!r}")
+    if meta["classifier_activation"] not in ("softmax", None):
+        problems.append(f"classifier_activation must be 'softmax' or null, "
+                        f"found {meta['classifier_activation']!r}")
+    if not isinstance(meta["num_classes"], int) or meta["num_classes"] < 1:
+        problems.append(f"num_classes must be a positive integer, found {meta['num_classes']!r}")
+    try:
+        json.dumps(meta)
+    except TypeError as err:
+        problems.append(f"not JSON-serialisable ({err})")
+    if problems:
+        raise ValueError(f"{where} is invalid: " + "; ".join(problems))
+    return meta
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / METADATA
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a vggjax checkpoint: {METADATA} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt: {err}") from None
+    return _complete_meta(meta, str(path))
+
+
+def _refuse_overwrite(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    if not overwrite and directory.is_dir() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} already exists and is not empty; "
+                              "pass overwrite=True (--overwrite) to replace it")
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+    """Rename `new` to `directory`, moving an existing one aside first and deleting it after."""
+    if not directory.exists():
+        os.replace(new, directory)
+        return
+    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(directory, old)
+    try:
+        os.replace(new, directory)
+    except BaseException:
+        os.replace(old, directory)
+        raise
+    shutil.rmtree(old)
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp  # ~1 s to import: only when a checkpoint is touched
+
+    return ocp.StandardCheckpointer()
+
+
+def _write_checkpoint(path: Path, variables: dict) -> None:
+    with _checkpointer() as ckptr:
+        ckptr.save(path, variables)
+        ckptr.wait_until_finished()  # saving is asynchronous
+
+
+def _restore(path: Path) -> dict:
+    # Without a target Orbax restores NumPy arrays with the stored shapes; check_variables
+    # then judges them (an abstract target would not: Orbax ignores a target's shape).
+    with _checkpointer() as ckptr:
+        return ckptr.restore(path)
+
+
+def _verify_copy(tmp: Path, variables: dict, meta: dict) -> None:
+    """Reload what was just written and demand it equals what was meant, bit for bit."""
+    want, have = flatten(variables), flatten(_restore(tmp / CHECKPOINT))
+    if set(want) != set(have):
+        raise RuntimeError(f"checkpoint in {tmp} reloaded with different names: "
+                           f"{sorted(set(want) ^ set(have))}")
+    for path, a in want.items():
+        b = have[path]
+        if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(a, b):
+            raise RuntimeError(f"checkpoint in {tmp} reloaded {path} differently")
+    if json.loads((tmp / METADATA).read_text()) != meta:
+        raise RuntimeError(f"{tmp / METADATA} reloaded differently")
