@@ -93,10 +93,13 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     if has_top and not include_top:
         variables = dict(variables, params={k: v for k, v in variables["params"].items()
                                             if k not in keras_weights.TOP})
-    check_variables(variables, arch, include_top, source=input_path)
+    # A fine-tuned classifier (e.g. torchvision with 2 classes) keeps its own class count.
+    num_classes = (int(variables["params"]["predictions"]["bias"].shape[0]) if include_top
+                   else NUM_CLASSES)
+    check_variables(variables, arch, include_top, source=input_path, num_classes=num_classes)
     meta = dict(arch=arch, source=source, source_file=os.path.abspath(input_path),
                 source_sha256=download.file_digest(input_path, "sha256"),
-                include_top=include_top, **SOURCES[source], num_classes=NUM_CLASSES)
+                include_top=include_top, **SOURCES[source], num_classes=num_classes)
     return save(output_dir, variables, meta, overwrite=overwrite)
 
 
