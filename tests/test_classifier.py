@@ -1,0 +1,85 @@
+"""The book's head on a pretrained VGG base: parameter layout, pretrained weights kept, dropout, BatchNorm mode."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vggjax
+from vggjax.classifier import Classifier, Head, init_classifier
+from vggjax.weights import flatten
+
+
+@pytest.fixture(scope="module")
+def base_variables():
+    from conftest import random_variables
+    return random_variables("vgg11", include_top=False, seed=3)
+
+
+def test_head_is_flatten_dense_relu_dropout_dense():
+    head = Head(units=8, dropout_rate=0.5, num_outputs=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 5))
+    variables = head.init(jax.random.PRNGKey(1), x)
+    shapes = jax.tree.map(jnp.shape, variables["params"])
+    assert shapes == {"hidden": {"kernel": (20, 8), "bias": (8,)}, "logits": {"kernel": (8, 1), "bias": (1,)}}
+    p = variables["params"]
+    hidden = np.maximum(np.asarray(x).reshape(3, -1) @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    expected = hidden @ p["logits"]["kernel"] + p["logits"]["bias"]
+    np.testing.assert_allclose(head.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+    # Dropout only in training, and then with the rng it is given.
+    a, b = (head.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(k)}) for k in (2, 3))
+    assert not np.allclose(a, b)
+
+
+def test_init_classifier_keeps_pretrained_base_and_keras_names(base_variables):
+    base = vggjax.VGG11(include_top=False)
+    model, variables = init_classifier(base_variables, base, Head(units=16), 32, jax.random.PRNGKey(0))
+    assert model == Classifier(base=base, head=Head(units=16))
+    assert set(variables["params"]) == {"base", "head"}
+    assert list(variables["params"]["base"]) == list(base_variables["params"])
+    for path, value in flatten(base_variables["params"]).items():
+        np.testing.assert_array_equal(flatten(variables["params"]["base"])[path], value)
+    # 32x32 -> (1, 1, 512) features -> hidden kernel (512, 16).
+    assert variables["params"]["head"]["hidden"]["kernel"].shape == (512, 16)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+
+    @jax.jit
+    def both(variables, x):
+        features = base.apply({"params": variables["params"]["base"]}, x)
+        return model.apply(variables, x), Head(units=16).apply({"params": variables["params"]["head"]}, features)
+
+    logits, direct = both(variables, x)
+    assert logits.shape == (2, 1)
+    np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
+    # 150x150 gives the book's 4x4x512 features: the head's input is 8192 wide.
+    _, book = init_classifier(base_variables, base, Head(), (150, 150), jax.random.PRNGKey(0))
+    assert book["params"]["head"]["hidden"]["kernel"].shape == (4 * 4 * 512, 256)
+
+
+def test_init_classifier_refuses_a_mismatched_base(base_variables):
+    with pytest.raises(ValueError, match="include_top=False"):
+        init_classifier(base_variables, vggjax.VGG11(include_top=True), Head(), 224, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"missing \['params/block1_conv2/bias'"):
+        init_classifier(base_variables, vggjax.VGG16(include_top=False), Head(), 32, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="at least 32x32"):
+        init_classifier(base_variables, vggjax.VGG11(include_top=False), Head(), 16, jax.random.PRNGKey(0))
+
+
+def test_batchnorm_base_keeps_running_statistics_unless_asked():
+    from conftest import random_variables
+    base_vars = random_variables("vgg11_bn", include_top=False, seed=4)
+    base = vggjax.VGG11_BN(include_top=False)
+    model, variables = init_classifier(base_vars, base, Head(units=4), 32, jax.random.PRNGKey(0))
+    assert set(variables["batch_stats"]) == {"base"}
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+
+    @jax.jit
+    def new_stats(variables, x):
+        rngs = {"dropout": jax.random.PRNGKey(2)}
+        return [m.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])[1]["batch_stats"]
+                for m in (model, model.clone(train_base_batch_norm=True))]
+
+    frozen, trained = new_stats(variables, x)
+    for path, value in flatten(variables["batch_stats"]).items():
+        np.testing.assert_array_equal(flatten(frozen)[path], value)
+    mean = trained["base"]["block1_conv1_bn"]["mean"]
+    assert not np.allclose(mean, variables["batch_stats"]["base"]["block1_conv1_bn"]["mean"])

@@ -1,0 +1,247 @@
+"""The train/eval steps and the resumable fit loop: masking, checkpoints, best epoch, kill -9 and resume."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import vggjax
+from vggjax import augmentation, freezing, training
+from vggjax.classifier import Head
+from vggjax.weights import flatten
+
+
+class ArraySplit:
+    """In-memory stand-in for `vggjax.data.Split` with the same batch contract: full-size
+    batches, the last one padded and masked, order a permutation seeded by (seed, epoch).
+    `delay` seconds per batch stand for a slow input pipeline (gives the kill test its window)."""
+
+    def __init__(self, images, labels, batch_size, *, shuffle, seed=0, delay=0.0):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.shuffle, self.seed, self.delay = shuffle, seed, delay
+        self.num_examples = len(labels)
+        self.steps_per_epoch = -(-self.num_examples // batch_size)
+        self.class_names = ("cat", "dog")
+
+    def batches(self, epoch=0, skip=0):
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+                 if self.shuffle else np.arange(self.num_examples))
+        for i in range(skip, self.steps_per_epoch):
+            time.sleep(self.delay)
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            pad = self.batch_size - len(idx)
+            yield {"image": np.concatenate([self.images[idx], np.zeros((pad, *self.images.shape[1:]), np.uint8)]),
+                   "label": np.concatenate([self.labels[idx], np.zeros(pad, np.int32)]),
+                   "mask": np.arange(self.batch_size) < len(idx)}
+
+
+class TinyNet(nn.Module):
+    """Conv + BatchNorm + the book's head at 16x16: every kind of state fit has to carry, in milliseconds."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(8, (3, 3), strides=2, name="conv")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
+        x = nn.avg_pool(x, (4, 4), (4, 4))
+        return Head(units=8, name="head")(x, train=train)
+
+
+RULES = [(r"bn/.*", "freeze"), (r".*", "train")]  # BN scale/bias frozen, running stats still move
+
+
+def images(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    x = rng.integers(0, 200, (n, 16, 16, 3)).astype(np.uint8)
+    x[labels == 1, :, :, 0] = 255  # something learnable: dogs are red
+    return x, labels
+
+
+def tiny_run(delay=0.0):
+    """(model, fresh state, train step, eval step, train split, val split) of the tiny run."""
+    model = TinyNet()
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+    tx = freezing.make_optimizer(optax.adam(1e-2), variables["params"], RULES)
+    state = training.TrainState.create(variables, tx, seed=3)
+    train_step = training.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
+    eval_step = training.make_eval_step(model, preprocess_mode="caffe")
+    train = ArraySplit(*images(24, 1), 4, shuffle=True, seed=1, delay=delay)  # 6 steps per epoch
+    val = ArraySplit(*images(10, 2), 4, shuffle=False)  # last batch: 2 real, 2 padded
+    return model, state, train_step, eval_step, train, val
+
+
+def child_fit(workdir, out):
+    """Subprocess body of the kill test: a 3-epoch fit, then the final state and history to `out`."""
+    _, state, train_step, eval_step, train, val = tiny_run(delay=0.05)
+    state, history = training.fit(state, train_step, eval_step, train, val, epochs=3, workdir=workdir,
+                                  phase="tiny", freeze_spec=RULES, seed=3, checkpoint_every=2, progress=False)
+    leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
+    np.savez(out + ".npz", **leaves)
+    with open(out + ".json", "w") as f:
+        json.dump(history, f)
+
+
+def test_batch_metrics_ignore_padded_examples():
+    mask = np.array([True, True, True, False])
+    labels = np.array([1, 0, 1, 0], np.int32)
+    binary = jnp.array([[2.0], [-1.0], [-3.0], [1e9]])  # the padded logit would dominate
+    m = training.batch_metrics(binary, labels, mask)
+    expected = optax.sigmoid_binary_cross_entropy(binary[:3, 0], labels[:3].astype(np.float32)).mean()
+    np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
+    assert float(m["accuracy"]) == pytest.approx(2 / 3) and int(m["count"]) == 3
+    classes = jnp.array([[0.0, 5.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 1.0], [np.nan] * 3])
+    m = training.batch_metrics(classes, np.array([1, 0, 0, 2], np.int32), mask)
+    assert np.isfinite(float(m["loss"])) and float(m["accuracy"]) == pytest.approx(2 / 3)
+    empty = training.batch_metrics(binary, labels, np.zeros(4, bool))
+    assert float(empty["loss"]) == 0 and int(empty["count"]) == 0
+
+
+def test_evaluate_sees_every_example_once_with_a_padded_last_batch(tmp_path):
+    """Real JPEGs through `vggjax.data`: 7 images in batches of 4 -> one padded batch."""
+    from PIL import Image
+
+    from vggjax import data
+
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        cls = ("cat", "dog")[i % 2]
+        (tmp_path / "validation" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            tmp_path / "validation" / cls / f"{i}.jpg")
+    split = data.load_split(str(tmp_path), "validation", 16, 4, shuffle=False)
+    model, state, _, eval_step, _, _ = tiny_run()
+    result = training.evaluate(state, eval_step, split)
+    assert result["count"] == split.num_examples == 7
+    every = np.concatenate([b["image"][b["mask"]] for b in split.batches(0)])
+    logits = model.apply(state.variables(), vggjax.preprocess_input(every, "caffe"))
+    labels = np.asarray(split.labels)
+    losses = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(np.float32))
+    assert result["loss"] == pytest.approx(float(losses.mean()), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(float(np.mean((logits[:, 0] > 0) == (labels == 1))))
+
+
+def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
+    _, state, train_step, eval_step, train, val = tiny_run()
+    lines = []
+    state, history = training.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
+                                  phase="head", freeze_spec=RULES, seed=3, checkpoint_every=4,
+                                  log=lines.append, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert int(state.step) == 18 and len(lines) == 3
+    best, meta = training.restore_checkpoint(state, tmp_path, "head")
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert meta["epoch"] == best_epoch and int(best.step) == 6 * best_epoch
+    assert meta["phase"] == "head" and meta["freeze_spec"] == [list(r) for r in RULES]
+    assert meta["history"] == history[:best_epoch]
+
+    def must_not_train(state, batch):
+        raise AssertionError("a finished phase was trained again")
+
+    again, history_again = training.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
+                                        workdir=tmp_path, phase="head", freeze_spec=RULES, seed=3,
+                                        log=lines.append, progress=False)
+    assert history_again == history and "already finished" in lines[-1]
+    np.testing.assert_array_equal(again.params["head"]["logits"]["kernel"], state.params["head"]["logits"]["kernel"])
+    with pytest.raises(ValueError, match="freeze_spec"):
+        training.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3, workdir=tmp_path,
+                     phase="head", freeze_spec="all", seed=3, progress=False)
+
+    # Unfreezing is a new phase: new optimizer, new state from the trained parameters, new step.
+    model = TinyNet()
+    tx = freezing.make_optimizer(optax.adam(1e-3), state.params, "all")
+    tuned = training.TrainState.create(state.variables(), tx, seed=4)
+    tuned, tuned_history = training.fit(tuned, training.make_train_step(model, tx), eval_step, train, val,
+                                        epochs=1, workdir=tmp_path, phase="all", freeze_spec="all", seed=4,
+                                        log=lines.append, progress=False)
+    assert len(tuned_history) == 1 and (tmp_path / "all").is_dir()
+    assert not np.array_equal(tuned.params["bn"]["scale"], state.params["bn"]["scale"])
+
+
+def test_head_on_cached_features_in_bf16():
+    features = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 512))
+    batch = {"features": features, "label": np.arange(8, dtype=np.int32) % 2, "mask": np.ones(8, bool)}
+    head = Head(units=32)
+    variables = head.init(jax.random.PRNGKey(1), features)
+    tx = freezing.make_optimizer(freezing.book_rmsprop(2e-5), variables["params"], "all")
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        step = training.make_train_step(head, tx, input_key="features", compute_dtype=dtype)
+        new, metrics = step(training.TrainState.create(variables, tx), batch)
+        assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
+        losses[dtype] = float(metrics["loss"])
+    assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
+    assert losses[jnp.bfloat16] != losses[jnp.float32]  # really computed in bf16
+    # The state was copied: donating it did not delete the caller's arrays.
+    assert np.isfinite(np.asarray(variables["params"]["hidden"]["kernel"])).all()
+
+
+def wait_for_checkpoint(directory, newer_than, proc, timeout=120):
+    """Poll until a finalized checkpoint (a step-number directory) newer than `newer_than` exists."""
+    end = time.time() + timeout
+    while time.time() < end:
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        # Orbax writes into "<step>.orbax-checkpoint-tmp" and renames it when complete.
+        steps = [int(n) for n in names if n.isdigit() and int(n) > newer_than]
+        if steps:
+            return max(steps)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_kill_9_and_resume_gives_bit_identical_parameters(tmp_path, subprocess_env):
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess_env["PYTHONPATH"] += os.pathsep + here
+    # One compilation for the four runs; what is compiled is the same program either way.
+    subprocess_env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                          PYTHONUNBUFFERED="1")  # a killed run's log lines are not lost
+
+    def start(workdir, out):
+        return subprocess.Popen([sys.executable, __file__, str(workdir), str(out)], env=subprocess_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference = start(tmp_path / "ref", tmp_path / "ref_out")
+    assert reference.wait(timeout=300) == 0, reference.communicate()[1][-3000:]
+
+    workdir, out = tmp_path / "run", tmp_path / "run_out"
+    checkpoints = workdir / "tiny"
+    seen, logs = -1, []
+    # First kill right as the first checkpoint (step 2) lands, the second a little after a later one.
+    for delay in (0.0, 0.12):
+        proc = start(workdir, out)
+        seen = wait_for_checkpoint(checkpoints, seen, proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        logs.append(proc.stdout.read())
+        assert not os.path.exists(str(out) + ".npz")
+    # The second run resumed in the middle of epoch 1 (from step 2 unless the poll was late).
+    assert re.search(r"resuming at epoch 1, batch [1-5] ", logs[1]), logs[1]
+    proc = start(workdir, out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming at epoch" in stdout
+
+    want, got = np.load(str(tmp_path / "ref_out") + ".npz"), np.load(str(out) + ".npz")
+    assert sorted(want) == sorted(got) and any("params" in k for k in want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    ref_history = json.loads((tmp_path / "ref_out.json").read_text())
+    assert json.loads((tmp_path / "run_out.json").read_text()) == ref_history
+    assert len(ref_history) == 3
+
+
+if __name__ == "__main__":
+    child_fit(sys.argv[1], sys.argv[2])

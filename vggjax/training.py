@@ -1,0 +1,335 @@
+"""Training: the train state, jitted train/eval steps, and the resumable epoch loop with Orbax checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from vggjax import augmentation, freezing
+from vggjax.parallel import batch_sharding, replicated, shard_batch
+from vggjax.preprocessing import preprocess_input
+
+MONITORS = {"val_loss": "min", "val_accuracy": "max"}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training phase carries from step to step; a pytree, checkpointed as is.
+
+    step: int32 scalar, optimizer steps taken in this phase. params / batch_stats: the model's
+    variables (batch_stats {} without BatchNorm). opt_state: the phase's optimizer state.
+    rng: uint32[2] key; step k draws its dropout and augmentation randomness from
+    fold_in(rng, k), so a run resumed at step k draws exactly what an uninterrupted one would.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, variables: Mapping, tx: optax.GradientTransformation, seed: int = 0) -> "TrainState":
+        """Fresh state at step 0 for `variables` ({"params", ["batch_stats"]}) and optimizer `tx`.
+
+        The arrays are copied, so donating the state to a train step never deletes the caller's.
+        """
+        params = jax.tree.map(jnp.array, variables["params"])
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   batch_stats=jax.tree.map(jnp.array, dict(variables.get("batch_stats", {}))),
+                   opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+
+    def variables(self) -> dict:
+        """{"params": ..., ["batch_stats": ...]} for model.apply."""
+        return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
+
+
+def with_compute_dtype(module: nn.Module, dtype) -> nn.Module:
+    """Copy of `module` (and of its submodules, e.g. a Classifier's base and head) computing in
+    `dtype`; parameters keep their own param_dtype (float32), so bf16 compute keeps fp32 masters.
+    dtype None: `module` itself."""
+    if dtype is None:
+        return module
+    changes = {f.name: with_compute_dtype(getattr(module, f.name), dtype)
+               for f in dataclasses.fields(module)
+               if f.name != "parent" and isinstance(getattr(module, f.name), nn.Module)}
+    if hasattr(module, "dtype"):
+        changes["dtype"] = dtype
+    return module.clone(**changes)
+
+
+def batch_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
+    """Masked loss and accuracy of one batch: padded examples (mask False) count zero.
+
+    logits (B, 1): binary, sigmoid cross-entropy against labels in {0, 1}; logits (B, K), K > 1:
+    softmax cross-entropy against integer labels. Returns float32 "loss" and "accuracy" means over
+    the real examples (0 when there are none) and int32 "count" of them.
+    """
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] == 1:
+        logits = logits[:, 0]
+        losses = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+        correct = (logits > 0) == (labels == 1)
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = jnp.argmax(logits, axis=-1) == labels
+    count = jnp.sum(mask, dtype=jnp.int32)
+    denominator = jnp.maximum(count, 1).astype(jnp.float32)
+    return {"loss": jnp.sum(jnp.where(mask, losses, 0.0)) / denominator,
+            "accuracy": jnp.sum(jnp.where(mask, correct, False), dtype=jnp.float32) / denominator,
+            "count": count}
+
+
+def _inputs(images, key, augment, preprocess_mode, dtype):
+    if augment is not None:
+        images = augmentation.augment(key, images, augment)
+    if preprocess_mode is not None:
+        images = preprocess_input(images, preprocess_mode)
+    return jnp.asarray(images).astype(dtype or jnp.float32)
+
+
+
+def _apply(model, state, x, *, train, rngs=None):
+    """(logits, new batch_stats): BatchNorm models return updated running statistics."""
+    if not state.batch_stats:
+        return model.apply({"params": state.params}, x, train=train, rngs=rngs), state.batch_stats
+    logits, updates = model.apply(state.variables(), x, train=train, rngs=rngs, mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
+
+
+def _jit(step, mesh, donate: bool):
+    """jax.jit with the state replicated and the batch split over `mesh` (when given)."""
+    kwargs = {"donate_argnums": 0} if donate else {}
+    if mesh is not None:
+        kwargs.update(in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                      out_shardings=(replicated(mesh), replicated(mesh)) if donate else replicated(mesh))
+    return jax.jit(step, **kwargs)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, input_key: str = "image",
+                    augment=None, preprocess_mode: str | None = None, mesh=None,
+                    compute_dtype=None) -> Callable:
+    """One jitted `train_step(state, batch) -> (state, metrics)`; the state's buffers are donated.
+
+    batch: {input_key: (B, ...) inputs, "label": int32 (B,), "mask": bool (B,)}. Inside one
+    jit: batch[input_key] -> `augmentation.augment` (when `augment` is a config; uint8 or 0..255
+    images) -> `preprocess_input(mode)` (when `preprocess_mode`) -> model.apply(train=True,
+    dropout) -> masked loss (`batch_metrics`) -> gradients -> tx.update -> new params. Keeping
+    all of it in one program lets XLA drop the backward pass through frozen blocks.
+    metrics: {"loss", "accuracy"} float32 means over the real examples, "count" int32.
+    With input_key="features" and a `Head` as model, it trains a head on cached conv features.
+    compute_dtype=jnp.bfloat16 runs the model in bf16 with fp32 parameters and fp32 loss
+    (`with_compute_dtype`); None keeps the model's own dtype.
+    With `mesh`, the state must be replicated (`parallel.replicate`) and the batch sharded
+    (`parallel.shard_batch`); XLA averages gradients across devices.
+    """
+    model = with_compute_dtype(model, compute_dtype)
+
+    def train_step(state: TrainState, batch):
+        augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+        x = _inputs(batch[input_key], augment_key, augment, preprocess_mode, compute_dtype)
+
+        def loss_fn(params):
+            logits, batch_stats = _apply(model, state.replace(params=params), x, train=True,
+                                         rngs={"dropout": dropout_key})
+            metrics = batch_metrics(logits, batch["label"], batch["mask"])
+            return metrics["loss"], (metrics, batch_stats)
+
+        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                             opt_state=opt_state), metrics
+
+    return _jit(train_step, mesh, donate=True)
+
+
+def make_eval_step(model: nn.Module, *, input_key: str = "image", preprocess_mode: str | None = None,
+                   mesh=None, compute_dtype=None) -> Callable:
+    """Jitted `eval_step(state, batch) -> metrics` (inference mode, no augmentation).
+
+    Same batch contract and metrics as the train step: masked means plus the count of real
+    examples, so padded examples count zero and `evaluate` can weight batches exactly.
+    """
+    model = with_compute_dtype(model, compute_dtype)
+
+    def eval_step(state: TrainState, batch):
+        x = _inputs(batch[input_key], None, None, preprocess_mode, compute_dtype)
+        logits, _ = _apply(model, state, x, train=False)
+        return batch_metrics(logits, batch["label"], batch["mask"])
+
+    return _jit(eval_step, mesh, donate=False)
+
+
+@jax.jit
+def _accumulate(totals, metrics):
+    count = metrics["count"]
+    return {"loss_sum": totals["loss_sum"] + metrics["loss"] * count,
+            # accuracy * count is an integer up to float rounding
+            "correct": totals["correct"] + jnp.round(metrics["accuracy"] * count).astype(jnp.int32),
+            "count": totals["count"] + count}
+
+
+def _totals(loss_sum: float = 0.0, correct: int = 0, count: int = 0) -> dict:
+    return {"loss_sum": jnp.float32(loss_sum), "correct": jnp.int32(correct), "count": jnp.int32(count)}
+
+
+def _means(totals) -> dict:
+    t = jax.device_get(totals)
+    n = int(t["count"])
+    return {"loss": float(t["loss_sum"]) / max(n, 1), "accuracy": int(t["correct"]) / max(n, 1), "count": n}
+
+
+def evaluate(state: TrainState, eval_step: Callable, split, mesh=None) -> dict:
+    """{"loss", "accuracy", "count"} over every example of `split` exactly once (padding masked)."""
+    totals = _totals()
+    for batch in split.batches(0):
+        totals = _accumulate(totals, eval_step(state, shard_batch(batch, mesh) if mesh else batch))
+    return _means(totals)
+
+
+def _checkpoint_manager(directory: Path, monitor: str, create: bool = True) -> ocp.CheckpointManager:
+    """Keeps the 2 latest checkpoints (for resuming) and the best epoch-end one by `monitor`."""
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {sorted(MONITORS)}, found {monitor!r}")
+    mode = MONITORS[monitor]
+    # Mid-epoch checkpoints are saved with empty metrics: ranked worst, never "best".
+    worst = float("inf") if mode == "min" else float("-inf")
+
+    def score(metrics):
+        return metrics.get(monitor, worst)
+
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=2),
+        ocp.checkpoint_managers.BestN(get_metric_fn=score, reverse=mode == "min", n=1),
+    ])
+    options = ocp.CheckpointManagerOptions(best_fn=score, best_mode=mode, preservation_policy=policy,
+                                           create=create,
+                                           # leftovers of a save cut short by a kill
+                                           cleanup_tmp_directories=create)
+    return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
+
+
+def _abstract(state):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
+                       which: str | int = "best", monitor: str = "val_loss") -> tuple[TrainState, dict]:
+    """(state, metadata) of phase `phase` under `workdir`: "best" (by `monitor`, as in `fit`),
+    "latest" or a step number.
+
+    `state` is the template (shapes, dtypes, shardings), e.g. the one passed to `fit`.
+    metadata: {"phase", "freeze_spec", "seed", "steps_per_epoch", "history", ...}.
+    """
+    directory = Path(workdir).absolute() / phase
+    if not directory.exists():
+        raise ValueError(f"no checkpoints for phase {phase!r}: {directory} does not exist")
+    mngr = _checkpoint_manager(directory, monitor, create=False)
+    try:
+        step = {"best": mngr.best_step, "latest": mngr.latest_step}[which]() if isinstance(which, str) else which
+        if step is None or step not in mngr.all_steps():
+            raise ValueError(f"no checkpoint {which!r} in {directory}; steps there: {list(mngr.all_steps())}")
+        if which == "best" and monitor not in (mngr.metrics(step) or {}):
+            raise ValueError(f"no epoch of phase {phase!r} has finished yet in {directory}: no best checkpoint")
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state)), meta=ocp.args.JsonRestore()))
+    finally:
+        mngr.close()
+    return restored.state, dict(restored.meta)
+
+
+def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_split, val_split, *,
+        epochs: int, workdir: str | Path, phase: str, freeze_spec: freezing.Spec, seed: int,
+        steps_per_epoch: int | None = None, checkpoint_every: int | None = 100, mesh=None,
+        log: Callable[[str], Any] = print, monitor: str = "val_loss",
+        progress: bool = True) -> tuple[TrainState, list[dict]]:
+    """Train `epochs` epochs of one phase, resumable, with checkpoints under workdir/<phase>/.
+
+    train_split / val_split: objects with `.steps_per_epoch` and `.batches(epoch, skip=0)`
+    yielding batch dicts (see `make_train_step`) in an order fixed by (their seed, epoch).
+    Consumes `state` (its buffers are donated to `train_step`).
+    Checkpoints: every `checkpoint_every` steps (None: epoch ends only) and at every epoch end,
+    keeping the 2 latest and the best epoch by `monitor` ("val_loss" lowest, as the book's
+    ModelCheckpoint, or "val_accuracy" highest); `restore_checkpoint(..., which="best")` loads it.
+    Each checkpoint holds the state and JSON metadata: phase, freeze spec, seed,
+    steps_per_epoch, history so far and the position in the epoch.
+    Resume: run again with the same arguments after an interruption (even kill -9) and it
+    continues from the latest checkpoint, skipping the batches already done, and ends with
+    the same parameters as an uninterrupted run. A finished phase is returned as is. A
+    checkpoint written with another phase, freeze spec, seed or steps_per_epoch is refused.
+    `freeze_spec` must be the spec the optimizer inside `train_step` was built with
+    (`freezing.make_optimizer`); unfreezing is a new phase with a new state and train step.
+    Returns (final state, history): one dict per epoch with epoch, loss, accuracy, val_loss,
+    val_accuracy.
+    """
+    if jax.process_index() != 0:  # one log and one progress bar per job, not per host
+        log, progress = (lambda line: None), False
+    spe = steps_per_epoch or train_split.steps_per_epoch
+    identity = {"phase": phase, "freeze_spec": [list(r) for r in freezing.resolve(freeze_spec)],
+                "seed": seed, "steps_per_epoch": spe}
+    directory = Path(workdir).absolute() / phase
+    mngr = _checkpoint_manager(directory, monitor)
+    try:
+        step, epoch, done, history, totals = 0, 0, 0, [], _totals()
+        if (latest := mngr.latest_step()) is not None:
+            restored = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(state)), meta=ocp.args.JsonRestore()))
+            meta = restored.meta
+            differs = {k: (meta.get(k), v) for k, v in identity.items() if meta.get(k) != v}
+            if differs:
+                raise ValueError(f"{directory} holds a checkpoint of another run: "
+                                 + "; ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in differs.items())
+                                 + ". Use another workdir or phase name.")
+            state, history = restored.state, list(meta["history"])
+            step, epoch, done = meta["step"], meta["epoch"], meta["batches_done"]
+            totals = _totals(**meta["epoch_totals"])
+            if epoch >= epochs:
+                log(f"phase {phase}: already finished ({epoch} epochs) in {directory}; not retraining")
+                return state, history
+            log(f"phase {phase}: resuming at epoch {epoch + 1}, batch {done} (step {step}) from {directory}")
+
+        def save(metrics):
+            t = jax.device_get(totals)
+            meta = {**identity, "step": step, "epoch": epoch, "batches_done": done,
+                    "history": list(history),  # a copy: the save may be written after the next append
+                    "epoch_totals": {"loss_sum": float(t["loss_sum"]), "correct": int(t["correct"]),
+                                     "count": int(t["count"])}}
+            mngr.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+        while epoch < epochs:
+            batches = itertools.islice(train_split.batches(epoch, skip=done), spe - done)
+            with tqdm(total=spe, initial=done, desc=f"{phase} {epoch + 1}/{epochs}", disable=not progress,
+                      leave=False) as bar:
+                for batch in batches:
+                    state, metrics = train_step(state, shard_batch(batch, mesh) if mesh else batch)
+                    totals = _accumulate(totals, metrics)
+                    step, done = step + 1, done + 1
+                    bar.update()
+                    if checkpoint_every and step % checkpoint_every == 0 and done < spe:
+                        save({})
+            if done < spe:
+                raise ValueError(f"train split gave {done} batches in epoch {epoch + 1}, expected {spe}")
+            train, val = _means(totals), evaluate(state, eval_step, val_split, mesh)
+            record = {"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
+                      "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+            history.append(record)
+            log(f"phase {phase} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
+                f"accuracy {record['accuracy']:.4f} val_loss {record['val_loss']:.4f} "
+                f"val_accuracy {record['val_accuracy']:.4f}")
+            epoch, done, totals = epoch + 1, 0, _totals()
+            save({k: v for k, v in record.items() if k != "epoch"})
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    return state, history
