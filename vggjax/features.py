@@ -1,0 +1,245 @@
+"""Fast feature extraction: the conv base run once per split, its outputs cached on disk as .npy.
+
+The book's first transfer-learning recipe: run the pretrained conv base over every image once,
+keep the (N, h, w, 512) outputs, and train only a small head on them, with no augmentation.
+
+    feats = extract(base_model, base_variables, {"train": train_split, ...}, cache_dir,
+                    preprocess_mode="caffe")
+    for batch in feats["train"].batches(epoch):   # {"features", "label", "mask"}, like data.Split
+        ...
+
+Cache layout: `cache_dir/<split name>-<key>/{features.npy, labels.npy, info.json}`, where the
+key hashes everything the features depend on: the base's architecture, a digest of its
+variables' bytes, the weights' metadata, the split's files (path, size, mtime) or tfds names,
+the image size and the preprocessing mode. A second extraction with the same inputs opens the
+cache (memory-mapped) without any forward pass. Features stream to a `.npy` memmap batch by
+batch, so host memory does not grow with the dataset, and the directory is written under a
+temporary name and renamed when complete: a killed run leaves no half cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vggjax.model import VGG, arch_name
+from vggjax.preprocessing import preprocess_input
+from vggjax.weights import flatten
+
+FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
+CACHE_VERSION = 1  # bump when the stored format or what goes into the key changes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureSplit:
+    """Cached conv features of a split, batched like `data.Split`.
+
+    `features` float32 (N, h, w, c) and `labels` int32 (N,) are memory-mapped, in the split's
+    unshuffled order; `batches` visits them in `split.order(epoch)` (the split's own seeded
+    shuffle), so a FeatureSplit made from a shuffled train split shuffles the same way.
+    """
+
+    split: Any  # the data.Split the features came from (its order, batch size and class names)
+    features: np.ndarray
+    labels: np.ndarray
+    directory: Path
+    reused: bool  # True when the cache already existed and no forward pass ran
+
+    @property
+    def name(self) -> str:
+        return self.split.name
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.split.class_names
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def batch_size(self) -> int:
+        return self.split.batch_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.split.steps_per_epoch
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yield {"features": float32 (B, h, w, c), "label": int32 (B,), "mask": bool (B,)} for
+        `epoch` from batch `skip` on; the last batch is zero-padded with mask False."""
+        if not 0 <= skip <= self.steps_per_epoch:
+            raise ValueError(f"skip={skip} is outside 0..{self.steps_per_epoch} "
+                             f"(the batches per epoch of split {self.name!r})")
+        order = self.split.order(epoch)
+        b = self.batch_size
+        for start in range(skip * b, self.num_examples, b):
+            idx = order[start:start + b]
+            n = len(idx)
+            features = np.zeros((b, *self.features.shape[1:]), np.float32)
+            labels = np.zeros((b,), np.int32)
+            # Sorted reads touch the memmap in file order; then put them back in epoch order.
+            rank = np.argsort(idx)
+            features[rank] = self.features[idx[rank]]
+            labels[:n] = self.labels[idx]
+            yield {"features": features, "label": labels, "mask": np.arange(b) < n}
+
+
+def make_extract_step(model: VGG, preprocess_mode: str) -> Callable:
+    """Jitted `step(variables, images uint8 (B, S, S, 3)) -> float32 (B, h, w, c)` conv features,
+    preprocessing inside the jit (so only uint8 crosses to the device)."""
+    if model.include_top:
+        raise ValueError("feature extraction needs a headless conv base: create it with include_top=False")
+
+    def step(variables, images):
+        return model.apply(variables, preprocess_input(images, preprocess_mode)).astype(jnp.float32)
+
+    return jax.jit(step)
+
+
+def weights_digest(variables: Mapping) -> str:
+    """blake2b hex digest of every variable's name, dtype, shape and bytes: the weights' identity."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, leaf in sorted(flatten(dict(variables)).items()):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{path}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model: VGG, weights_id: str, split, preprocess_mode: str,
+              weights_meta: Mapping | None = None) -> tuple[str, dict]:
+    """(hex key, the JSON description it hashes) for the features of `split` computed by `model`
+    with the weights whose `weights_digest` is `weights_id`."""
+    if split.from_files:
+        files = [[name, *_stat(name)] for name in split.names]
+    else:
+        files = list(split.names)
+    description = {
+        "version": CACHE_VERSION,
+        "arch": arch_name(model),
+        # Every field of the module (pooling, dtype, conv algorithm, ...): each can change the output.
+        "model": {f.name: str(getattr(model, f.name)) for f in dataclasses.fields(model)
+                  if f.name not in ("parent", "name")},
+        "variables_blake2b": weights_id,
+        "weights_meta": dict(weights_meta or {}),
+        "split": split.name,
+        "class_names": list(split.class_names),
+        "files": files,
+        "labels_blake2b": hashlib.blake2b(np.asarray(split.labels, np.int32).tobytes(),
+                                          digest_size=16).hexdigest(),
+        "image_size": split.image_size,
+        "preprocessing": preprocess_mode,
+    }
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20], description
+
+
+def extract(model: VGG, variables: Mapping, splits: Mapping[str, Any], cache_dir: str | os.PathLike,
+            *, preprocess_mode: str, weights_meta: Mapping | None = None,
+            log: Callable[[str], Any] = print) -> dict[str, FeatureSplit]:
+    """{name: FeatureSplit} with the conv features of every example of each `data.Split` in
+    `splits`, cached under `cache_dir`.
+
+    `model` is a headless VGG (include_top=False) and `variables` its {"params"[, "batch_stats"]}.
+    Images are preprocessed with `preprocess_mode` inside the jitted forward pass (compiled
+    once for all splits). Only real (unmasked) examples are stored, in each split's unshuffled
+    file order. A split whose cache key is already on disk is opened memory-mapped without
+    running the model (`FeatureSplit.reused`).
+    """
+    cache_dir = Path(cache_dir).absolute()
+    weights_id = weights_digest(variables)
+    step = None
+    out = {}
+    for name, split in splits.items():
+        key, description = cache_key(model, weights_id, split, preprocess_mode, weights_meta)
+        final = cache_dir / f"{split.name}-{key}"
+        if (final / INFO).is_file():
+            log(f"features of {split.name!r}: reusing {final}")
+            out[name] = _open(final, split, reused=True)
+            continue
+        step = step or make_extract_step(model, preprocess_mode)
+        log(f"features of {split.name!r}: extracting {split.num_examples} examples to {final}")
+        _write(final, step, variables, split, {"key": key, "inputs": description})
+        out[name] = _open(final, split, reused=False)
+    return out
+
+
+def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -> None:
+    """Run `step` over `split` in file order into `final`, via a temp dir renamed at the end."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(final.parent, final.name)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        n = split.num_examples
+        features, labels, done = None, np.empty((n,), np.int32), 0
+        for batch in dataclasses.replace(split, shuffle=False).batches(0):
+            real = batch["mask"]
+            count = int(real.sum())
+            out = np.asarray(step(variables, batch["image"]))
+            if features is None:
+                features = np.lib.format.open_memmap(tmp / FEATURES, mode="w+", dtype=np.float32,
+                                                     shape=(n, *out.shape[1:]))
+            features[done:done + count] = out[real]
+            labels[done:done + count] = batch["label"][real]
+            done += count
+        if done != n:
+            raise RuntimeError(f"split {split.name!r} gave {done} examples, expected {n}")
+        features_shape = features.shape
+        features.flush()
+        del features
+        np.save(tmp / LABELS, labels)
+        info = dict(info, shape=list(features_shape))
+        (tmp / INFO).write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / INFO).is_file():  # unless another process finished it first
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _open(directory: Path, split, reused: bool) -> FeatureSplit:
+    features = np.load(directory / FEATURES, mmap_mode="r")
+    labels = np.load(directory / LABELS)
+    if len(labels) != split.num_examples or not np.array_equal(labels, split.labels):
+        raise ValueError(f"{directory}: cached labels do not match split {split.name!r} "
+                         f"({len(labels)} cached, {split.num_examples} in the split)")
+    return FeatureSplit(split=split, features=features, labels=labels, directory=directory,
+                        reused=reused)
+
+
+def _stat(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _remove_dead_temporaries(cache_dir: Path, name: str) -> None:
+    """Delete `.name.tmp-<pid>` directories left by killed extractions (their pid is gone)."""
+    for tmp in cache_dir.glob(f".{name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,113 @@
+"""Small real inputs for `--smoke` runs: a learnable two-class JPEG folder and random VGG16 weights
+that go through the same Keras-h5 conversion path as the published files."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# Two classes that differ in colour, shape and texture at once, each drawn with random position,
+# size, brightness and pixel noise, so a random-weights conv base still separates them while the
+# task is not a constant image per class. Sorted names give labels 0 (discs) and 1 (stripes).
+CLASSES = ("discs", "stripes")
+SPLIT_SIZES = {"train": 80, "validation": 40, "test": 40}  # per class
+JPEG_SIZE = 64  # written larger than the smoke image size so the pipeline's resizing runs too
+
+# workflow.Config settings of a smoke run: 48x48 images (VGG16 features 1x1x512) and few epochs,
+# so that all three phases finish in about a minute on 2 CPU cores. Not 32x32: XLA's CPU
+# convolutions are ~4x slower on block5's 2x2 maps (inputs of 32..47 px) than on its 3x3 maps
+# at 48 px. With so few steps the heads need larger learning rates than the book's.
+SETTINGS = dict(image_size=48, batch_size=20, epochs={"features": 10, "frozen": 2, "finetune": 2},
+                learning_rates={"features": 1e-4, "frozen": 1e-4, "finetune": 2e-5})
+
+
+def _draw(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One (size, size, 3) uint8 RGB image of class `kind`."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    tint = rng.uniform(0.7, 1.0)
+    if kind == "discs":
+        # warm background, a bright disc somewhere
+        base = np.array([0.75, 0.45, 0.25]) * tint
+        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        shape = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float32)
+    else:
+        # cool background, stripes at a random angle and frequency
+        base = np.array([0.25, 0.45, 0.75]) * tint
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(3, 6)
+        phase = np.cos(angle) * xx + np.sin(angle) * yy
+        shape = (np.sin(2 * np.pi * freq * phase + rng.uniform(0, 2 * np.pi)) > 0).astype(np.float32)
+    img = base[None, None, :] * (0.6 + 0.4 * shape[..., None])
+    img = img + rng.normal(0, 0.08, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def make_image_folder(root: str | os.PathLike, *, seed: int = 0, sizes: dict | None = None,
+                      jpeg_size: int = JPEG_SIZE) -> Path:
+    """Write `root/{train,validation,test}/{discs,stripes}/*.jpg` (the book's folder layout).
+
+    `sizes` maps split -> images per class (default `SPLIT_SIZES`). Deterministic in `seed`.
+    Written under a temporary name and renamed, so `root` is either complete or absent; an
+    existing `root` is reused as is.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if root.exists():
+        return root
+    sizes = SPLIT_SIZES if sizes is None else sizes
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        rng = np.random.default_rng(seed)
+        for split, n in sizes.items():
+            for kind in CLASSES:
+                folder = tmp / split / kind
+                folder.mkdir(parents=True)
+                for i in range(n):
+                    Image.fromarray(_draw(kind, jpeg_size, rng)).save(folder / f"{kind}.{i}.jpg",
+                                                                      quality=90)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def make_random_weights(directory: str | os.PathLike, arch: str = "vgg16", seed: int = 0) -> Path:
+    """A converted no-top checkpoint of randomly initialised `arch`, made the way real weights are.
+
+    Random parameters are written as a legacy Keras h5 file (`keras_weights.write_legacy_h5`,
+    the published layout) next to `directory`, then converted by `pretrained.convert_file`, so
+    a smoke run exercises the real reading, checking and saving path; the h5 file is deleted
+    afterwards (the metadata's source_file and source_sha256 still name it). Reused when present.
+    """
+    import jax
+
+    from vggjax import keras_weights, pretrained
+    from vggjax.model import MIN_SIZE, create
+
+    directory = Path(directory)
+    if (directory / pretrained.METADATA).is_file():
+        return directory
+    model = create(arch, include_top=False)
+    x = np.zeros((1, MIN_SIZE, MIN_SIZE, 3), np.float32)
+    params = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"])
+    h5 = directory.parent / f"random_{arch}_notop_seed{seed}.h5"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        keras_weights.write_legacy_h5(params, h5)
+        pretrained.convert_file("keras", arch, h5, directory, include_top=False, overwrite=True)
+    finally:
+        h5.unlink(missing_ok=True)
+    return directory
+
+
+def inputs(directory: str | os.PathLike, seed: int = 0) -> tuple[str, str]:
+    """(image folder, weights directory) for a smoke run, made under `directory` (or reused)."""
+    directory = Path(directory)
+    data = make_image_folder(directory / "data", seed=seed)
+    weights = make_random_weights(directory / "random_vgg16_notop", seed=seed)
+    return str(data), str(weights)

@@ -1,0 +1,332 @@
+"""The book's three transfer-learning phases as library functions, driven by one `Config`.
+
+- `features`: run the conv base once over every split (cached, `vggjax.features`), train a fresh
+  `Head` on the stored features (no augmentation). Book: ~90% validation accuracy.
+- `frozen`: conv base frozen, fresh head, images augmented on the device (the 1st edition's
+  ImageDataGenerator recipe by default). Book: ~90% when the base is truly frozen.
+- `finetune`: starts from `frozen`'s final parameters, unfreezes block5 with a new optimizer
+  (RMSprop 1e-5) and a new compiled step. Book: 96.8% test accuracy.
+
+Every phase logs its trainable-parameter report, trains with `training.fit` (resumable, even
+after kill -9; a finished phase is not retrained), evaluates its final parameters on the test
+split and exports its classifier. `finetune` needs `frozen`: asking for it runs (or, when
+finished, restores) `frozen` first.
+
+Output directory (`Config.workdir`):
+
+    config.json                the last run's Config
+    features_cache/            <split>-<key>/{features.npy, labels.npy, info.json} (features phase)
+    checkpoints/<phase>/       Orbax checkpoints of training.fit: the 2 latest and the best epoch
+    history.json               {phase: [{"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}]}
+    results.json               {phase: {"test_accuracy", "test_loss", ...}}
+    curves.png                 accuracy and loss per epoch, one column per phase
+    export/<phase>/            the phase's classifier: base/ (vggjax.load), head.safetensors,
+                               classifier.json; `report.load_classifier` / `report.predict`
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from vggjax import augmentation, download, features, freezing, parallel, pretrained, report, training
+from vggjax.classifier import Classifier, Head, init_classifier
+from vggjax.keras_weights import TOP
+from vggjax.model import create
+
+PHASES = ("features", "frozen", "finetune")
+# Deep Learning with Python, 1st edition, chapter 5.3: epochs and RMSprop learning rates.
+BOOK_EPOCHS = {"features": 30, "frozen": 30, "finetune": 100}
+BOOK_LEARNING_RATES = {"features": 2e-5, "frozen": 2e-5, "finetune": 1e-5}
+FREEZE = {"features": "all", "frozen": "head", "finetune": "block5+head"}  # freezing presets
+SPLITS = ("train", "validation", "test")
+_KERAS_NOTOP = download.official_file("keras", "vgg16", include_top=False)
+TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run of the workflow. Defaults are the book's (1st edition) protocol.
+
+    data: "tfds" (cats_vs_dogs, sliced 2000/1000/1000) or a folder DIR/{train,validation,test}/
+    <class>/*.jpg. weights: a converted weights directory (`vggjax.load`). preprocess: None for
+    the weights' own mode, or e.g. "rescale" to reproduce the 1st edition (x/255 fed to caffe
+    weights). steps_per_epoch caps each epoch's batches (None: the whole train split).
+    """
+
+    weights: str
+    workdir: str
+    data: str = "tfds"
+    phases: tuple[str, ...] = PHASES
+    image_size: int = 150
+    batch_size: int = 20
+    epochs: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(BOOK_EPOCHS))
+    learning_rates: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: dict(BOOK_LEARNING_RATES))
+    steps_per_epoch: int | None = None
+    preprocess: str | None = None
+    augment: augmentation.AugmentConfig = augmentation.FIRST_EDITION
+    head_units: int = 256
+    dropout_rate: float = 0.5
+    seed: int = 0
+    checkpoint_every: int | None = 100
+    tfds_data_dir: str | None = None
+    data_parallel: bool = False  # split each batch over this process's devices (batch_size % devices == 0)
+    progress: bool = True
+
+    def __post_init__(self):
+        unknown = [p for p in self.phases if p not in PHASES]
+        if unknown or not self.phases:
+            raise ValueError(f"unknown phase(s) {unknown or list(self.phases)}; expected some of {PHASES}")
+        for name in ("epochs", "learning_rates"):
+            missing = [p for p in self.phases_to_run if p not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"Config.{name} has no value for phase(s) {missing}")
+
+
+    @property
+    def phases_to_run(self) -> tuple[str, ...]:
+        """`phases` in the book's order, plus `frozen` when `finetune` is asked for: fine-tuning
+        continues from the frozen phase's final parameters."""
+        wanted = set(self.phases) | ({"frozen"} if "finetune" in self.phases else set())
+        return tuple(p for p in PHASES if p in wanted)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases share: config, loaded weights and splits, the output paths."""
+
+    config: Config
+    weights: pretrained.Pretrained
+    base_model: Any
+    base_variables: dict
+    mode: str
+    splits: dict
+    mesh: Any
+    log: Callable[[str], Any]
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.config.workdir).absolute()
+
+    def head(self) -> Head:
+        n = len(self.splits["train"].class_names)
+        return Head(units=self.config.head_units, dropout_rate=self.config.dropout_rate,
+                    num_outputs=1 if n == 2 else n)
+
+    def key(self, phase: str) -> jax.Array:
+        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), PHASES.index(phase))
+
+    def start(self, phase: str, variables: Mapping):
+        """(state, tx) for a phase: the book's RMSprop on what FREEZE[phase] trains; logs the
+        trainable-parameter report."""
+        params = variables["params"]
+        self.log(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, FREEZE[phase])))
+        tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params,
+                                     FREEZE[phase])
+        state = training.TrainState.create(variables, tx, self.config.seed)
+        return (parallel.replicate(state, self.mesh) if self.mesh else state), tx
+
+    def fit(self, phase: str, state, train_step, eval_step, train_split, val_split):
+        cap = self.config.steps_per_epoch
+        return training.fit(state, train_step, eval_step, train_split, val_split,
+                            epochs=self.config.epochs[phase], workdir=self.workdir / "checkpoints",
+                            phase=phase, freeze_spec=FREEZE[phase], seed=self.config.seed,
+                            steps_per_epoch=min(cap, train_split.steps_per_epoch) if cap else None,
+                            checkpoint_every=self.config.checkpoint_every, mesh=self.mesh,
+                            log=self.log, progress=self.config.progress)
+
+    def finish(self, phase: str, state, history: list, eval_step, test_split, model: Classifier,
+               variables: Mapping) -> dict:
+        """Test accuracy, history.json, results.json, curves.png and export/<phase> (the classifier
+        `model` with `variables`); a phase already finished and reported (same history, export
+        present) is not redone."""
+        export_dir = self.workdir / "export" / phase
+        done = _read_json(self.workdir / report.RESULTS).get(phase)
+        if (done and _read_json(self.workdir / report.HISTORY).get(phase) == history
+                and (export_dir / report.CLASSIFIER).is_file()):
+            self.log(f"phase {phase}: already reported (test accuracy {done['test_accuracy']:.4f})")
+            return done
+        test = training.evaluate(state, eval_step, test_split, self.mesh)
+        result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                  "test_examples": test["count"], "epochs": len(history),
+                  "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
+                  "best_val_accuracy": max((r["val_accuracy"] for r in history), default=None),
+                  "image_size": self.config.image_size, "preprocessing": self.mode}
+        self.log(f"phase {phase}: test accuracy {test['accuracy']:.4f} "
+                 f"({test['count']} images), test loss {test['loss']:.4f}")
+        histories = report.update_json(self.workdir / report.HISTORY, phase, history)
+        report.update_json(self.workdir / report.RESULTS, phase, result)
+        report.plot_curves({p: histories[p] for p in PHASES if p in histories},
+                           self.workdir / report.CURVES)
+        classifier = report.TrainedClassifier(
+            model=model, variables=dict(variables), preprocessing=self.mode,
+            image_size=self.config.image_size, class_names=self.splits["train"].class_names)
+        report.export(export_dir, classifier, self.weights.meta, info={"phase": phase, **result})
+        return result
+
+
+class MissingInputError(RuntimeError):
+    """The weights or the images a run needs are not on this machine and cannot be fetched."""
+
+
+def resolve_weights(weights: str | None, log: Callable[[str], Any] = print) -> str:
+    """The weights directory a run uses: `weights` when given (it must exist), else the cached
+    conversion of Keras' VGG16 no-top file, downloaded (checksum-verified) and converted on first
+    use. Raises MissingInputError saying what to provide when that is impossible (offline)."""
+    how = ("provide converted weights with --weights DIR, made from Keras' "
+           f"{_KERAS_NOTOP.filename} ({_KERAS_NOTOP.url}) by\n"
+           f"  python tools/convert_weights.py --source keras --arch vgg16 "
+           f"--input {_KERAS_NOTOP.filename} --output DIR")
+    if weights is not None:
+        if not (Path(weights) / pretrained.METADATA).is_file():
+            raise MissingInputError(f"--weights {weights} is not a converted weights directory "
+                                    f"(no {pretrained.METADATA} in it); {how}")
+        return str(weights)
+    default = pretrained.default_output_dir("keras", "vgg16", include_top=False)
+    if not (default / pretrained.METADATA).is_file():
+        log(f"weights: converting Keras VGG16 (no top) into {default}")
+        try:
+            pretrained.convert_file("keras", "vgg16", None, default, include_top=False)
+        except download.DownloadError as err:
+            raise MissingInputError(f"no VGG16 weights: {err}\nInstead, {how}") from None
+    return str(default)
+
+
+def check_data(data: str, tfds_data_dir: str | None = None) -> None:
+    """Raise MissingInputError, saying what to provide, unless `data` can be read: a folder in the
+    book's layout, or tfds cats_vs_dogs already prepared or downloadable (its host resolves)."""
+    how = ("provide the images with --data DIR in the book's layout: DIR/train/cats/*.jpg, "
+           "DIR/train/dogs/*.jpg, and the same under DIR/validation and DIR/test "
+           "(the book: 1000+1000, 500+500, 500+500 images)")
+    if data != "tfds":
+        missing = [s for s in SPLITS if not (Path(data) / s).is_dir()]
+        if missing:
+            raise MissingInputError(f"--data {data} lacks the folder(s) {missing}; {how}")
+        return
+    import socket
+
+    import tensorflow_datasets as tfds
+
+    if tfds.builder("cats_vs_dogs", data_dir=tfds_data_dir).is_prepared():
+        return
+    try:
+        socket.getaddrinfo(TFDS_HOST, 443)
+    except OSError as err:
+        raise MissingInputError(f"tfds cats_vs_dogs is not prepared on this machine and "
+                                f"{TFDS_HOST} cannot be reached ({err}); {how}") from None
+
+
+def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = None,
+                   log: Callable[[str], Any] = print) -> str:
+    """`resolve_weights` and `check_data` together: the weights directory to use, or one
+    MissingInputError naming everything that is missing and how to provide it."""
+    problems = []
+    try:
+        weights = resolve_weights(weights, log)
+    except MissingInputError as err:
+        problems.append(str(err))
+    try:
+        check_data(data, tfds_data_dir)
+    except MissingInputError as err:
+        problems.append(str(err))
+    if problems:
+        raise MissingInputError("\n".join(problems))
+    return weights
+
+
+def conv_base(weights: pretrained.Pretrained):
+    """(headless VGG, its variables) of loaded weights; a checkpoint with a classifier loses it."""
+    model = create(weights.meta["arch"], include_top=False)
+    variables = dict(weights.variables)
+    variables["params"] = {k: v for k, v in variables["params"].items() if k not in TOP}
+    return model, variables
+
+
+def run(config: Config, log: Callable[[str], Any] = print) -> dict:
+    """Run `config.phases` (plus `frozen` when `finetune` needs it) in the book's order.
+
+    Returns {phase: results} for the phases run now (also merged into workdir/results.json).
+    """
+    if config.data_parallel and jax.process_count() > 1:
+        raise ValueError("data_parallel splits batches over this process's devices only: "
+                         "data.load_split does not give each process its own share of a split")
+    workdir = Path(config.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    weights = pretrained.load(config.weights)
+    base_model, base_variables = conv_base(weights)
+    mode = config.preprocess or weights.meta["preprocessing"]
+    from vggjax import data  # TensorFlow: imported only when a run needs images
+
+    splits = {name: data.load_split(config.data, name, config.image_size, config.batch_size,
+                                    shuffle=name == "train", seed=config.seed,
+                                    data_dir=config.tfds_data_dir)
+              for name in SPLITS}
+    mesh = parallel.make_mesh() if config.data_parallel else None
+    log(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in splits.items())
+        + f" images at {config.image_size}x{config.image_size}, classes {list(splits['train'].class_names)}; "
+        f"weights {config.weights} ({weights.meta['arch']}), preprocessing {mode!r}"
+        + (f"; batches split over {mesh.size} devices" if mesh else ""))
+    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log)
+
+    phases = config.phases_to_run
+    if "frozen" in phases and "frozen" not in config.phases:
+        log("phase finetune continues from phase frozen: running (or restoring) it first")
+    results = {}
+    if "features" in phases:
+        results["features"] = features_phase(r)
+    if "frozen" in phases:
+        results["frozen"], frozen = frozen_phase(r)
+    if "finetune" in phases:
+        results["finetune"] = finetune_phase(r, *frozen)
+    return results
+
+
+def features_phase(r: _Run) -> dict:
+    """Feature extraction: conv features computed once (cached), a fresh head trained on them."""
+    feats = features.extract(r.base_model, r.base_variables, r.splits, r.workdir / "features_cache",
+                             preprocess_mode=r.mode, weights_meta=r.weights.meta, log=r.log)
+    head = r.head()
+    state, tx = r.start("features", head.init(r.key("features"), np.asarray(feats["train"].features[:1])))
+    train_step = training.make_train_step(head, tx, input_key="features", mesh=r.mesh)
+    eval_step = training.make_eval_step(head, input_key="features", mesh=r.mesh)
+    state, history = r.fit("features", state, train_step, eval_step, feats["train"], feats["validation"])
+    # Exported as the original base under the trained head: the same predictions, from images.
+    variables = {k: {"base": v} for k, v in r.base_variables.items()}
+    variables["params"]["head"] = state.params
+    return r.finish("features", state, history, eval_step, feats["test"],
+                    Classifier(base=r.base_model, head=head), variables)
+
+
+def frozen_phase(r: _Run):
+    """Frozen conv base, fresh head, on-device augmentation. Returns (results, (model, state,
+    eval_step)), what `finetune_phase` continues from."""
+    model, variables = init_classifier(r.base_variables, r.base_model, r.head(), r.config.image_size,
+                                       r.key("frozen"))
+    state, tx = r.start("frozen", variables)
+    train_step = training.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
+                                          mesh=r.mesh)
+    eval_step = training.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh)
+    state, history = r.fit("frozen", state, train_step, eval_step, r.splits["train"], r.splits["validation"])
+    results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, state.variables())
+    return results, (model, state, eval_step)
+
+
+def finetune_phase(r: _Run, model: Classifier, frozen_state, eval_step) -> dict:
+    """Unfreeze block5 from the frozen phase's final parameters: new optimizer, new train step."""
+    state, tx = r.start("finetune", frozen_state.variables())
+    train_step = training.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
+                                          mesh=r.mesh)
+    # Same model and inputs as the frozen phase: its compiled eval step is reused.
+    state, history = r.fit("finetune", state, train_step, eval_step, r.splits["train"],
+                           r.splits["validation"])
+    return r.finish("finetune", state, history, eval_step, r.splits["test"], model, state.variables())
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
