@@ -32,7 +32,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax import smoke, workflow
+from vggjax import parallel, smoke, workflow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preprocess", choices=sorted(vggjax.preprocessing.MODES),
                    help="default: what the weights expect (caffe for Keras weights)")
     p.add_argument("--data-parallel", action="store_true",
-                   help="split each batch over this machine's devices (--batch-size must divide by their number)")
+                   help="split each batch over all devices, multi-host too (see vggjax.parallel); "
+                   "--batch-size is the global batch and must divide by the device count")
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file; all "
                    "phases in < 3 min on 2 CPU cores")
     args = p.parse_args(argv)
+    if args.data_parallel:
+        parallel.initialize_distributed()  # multi-host: before any other JAX call; no-op on one host
 
     start = time.time()
     try:

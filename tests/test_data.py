@@ -130,6 +130,27 @@ def test_shuffle_is_a_function_of_seed_and_epoch_and_skip_drops_batches(folder):
         split.batches(0, skip=4)
 
 
+def test_process_shards_see_each_example_once_in_the_same_number_of_steps(folder):
+    root, _, _ = folder
+    split, _ = _load(root, "train", shuffle=True, seed=1)  # 9 examples, global batch 4
+    full = list(split.batches(2))
+    shards = [list(split.shard(i, 2).batches(2)) for i in range(2)]
+    assert [len(s) for s in shards] == [len(full)] * 2  # all processes take the same steps
+    for step, global_batch in enumerate(full):
+        parts = [s[step] for s in shards]
+        assert all(p["image"].shape == (BATCH // 2, SIZE, SIZE, 3) for p in parts)
+        # Concatenated in process order, the shards are exactly the single-process batch.
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), global_batch[key])
+    # The last global batch holds one example: shard 1 owns none of it and yields pure padding.
+    assert [int(p["mask"].sum()) for p in (shards[0][-1], shards[1][-1])] == [1, 0]
+    resumed = list(split.shard(1, 2).batches(2, skip=1))
+    assert len(resumed) == len(full) - 1
+    np.testing.assert_array_equal(resumed[0]["image"], shards[1][1]["image"])
+    with pytest.raises(ValueError, match="batch size must divide by the process count"):
+        split.shard(0, 3)
+
+
 def test_folder_errors_name_the_problem(folder, tmp_path):
     root, _, _ = folder
     with pytest.raises(ValueError, match="no split 'valid'.*'test', 'train', 'validation'"):

@@ -40,6 +40,7 @@ that TF never claims memory JAX needs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import warnings
@@ -84,6 +85,9 @@ class Split:
     # Per example: a file path (from_files) or the encoded image bytes.
     encoded: tuple = dataclasses.field(repr=False)
     from_files: bool = True
+    # Multi-host: this process reads rows [index*B/count, (index+1)*B/count) of every global batch.
+    shard_index: int = 0
+    shard_count: int = 1
 
     @property
     def num_examples(self) -> int:
@@ -93,6 +97,24 @@ class Split:
     def steps_per_epoch(self) -> int:
         """Batches per epoch, the last one padded: ceil(num_examples / batch_size)."""
         return math.ceil(self.num_examples / self.batch_size)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows this process yields per batch: batch_size / shard_count."""
+        return self.batch_size // self.shard_count
+
+    def shard(self, index: int, count: int) -> "Split":
+        """This split as process `index` of `count` reads it (one input pipeline per process).
+
+        Every process walks the same global order and yields its own `batch_size / count` rows
+        of each global batch, so all processes take the same number of steps and each example
+        is seen by exactly one of them. ValueError unless `count` divides `batch_size`.
+        """
+        if count < 1 or not 0 <= index < count or self.batch_size % count:
+            raise ValueError(f"cannot shard split {self.name!r} (batch size {self.batch_size}) "
+                             f"as part {index} of {count}: the batch size must divide by the "
+                             "process count")
+        return dataclasses.replace(self, shard_index=index, shard_count=count)
 
     def order(self, epoch: int) -> np.ndarray:
         """The example indices of `epoch`, int64 (num_examples,): a permutation seeded by
@@ -104,14 +126,20 @@ class Split:
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yield the batches of `epoch` from batch `skip` on (skipped images are never decoded).
 
-        Each batch: {"image": uint8 (B, S, S, 3), "label": int32 (B,), "mask": bool (B,)}.
+        Each batch: {"image": uint8 (L, S, S, 3), "label": int32 (L,), "mask": bool (L,)} with
+        L = `local_batch_size` (= batch_size unless sharded).
         """
         if not 0 <= skip <= self.steps_per_epoch:
             raise ValueError(f"skip={skip} is outside 0..{self.steps_per_epoch} "
                              f"(the batches per epoch of split {self.name!r})")
-        idx = self.order(epoch)[skip * self.batch_size:]
+        order = self.order(epoch)
+        rows = [order[b * self.batch_size:(b + 1) * self.batch_size]
+                [self.shard_index * self.local_batch_size:][:self.local_batch_size]
+                for b in range(skip, self.steps_per_epoch)]
+        idx = np.concatenate(rows) if rows else np.zeros((0,), np.int64)
         if idx.size == 0:
-            return iter(())
+            # Every process must take the same steps: a shard with no rows left pads them all.
+            return iter([self._empty_batch()] * len(rows))
         ds = tf.data.Dataset.from_tensor_slices(
             {"encoded": tf.constant([self.encoded[i] for i in idx]),
              "label": self.labels[idx]})
@@ -125,8 +153,18 @@ class Split:
             return {"image": image, "label": example["label"]}
 
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(self.batch_size).map(_pad_to(self.batch_size, size))
-        return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+        local = self.local_batch_size
+        ds = ds.batch(local).map(_pad_to(local, size))
+        # Only the epoch's last global batch can be short; a shard may then own none of its rows.
+        missing = len(rows) - math.ceil(idx.size / local)
+        return itertools.chain(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
+                               [self._empty_batch()] * missing)
+
+    def _empty_batch(self) -> dict[str, np.ndarray]:
+        """A batch of padding only (mask all False), for a shard with no rows left."""
+        n, s = self.local_batch_size, self.image_size
+        return {"image": np.zeros((n, s, s, 3), np.uint8), "label": np.zeros((n,), np.int32),
+                "mask": np.zeros((n,), bool)}
 
 
 def load_split(source: str, split: str, image_size: int, batch_size: int, *, shuffle: bool,

@@ -12,7 +12,7 @@ Multi-host launch (one process per host, every process runs the same script)::
     # or under Slurm / Open MPI, which JAX detects by itself:
     srun --ntasks-per-node=1 python examples/finetune_catsdogs.py ...
 
-The script calls `initialize_distributed()` before any other JAX call. Each process reads its
+The example calls `initialize_distributed()` (with --data-parallel) before any other JAX call, and each process reads its
 own share of the data (its input pipeline gives `batch_size` examples per step); the global
 batch is `batch_size * jax.process_count()` and must divide by the total device count.
 """

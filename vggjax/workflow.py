@@ -75,7 +75,9 @@ class Config:
     seed: int = 0
     checkpoint_every: int | None = 100
     tfds_data_dir: str | None = None
-    data_parallel: bool = False  # split each batch over this process's devices (batch_size % devices == 0)
+    # Split each global batch over all devices (of every process: see vggjax.parallel for the
+    # multi-host launch); batch_size is the global batch and must divide by the device count.
+    data_parallel: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -159,6 +161,8 @@ class _Run:
                   "image_size": self.config.image_size, "preprocessing": self.mode}
         self.log(f"phase {phase}: test accuracy {test['accuracy']:.4f} "
                  f"({test['count']} images), test loss {test['loss']:.4f}")
+        if jax.process_index() != 0:  # every process evaluates (a collective); one writes
+            return result
         histories = report.update_json(self.workdir / report.HISTORY, phase, history)
         report.update_json(self.workdir / report.RESULTS, phase, result)
         report.plot_curves({p: histories[p] for p in PHASES if p in histories},
@@ -252,9 +256,12 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
 
     Returns {phase: results} for the phases run now (also merged into workdir/results.json).
     """
-    if config.data_parallel and jax.process_count() > 1:
-        raise ValueError("data_parallel splits batches over this process's devices only: "
-                         "data.load_split does not give each process its own share of a split")
+    n_proc = jax.process_count()
+    if n_proc > 1 and not config.data_parallel:
+        raise ValueError(f"{n_proc} processes were started: multi-host runs need data_parallel")
+    if n_proc > 1 and "features" in config.phases_to_run:
+        raise ValueError("the features phase (one pass of the conv base, then a tiny head) runs "
+                         "in a single process; run the frozen and finetune phases multi-host")
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -263,9 +270,10 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
     mode = config.preprocess or weights.meta["preprocessing"]
     from vggjax import data  # TensorFlow: imported only when a run needs images
 
+    # One input pipeline per process, each reading its rows of every global batch.
     splits = {name: data.load_split(config.data, name, config.image_size, config.batch_size,
                                     shuffle=name == "train", seed=config.seed,
-                                    data_dir=config.tfds_data_dir)
+                                    data_dir=config.tfds_data_dir).shard(jax.process_index(), n_proc)
               for name in SPLITS}
     mesh = parallel.make_mesh() if config.data_parallel else None
     log(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in splits.items())
