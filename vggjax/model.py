@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vggjax import winograd
+
 # Convolutions per block; every block doubles the width up to 512 and ends in a 2x2 max pool.
 BLOCK_SIZES = {
     "vgg11": (1, 1, 2, 2, 2),
@@ -20,6 +22,25 @@ WIDTHS = (64, 128, 256, 512, 512)
 HEADS = ("keras", "torch")
 POOLINGS = (None, "avg", "max")
 MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
+
+
+class Conv3x3(nn.Module):
+    """3x3 stride-1 SAME conv with nn.Conv's parameters ("kernel" HWIO, "bias"), so weights
+    load alike whichever algorithm `impl` ("direct", "winograd", "auto") computes it with."""
+
+    features: int
+    impl: str = "direct"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return winograd.conv(x, kernel, bias, self.impl)
 
 
 def conv_names(block_sizes: Sequence[int]) -> list[str]:
@@ -61,6 +82,7 @@ class VGG(nn.Module):
     dropout_rate: float = 0.0  # torchvision's head trains with 0.5; Keras' has no dropout
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    conv_impl: str = "direct"  # "winograd" / "auto": fewer multiplies, see vggjax.winograd
 
     def layer_names(self) -> list[str]:
         """Every layer whose output `outputs=` can ask for, in forward order."""
@@ -115,9 +137,8 @@ class VGG(nn.Module):
         for b, (n, width) in enumerate(zip(self.block_sizes, WIDTHS), 1):
             for i in range(1, n + 1):
                 name = f"block{b}_conv{i}"
-                x = nn.Conv(width, (3, 3), padding="SAME", name=name, dtype=self.dtype,
-                            param_dtype=self.param_dtype,
-                            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))(x)
+                x = Conv3x3(width, self.conv_impl, name=name, dtype=self.dtype,
+                            param_dtype=self.param_dtype)(x)
                 if self.batch_norm:
                     # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,

@@ -12,9 +12,11 @@ Multi-host launch (one process per host, every process runs the same script)::
     # or under Slurm / Open MPI, which JAX detects by itself:
     srun --ntasks-per-node=1 python examples/finetune_catsdogs.py ...
 
-The example calls `initialize_distributed()` (with --data-parallel) before any other JAX call, and each process reads its
-own share of the data (its input pipeline gives `batch_size` examples per step); the global
-batch is `batch_size * jax.process_count()` and must divide by the total device count.
+The example calls `initialize_distributed()` (with --data-parallel) before any other JAX call.
+Each process runs its own input pipeline over its share of the data (`data.Split.shard`: of
+every global batch of `--batch-size` examples, process i reads rows i*B/n .. (i+1)*B/n), and
+`shard_batch` assembles the per-process rows into one global array; the global batch must
+divide by the total device count.
 """
 from __future__ import annotations
 
