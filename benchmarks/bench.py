@@ -37,7 +37,6 @@ THREADS = os.cpu_count() or 1
 # torch's activations are page-faulted in afresh on every call (~170-330 MB per VGG16
 # batch here); transparent huge pages cut those faults 64-fold. Applied to every framework.
 MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 STEP_TASKS = {
     "infer150": dict(kind="infer", size=150, batch=32),
     "infer224": dict(kind="infer", size=224, batch=32),
@@ -146,6 +145,8 @@ class TorchWorker:
                 layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
                 c = v
         features = nn.Sequential(*layers)
+        from vggjax.preprocessing import CAFFE_MEAN_BGR  # one source for the caffe mean
+
         mean = torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
         images, labels = synthetic_batch(size, batch)
         x_in = torch.from_numpy(images)

@@ -7,25 +7,16 @@ the same code at 32x32, batch 2, on the CPU, to show the script works end to end
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-if importlib.util.find_spec("h5py") is None:
-    # `import vggjax` imports the Keras .h5 reader, which needs h5py at import time; this
-    # check reads no weight file, so a bare GPU image without h5py gets a placeholder.
-    sys.modules["h5py"] = types.ModuleType("h5py")
+from vggjax import classifier, freezing, model
+from vggjax.preprocessing import CAFFE_MEAN_BGR, preprocess_input
 
-from vggjax import classifier, freezing, model  # noqa: E402
-from vggjax.preprocessing import preprocess_input  # noqa: E402
-
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
 def images(batch: int, size: int, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,6 @@ import os
 import re
 from typing import Iterator, Mapping
 
-import h5py
 import numpy as np
 
 from vggjax.model import BLOCK_SIZES, conv_names
@@ -54,6 +53,8 @@ def _read_layers(path: str, arch: str) -> dict[str, list[np.ndarray]]:
         raise ValueError(f"{path} is empty (0 bytes), not a Keras weights file; "
                          "was its download interrupted?")
     try:
+        import h5py  # lazily: `import vggjax` must work where only jax/flax/optax are installed
+
         f = h5py.File(path, "r")
     except OSError as err:
         raise ValueError(f"{path} is not a readable HDF5 file ({err}); expected a Keras .h5 "
@@ -107,6 +108,8 @@ def _keras3_layers(layers: h5py.Group, arch: str) -> dict[str, list[np.ndarray]]
     """Keras 3 keys layers by class counters (conv2d, conv2d_1, ..., dense, dense_1, ...), not
     by layer name, so convs and dense layers get `arch`'s names in file order; any beyond
     those keep their file key, which check_variables then reports as unexpected."""
+    import h5py
+
     found = []
     for key in sorted(layers, key=_natural_key):
         vars_group = layers[key].get("vars")
@@ -172,6 +175,8 @@ def write_legacy_h5(params: Mapping, path: str | os.PathLike, names: str = "kera
         next_m = LAYER_RE.fullmatch(ordered[i + 1]) if i + 1 < len(ordered) else None
         if m and (next_m is None or next_m.group(1) != m.group(1)):
             layer_names.append(f"block{m.group(1)}_pool")
+    import h5py
+
     with h5py.File(path, "w") as f:
         encoded = np.array([n.encode("utf8") for n in layer_names])
         if chunk_layer_names:

@@ -79,6 +79,9 @@ class Config:
     # multi-host launch); batch_size is the global batch and must divide by the device count.
     data_parallel: bool = False
     progress: bool = True
+    # Training tolerates Winograd's ~1e-6 relative rounding for its 1.3-1.5x CPU speed-up;
+    # the exact-parity default of VGG itself stays "direct" (see vggjax.winograd, benchmarks/).
+    conv_impl: str = "auto"
 
     def __post_init__(self):
         unknown = [p for p in self.phases if p not in PHASES]
@@ -243,9 +246,9 @@ def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = N
     return weights
 
 
-def conv_base(weights: pretrained.Pretrained):
+def conv_base(weights: pretrained.Pretrained, conv_impl: str = "direct"):
     """(headless VGG, its variables) of loaded weights; a checkpoint with a classifier loses it."""
-    model = create(weights.meta["arch"], include_top=False)
+    model = create(weights.meta["arch"], include_top=False, conv_impl=conv_impl)
     variables = dict(weights.variables)
     variables["params"] = {k: v for k, v in variables["params"].items() if k not in TOP}
     return model, variables
@@ -266,7 +269,7 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     weights = pretrained.load(config.weights)
-    base_model, base_variables = conv_base(weights)
+    base_model, base_variables = conv_base(weights, config.conv_impl)
     mode = config.preprocess or weights.meta["preprocessing"]
     from vggjax import data  # TensorFlow: imported only when a run needs images
 
