@@ -69,7 +69,8 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping]], path: str | os.PathL
             ax = axes[row, col]
             ax.plot(epochs, [r[metric] for r in histories[phase]], "bo", markersize=3,
                     label=f"Training {metric}")
-            ax.plot(epochs, [r[f"val_{metric}"] for r in histories[phase]], "b",
+            # The book's solid line, plus small crosses so a one-epoch run still shows its point.
+            ax.plot(epochs, [r[f"val_{metric}"] for r in histories[phase]], "b-x", markersize=4,
                     label=f"Validation {metric}")
             ax.set_title(f"{phase}: training and validation {metric}")
             ax.set_xlabel("epoch")
