@@ -12,9 +12,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from vggjax import classifier, freezing, model
+from vggjax import classifier, freezing, model, training
 from vggjax.preprocessing import CAFFE_MEAN_BGR, preprocess_input
 
 
@@ -34,35 +33,6 @@ def timed(fn, min_seconds: float) -> float:
         fn()
         n += 1
     return (time.perf_counter() - t0) / n
-
-
-def make_train_step(net, tx, dtype):
-    """vggjax.training.make_train_step when its imports (orbax, tqdm) are installed, else the
-    same computation inline: caffe preprocessing, dropout, sigmoid cross-entropy, tx.update."""
-    try:
-        from vggjax import training
-    except ImportError:
-        training = None
-    if training is not None:
-        step = training.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=dtype)
-        return lambda params, opt_state, batch: step(params, batch), "vggjax.training"
-    net = net if dtype is None else net.clone(base=net.base.clone(dtype=dtype),
-                                               head=net.head.clone(dtype=dtype))
-
-    @jax.jit
-    def step(state, batch):
-        params, opt_state, i = state
-
-        def loss_fn(p):
-            x = preprocess_input(batch["image"], "caffe").astype(dtype or jnp.float32)
-            logits = net.apply({"params": p}, x, train=True,
-                               rngs={"dropout": jax.random.fold_in(jax.random.PRNGKey(0), i)})
-            return optax.sigmoid_binary_cross_entropy(logits[:, 0].astype(jnp.float32),
-                                                      batch["label"].astype(jnp.float32)).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state, i + 1), {"loss": loss}
-    return (lambda state, _, batch: step(state, batch)), "inline (vggjax.training not importable)"
 
 
 def jax_rows(size, infer_batch, train_batch, min_seconds):
@@ -95,18 +65,13 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
     for name, dtype in (("fp32", None), ("bf16", jnp.bfloat16)):
         net, v = classifier.init_classifier(variables, base, classifier.Head(), size, jax.random.PRNGKey(1))
         tx = freezing.make_optimizer(freezing.book_rmsprop(1e-5), v["params"], "block5+head")
-        step, how = make_train_step(net, tx, dtype)
-        if how == "vggjax.training":
-            from vggjax.training import TrainState
-            state = [TrainState.create(v, tx)]
-        else:
-            state = [(v["params"], tx.init(v["params"]), jnp.zeros((), jnp.int32))]
+        step = training.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=dtype)
+        state = [training.TrainState.create(v, tx)]
 
         def run():
-            state[0], metrics = step(state[0], None, batch)
+            state[0], metrics = step(state[0], batch)
             metrics["loss"].block_until_ready()
         rows.append((f"vggjax {name}", "fine-tune step", train_batch / timed(run, min_seconds)))
-    notes.append(f"train step: {how}")
     return rows, notes
 
 

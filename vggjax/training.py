@@ -11,8 +11,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-import orbax.checkpoint as ocp
-from tqdm import tqdm
 
 from vggjax import augmentation, freezing
 from vggjax.parallel import batch_sharding, replicated, shard_batch
@@ -197,8 +195,10 @@ def evaluate(state: TrainState, eval_step: Callable, split, mesh=None) -> dict:
     return _means(totals)
 
 
-def _checkpoint_manager(directory: Path, monitor: str, create: bool = True) -> ocp.CheckpointManager:
+def _checkpoint_manager(directory: Path, monitor: str, create: bool = True) -> "ocp.CheckpointManager":
     """Keeps the 2 latest checkpoints (for resuming) and the best epoch-end one by `monitor`."""
+    import orbax.checkpoint as ocp  # lazily: the steps alone need only jax/flax/optax
+
     if monitor not in MONITORS:
         raise ValueError(f"monitor must be one of {sorted(MONITORS)}, found {monitor!r}")
     mode = MONITORS[monitor]
@@ -220,6 +220,8 @@ def _checkpoint_manager(directory: Path, monitor: str, create: bool = True) -> o
 
 
 def _abstract(state):
+    import orbax.checkpoint as ocp
+
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
@@ -231,6 +233,8 @@ def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
     `state` is the template (shapes, dtypes, shardings), e.g. the one passed to `fit`.
     metadata: {"phase", "freeze_spec", "seed", "steps_per_epoch", "history", ...}.
     """
+    import orbax.checkpoint as ocp
+
     directory = Path(workdir).absolute() / phase
     if not directory.exists():
         raise ValueError(f"no checkpoints for phase {phase!r}: {directory} does not exist")
@@ -272,6 +276,9 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
     Returns (final state, history): one dict per epoch with epoch, loss, accuracy, val_loss,
     val_accuracy.
     """
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
     if jax.process_index() != 0:  # one log and one progress bar per job, not per host
         log, progress = (lambda line: None), False
     spe = steps_per_epoch or train_split.steps_per_epoch
