@@ -126,7 +126,7 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
         _write_checkpoint(tmp / CHECKPOINT, variables)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _verify_copy(tmp, variables, meta)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -210,7 +210,7 @@ def _refuse_overwrite(directory: Path, overwrite: bool) -> None:
                               "pass overwrite=True (--overwrite) to replace it")
 
 
-def _replace_dir(new: Path, directory: Path) -> None:
+def replace_dir(new: Path, directory: Path) -> None:
     """Rename `new` to `directory`, moving an existing one aside first and deleting it after."""
     if not directory.exists():
         os.replace(new, directory)

@@ -184,7 +184,7 @@ def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     try:
         write(tmp)
         if tmp.is_dir():
-            pretrained._replace_dir(tmp, path)
+            pretrained.replace_dir(tmp, path)
         else:
             os.replace(tmp, path)
     except BaseException:
