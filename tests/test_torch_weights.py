@@ -222,6 +222,18 @@ def test_fine_tuned_timm_head_keeps_its_classes(vgg11_base):
     assert variables["params"]["fc2"]["kernel"].shape == (4096, 4096)
 
 
+def test_fine_tuned_head_converts_with_its_class_count(vgg11_base, tmp_path):
+    from safetensors.numpy import save_file as save_numpy
+
+    save_numpy({**vgg11_base, **head("torchvision", 2)}, str(tmp_path / "cats.safetensors"))
+    meta = vggjax.convert_file("torchvision", "vgg11", tmp_path / "cats.safetensors", tmp_path / "out",
+                               include_top=True)
+    assert meta["num_classes"] == 2
+    pt = vggjax.load(tmp_path / "out")
+    assert pt.model.num_classes == 2
+    assert pt.model.apply(pt.variables, images(1, 64, seed=0)).shape == (1, 2)
+
+
 def test_half_a_head_and_mixed_layouts_are_refused(vgg11_base):
     partial = {k: v for k, v in head("torchvision", 1000).items() if not k.startswith("classifier.6")}
     with pytest.raises(ValueError, match=r"torchvision vgg11 state dict: missing keys "
