@@ -136,15 +136,9 @@ class TorchWorker:
         torch = self.torch
         nn = torch.nn
         torch.manual_seed(0)
-        layers, c = [], 3
-        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-                  512, 512, 512, "M"):
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-                c = v
-        features = nn.Sequential(*layers)
+        from tests.torch_reference import CFGS, make_layers  # torchvision's layout, one copy
+
+        features = make_layers(CFGS["D"], batch_norm=False)
         from vggjax.preprocessing import CAFFE_MEAN_BGR  # one source for the caffe mean
 
         mean = torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)

@@ -78,11 +78,9 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
 def torch_rows(size, infer_batch, train_batch, min_seconds, device):
     import torch
     nn = torch.nn
-    layers, c = [], 3
-    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
-        layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=True)]
-        c = c if v == "M" else v
-    feats = nn.Sequential(*layers).to(device, memory_format=torch.channels_last)
+    from tests.torch_reference import CFGS, make_layers  # torchvision's layout, one copy
+
+    feats = make_layers(CFGS["D"], batch_norm=False).to(device, memory_format=torch.channels_last)
     mean = torch.tensor(CAFFE_MEAN_BGR, device=device).view(1, 3, 1, 1)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
