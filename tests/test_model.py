@@ -66,6 +66,17 @@ def test_intermediate_outputs_in_one_pass(tiny):
     np.testing.assert_array_equal(early, out["block3_conv2"])
 
 
+def test_preactivation_taps_are_the_conv_outputs_before_relu(tiny):
+    model, variables, x = tiny
+    out = model.apply(variables, x, outputs=("block2_conv1_preact", "block2_conv1"))
+    pre = out["block2_conv1_preact"]
+    assert pre.shape == (2, 16, 16, 128) and float(pre.min()) < 0  # really before the ReLU
+    np.testing.assert_array_equal(np.maximum(pre, 0), out["block2_conv1"])
+    # The default forward pass and the parameter names do not change.
+    assert "block2_conv1_preact" not in variables["params"]
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x, outputs=None))
+
+
 def test_unknown_output_name_is_refused(tiny):
     model, variables, x = tiny
     with pytest.raises(ValueError, match="block9_conv1"):

@@ -85,10 +85,16 @@ class VGG(nn.Module):
     conv_impl: str = "direct"  # "winograd" / "auto": fewer multiplies, see vggjax.winograd
 
     def layer_names(self) -> list[str]:
-        """Every layer whose output `outputs=` can ask for, in forward order."""
+        """Every layer whose output `outputs=` can ask for, in forward order.
+
+        `blockN_convM` is a conv's output after its ReLU (after BatchNorm in the _bn variants);
+        `blockN_convM_preact` the same output before the ReLU (ESRGAN-style feature losses).
+        """
         names = []
         for b, n in enumerate(self.block_sizes, 1):
-            names += [f"block{b}_conv{i}" for i in range(1, n + 1)] + [f"block{b}_pool"]
+            for i in range(1, n + 1):
+                names += [f"block{b}_conv{i}_preact", f"block{b}_conv{i}"]
+            names.append(f"block{b}_pool")
         if self.include_top:
             names += ["flatten", "fc1", "fc2", "predictions"]
         elif self.pooling:
@@ -122,18 +128,19 @@ class VGG(nn.Module):
     def __call__(self, x, train: bool = False, outputs: Sequence[str] | None = None):
         self._check_config()
         self.check_input(x.shape)
-        wanted = set(outputs or ())
-        unknown = wanted - set(self.layer_names())
-        if unknown:
-            raise ValueError(f"unknown layer(s) {sorted(unknown)}; this model has {self.layer_names()}")
-        taps = {}
+        taps = _Taps(outputs, self.layer_names())
+        x = self.forward_features(jnp.asarray(x, self.dtype), train, taps)
+        if taps.done:
+            return taps.values
+        if self.include_top:
+            x = self.forward_head(x, train, taps)
+        elif self.pooling:
+            x = jnp.mean(x, axis=(1, 2)) if self.pooling == "avg" else jnp.max(x, axis=(1, 2))
+            taps(f"global_{self.pooling}_pool", x)
+        return taps.values if taps.wanted else x
 
-        def tap(name, y):
-            if name in wanted:
-                taps[name] = y
-            return bool(wanted) and len(taps) == len(wanted)
-
-        x = jnp.asarray(x, self.dtype)
+    def forward_features(self, x, train: bool, taps: "_Taps"):
+        """The conv base: (N, H, W, 3) -> (N, H/32, W/32, 512); stops early once `taps` is full."""
         for b, (n, width) in enumerate(zip(self.block_sizes, WIDTHS), 1):
             for i in range(1, n + 1):
                 name = f"block{b}_conv{i}"
@@ -144,43 +151,59 @@ class VGG(nn.Module):
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                      name=f"{name}_bn", dtype=self.dtype,
                                      param_dtype=self.param_dtype)(x)
+                if taps(f"{name}_preact", x):
+                    return x
                 x = nn.relu(x)
-                if tap(name, x):
-                    return taps
+                if taps(name, x):
+                    return x
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-            if tap(f"block{b}_pool", x):
-                return taps
+            if taps(f"block{b}_pool", x):
+                return x
+        return x
 
-        if not self.include_top:
-            if self.pooling == "avg":
-                x = jnp.mean(x, axis=(1, 2))
-            elif self.pooling == "max":
-                x = jnp.max(x, axis=(1, 2))
-            if self.pooling and tap(f"global_{self.pooling}_pool", x):
-                return taps
-            return taps if wanted else x
-
+    def forward_head(self, x, train: bool, taps: "_Taps"):
+        """The ImageNet classifier: conv features -> (N, num_classes) probabilities or logits."""
         if self.head == "torch" and x.shape[1:3] != (7, 7):
             ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], 7), x.dtype)
             pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], 7), x.dtype)
             x = jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
         # H, W, C flatten order: the Keras layout, and the one the converter gives torch's fc1.
         x = x.reshape(x.shape[0], -1)
-        if tap("flatten", x):
-            return taps
+        if taps("flatten", x):
+            return x
         for name in ("fc1", "fc2"):
             x = nn.relu(nn.Dense(4096, name=name, dtype=self.dtype, param_dtype=self.param_dtype)(x))
             if self.dropout_rate:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-            if tap(name, x):
-                return taps
+            if taps(name, x):
+                return x
         x = nn.Dense(self.num_classes, name="predictions", dtype=self.dtype,
                      param_dtype=self.param_dtype)(x)
         if self.classifier_activation == "softmax":
             x = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
-        if tap("predictions", x):
-            return taps
+        taps("predictions", x)
         return x
+
+
+class _Taps:
+    """The layer outputs `outputs=` asked for, collected during one forward pass."""
+
+    def __init__(self, wanted: Sequence[str] | None, known: Sequence[str]):
+        self.wanted = set(wanted or ())
+        unknown = self.wanted - set(known)
+        if unknown:
+            raise ValueError(f"unknown layer(s) {sorted(unknown)}; this model has {list(known)}")
+        self.values: dict = {}
+
+    def __call__(self, name: str, value) -> bool:
+        """Record `value` if `name` was asked for; True once every asked-for layer is in."""
+        if name in self.wanted:
+            self.values[name] = value
+        return self.done
+
+    @property
+    def done(self) -> bool:
+        return bool(self.wanted) and len(self.values) == len(self.wanted)
 
 
 ARCHS = {

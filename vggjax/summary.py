@@ -29,7 +29,8 @@ def summary_rows(model: VGG, input_shape: Sequence[int]) -> list[tuple[str, str,
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     model.check_input(x.shape)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    names = model.layer_names()
+    # Pre-activation taps are views inside a conv layer, not Keras layers of their own.
+    names = [n for n in model.layer_names() if not n.endswith("_preact")]
     shapes = jax.eval_shape(lambda v, x: model.apply(v, x, outputs=names), variables, x)
 
     def count(name):
