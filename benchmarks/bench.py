@@ -44,6 +44,9 @@ STEP_TASKS = {
     "frozen": dict(kind="train", size=150, batch=20, trainable="head", lr=2e-5),
 }
 FRAMEWORKS = ("vggjax", "vggjax-direct", "keras", "torch")
+# bf16 compute, fp32 parameters/optimizer/loss: vggjax precision="bf16", Keras mixed_bfloat16,
+# torch autocast(bfloat16) + channels_last. Compared with each other, as the fp32 ones are.
+BF16_FRAMEWORKS = ("vggjax-bf16", "keras-bf16", "torch-bf16")
 
 
 def synthetic_batch(size: int, batch: int, seed: int = 0):
@@ -59,15 +62,18 @@ class JaxWorker:
     """vggjax through its own library code: features.make_extract_step, classifier, freezing,
     training.make_train_step; `impl` is the VGG conv_impl."""
 
-    def __init__(self, impl: str):
+    def __init__(self, impl: str, bf16: bool = False):
         import jax
+        import jax.numpy as jnp
         self.jax, self.impl = jax, impl
+        self.dtype = jnp.bfloat16 if bf16 else None
 
     def setup(self, kind, size, batch, trainable=None, lr=None):
         import jax.numpy as jnp
         import numpy as np
         from vggjax import classifier, features, freezing, model, training
-        base = model.create("vgg16", include_top=False, conv_impl=self.impl)
+        base = model.create("vgg16", include_top=False, conv_impl=self.impl,
+                            dtype=self.dtype or jnp.float32)
         key = self.jax.random.PRNGKey(0)
         base_vars = base.init(key, jnp.zeros((1, size, size, 3)))
         images, labels = synthetic_batch(size, batch)
@@ -76,7 +82,7 @@ class JaxWorker:
             return lambda: step(base_vars, x).block_until_ready()
         net, variables = classifier.init_classifier(base_vars, base, classifier.Head(), size, key)
         tx = freezing.make_optimizer(freezing.book_rmsprop(lr), variables["params"], trainable)
-        step = training.make_train_step(net, tx, preprocess_mode="caffe")
+        step = training.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=self.dtype)
         state = [training.TrainState.create(variables, tx)]
         data = {"image": jnp.asarray(images), "label": jnp.asarray(labels),
                 "mask": jnp.ones((batch,), bool)}
@@ -91,12 +97,14 @@ class KerasWorker:
     """keras.applications.VGG16(include_top=False, weights=None) + the book's head, Keras defaults
     (on a CPU-only machine Keras compiles no XLA: TF's oneDNN kernels run)."""
 
-    def __init__(self):
+    def __init__(self, bf16: bool = False):
         import tensorflow as tf
         tf.config.set_visible_devices([], "GPU")
         tf.config.threading.set_intra_op_parallelism_threads(THREADS)
         tf.config.threading.set_inter_op_parallelism_threads(THREADS)
         import keras
+        if bf16:
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
         self.tf, self.keras = tf, keras
 
     def setup(self, kind, size, batch, trainable=None, lr=None):
@@ -117,7 +125,9 @@ class KerasWorker:
         x = keras.layers.Flatten()(base(x))
         x = keras.layers.Dense(256, activation="relu")(x)
         x = keras.layers.Dropout(0.5)(x)
-        net = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+        # The loss in float32, as the mixed-precision guide asks.
+        x = keras.layers.Dense(1)(x)
+        net = keras.Model(inputs, keras.layers.Activation("sigmoid", dtype="float32")(x))
         net.compile(optimizer=keras.optimizers.RMSprop(lr), loss="binary_crossentropy")
         x_in, y_in = tf.constant(images.astype("float32")), tf.constant(labels.astype("float32"))
         return lambda: net.train_on_batch(x_in, y_in)
@@ -127,10 +137,13 @@ class TorchWorker:
     """torchvision's VGG16 `features` layout written out (torchvision is not installed),
     channels_last, inference_mode for inference; the book's head; RMSprop as Keras'."""
 
-    def __init__(self):
+    def __init__(self, bf16: bool = False):
         import torch
         torch.set_num_threads(THREADS)
-        self.torch = torch
+        self.torch, self.bf16 = torch, bf16
+
+    def autocast(self):
+        return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16)
 
     def setup(self, kind, size, batch, trainable=None, lr=None):
         torch = self.torch
@@ -153,7 +166,7 @@ class TorchWorker:
             features = features.eval().to(memory_format=torch.channels_last)
 
             def run():
-                with torch.inference_mode():
+                with torch.inference_mode(), self.autocast():
                     return features(preprocess(x_in))
             return run
         side = size // 32
@@ -169,7 +182,9 @@ class TorchWorker:
 
         def run():
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(preprocess(x_in)), y_in)
+            with self.autocast():
+                logits = net(preprocess(x_in))
+            loss = loss_fn(logits.float(), y_in)
             loss.backward()
             opt.step()
             return loss.item()
@@ -179,10 +194,11 @@ class TorchWorker:
 def worker_main(name: str) -> None:
     """Serve JSON-line requests on stdin: {"setup": task} then {"run": reps} ... {"free": 1}."""
     sys.path.insert(0, str(ROOT))
-    if name.startswith("vggjax"):
-        worker = JaxWorker("direct" if name == "vggjax-direct" else "auto")
+    base, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")
+    if base.startswith("vggjax"):
+        worker = JaxWorker("direct" if base == "vggjax-direct" else "auto", bf16)
     else:
-        worker = {"keras": KerasWorker, "torch": TorchWorker}[name]()
+        worker = {"keras": KerasWorker, "torch": TorchWorker}[base](bf16)
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # framework chatter goes to stderr, the protocol alone to our stdout
     run = None
@@ -349,9 +365,10 @@ def child(mode: str, n: int, env: dict) -> dict:
 
 # --------------------------------------------------------------------------- report
 def format_task(task: str, res: dict) -> str:
-    keras, torch = res.get("keras", {}).get("img_s"), res.get("torch", {}).get("img_s")
     lines = []
     for name, e in res.items():
+        suffix = "-bf16" if name.endswith("-bf16") else ""  # bf16 rows against bf16 peers
+        keras, torch = (res.get(peer + suffix, {}).get("img_s") for peer in ("keras", "torch"))
         vs = [f"{e['img_s'] / ref:5.2f}x" if ref else "   - " for ref in (keras, torch)]
         spread = f"{min(e['rounds']):6.2f}-{max(e['rounds']):6.2f}"
         lines.append(f"| {task:9s} | {name:13s} | {e['img_s']:7.2f} | {spread} | {vs[0]} | {vs[1]} "
