@@ -7,7 +7,7 @@ worker computes at a time), and every round visits every worker in turn, so a sl
 this shared machine hits all of them alike. Reported: median img/s over the rounds, its ratio
 to Keras and PyTorch, and the first call's extra seconds (tracing + compilation) apart.
 
-Tasks (all fp32, VGG16 with random He-initialised weights, uint8 images in, the caffe
+Tasks (fp32, and bf16 for the "-bf16" frameworks; VGG16 with random He-initialised weights, uint8 images in, the caffe
 preprocessing inside each framework's step):
   infer150 / infer224  conv base forward, batch 32
   finetune             train step, block5 + the book's head trainable, RMSprop, 150x150, batch 20
@@ -43,10 +43,15 @@ STEP_TASKS = {
     "finetune": dict(kind="train", size=150, batch=20, trainable="block5+head", lr=1e-5),
     "frozen": dict(kind="train", size=150, batch=20, trainable="head", lr=2e-5),
 }
-FRAMEWORKS = ("vggjax", "vggjax-direct", "keras", "torch")
-# bf16 compute, fp32 parameters/optimizer/loss: vggjax precision="bf16", Keras mixed_bfloat16,
-# torch autocast(bfloat16) + channels_last. Compared with each other, as the fp32 ones are.
-BF16_FRAMEWORKS = ("vggjax-bf16", "keras-bf16", "torch-bf16")
+# "vggjax" is conv_impl="auto", "vggjax-<impl>" another conv_impl. A "-bf16" suffix computes in
+# bf16 with fp32 parameters, optimizer state and loss: vggjax compute_dtype=bfloat16 (the
+# workflow's precision="bf16"), Keras mixed_bfloat16, torch autocast(bfloat16) + channels_last;
+# bf16 rows are compared with the bf16 peers.
+FRAMEWORKS = ("vggjax", "vggjax-direct", "keras", "torch", "vggjax-bf16", "keras-bf16", "torch-bf16")
+# The book's run (Deep Learning with Python, ch. 5.3) at 150x150: 2000 training, 1000 validation
+# and 1000 test images; features: one conv-base pass over all three splits; frozen and
+# finetune: their epochs, each a training pass and a validation pass, and a test pass at the end.
+BOOK = dict(train=2000, validation=1000, test=1000, frozen_epochs=30, finetune_epochs=100)
 
 
 def synthetic_batch(size: int, batch: int, seed: int = 0):
@@ -196,7 +201,7 @@ def worker_main(name: str) -> None:
     sys.path.insert(0, str(ROOT))
     base, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")
     if base.startswith("vggjax"):
-        worker = JaxWorker("direct" if base == "vggjax-direct" else "auto", bf16)
+        worker = JaxWorker(base.partition("-")[2] or "auto", bf16)
     else:
         worker = {"keras": KerasWorker, "torch": TorchWorker}[base](bf16)
     out = os.fdopen(os.dup(1), "w")
@@ -376,6 +381,32 @@ def format_task(task: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def book_hours(rates: dict) -> float | None:
+    """Projected hours of the book's three phases at {task: img/s} (None without all three
+    rates). Validation and test passes run at the inference rate; the features phase's head
+    training on cached features and the input pipeline (~80x faster) are left out."""
+    if not all(rates.get(t) for t in ("infer150", "frozen", "finetune")):
+        return None
+    b, infer = BOOK, rates["infer150"]
+    evals = b["validation"] / infer
+    seconds = ((b["train"] + b["validation"] + b["test"]) / infer
+               + b["frozen_epochs"] * (b["train"] / rates["frozen"] + evals)
+               + b["finetune_epochs"] * (b["train"] / rates["finetune"] + evals)
+               + 2 * b["test"] / infer)
+    return seconds / 3600
+
+
+def cpu_line() -> str:
+    """The CPU model and the flags that decide the fast paths (AMX, AVX512-BF16, AVX-512, AVX2)."""
+    from vggjax.onednn import cpu_flags
+    flags = cpu_flags()
+    model = next((l.partition(":")[2].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                  if l.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    found = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in (
+        ("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX-512", "avx512f"), ("AVX2", "avx2")))
+    return f"CPU: {model}; {found}"
+
+
 HEADER = ("| task      | framework     |   img/s | rounds min-max | vs Keras | vs torch "
           "| img/cpu-s | first-call extra s |\n"
           "|-----------|---------------|---------|----------------|----------|----------"
@@ -417,9 +448,20 @@ def main(argv=None) -> None:
             "load_avg_start": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     log(f"# vggjax benchmark {meta['time']}: {THREADS} cores, median of {a.rounds} interleaved "
         f"rounds, load average at start {meta['load_avg_start'][0]:.1f}\n")
+    meta["cpu"] = cpu_line()
+    log(meta["cpu"] + "\n")
     log(HEADER)
     step_tasks = [t for t in tasks if t in STEP_TASKS]
     results = {"meta": meta, "steps": bench_steps(step_tasks, frameworks, a.rounds, env, log)}
+    projection = {name: book_hours({t: r[name]["img_s"] for t, r in results["steps"].items() if name in r})
+                  for name in frameworks}
+    projection = {k: v for k, v in projection.items() if v}
+    if projection:
+        results["book_hours"] = projection
+        log(f"\nprojected wall time of the book's three phases ({BOOK['train']} training images, "
+            f"{BOOK['frozen_epochs']}/{BOOK['finetune_epochs']} epochs, 150x150, batch 20, validation "
+            f"and test passes at the inference rate): "
+            + ", ".join(f"{name} {h:.1f} h" for name, h in projection.items()))
     if "pipeline" in tasks:
         n = 100 if a.quick else 1000
         pipe = results["pipeline"] = child("pipeline", n, env)

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-epoch", type=int, help="cap on the training batches of an epoch")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between mid-epoch checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=sorted(workflow.PRECISIONS), default="fp32", help="bf16: bfloat16 compute, fp32 parameters and loss (fast on AVX512-BF16/AMX CPUs)")
     p.add_argument("--preprocess", choices=sorted(vggjax.preprocessing.MODES),
                    help="default: what the weights expect (caffe for Keras weights)")
     p.add_argument("--data-parallel", action="store_true",
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     config = workflow.Config(
         weights=weights, workdir=args.workdir, data=data, phases=tuple(filter(None, args.phases.split(","))),
         steps_per_epoch=args.steps_per_epoch, preprocess=args.preprocess, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, data_parallel=args.data_parallel,
+        checkpoint_every=args.checkpoint_every, data_parallel=args.data_parallel, precision=args.precision,
         progress=sys.stderr.isatty(), **settings)
     if args.smoke:
         print(f"smoke run: {config.image_size}x{config.image_size} generated images in {data}, RANDOM "

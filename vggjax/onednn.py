@@ -108,6 +108,23 @@ def warn_fallback(reason: str) -> None:
     warnings.warn(f"vggjax: oneDNN conv unavailable ({reason}); using XLA's conv", stacklevel=3)
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none: not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def has_bf16_units() -> bool:
+    """True on a CPU whose oneDNN bf16 kernels run on bf16 dot hardware (AVX512-BF16 or AMX);
+    on AVX2-only CPUs bf16 would be emulated, and the fast path steps aside."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def _fwd_call(x, kernel, bias, relu: bool):
     out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
     return jax.ffi.ffi_call("vggjax_onednn_conv_fwd", out, vmap_method="sequential")(

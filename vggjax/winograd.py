@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from vggjax import onednn
+
 # Lavin & Gray (2016), points 0, +-1 (F(2,3)) and 0, +-1, +-2 (F(4,3)). Each entry is
 # (B^T, G, A^T): input transform (a x a), kernel transform (a x 3), output transform (m x a),
 # with a = m + 2. The elementwise stage then costs a^2 / m^2 multiplies per output instead
@@ -27,7 +29,7 @@ MATRICES = {
     ),
 }
 TILES = tuple(MATRICES)
-IMPLS = ("direct", "winograd", "auto")
+IMPLS = ("direct", "winograd", "onednn", "auto")
 
 
 def _apply(mat, parts, axis: int = 0):
@@ -186,16 +188,30 @@ def conv3x3(x, kernel, bias=None, tile: int = 4):
 
 def conv(x, kernel, bias=None, impl: str = "direct"):
     """3x3 stride-1 SAME conv by `impl`: "direct" (XLA's conv), "winograd" (every layer: F(4,3)
-    from 32 pixels up, else F(2,3)) or "auto" (Winograd where `choose_tile` expects it to win,
-    i.e. on the CPU from block2 on). Same contract as `conv3x3`."""
+    from 32 pixels up, else F(2,3)), "onednn" (`vggjax.onednn`: oneDNN through an XLA custom
+    call; float32/bfloat16) or "auto" (`choose_impl`). Same contract as `conv3x3`."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, found {impl!r}")
+    if impl == "auto":
+        impl = choose_impl(x.shape, kernel.shape[-1], x.dtype)
     if impl == "direct":
         return direct_conv3x3(x, kernel, bias)
-    if impl == "winograd":
-        return conv3x3(x, kernel, bias, tile=tile_for(x.shape))
-    tile = choose_tile(x.shape, kernel.shape[-1], x.dtype)
-    return direct_conv3x3(x, kernel, bias) if tile is None else conv3x3(x, kernel, bias, tile=tile)
+    if impl == "onednn":
+        return onednn.conv3x3(x, kernel, bias)
+    return conv3x3(x, kernel, bias, tile=tile_for(x.shape))
+
+
+def choose_impl(shape, cout: int, dtype) -> str:
+    """The "auto" policy for an NHWC input `shape`, Cout and compute dtype: "onednn" for
+    bfloat16 on a CPU with bf16 dot units (AVX512-BF16 or AMX), where XLA's conv runs bf16
+    slower than fp32 (benchmarks/README.md); otherwise "winograd" where `choose_tile` expects
+    it to win, else "direct". Without the oneDNN custom call it falls back, saying why once."""
+    if jax.default_backend() == "cpu" and dtype == jnp.bfloat16 and onednn.has_bf16_units():
+        reason = onednn.unavailable()
+        if reason is None:
+            return "onednn"
+        onednn.warn_fallback(reason)
+    return "direct" if choose_tile(shape, cout, dtype) is None else "winograd"
 
 
 def direct_conv3x3(x, kernel, bias=None):

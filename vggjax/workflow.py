@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vggjax import augmentation, download, features, freezing, parallel, pretrained, report, training
@@ -39,6 +40,9 @@ from vggjax.keras_weights import TOP
 from vggjax.model import create
 
 PHASES = ("features", "frozen", "finetune")
+# Config.precision -> the compute dtype of every phase (None: the model's own float32).
+# "bf16" is Keras' mixed_bfloat16: bf16 activations, fp32 parameters, optimizer state and loss.
+PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}
 # Deep Learning with Python, 1st edition, chapter 5.3: epochs and RMSprop learning rates.
 BOOK_EPOCHS = {"features": 30, "frozen": 30, "finetune": 100}
 BOOK_LEARNING_RATES = {"features": 2e-5, "frozen": 2e-5, "finetune": 1e-5}
@@ -82,8 +86,13 @@ class Config:
     # Training tolerates Winograd's ~1e-6 relative rounding for its 1.3-1.5x CPU speed-up;
     # the exact-parity default of VGG itself stays "direct" (see vggjax.winograd, benchmarks/).
     conv_impl: str = "auto"
+    # "bf16": every phase (feature extraction too) computes in bfloat16 with fp32 parameters,
+    # optimizer state and loss; on CPUs with AVX512-BF16/AMX "auto" then runs oneDNN's bf16 conv.
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, found {self.precision!r}")
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
             raise ValueError(f"unknown phase(s) {unknown or list(self.phases)}; expected some of {PHASES}")
@@ -92,6 +101,11 @@ class Config:
             if missing:
                 raise ValueError(f"Config.{name} has no value for phase(s) {missing}")
 
+
+    @property
+    def compute_dtype(self):
+        """The phases' compute dtype for `training.make_train_step` & co (None: float32)."""
+        return PRECISIONS[self.precision]
 
     @property
     def phases_to_run(self) -> tuple[str, ...]:
@@ -300,12 +314,15 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
 
 def features_phase(r: _Run) -> dict:
     """Feature extraction: conv features computed once (cached), a fresh head trained on them."""
-    feats = features.extract(r.base_model, r.base_variables, r.splits, r.workdir / "features_cache",
+    base = training.with_compute_dtype(r.base_model, r.config.compute_dtype)
+    feats = features.extract(base, r.base_variables, r.splits, r.workdir / "features_cache",
                              preprocess_mode=r.mode, weights_meta=r.weights.meta, log=r.log)
     head = r.head()
     state, tx = r.start("features", head.init(r.key("features"), np.asarray(feats["train"].features[:1])))
-    train_step = training.make_train_step(head, tx, input_key="features", mesh=r.mesh)
-    eval_step = training.make_eval_step(head, input_key="features", mesh=r.mesh)
+    train_step = training.make_train_step(head, tx, input_key="features", mesh=r.mesh,
+                                          compute_dtype=r.config.compute_dtype)
+    eval_step = training.make_eval_step(head, input_key="features", mesh=r.mesh,
+                                        compute_dtype=r.config.compute_dtype)
     state, history = r.fit("features", state, train_step, eval_step, feats["train"], feats["validation"])
     # Exported as the original base under the trained head: the same predictions, from images.
     variables = {k: {"base": v} for k, v in r.base_variables.items()}
@@ -321,8 +338,9 @@ def frozen_phase(r: _Run):
                                        r.key("frozen"))
     state, tx = r.start("frozen", variables)
     train_step = training.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
-                                          mesh=r.mesh)
-    eval_step = training.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh)
+                                          mesh=r.mesh, compute_dtype=r.config.compute_dtype)
+    eval_step = training.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
+                                        compute_dtype=r.config.compute_dtype)
     state, history = r.fit("frozen", state, train_step, eval_step, r.splits["train"], r.splits["validation"])
     results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, state.variables())
     return results, (model, state, eval_step)
@@ -332,7 +350,7 @@ def finetune_phase(r: _Run, model: Classifier, frozen_state, eval_step) -> dict:
     """Unfreeze block5 from the frozen phase's final parameters: new optimizer, new train step."""
     state, tx = r.start("finetune", frozen_state.variables())
     train_step = training.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
-                                          mesh=r.mesh)
+                                          mesh=r.mesh, compute_dtype=r.config.compute_dtype)
     # Same model and inputs as the frozen phase: its compiled eval step is reused.
     state, history = r.fit("finetune", state, train_step, eval_step, r.splits["train"],
                            r.splits["validation"])

@@ -1,0 +1,149 @@
+"""The oneDNN conv custom call against XLA's direct conv: values, gradients, the whole VGG16,
+bf16, jit/vmap, the "auto" policy, and the fallback when the native part cannot be built."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vggjax
+from vggjax import onednn, winograd
+from vggjax.preprocessing import preprocess_input
+
+pytestmark = pytest.mark.skipif(onednn.unavailable() is not None,
+                                reason=f"oneDNN conv unavailable: {onednn.unavailable()}")
+
+
+def _data(n, h, w, cin, cout, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) * np.sqrt(2 / (9 * cin)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
+    return x, kernel, bias
+
+
+def _rel_err(a, b):
+    return float(jnp.abs(a.astype(jnp.float32) - b).max() / jnp.abs(b).max())
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 5, 7), (1, 37, 18, 16, 32), (2, 1, 3, 3, 2)])
+def test_conv_matches_direct_conv(shape):
+    x, kernel, bias = _data(*shape)
+    want = winograd.direct_conv3x3(x, kernel, bias)
+    got = jax.jit(onednn.conv3x3)(x, kernel, bias)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert _rel_err(got, want) < 2e-6
+    fused = onednn.conv3x3(x, kernel, bias, relu=True)
+    assert _rel_err(fused, jax.nn.relu(want)) < 2e-6
+    bf16 = onednn.conv3x3(x.astype(jnp.bfloat16), kernel, bias)
+    # bf16 inputs and output, f32 accumulation: a few bf16 roundings (2^-8 each).
+    assert bf16.dtype == jnp.bfloat16 and _rel_err(bf16, want) < 2e-2
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradients_match_direct_conv(relu):
+    x, kernel, bias = _data(2, 11, 9, 6, 5)
+    probe = jnp.asarray(np.random.default_rng(1).normal(size=(2, 11, 9, 5)), jnp.float32)
+    act = jax.nn.relu if relu else (lambda y: y)
+
+    def loss(conv):
+        return lambda x, k, b: jnp.sum(conv(x, k, b).astype(jnp.float32) * probe)
+
+    want = jax.grad(loss(lambda x, k, b: act(winograd.direct_conv3x3(x, k, b))), (0, 1, 2))(x, kernel, bias)
+    got = jax.jit(jax.grad(loss(lambda x, k, b: onednn.conv3x3(x, k, b, relu=relu)), (0, 1, 2)))(
+        x, kernel, bias)
+    for name, g, w in zip(("input", "kernel", "bias"), got, want):
+        assert g.shape == w.shape and g.dtype == jnp.float32, name
+        assert _rel_err(g, w) < 1e-5, name
+    # bf16 compute with fp32 parameters (what precision="bf16" does): gradients in the
+    # parameters' dtype, within bf16 rounding of the fp32 ones.
+    got16 = jax.grad(loss(lambda x, k, b: onednn.conv3x3(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                                         b, relu=relu)), (0, 1, 2))(x, kernel, bias)
+    for name, g, w in zip(("input", "kernel", "bias"), got16, want):
+        assert g.dtype == jnp.float32, name
+        assert _rel_err(g, w) < 3e-2, name
+
+
+def test_vmap_and_rejects_bad_input():
+    x, kernel, bias = _data(3, 8, 8, 4, 6)
+    want = winograd.direct_conv3x3(x, kernel, bias)
+    got = jax.vmap(onednn.conv3x3, (0, None, None))(x[:, None], kernel, bias)[:, 0]
+    assert _rel_err(got, want) < 2e-6
+    # vmapped over the kernel too: one call per element.
+    kernels = jnp.stack([kernel, 2 * kernel])
+    got2 = jax.jit(jax.vmap(onednn.conv3x3, (None, 0, None)))(x, kernels, None)
+    assert _rel_err(got2[1], 2 * winograd.direct_conv3x3(x, kernel)) < 2e-6
+    with pytest.raises(ValueError, match="float32 or bfloat16, found float16"):
+        onednn.conv3x3(x.astype(jnp.float16), kernel)
+    with pytest.raises(ValueError, match=r"found input \(3, 8, 8, 4\), kernel \(3, 3, 5, 6\)"):
+        onednn.conv3x3(x, jnp.zeros((3, 3, 5, 6)))
+
+
+def _photos(batch, size, seed=0):
+    coarse = np.random.default_rng(seed).uniform(0, 255, (batch, size // 8 + 1, size // 8 + 1, 3))
+    return np.repeat(np.repeat(coarse, 8, 1), 8, 2)[:, :size, :size].astype(np.float32)
+
+
+def test_vgg16_features_and_logits_parity(make_variables):
+    """Whole VGG16 with the torch head (any size), seeded random weights at ImageNet scale:
+    oneDNN fp32 within 1e-4 (relative) of the direct conv for the conv features and the logits;
+    bf16 within 2e-2 of them, top-1 unchanged."""
+    size = 48
+    variables = make_variables("vgg16", include_top=True, input_rms=70.0, logit_scale=8.0)
+    x = preprocess_input(jnp.asarray(_photos(4, size)), "caffe")
+    taps = ("block5_pool", "predictions")
+
+    def run(**kw):
+        model = vggjax.create("vgg16", head="torch", classifier_activation=None, **kw)
+        return jax.jit(lambda v, x: model.apply(v, x, outputs=taps))(variables, x)
+
+    want = run()
+    fp32 = run(conv_impl="onednn")
+    bf16 = run(conv_impl="onednn", dtype=jnp.bfloat16)
+    direct16 = run(dtype=jnp.bfloat16)
+    for tap in taps:
+        assert _rel_err(fp32[tap], want[tap]) <= 1e-4, tap
+        assert bf16[tap].dtype == jnp.bfloat16
+        assert _rel_err(bf16[tap], want[tap]) <= 2e-2, tap
+        # No worse than XLA's own bf16 conv (the same bf16 roundings, fewer or more).
+        assert _rel_err(bf16[tap], want[tap]) <= 2 * _rel_err(direct16[tap], want[tap]) + 1e-3, tap
+    top1 = lambda logits: np.asarray(jnp.argmax(logits.astype(jnp.float32), -1))
+    np.testing.assert_array_equal(top1(bf16["predictions"]), top1(want["predictions"]))
+
+
+def test_auto_picks_onednn_for_bf16_on_bf16_cpus_only():
+    x, kernel, bias = _data(1, 16, 16, 64, 128)
+    bf16 = jax.make_jaxpr(lambda x, k: winograd.conv(x, k, impl="auto"))(x.astype(jnp.bfloat16), kernel)
+    fp32 = jax.make_jaxpr(lambda x, k: winograd.conv(x, k, impl="auto"))(x, kernel)
+    assert "vggjax_onednn_conv_fwd" not in str(fp32)  # fp32 keeps Winograd
+    assert ("vggjax_onednn_conv_fwd" in str(bf16)) == onednn.has_bf16_units()
+    assert winograd.choose_impl(x.shape, 128, jnp.bfloat16) == ("onednn" if onednn.has_bf16_units() else "direct")
+    assert winograd.choose_impl(x.shape, 128, jnp.float32) == "winograd"
+
+
+def test_fallback_when_the_native_part_cannot_be_built(subprocess_env):
+    """No compiler (CXX=false) and an empty cache: import works, "auto" keeps XLA's conv and says
+    why once, "onednn" asked for explicitly is a clear error."""
+    code = """
+import warnings, jax.numpy as jnp, vggjax
+from vggjax import onednn, winograd
+x, k = jnp.ones((1, 8, 8, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 8), jnp.bfloat16)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = winograd.conv(x, k, impl="auto"); winograd.conv(x, k, impl="auto")
+assert float(y[0, 4, 4, 0]) == 36.0, y[0, 4, 4, 0]
+msgs = [str(w.message) for w in caught if "oneDNN" in str(w.message)]
+assert len(msgs) == (1 if onednn.has_bf16_units() else 0), msgs
+print("REASON", onednn.unavailable())
+try:
+    onednn.conv3x3(x, k)
+except RuntimeError as e:
+    print("ERROR", e)
+"""
+    env = dict(subprocess_env, CXX="false", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REASON building the oneDNN conv failed (false)" in proc.stdout
+    assert "ERROR the oneDNN conv is unavailable: building the oneDNN conv failed" in proc.stdout
