@@ -26,10 +26,12 @@ MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
 
 class Conv3x3(nn.Module):
     """3x3 stride-1 SAME conv with nn.Conv's parameters ("kernel" HWIO, "bias"), so weights
-    load alike whichever algorithm `impl` ("direct", "winograd", "auto") computes it with."""
+    load alike whichever algorithm `impl` ("direct", "winograd", "onednn", "auto") computes it
+    with; `relu` adds the ReLU (fused into the conv by "onednn")."""
 
     features: int
     impl: str = "direct"
+    relu: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -40,7 +42,7 @@ class Conv3x3(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return winograd.conv(x, kernel, bias, self.impl)
+        return winograd.conv(x, kernel, bias, self.impl, relu=self.relu)
 
 
 def conv_names(block_sizes: Sequence[int]) -> list[str]:
@@ -82,7 +84,9 @@ class VGG(nn.Module):
     dropout_rate: float = 0.0  # torchvision's head trains with 0.5; Keras' has no dropout
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    conv_impl: str = "direct"  # "winograd" / "auto": fewer multiplies, see vggjax.winograd
+    # "winograd": fewer multiplies; "onednn": oneDNN's kernels (bf16 dot units); "auto": picks
+    # by device, dtype and CPU (vggjax.winograd.choose_impl)
+    conv_impl: str = "direct"
 
     def layer_names(self) -> list[str]:
         """Every layer whose output `outputs=` can ask for, in forward order.
@@ -144,16 +148,19 @@ class VGG(nn.Module):
         for b, (n, width) in enumerate(zip(self.block_sizes, WIDTHS), 1):
             for i in range(1, n + 1):
                 name = f"block{b}_conv{i}"
-                x = Conv3x3(width, self.conv_impl, name=name, dtype=self.dtype,
+                # The ReLU goes into the conv unless BatchNorm or a `_preact` tap sits between.
+                fuse = not self.batch_norm and f"{name}_preact" not in taps.wanted
+                x = Conv3x3(width, self.conv_impl, fuse, name=name, dtype=self.dtype,
                             param_dtype=self.param_dtype)(x)
-                if self.batch_norm:
-                    # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                     name=f"{name}_bn", dtype=self.dtype,
-                                     param_dtype=self.param_dtype)(x)
-                if taps(f"{name}_preact", x):
-                    return x
-                x = nn.relu(x)
+                if not fuse:
+                    if self.batch_norm:
+                        # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
+                        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                         name=f"{name}_bn", dtype=self.dtype,
+                                         param_dtype=self.param_dtype)(x)
+                    if taps(f"{name}_preact", x):
+                        return x
+                    x = nn.relu(x)
                 if taps(name, x):
                     return x
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")

@@ -186,19 +186,22 @@ def conv3x3(x, kernel, bias=None, tile: int = 4):
     return _conv_vjp(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype), tile).astype(x.dtype)
 
 
-def conv(x, kernel, bias=None, impl: str = "direct"):
+def conv(x, kernel, bias=None, impl: str = "direct", relu: bool = False):
     """3x3 stride-1 SAME conv by `impl`: "direct" (XLA's conv), "winograd" (every layer: F(4,3)
     from 32 pixels up, else F(2,3)), "onednn" (`vggjax.onednn`: oneDNN through an XLA custom
-    call; float32/bfloat16) or "auto" (`choose_impl`). Same contract as `conv3x3`."""
+    call; float32/bfloat16) or "auto" (`choose_impl`). Same contract as `conv3x3`; `relu`
+    applies max(y, 0) after the bias (fused into oneDNN's kernel, saving a memory pass)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, found {impl!r}")
     if impl == "auto":
         impl = choose_impl(x.shape, kernel.shape[-1], x.dtype)
-    if impl == "direct":
-        return direct_conv3x3(x, kernel, bias)
     if impl == "onednn":
-        return onednn.conv3x3(x, kernel, bias)
-    return conv3x3(x, kernel, bias, tile=tile_for(x.shape))
+        return onednn.conv3x3(x, kernel, bias, relu=relu)
+    if impl == "direct":
+        y = direct_conv3x3(x, kernel, bias)
+    else:
+        y = conv3x3(x, kernel, bias, tile=tile_for(x.shape))
+    return jax.nn.relu(y) if relu else y
 
 
 def choose_impl(shape, cout: int, dtype) -> str:
