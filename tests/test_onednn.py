@@ -147,3 +147,28 @@ except RuntimeError as e:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REASON building the oneDNN conv failed (false)" in proc.stdout
     assert "ERROR the oneDNN conv is unavailable: building the oneDNN conv failed" in proc.stdout
+
+
+def test_runs_under_a_data_parallel_mesh(subprocess_env):
+    """Batch sharded over 2 CPU devices: forward and gradients equal the one-device ones. (XLA
+    cannot partition a custom call: each device runs it on the gathered batch; see onednn.py.)"""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from vggjax import onednn
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(4, 8, 8, 16)), jnp.float32)
+k = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) * 0.1, jnp.float32)
+loss = lambda x, k: jnp.sum(jnp.sin(onednn.conv3x3(x, k, relu=True)))
+step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+want = step(x, k)
+got = step(jax.device_put(x, NamedSharding(mesh, P("data"))), k)
+assert len(got[1][0].sharding.device_set) == 2
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+print("OK")
+"""
+    env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]

@@ -10,6 +10,9 @@ is the SYCL/TBB build, which needs Intel's compiler runtime).
 
 `unavailable()` says why the fast path cannot run here (None when it can); `conv_impl="auto"`
 then keeps XLA's conv, saying why once.
+
+Limitation: XLA cannot partition a custom call, so under a multi-device mesh (`jax.sharding`
+data parallelism) each device runs the conv on the gathered global batch: correct, not faster.
 """
 from __future__ import annotations
 
