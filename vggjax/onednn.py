@@ -151,11 +151,31 @@ def _conv_bwd(relu, res, dy):
     dx = jax.ffi.ffi_call("vggjax_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype),
                           vmap_method="sequential")(dy, kernel)
     f32 = jnp.float32
-    dk, db = jax.ffi.ffi_call(
-        "vggjax_onednn_conv_bwd_weights",
-        (jax.ShapeDtypeStruct(kernel.shape, f32), jax.ShapeDtypeStruct(kernel.shape[3:], f32)),
-        vmap_method="sequential")(x, dy)
+    if x.dtype == jnp.bfloat16 and x.shape[1] * x.shape[2] <= SMALL_MAP:
+        dk, db = _kernel_grad_matmul(x, dy)
+    else:
+        dk, db = jax.ffi.ffi_call(
+            "vggjax_onednn_conv_bwd_weights",
+            (jax.ShapeDtypeStruct(kernel.shape, f32), jax.ShapeDtypeStruct(kernel.shape[3:], f32)),
+            vmap_method="sequential")(x, dy)
     return dx, dk.astype(kernel.dtype), db.astype(kernel.dtype)
+
+
+# oneDNN 3.2's bf16 backward-weights kernel (jit_bf16, no brgemm) is 3-4x slower than its
+# forward on small maps (block5 at 150x150: 9x9), slower even than its fp32 one; there the nine
+# shifted copies of x are small and one XLA bf16 matmul over them is ~1.5-2x faster
+# (benchmarks/README.md). From 18x18 up oneDNN wins.
+SMALL_MAP = 10 * 10
+
+
+def _kernel_grad_matmul(x, dy):
+    """(dk (3, 3, Cin, Cout) f32, db (Cout,) f32) of a SAME 3x3 conv as one matmul:
+    dk[i, j] = sum over n, h, w of x_padded[n, h + i, w + j] (x) dy[n, h, w]."""
+    _, h, w, cin = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.stack([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], 3)
+    dk = jnp.einsum("nhwkc,nhwd->kcd", patches, dy, preferred_element_type=jnp.float32)
+    return dk.reshape(3, 3, cin, -1), jnp.sum(dy, (0, 1, 2), dtype=jnp.float32)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
