@@ -117,14 +117,19 @@ def test_vgg16_features_and_logits_parity(make_variables):
     np.testing.assert_array_equal(top1(bf16["predictions"]), top1(want["predictions"]))
 
 
-def test_auto_picks_onednn_for_bf16_on_bf16_cpus_only():
+def test_auto_picks_onednn_where_it_suits_the_cpu(monkeypatch):
     x, kernel, bias = _data(1, 16, 16, 64, 128)
-    bf16 = jax.make_jaxpr(lambda x, k: winograd.conv(x, k, impl="auto"))(x.astype(jnp.bfloat16), kernel)
-    fp32 = jax.make_jaxpr(lambda x, k: winograd.conv(x, k, impl="auto"))(x, kernel)
-    assert "vggjax_onednn_conv_fwd" not in str(fp32)  # fp32 keeps Winograd
-    assert ("vggjax_onednn_conv_fwd" in str(bf16)) == onednn.has_bf16_units()
-    assert winograd.choose_impl(x.shape, 128, jnp.bfloat16) == ("onednn" if onednn.has_bf16_units() else "direct")
+    flags = onednn.cpu_flags()
+    for dtype, units in ((jnp.bfloat16, {"avx512_bf16", "amx_bf16"}), (jnp.float32, {"avx512f"})):
+        jaxpr = str(jax.make_jaxpr(lambda x, k: winograd.conv(x, k, impl="auto"))(x.astype(dtype), kernel))
+        assert ("vggjax_onednn_conv_fwd" in jaxpr) == bool(units & flags), dtype
+        assert onednn.suits(dtype) == bool(units & flags)
+    assert not onednn.suits(jnp.float16)
+    # An AVX2-only CPU: XLA's bf16 conv, Winograd in fp32 from block2 on, as before oneDNN.
+    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert winograd.choose_impl(x.shape, 128, jnp.bfloat16) == "direct"
     assert winograd.choose_impl(x.shape, 128, jnp.float32) == "winograd"
+    assert winograd.choose_impl((1, 16, 16, 3), 64, jnp.float32) == "direct"
 
 
 def test_fallback_when_the_native_part_cannot_be_built(subprocess_env):
@@ -139,7 +144,7 @@ with warnings.catch_warnings(record=True) as caught:
     y = winograd.conv(x, k, impl="auto"); winograd.conv(x, k, impl="auto")
 assert float(y[0, 4, 4, 0]) == 36.0, y[0, 4, 4, 0]
 msgs = [str(w.message) for w in caught if "oneDNN" in str(w.message)]
-assert len(msgs) == (1 if onednn.has_bf16_units() else 0), msgs
+assert len(msgs) == (1 if onednn.suits(jnp.bfloat16) else 0), msgs
 print("REASON", onednn.unavailable())
 try:
     onednn.conv3x3(x, k)

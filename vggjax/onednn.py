@@ -122,10 +122,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def has_bf16_units() -> bool:
-    """True on a CPU whose oneDNN bf16 kernels run on bf16 dot hardware (AVX512-BF16 or AMX);
-    on AVX2-only CPUs bf16 would be emulated, and the fast path steps aside."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+def suits(dtype) -> bool:
+    """True where oneDNN's kernels beat XLA's CPU conv for `dtype` (benchmarks/README.md):
+    float32 on AVX-512 CPUs, bfloat16 on CPUs with bf16 dot units (AVX512-BF16 or AMX). On
+    AVX2-only CPUs (bf16 would be emulated; fp32 unmeasured) the fast path steps aside."""
+    flags = cpu_flags()
+    if dtype == jnp.bfloat16:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return dtype == jnp.float32 and "avx512f" in flags
 
 
 def _fwd_call(x, kernel, bias, relu: bool):

@@ -205,11 +205,11 @@ def conv(x, kernel, bias=None, impl: str = "direct", relu: bool = False):
 
 
 def choose_impl(shape, cout: int, dtype) -> str:
-    """The "auto" policy for an NHWC input `shape`, Cout and compute dtype: "onednn" for
-    bfloat16 on a CPU with bf16 dot units (AVX512-BF16 or AMX), where XLA's conv runs bf16
-    slower than fp32 (benchmarks/README.md); otherwise "winograd" where `choose_tile` expects
-    it to win, else "direct". Without the oneDNN custom call it falls back, saying why once."""
-    if jax.default_backend() == "cpu" and dtype == jnp.bfloat16 and onednn.has_bf16_units():
+    """The "auto" policy for an NHWC input `shape`, Cout and compute dtype: "onednn" on a CPU
+    where oneDNN beats XLA for the dtype (`onednn.suits`: fp32 on AVX-512, bf16 on AVX512-BF16
+    or AMX); otherwise "winograd" where `choose_tile` expects it to win, else "direct". Without
+    the oneDNN custom call (not installed, no compiler) it falls back, saying why once."""
+    if jax.default_backend() == "cpu" and onednn.suits(dtype):
         reason = onednn.unavailable()
         if reason is None:
             return "onednn"

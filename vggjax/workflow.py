@@ -83,8 +83,8 @@ class Config:
     # multi-host launch); batch_size is the global batch and must divide by the device count.
     data_parallel: bool = False
     progress: bool = True
-    # Training tolerates Winograd's ~1e-6 relative rounding for its 1.3-1.5x CPU speed-up;
-    # the exact-parity default of VGG itself stays "direct" (see vggjax.winograd, benchmarks/).
+    # "auto": oneDNN on AVX-512 CPUs, else Winograd (~1e-6 relative rounding, 1.3-1.5x over
+    # XLA's conv); the exact-parity default of VGG itself stays "direct" (see benchmarks/).
     conv_impl: str = "auto"
     # "bf16": every phase (feature extraction too) computes in bfloat16 with fp32 parameters,
     # optimizer state and loss; on CPUs with AVX512-BF16/AMX "auto" then runs oneDNN's bf16 conv.
