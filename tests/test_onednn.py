@@ -11,17 +11,10 @@ import pytest
 import vggjax
 from vggjax import onednn, winograd
 from vggjax.preprocessing import preprocess_input
+from test_winograd import _data, _photos  # the same random convs and smooth photos
 
 pytestmark = pytest.mark.skipif(onednn.unavailable() is not None,
                                 reason=f"oneDNN conv unavailable: {onednn.unavailable()}")
-
-
-def _data(n, h, w, cin, cout, seed=0):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(n, h, w, cin)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) * np.sqrt(2 / (9 * cin)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(cout,)), jnp.float32)
-    return x, kernel, bias
 
 
 def _rel_err(a, b):
@@ -83,11 +76,6 @@ def test_vmap_and_rejects_bad_input():
         onednn.conv3x3(x.astype(jnp.float16), kernel)
     with pytest.raises(ValueError, match=r"found input \(3, 8, 8, 4\), kernel \(3, 3, 5, 6\)"):
         onednn.conv3x3(x, jnp.zeros((3, 3, 5, 6)))
-
-
-def _photos(batch, size, seed=0):
-    coarse = np.random.default_rng(seed).uniform(0, 255, (batch, size // 8 + 1, size // 8 + 1, 3))
-    return np.repeat(np.repeat(coarse, 8, 1), 8, 2)[:, :size, :size].astype(np.float32)
 
 
 def test_vgg16_features_and_logits_parity(make_variables):

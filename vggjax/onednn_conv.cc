@@ -106,23 +106,6 @@ Plan& plan_for(Kind kind, int64_t n, int64_t h, int64_t w, int64_t cin, int64_t 
   return ref;
 }
 
-ffi::Error data_type(ffi::DataType t, memory::data_type* out) {
-  if (t == ffi::DataType::F32) {
-    *out = memory::data_type::f32;
-  } else if (t == ffi::DataType::BF16) {
-    *out = memory::data_type::bf16;
-  } else {
-    return ffi::Error::InvalidArgument("vggjax oneDNN conv: dtype must be float32 or bfloat16");
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error check_4d(const ffi::AnyBuffer& b, const char* name) {
-  if (b.dimensions().size() != 4)
-    return ffi::Error::InvalidArgument(std::string("vggjax oneDNN conv: ") + name + " must be 4-D");
-  return ffi::Error::Success();
-}
-
 // Runs `p` with the user's HWIO kernel pointer, reordering into (or out of) oneDNN's layout.
 ffi::Error run(Plan& p, Kind kind, void* x, void* wei, void* bias, void* y) {
   auto& eng = engine();
@@ -153,49 +136,43 @@ ffi::Error run(Plan& p, Kind kind, void* x, void* wei, void* bias, void* y) {
   return ffi::Error::Success();
 }
 
-ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
-               ffi::Result<ffi::AnyBuffer> y, bool relu) {
+// Checks the activation `act` (x for forward and backward-weights, dy for backward-data: its
+// dims are N, H, W and Cin or Cout), then runs the cached plan on the raw pointers.
+ffi::Error conv(Kind kind, const ffi::AnyBuffer& act, int64_t cin, int64_t cout, bool relu, void* x,
+                void* wei, void* bias, void* y) {
+  static const char* names[] = {"forward", "backward-data", "backward-weights"};
   memory::data_type dt;
-  if (auto e = data_type(x.element_type(), &dt); !e.success()) return e;
-  if (auto e = check_4d(x, "x"); !e.success()) return e;
-  auto d = x.dimensions();
-  int64_t cout = w.dimensions()[3];
+  if (act.element_type() == ffi::DataType::F32) {
+    dt = memory::data_type::f32;
+  } else if (act.element_type() == ffi::DataType::BF16) {
+    dt = memory::data_type::bf16;
+  } else {
+    return ffi::Error::InvalidArgument("vggjax oneDNN conv: dtype must be float32 or bfloat16");
+  }
+  auto d = act.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("vggjax oneDNN conv: activations must be NHWC");
   try {
-    Plan& p = plan_for(kFwd, d[0], d[1], d[2], d[3], cout, dt, relu);
-    return run(p, kFwd, x.untyped_data(), w.untyped_data(), b.typed_data(), y->untyped_data());
+    return run(plan_for(kind, d[0], d[1], d[2], cin, cout, dt, relu), kind, x, wei, bias, y);
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN conv forward: ") + e.what());
+    return ffi::Error::Internal(std::string("oneDNN conv ") + names[kind] + ": " + e.what());
   }
 }
 
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
+               ffi::Result<ffi::AnyBuffer> y, bool relu) {
+  return conv(kFwd, x, x.dimensions()[3], w.dimensions()[3], relu, x.untyped_data(),
+              w.untyped_data(), b.typed_data(), y->untyped_data());
+}
+
 ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx) {
-  memory::data_type dt;
-  if (auto e = data_type(dy.element_type(), &dt); !e.success()) return e;
-  if (auto e = check_4d(dy, "dy"); !e.success()) return e;
-  auto d = dy.dimensions();
-  int64_t cin = w.dimensions()[2];
-  try {
-    Plan& p = plan_for(kBwdData, d[0], d[1], d[2], cin, d[3], dt, false);
-    return run(p, kBwdData, dx->untyped_data(), w.untyped_data(), nullptr, dy.untyped_data());
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN conv backward-data: ") + e.what());
-  }
+  return conv(kBwdData, dy, w.dimensions()[2], dy.dimensions()[3], false, dx->untyped_data(),
+              w.untyped_data(), nullptr, dy.untyped_data());
 }
 
 ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::Buffer<ffi::F32>> dw,
                       ffi::Result<ffi::Buffer<ffi::F32>> db) {
-  memory::data_type dt;
-  if (auto e = data_type(x.element_type(), &dt); !e.success()) return e;
-  if (auto e = check_4d(x, "x"); !e.success()) return e;
-  auto d = x.dimensions();
-  int64_t cout = dy.dimensions()[3];
-  try {
-    Plan& p = plan_for(kBwdWeights, d[0], d[1], d[2], d[3], cout, dt, false);
-    return run(p, kBwdWeights, x.untyped_data(), dw->typed_data(), db->typed_data(),
-               dy.untyped_data());
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN conv backward-weights: ") + e.what());
-  }
+  return conv(kBwdWeights, x, x.dimensions()[3], dy.dimensions()[3], false, x.untyped_data(),
+              dw->typed_data(), db->typed_data(), dy.untyped_data());
 }
 
 }  // namespace
