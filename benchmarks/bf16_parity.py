@@ -1,0 +1,79 @@
+"""bf16 vs fp32 on real photos: VGG16 with its top, logits' relative error and top-1 agreement.
+
+    python benchmarks/bf16_parity.py [--images 4000] [--batch 32]
+
+Real ImageNet weights cannot be downloaded here, so the model has seeded random weights
+(He-initialised convs, the classifier scaled so that logits spread like a trained model's);
+the photos are ../shared/data/cats_and_dogs_small (all splits; --data), resized to 224x224 and
+caffe-preprocessed. Reported per precision/impl against fp32 "direct": the largest
+|logits - reference| over max|reference| of each batch, and the share of equal top-1 classes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from bench import DATA, ROOT  # the benchmark's photos (run from benchmarks/ as a script)
+
+sys.path.insert(0, str(ROOT))
+import vggjax  # noqa: E402
+from vggjax.preprocessing import preprocess_input  # noqa: E402
+
+
+def photos(root: Path, limit: int):
+    files = sorted(Path(root).glob("*/*/*.jpg"))[:limit]
+    if not files:
+        raise SystemExit(f"no photos under {root} (<split>/<class>/*.jpg); pass --data")
+    return files
+
+
+def load(files) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((224, 224), Image.BILINEAR))
+                     for f in files]).astype(np.float32)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--data", default=str(DATA), help="cats_and_dogs_small folder")
+    a = p.parse_args(argv)
+    ref_model = vggjax.create("vgg16", classifier_activation=None)
+    variables = ref_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+    # Scale the classifier so logits spread over several units, as a trained model's do
+    # (Flax's default init leaves them nearly equal, and top-1 would be a coin toss).
+    params = dict(variables["params"])
+    params["predictions"] = dict(params["predictions"], kernel=params["predictions"]["kernel"] * 8)
+    variables = {"params": params}
+    runs = {"fp32 auto": {}, "bf16 auto": dict(dtype=jnp.bfloat16), "bf16 direct": dict(
+        dtype=jnp.bfloat16, conv_impl="direct")}
+    fns = {"ref": jax.jit(lambda v, x: ref_model.apply(v, x))}
+    for name, kw in runs.items():
+        kw = {"conv_impl": "auto", **kw}
+        m = vggjax.create("vgg16", classifier_activation=None, **kw)
+        fns[name] = jax.jit(lambda v, x, m=m: m.apply(v, x).astype(jnp.float32))
+    files = photos(a.data, a.images)
+    err = {n: 0.0 for n in runs}
+    agree = {n: 0 for n in runs}
+    for i in range(0, len(files), a.batch):
+        x = preprocess_input(jnp.asarray(load(files[i:i + a.batch])), "caffe")
+        ref = np.asarray(fns["ref"](variables, x))
+        for name in runs:
+            got = np.asarray(fns[name](variables, x))
+            err[name] = max(err[name], float(np.abs(got - ref).max() / np.abs(ref).max()))
+            agree[name] += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        print(f"{min(i + a.batch, len(files))}/{len(files)}", end="\r", file=sys.stderr)
+    print(f"{len(files)} photos, VGG16 with top at 224x224, random weights; against fp32 'direct':")
+    for name in runs:
+        print(f"  {name:12s} max relative logit error {err[name]:.2e}, "
+              f"top-1 agreement {100 * agree[name] / len(files):.2f}%")
+
+
+if __name__ == "__main__":
+    main()
