@@ -27,7 +27,8 @@ from vggjax.preprocessing import preprocess_input  # noqa: E402
 
 
 def photos(root: Path, limit: int):
-    files = sorted(Path(root).glob("*/*/*.jpg"))[:limit]
+    files = sorted(Path(root).glob("*/*/*.jpg"))
+    files = files[::max(1, len(files) // limit)][:limit]  # spread over splits and classes
     if not files:
         raise SystemExit(f"no photos under {root} (<split>/<class>/*.jpg); pass --data")
     return files
