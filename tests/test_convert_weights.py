@@ -1,14 +1,13 @@
 """tools/convert_weights.py: one success line, or 'error: ...' and exit 1 with nothing written."""
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import vggjax
-from vggjax.keras_weights import write_legacy_h5
+from helpers import REPO, run_script
+from vggjax.weights.keras import write_legacy_h5
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_weights.py"
 # The CLI's main(), in-process, for the cases not worth a subprocess.
@@ -17,9 +16,8 @@ convert_weights = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert_weights)
 
 
-def run_cli(env, *args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True,
-                          text=True, cwd=SCRIPT.parents[1], timeout=300)
+def run_cli(env, *args, cwd=REPO):
+    return run_script(SCRIPT, *args, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +65,7 @@ def test_cli_runs_from_anywhere_and_timm_needs_input(subprocess_env, tmp_path):
     """No PYTHONPATH and another working dir: the script finds its checkout by itself when
     vggjax is not installed (and uses the installed one when it is)."""
     env = {k: v for k, v in subprocess_env.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--source", "timm", "--arch", "vgg16"],
-                            env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = run_cli(env, "--source", "timm", "--arch", "vgg16", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("error: timm weights have no checksum pinned")
     assert "--input FILE" in result.stderr and "Traceback" not in result.stderr

@@ -11,23 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-from vggjax import data, report, smoke
-from vggjax.weights import flatten
+from helpers import REPO, run_script, script_env
+from vggjax import classifier, data, report, smoke
+from vggjax.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
 SIZE, EPOCHS = smoke.SETTINGS["image_size"], smoke.SETTINGS["epochs"]
 
 
-def _env(tmp_path):
-    env = dict(os.environ, VGGJAX_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _run(args, env, timeout=300):
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_script(SCRIPT, *args, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def smoke_run(tmp_path_factory):
     """One complete `--smoke` run (the reference for the resume test too)."""
     tmp = tmp_path_factory.mktemp("smoke")
     start = time.time()
-    proc = _run(["--smoke", "--workdir", str(tmp / "run")], _env(tmp))
+    proc = _run(["--smoke", "--workdir", str(tmp / "run")], script_env(tmp))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp / "run", proc.stdout, time.time() - start
 
@@ -58,8 +51,8 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     # results.json says, and its base is a weights directory with the input's layer names.
     test = data.load_split(str(workdir / "smoke_inputs" / "data"), "test", SIZE, 20, shuffle=False)
     images = np.concatenate([b["image"][b["mask"]] for b in test.batches(0)])
-    clf = report.load_classifier(workdir / "export" / "finetune")
-    accuracy = np.mean((report.predict(clf, images) > 0.5) == (test.labels == 1))
+    clf = classifier.load_classifier(workdir / "export" / "finetune")
+    accuracy = np.mean((classifier.predict(clf, images) > 0.5) == (test.labels == 1))
     assert accuracy == pytest.approx(results["finetune"]["test_accuracy"])
     assert clf.class_names == smoke.CLASSES
     print(f"smoke run: {seconds:.0f} s, test accuracy "
@@ -72,7 +65,7 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
     # Same seeded inputs; copied only to save the time of making them again.
     shutil.copytree(reference / "smoke_inputs", workdir / "smoke_inputs")
     args = ["--smoke", "--workdir", str(workdir), "--checkpoint-every", "3"]
-    env = _env(tmp_path)
+    env = script_env(tmp_path)
     proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     finetune = workdir / "checkpoints" / "finetune"
@@ -98,8 +91,8 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
 
     for name in (report.HISTORY, report.RESULTS):
         assert json.loads((workdir / name).read_text()) == json.loads((reference / name).read_text())
-    want = flatten(report.load_classifier(reference / "export" / "finetune").variables)
-    have = flatten(report.load_classifier(workdir / "export" / "finetune").variables)
+    want = flatten(classifier.load_classifier(reference / "export" / "finetune").variables)
+    have = flatten(classifier.load_classifier(workdir / "export" / "finetune").variables)
     assert set(have) == set(want)
     different = [k for k in want if not np.array_equal(np.asarray(have[k]), np.asarray(want[k]))]
     assert different == []
@@ -109,7 +102,7 @@ def test_data_parallel_run_over_two_devices(smoke_run, tmp_path):
     reference, _, _ = smoke_run
     workdir = tmp_path / "run"
     shutil.copytree(reference / "smoke_inputs", workdir / "smoke_inputs")
-    env = dict(_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(script_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
     # finetune alone: runs frozen first, since it continues from there.
     proc = _run(["--smoke", "--workdir", str(workdir), "--data-parallel", "--phases", "features,finetune",
                  "--epochs", "1", "--steps-per-epoch", "2"], env)
@@ -124,7 +117,7 @@ def test_data_parallel_run_over_two_devices(smoke_run, tmp_path):
 
 
 def test_without_weights_or_network_it_stops_at_once_saying_what_to_provide(tmp_path):
-    env = _env(tmp_path)
+    env = script_env(tmp_path)
     # Offline, reproducibly: every download goes to a proxy port nobody listens on.
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         env[var] = "http://127.0.0.1:9"

@@ -21,10 +21,14 @@ Output directory (`Config.workdir`):
     results.json               {phase: {"test_accuracy", "test_loss", ...}}
     curves.png                 accuracy and loss per epoch, one column per phase
     export/<phase>/            the phase's classifier: base/ (vggjax.load), head.safetensors,
-                               classifier.json; `report.load_classifier` / `report.predict`
+                               classifier.json; `classifier.load_classifier` / `classifier.predict`
+
+`add_arguments` turns the Config's fields into command-line flags (their defaults and help live
+here, once), `config_arguments` reads them back.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -33,19 +37,35 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from vggjax import augmentation, download, features, freezing, parallel, pretrained, report, training
-from vggjax.classifier import Classifier, Head, init_classifier
-from vggjax.keras_weights import TOP
-from vggjax.model import create
+from vggjax import augmentation, features, freezing, parallel, report, training
+from vggjax.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
+                               init_classifier)
+from vggjax.model import TOP, create
+from vggjax.preprocessing import MODES
+from vggjax.weights import download, store
 
 PHASES = ("features", "frozen", "finetune")
 # Deep Learning with Python, 1st edition, chapter 5.3: epochs and RMSprop learning rates.
 BOOK_EPOCHS = {"features": 30, "frozen": 30, "finetune": 100}
 BOOK_LEARNING_RATES = {"features": 2e-5, "frozen": 2e-5, "finetune": 1e-5}
-FREEZE = {"features": "all", "frozen": "head", "finetune": "block5+head"}  # freezing presets
+PHASE_FREEZING = {"features": "all", "frozen": "head", "finetune": "block5+head"}  # freezing presets
 SPLITS = ("train", "validation", "test")
 _KERAS_NOTOP = download.official_file("keras", "vgg16", include_top=False)
-TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
+
+
+def _flag(default, help: str, parse: Callable | None = None, **kwargs):
+    """A Config field that is also a command-line flag (`add_arguments`): --name-with-dashes,
+    parsed by `parse` (default: the default's type; a bool is a switch)."""
+    key = "default_factory" if callable(default) and not isinstance(default, type) else "default"
+    return dataclasses.field(**{key: default}, metadata=dict(help=help, parse=parse, **kwargs))
+
+
+def _phases(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, text.split(",")))
+
+
+def _per_phase(text: str) -> dict[str, int]:
+    return dict.fromkeys(PHASES, int(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,24 +80,29 @@ class Config:
 
     weights: str
     workdir: str
-    data: str = "tfds"
-    phases: tuple[str, ...] = PHASES
-    image_size: int = 150
-    batch_size: int = 20
-    epochs: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(BOOK_EPOCHS))
+    data: str = _flag("tfds", "'tfds' (cats_vs_dogs) or DIR/{train,validation,test}/<class>/*.jpg")
+    phases: tuple[str, ...] = _flag(PHASES, f"comma-separated, from {','.join(PHASES)}", _phases)
+    image_size: int = _flag(150, "square input size in pixels")
+    batch_size: int = _flag(20, "examples per (global) batch")
+    epochs: Mapping[str, int] = _flag(lambda: dict(BOOK_EPOCHS), "one value for every phase "
+                                      "(default: the book's " + "/".join(map(str, BOOK_EPOCHS.values()))
+                                      + ")", _per_phase)
     learning_rates: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: dict(BOOK_LEARNING_RATES))
-    steps_per_epoch: int | None = None
-    preprocess: str | None = None
+    steps_per_epoch: int | None = _flag(None, "cap on the training batches of an epoch", int)
+    preprocess: str | None = _flag(None, "default: what the weights expect (caffe for Keras "
+                                   "weights)", str, choices=sorted(MODES))
     augment: augmentation.AugmentConfig = augmentation.FIRST_EDITION
     head_units: int = 256
     dropout_rate: float = 0.5
-    seed: int = 0
-    checkpoint_every: int | None = 100
+    seed: int = _flag(0, "seeds the head's initialisation, shuffling, dropout and augmentation")
+    checkpoint_every: int | None = _flag(100, "steps between mid-epoch checkpoints")
     tfds_data_dir: str | None = None
     # Split each global batch over all devices (of every process: see vggjax.parallel for the
     # multi-host launch); batch_size is the global batch and must divide by the device count.
-    data_parallel: bool = False
+    data_parallel: bool = _flag(False, "split each batch over all devices, multi-host too (see "
+                                "vggjax.parallel); --batch-size is the global batch and must "
+                                "divide by the device count")
     progress: bool = True
     # Training tolerates Winograd's ~1e-6 relative rounding for its 1.3-1.5x CPU speed-up;
     # the exact-parity default of VGG itself stays "direct" (see vggjax.winograd, benchmarks/).
@@ -101,12 +126,40 @@ class Config:
         return tuple(p for p in PHASES if p in wanted)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every Config field declared with `_flag`: --image-size, --epochs, ...
+
+    Flags that are not given stay out of the parsed namespace (see `config_arguments`), so the
+    Config's own defaults apply and a given 0 stays 0.
+    """
+    for f in dataclasses.fields(Config):
+        if "help" not in f.metadata:
+            continue
+        meta = dict(f.metadata)
+        parse, help = meta.pop("parse"), meta.pop("help")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help += "" if default is None or isinstance(default, Mapping) else f" (default: {shown})"
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
+        else:
+            parser.add_argument(flag, type=parse or type(default), default=argparse.SUPPRESS,
+                                help=help, **meta)
+
+
+def config_arguments(args: argparse.Namespace) -> dict:
+    """The Config fields given on the command line, as {field: value}."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+            if "help" in f.metadata and hasattr(args, f.name)}
+
+
 @dataclasses.dataclass
 class _Run:
     """What the phases share: config, loaded weights and splits, the output paths."""
 
     config: Config
-    weights: pretrained.Pretrained
+    weights: store.Pretrained
     base_model: Any
     base_variables: dict
     mode: str
@@ -127,12 +180,12 @@ class _Run:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), PHASES.index(phase))
 
     def start(self, phase: str, variables: Mapping):
-        """(state, tx) for a phase: the book's RMSprop on what FREEZE[phase] trains; logs the
-        trainable-parameter report."""
+        """(state, tx) for a phase: the book's RMSprop on what PHASE_FREEZING[phase] trains; logs
+        the trainable-parameter report."""
         params = variables["params"]
-        self.log(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, FREEZE[phase])))
-        tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params,
-                                     FREEZE[phase])
+        spec = PHASE_FREEZING[phase]
+        self.log(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, spec)))
+        tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params, spec)
         state = training.TrainState.create(variables, tx, self.config.seed)
         return (parallel.replicate(state, self.mesh) if self.mesh else state), tx
 
@@ -140,10 +193,15 @@ class _Run:
         cap = self.config.steps_per_epoch
         return training.fit(state, train_step, eval_step, train_split, val_split,
                             epochs=self.config.epochs[phase], workdir=self.workdir / "checkpoints",
-                            phase=phase, freeze_spec=FREEZE[phase], seed=self.config.seed,
+                            phase=phase, identity=self.identity(phase),
                             steps_per_epoch=min(cap, train_split.steps_per_epoch) if cap else None,
                             checkpoint_every=self.config.checkpoint_every, mesh=self.mesh,
                             log=self.log, progress=self.config.progress)
+
+    def identity(self, phase: str) -> dict:
+        """What a checkpoint of `phase` must match to be resumed: freezing rules and seed."""
+        return {"freeze_spec": [list(r) for r in freezing.resolve(PHASE_FREEZING[phase])],
+                "seed": self.config.seed}
 
     def finish(self, phase: str, state, history: list, eval_step, test_split, model: Classifier,
                variables: Mapping) -> dict:
@@ -153,7 +211,7 @@ class _Run:
         export_dir = self.workdir / "export" / phase
         done = _read_json(self.workdir / report.RESULTS).get(phase)
         if (done and _read_json(self.workdir / report.HISTORY).get(phase) == history
-                and (export_dir / report.CLASSIFIER).is_file()):
+                and (export_dir / CLASSIFIER).is_file()):
             self.log(f"phase {phase}: already reported (test accuracy {done['test_accuracy']:.4f})")
             return done
         test = training.evaluate(state, eval_step, test_split, self.mesh)
@@ -170,10 +228,11 @@ class _Run:
         report.update_json(self.workdir / report.RESULTS, phase, result)
         report.plot_curves({p: histories[p] for p in PHASES if p in histories},
                            self.workdir / report.CURVES)
-        classifier = report.TrainedClassifier(
+        classifier = TrainedClassifier(
             model=model, variables=dict(variables), preprocessing=self.mode,
             image_size=self.config.image_size, class_names=self.splits["train"].class_names)
-        report.export(export_dir, classifier, self.weights.meta, info={"phase": phase, **result})
+        export(export_dir, classifier, self.weights.meta, info={"phase": phase, **result},
+               overwrite=True)
         return result
 
 
@@ -190,23 +249,23 @@ def resolve_weights(weights: str | None, log: Callable[[str], Any] = print) -> s
            f"  python tools/convert_weights.py --source keras --arch vgg16 "
            f"--input {_KERAS_NOTOP.filename} --output DIR")
     if weights is not None:
-        if not (Path(weights) / pretrained.METADATA).is_file():
+        if not (Path(weights) / store.METADATA).is_file():
             raise MissingInputError(f"--weights {weights} is not a converted weights directory "
-                                    f"(no {pretrained.METADATA} in it); {how}")
+                                    f"(no {store.METADATA} in it); {how}")
         return str(weights)
-    default = pretrained.default_output_dir("keras", "vgg16", include_top=False)
-    if not (default / pretrained.METADATA).is_file():
+    default = store.default_output_dir("keras", "vgg16", include_top=False)
+    if not (default / store.METADATA).is_file():
         log(f"weights: converting Keras VGG16 (no top) into {default}")
         try:
-            pretrained.convert_file("keras", "vgg16", None, default, include_top=False)
+            store.convert_file("keras", "vgg16", None, default, include_top=False)
         except download.DownloadError as err:
             raise MissingInputError(f"no VGG16 weights: {err}\nInstead, {how}") from None
     return str(default)
 
 
-def check_data(data: str, tfds_data_dir: str | None = None) -> None:
-    """Raise MissingInputError, saying what to provide, unless `data` can be read: a folder in the
-    book's layout, or tfds cats_vs_dogs already prepared or downloadable (its host resolves)."""
+def check_data(data: str) -> None:
+    """Raise MissingInputError, saying what to provide, when `data` is a folder without the
+    book's layout ("tfds" is checked by tfds itself when the run loads it)."""
     how = ("provide the images with --data DIR in the book's layout: DIR/train/cats/*.jpg, "
            "DIR/train/dogs/*.jpg, and the same under DIR/validation and DIR/test "
            "(the book: 1000+1000, 500+500, 500+500 images)")
@@ -214,22 +273,9 @@ def check_data(data: str, tfds_data_dir: str | None = None) -> None:
         missing = [s for s in SPLITS if not (Path(data) / s).is_dir()]
         if missing:
             raise MissingInputError(f"--data {data} lacks the folder(s) {missing}; {how}")
-        return
-    import socket
-
-    import tensorflow_datasets as tfds
-
-    if tfds.builder("cats_vs_dogs", data_dir=tfds_data_dir).is_prepared():
-        return
-    try:
-        socket.getaddrinfo(TFDS_HOST, 443)
-    except OSError as err:
-        raise MissingInputError(f"tfds cats_vs_dogs is not prepared on this machine and "
-                                f"{TFDS_HOST} cannot be reached ({err}); {how}") from None
 
 
-def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = None,
-                   log: Callable[[str], Any] = print) -> str:
+def resolve_inputs(weights: str | None, data: str, log: Callable[[str], Any] = print) -> str:
     """`resolve_weights` and `check_data` together: the weights directory to use, or one
     MissingInputError naming everything that is missing and how to provide it."""
     problems = []
@@ -238,7 +284,7 @@ def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = N
     except MissingInputError as err:
         problems.append(str(err))
     try:
-        check_data(data, tfds_data_dir)
+        check_data(data)
     except MissingInputError as err:
         problems.append(str(err))
     if problems:
@@ -246,7 +292,7 @@ def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = N
     return weights
 
 
-def conv_base(weights: pretrained.Pretrained, conv_impl: str = "direct"):
+def conv_base(weights: store.Pretrained, conv_impl: str = "direct"):
     """(headless VGG, its variables) of loaded weights; a checkpoint with a classifier loses it."""
     model = create(weights.meta["arch"], include_top=False, conv_impl=conv_impl)
     variables = dict(weights.variables)
@@ -268,7 +314,7 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    weights = pretrained.load(config.weights)
+    weights = store.load(config.weights)
     base_model, base_variables = conv_base(weights, config.conv_impl)
     mode = config.preprocess or weights.meta["preprocessing"]
     from vggjax import data  # TensorFlow: imported only when a run needs images

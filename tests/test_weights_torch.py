@@ -1,6 +1,6 @@
 """torchvision/timm checkpoints -> vggjax: logit parity with torchvision's VGG, and refusal of bad files.
 
-The reference is tests/torch_reference.py (torchvision's VGG module for module) with seeded
+The reference is vggjax/testing.py (torchvision's VGG module for module) with seeded
 random weights, random biases and random BatchNorm running stats, in eval mode. The vgg16 and
 vgg16_bn files go through the real path: torch.save / safetensors on disk -> vggjax.convert_file
 -> vggjax.load. Run with `pytest -s` to see the measured errors.
@@ -16,32 +16,15 @@ import torch
 from safetensors.torch import save_file
 
 import vggjax
-from torch_reference import random_vgg, save_timm_safetensors, vgg
-from vggjax.torch_weights import feature_indices, from_state_dict, read_torch_file
-
-TOL = 1e-4  # fp32 max abs error on logits of a few units
-
-
-def images(n: int, size: int, seed: int) -> np.ndarray:
-    """(n, size, size, 3) float32 NHWC, as if already preprocessed (zero mean, unit variance)."""
-    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
-
+from helpers import TOL, assert_parity, normal_images as images
+from vggjax.testing import random_vgg, save_timm_safetensors, vgg
+from vggjax.weights.torch import feature_indices, from_state_dict, read_torch_file
 
 def torch_forward(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     """`module` on NHWC `x`; 4-D results come back NHWC."""
     with torch.no_grad():
         y = module(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
     return y.transpose(0, 2, 3, 1) if y.ndim == 4 else y
-
-
-def assert_parity(label: str, ours, ref: np.ndarray) -> None:
-    ours = np.asarray(ours)
-    err = float(np.abs(ours - ref).max())
-    print(f"\n{label}: max abs error {err:.2e} (reference std {ref.std():.2f}, "
-          f"max |value| {np.abs(ref).max():.1f})")
-    assert err <= TOL, f"{label}: max abs error {err:.2e} > {TOL:.0e}"
-    if ours.ndim == 2:
-        np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1), err_msg=f"{label}: top-1 differs")
 
 
 def features_only(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -295,7 +278,7 @@ def test_safetensors_needs_no_torch_and_pth_says_how_to_get_it(tmp_path, vgg11_b
     torch.save({"features.0.bias": torch.zeros(64)}, tmp_path / "notop.pth")
     script = f"""
 import sys
-import vggjax, vggjax.torch_weights as tw
+import vggjax, vggjax.weights.torch as tw
 assert "torch" not in sys.modules, "importing vggjax imported torch"
 sys.modules["torch"] = None  # as if torch were not installed
 variables, include_top = tw.read_torch_file({str(tmp_path / 'notop.safetensors')!r}, "vgg11")
