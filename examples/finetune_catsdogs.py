@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", metavar="DIR", help="converted weights (default: Keras VGG16 no-top, "
                    "downloaded and converted into $VGGJAX_CACHE on first use)")
     p.add_argument("--workdir", default="runs/finetune_catsdogs")
+    p.add_argument("--restart", action="store_true", help="discard the run already in --workdir "
+                   "(its checkpoints, results and exports) instead of refusing a different one")
     workflow.add_arguments(p)
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
@@ -70,26 +72,25 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
+        workflow.Config(weights="", workdir=args.workdir, **given)  # every flag value, before any work
         if args.smoke:
             data, weights = smoke.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=given.get("seed", 0))
+            print(f"smoke run: generated images in {data}, RANDOM VGG16 weights in {weights}; the "
+                  "accuracies show that the pipeline learns, not what ImageNet weights reach")
         else:
             data = given.get("data", "tfds")
             weights = workflow.resolve_inputs(args.weights, data)
             if data == "tfds":
                 check_tfds_reachable()
-    except workflow.MissingInputError as err:
+        config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
+                                 **{**(smoke.SETTINGS if args.smoke else {}), **given, "data": data})
+        results = workflow.run(config, restart=args.restart)
+    except (workflow.MissingInputError, ValueError, OSError) as err:  # bad flags, data or workdir
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = {**(smoke.SETTINGS if args.smoke else {}), **given, "data": data}
-    config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
-                             **settings)
-    if args.smoke:
-        print(f"smoke run: {config.image_size}x{config.image_size} generated images in {data}, RANDOM "
-              f"VGG16 weights in {weights}; the accuracies show that the pipeline learns, not what "
-              "ImageNet weights reach")
-    results = workflow.run(config)
     for phase, r in results.items():
-        print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {r['best_val_accuracy']:.4f})")
+        best = "none: no epoch trained" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
+        print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {best})")
     print(f"done in {time.time() - start:.0f} s; results, curves and exports in {os.path.abspath(args.workdir)}")
     return 0
 

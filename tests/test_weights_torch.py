@@ -149,18 +149,18 @@ def vgg11_base():
 def test_missing_key_is_named(vgg11_base):
     state = {k: v for k, v in vgg11_base.items() if k != "features.3.bias"}
     with pytest.raises(ValueError, match=r"my.pth is not a torchvision/timm vgg11 state dict.*"
-                                         r"missing keys \['features.3.bias'\]; unexpected keys \[\]"):
+                                         r"missing \['features.3.bias'\]$"):
         from_state_dict(state, "vgg11", "my.pth")
 
 
 def test_extra_key_is_named(vgg11_base):
     state = {**vgg11_base, "features.99.weight": np.zeros(3, np.float32)}
-    with pytest.raises(ValueError, match=r"unexpected keys \['features.99.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected \['features.99.weight'\]"):
         from_state_dict(state, "vgg11", "my.pth")
 
 
 def test_other_arch_is_named_in_the_error(vgg11_base):
-    with pytest.raises(ValueError, match=r"look like vgg11: convert it as vgg11.*unexpected keys"):
+    with pytest.raises(ValueError, match=r"look like vgg11: convert it as vgg11.*unexpected \["):
         from_state_dict(vgg11_base, "vgg16", "my.pth")
 
 
@@ -219,8 +219,8 @@ def test_fine_tuned_head_converts_with_its_class_count(vgg11_base, tmp_path):
 
 def test_half_a_head_and_mixed_layouts_are_refused(vgg11_base):
     partial = {k: v for k, v in head("torchvision", 1000).items() if not k.startswith("classifier.6")}
-    with pytest.raises(ValueError, match=r"torchvision vgg11 state dict: missing keys "
-                                         r"\['classifier.6.weight', 'classifier.6.bias'\]"):
+    with pytest.raises(ValueError, match=r"torchvision vgg11 state dict: missing "
+                                         r"\['classifier.6.bias', 'classifier.6.weight'\]"):
         from_state_dict({**vgg11_base, **partial}, "vgg11", "my.pth")
     with pytest.raises(ValueError, match="mixes torchvision"):
         from_state_dict({**vgg11_base, **partial, "head.fc.bias": np.zeros(2)}, "vgg11", "my.pth")

@@ -28,8 +28,8 @@ import numpy as np
 
 from vggjax import atomic, weights
 from vggjax.model import VGG
-from vggjax.preprocessing import preprocess_input
-from vggjax.trees import diff, flatten, unflatten
+from vggjax.preprocessing import MODES, check_images, preprocess_input
+from vggjax.trees import diff, digest, flatten, non_finite, unflatten
 
 BASE, HEAD, CLASSIFIER = "base", "head.safetensors", "classifier.json"
 
@@ -153,6 +153,7 @@ def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_met
               "image_size": classifier.image_size, "preprocessing": classifier.preprocessing,
               "class_names": list(classifier.class_names), "base": BASE, **dict(info or {})}
 
+    config["head_sha256"] = digest(params["head"])
     with atomic.writing(directory, directory=True, marker=CLASSIFIER, overwrite=overwrite) as tmp:
         tmp.mkdir()
         weights.save(tmp / BASE, jax.device_get(base_variables), meta)
@@ -161,35 +162,72 @@ def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_met
     return Path(directory)
 
 
-def load_classifier(directory: str | os.PathLike) -> TrainedClassifier:
-    """Load an `export`ed classifier: the base via `vggjax.load`, the head from head.safetensors."""
+def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None = None,
+                    verify: bool = True) -> TrainedClassifier:
+    """Load an `export`ed classifier: the base via `vggjax.load`, the head from head.safetensors.
+
+    The base is the one classifier.json names, which must lie inside `directory`; pass `base`
+    to use another weights directory explicitly. The head must be finite, fit the base and
+    match the `head_sha256` recorded at export (`verify=False` skips the digests).
+    """
     from safetensors.numpy import load_file
 
-    directory = Path(directory)
-    if not (directory / CLASSIFIER).is_file():
+    directory = Path(directory).absolute()
+    where = directory / CLASSIFIER
+    if not where.is_file():
         raise FileNotFoundError(f"{directory} is not an exported classifier: {CLASSIFIER} is missing")
-    config = json.loads((directory / CLASSIFIER).read_text())
-    base = weights.load(directory / config["base"])
-    head = Head(**config["head"])
-    head_params = jax.tree.map(jnp.asarray, unflatten(load_file(str(directory / HEAD))))
-    variables = {"params": {"base": base.params, "head": head_params}}
-    if base.batch_stats is not None:
-        variables["batch_stats"] = {"base": base.batch_stats}
-    return TrainedClassifier(model=Classifier(base=base.model, head=head), variables=variables,
-                             preprocessing=config["preprocessing"], image_size=config["image_size"],
-                             class_names=tuple(config["class_names"]), meta=config)
+    try:
+        config = json.loads(where.read_text())
+        head = Head(**{k: config["head"][k] for k in ("units", "dropout_rate", "num_outputs")})
+        image_size, mode, names = config["image_size"], config["preprocessing"], config["class_names"]
+        ok = (type(image_size) is int and isinstance(mode, str) and mode in MODES
+              and isinstance(names, list) and all(isinstance(n, str) for n in names)
+              and type(head.units) is int and type(head.num_outputs) is int
+              and isinstance(config["base"], str))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{where} is corrupt: {type(err).__name__}: {err}") from None
+    if not ok:
+        raise ValueError(f"{where} is invalid: image_size, preprocessing, class_names, head or "
+                         "base has the wrong type or value")
+    if base is None:
+        base = (directory / config["base"]).resolve()
+        if directory.resolve() not in base.parents:
+            raise ValueError(f"{where} names base {config['base']!r}, outside the export; pass "
+                             "base=... to load_classifier to use another weights directory")
+    base_weights = weights.load(base, verify=verify)
+    head_params = unflatten(load_file(str(directory / HEAD)))
+    features = jax.eval_shape(base_weights.model.apply, base_weights.variables,
+                              jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+    want = jax.eval_shape(head.init, jax.random.PRNGKey(0), features)["params"]
+    problems = diff(head_params, want) or [f"{p}: contains NaN or Inf" for p in non_finite(head_params)]
+    recorded = config.get("head_sha256")
+    if not problems and verify and recorded is not None and digest(head_params) != recorded:
+        problems = [f"its arrays do not match the head_sha256 recorded in {CLASSIFIER}"]
+    if problems:
+        raise ValueError(f"{directory / HEAD} is corrupt: " + "; ".join(problems))
+    variables = {"params": {"base": base_weights.params, "head": jax.tree.map(jnp.asarray, head_params)}}
+    if base_weights.batch_stats is not None:
+        variables["batch_stats"] = {"base": base_weights.batch_stats}
+    return TrainedClassifier(model=Classifier(base=base_weights.model, head=head), variables=variables,
+                             preprocessing=mode, image_size=image_size, class_names=tuple(names),
+                             meta=config)
 
 
-def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_size: int = 32) -> np.ndarray:
+def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_size: int = 32,
+            assume_range: str | None = None) -> np.ndarray:
     """Class probabilities for RGB images (uint8 or float 0..255, (N, S, S, 3), S = image_size).
 
     `classifier`: a `TrainedClassifier` or an export directory. Returns float32 (N,), the
     probability of `class_names[1]`, for a binary head; (N, K) softmax probabilities otherwise.
     Images go through in batches of `batch_size` (the last one padded, so one compilation).
+    Images that cannot be 0..255 RGB (0..1 floats, uint16, NaN, ...) are refused with
+    ValueError (`preprocessing.check_images`; `assume_range` as there).
     """
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
     if not isinstance(classifier, TrainedClassifier):
         classifier = load_classifier(classifier)
-    images = np.asarray(images)
+    images = check_images(images, assume_range)
     s = classifier.image_size
     if images.ndim != 4 or images.shape[1:] != (s, s, 3):
         raise ValueError(f"expected RGB images of shape (N, {s}, {s}, 3) (the size this classifier "

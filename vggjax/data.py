@@ -170,6 +170,53 @@ class Split:
                 "mask": np.zeros((n,), bool)}
 
 
+def check_image_folder(root: str, splits=("train", "validation", "test")) -> dict[str, dict[str, int]]:
+    """{split: {class: number of images}} of `root/<split>/<class>/*`, checked before any decoding.
+
+    ValueError naming the folder when a split is missing or empty, has fewer than 2 classes, a
+    class folder holds no image, or the class names differ between splits (`Cats` vs `cats`
+    would otherwise become extra classes). Files ImageFolder ignores (formats other than
+    .jpg/.jpeg/.png, nested folders, files beside the class folders) are counted in one
+    `SkippedFilesWarning`.
+    """
+    counts, ignored = {}, []
+    for split in splits:
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise ValueError(f"{split_dir}: no such folder (expected {root}/<split>/<class>/*.jpg)")
+        classes = {}
+        for entry in sorted(os.listdir(split_dir)):
+            class_dir = os.path.join(split_dir, entry)
+            if not os.path.isdir(class_dir):
+                ignored.append(class_dir)
+                continue
+            files = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir))]
+            images = [f for f in files if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+            ignored += [f for f in files if f not in images]
+            classes[entry] = len(images)
+        if not classes:
+            raise ValueError(f"{split_dir} is empty: expected one folder of images per class")
+        if len(classes) < 2:
+            raise ValueError(f"{split_dir} has one class folder ({next(iter(classes))}); a classifier "
+                             "needs at least 2")
+        if empty := [c for c, n in classes.items() if n == 0]:
+            raise ValueError(f"{split_dir}: class folder(s) {empty} hold no .jpg/.jpeg/.png image")
+        counts[split] = classes
+    first = splits[0]
+    for split in splits[1:]:
+        if sorted(counts[split]) != sorted(counts[first]):
+            raise ValueError(f"the splits have different classes: {os.path.join(root, first)} has "
+                             f"{sorted(counts[first])}, {os.path.join(root, split)} has "
+                             f"{sorted(counts[split])}; every split needs the same class folders")
+    if ignored:
+        shown = ", ".join(ignored[:_NAMED_IN_WARNING])
+        more = f" and {len(ignored) - _NAMED_IN_WARNING} more" if len(ignored) > _NAMED_IN_WARNING else ""
+        warnings.warn(f"{root}: ignored {len(ignored)} file(s) or folder(s) that are not .jpg/.jpeg/"
+                      f".png images directly inside a class folder: {shown}{more}",
+                      SkippedFilesWarning, stacklevel=2)
+    return counts
+
+
 def load_split(source: str, split: str, image_size: int, batch_size: int, *, shuffle: bool,
                seed: int = 0, data_dir: str | None = None,
                per_class: Mapping[str, int] = BOOK_SPLITS) -> Split:

@@ -30,18 +30,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-from vggjax import augmentation, features, freezing, parallel, report, training
+from vggjax import atomic, augmentation, features, freezing, parallel, report, training
 from vggjax.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
-from vggjax.model import TOP, create
+from vggjax.model import MIN_SIZE, TOP, create
 from vggjax.preprocessing import MODES
+from vggjax.trees import digest
 from vggjax.weights import download, store
 
 PHASES = ("features", "frozen", "finetune")
@@ -109,6 +112,7 @@ class Config:
     conv_impl: str = "auto"
 
     def __post_init__(self):
+        """Every value checked before any work: ValueError naming each bad field (and its flag)."""
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
             raise ValueError(f"unknown phase(s) {unknown or list(self.phases)}; expected some of {PHASES}")
@@ -116,7 +120,37 @@ class Config:
             missing = [p for p in self.phases_to_run if p not in getattr(self, name)]
             if missing:
                 raise ValueError(f"Config.{name} has no value for phase(s) {missing}")
+        problems = []
 
+        def need(ok: bool, name: str, rule: str, value) -> None:
+            flag = f" (--{name.replace('_', '-')})" if name in {f.name for f in _flags()} else ""
+            if not ok:
+                problems.append(f"{name}{flag} must be {rule}, found {value!r}")
+
+        def integer(value, low: int, allow_none: bool = False) -> bool:
+            return (allow_none and value is None) or (type(value) is int and value >= low)
+
+        need(integer(self.image_size, MIN_SIZE), "image_size", f"an integer >= {MIN_SIZE} (five 2x2 "
+             "poolings)", self.image_size)
+        need(integer(self.batch_size, 1), "batch_size", "an integer >= 1", self.batch_size)
+        need(integer(self.steps_per_epoch, 1, True), "steps_per_epoch", "an integer >= 1 or None",
+             self.steps_per_epoch)
+        need(integer(self.checkpoint_every, 0, True), "checkpoint_every",
+             "an integer >= 0 (0: at epoch ends only) or None", self.checkpoint_every)
+        need(integer(self.seed, 0), "seed", "an integer >= 0", self.seed)
+        need(integer(self.head_units, 1), "head_units", "an integer >= 1", self.head_units)
+        need(isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1,
+             "dropout_rate", "in [0, 1)", self.dropout_rate)
+        for p in self.phases_to_run:
+            need(integer(self.epochs[p], 0), "epochs", "an integer >= 0 (0: evaluate only) for "
+                 f"phase {p}", self.epochs[p])
+            rate = self.learning_rates[p]
+            need(isinstance(rate, (int, float)) and rate > 0, "learning_rates", f"> 0 for phase {p}", rate)
+        need(self.preprocess is None or self.preprocess in MODES, "preprocess",
+             f"None or one of {sorted(MODES)}", self.preprocess)
+        need(isinstance(self.data, str) and self.data != "", "data", "'tfds' or a folder", self.data)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def phases_to_run(self) -> tuple[str, ...]:
@@ -126,15 +160,18 @@ class Config:
         return tuple(p for p in PHASES if p in wanted)
 
 
+def _flags() -> list[dataclasses.Field]:
+    """The Config fields that are command-line flags."""
+    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add a flag for every Config field declared with `_flag`: --image-size, --epochs, ...
 
     Flags that are not given stay out of the parsed namespace (see `config_arguments`), so the
     Config's own defaults apply and a given 0 stays 0.
     """
-    for f in dataclasses.fields(Config):
-        if "help" not in f.metadata:
-            continue
+    for f in _flags():
         meta = dict(f.metadata)
         parse, help = meta.pop("parse"), meta.pop("help")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -150,8 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_arguments(args: argparse.Namespace) -> dict:
     """The Config fields given on the command line, as {field: value}."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-            if "help" in f.metadata and hasattr(args, f.name)}
+    return {f.name: getattr(args, f.name) for f in _flags() if hasattr(args, f.name)}
 
 
 @dataclasses.dataclass
@@ -166,6 +202,7 @@ class _Run:
     splits: dict
     mesh: Any
     log: Callable[[str], Any]
+    run_sha256: str  # digest of the run's identity (run.json), stored with checkpoints and results
 
     @property
     def workdir(self) -> Path:
@@ -199,9 +236,9 @@ class _Run:
                             log=self.log, progress=self.config.progress)
 
     def identity(self, phase: str) -> dict:
-        """What a checkpoint of `phase` must match to be resumed: freezing rules and seed."""
-        return {"freeze_spec": [list(r) for r in freezing.resolve(PHASE_FREEZING[phase])],
-                "seed": self.config.seed}
+        """What a checkpoint of `phase` must match to be resumed: the run, freezing rules, seed."""
+        return {"run_sha256": self.run_sha256, "seed": self.config.seed,
+                "freeze_spec": [list(r) for r in freezing.resolve(PHASE_FREEZING[phase])]}
 
     def finish(self, phase: str, state, history: list, eval_step, test_split, model: Classifier,
                variables: Mapping) -> dict:
@@ -219,15 +256,17 @@ class _Run:
                   "test_examples": test["count"], "epochs": len(history),
                   "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
                   "best_val_accuracy": max((r["val_accuracy"] for r in history), default=None),
-                  "image_size": self.config.image_size, "preprocessing": self.mode}
+                  "image_size": self.config.image_size, "preprocessing": self.mode,
+                  "run_sha256": self.run_sha256}
         self.log(f"phase {phase}: test accuracy {test['accuracy']:.4f} "
                  f"({test['count']} images), test loss {test['loss']:.4f}")
         if jax.process_index() != 0:  # every process evaluates (a collective); one writes
             return result
         histories = report.update_json(self.workdir / report.HISTORY, phase, history)
         report.update_json(self.workdir / report.RESULTS, phase, result)
-        report.plot_curves({p: histories[p] for p in PHASES if p in histories},
-                           self.workdir / report.CURVES)
+        if any(histories.values()):  # --epochs 0 trains nothing: no curves to draw
+            report.plot_curves({p: histories[p] for p in PHASES if p in histories},
+                               self.workdir / report.CURVES)
         classifier = TrainedClassifier(
             model=model, variables=dict(variables), preprocessing=self.mode,
             image_size=self.config.image_size, class_names=self.splits["train"].class_names)
@@ -300,10 +339,90 @@ def conv_base(weights: store.Pretrained, conv_impl: str = "direct"):
     return model, variables
 
 
-def run(config: Config, log: Callable[[str], Any] = print) -> dict:
+RUN = "run.json"  # the run's identity, written into its workdir before any work
+# What a workdir holds for a run: all that `--restart` deletes (nothing else in the workdir).
+RUN_OUTPUTS = (RUN, "config.json", "checkpoints", "features_cache", "export", report.HISTORY,
+               report.RESULTS, report.CURVES)
+# Config fields that do not change what a run computes: not part of its identity. `weights` and
+# `data` enter as the weights' digest and the data's fingerprint, not as paths.
+_NOT_IDENTITY = {"weights", "workdir", "data", "phases", "epochs", "progress", "checkpoint_every",
+                 "data_parallel", "tfds_data_dir"}
+
+
+class RunMismatchError(ValueError):
+    """The workdir holds another run; resuming there would mix two runs."""
+
+
+def data_fingerprint(data: str) -> str:
+    """sha256 of every file's path, size and mtime under the folder `data` (or of "tfds")."""
+    h = hashlib.sha256()
+    if data == "tfds":
+        h.update(b"tfds cats_vs_dogs")  # its slicing is fixed per vggjax version, also in the identity
+        return h.hexdigest()
+    root = Path(data)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def run_identity(config: Config, weights_meta: Mapping, weights_sha256: str, mode: str) -> dict:
+    """What makes two runs the same run: weights digest, data fingerprint, every Config field
+    that changes the computation (image size, batch size, seed, augmentation, ...), the
+    preprocessing mode and the vggjax version. Stored as workdir/run.json."""
+    from vggjax import __version__
+
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
+    return json.loads(json.dumps({"weights_sha256": weights_sha256, "arch": weights_meta["arch"],
+                                  "data": data_fingerprint(config.data), **fields,
+                                  "preprocess": mode, "vggjax_version": __version__}, default=str))
+
+
+def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
+                  log: Callable[[str], Any] = print) -> None:
+    """Make `workdir` this run's: resume only when its run.json is `identity`.
+
+    A workdir of another run (or of a run without run.json) raises RunMismatchError naming what
+    differs, unless `restart`, which deletes that run's outputs (`RUN_OUTPUTS`, nothing else).
+    OSError (one line) when the workdir cannot be created or written.
+    """
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise PermissionError(f"--workdir {workdir} is not writable")
+    except OSError as err:
+        raise OSError(f"cannot use --workdir {workdir}: {err.strerror or err}") from None
+    path = workdir / RUN
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is None and any((workdir / name).exists() for name in RUN_OUTPUTS[1:]):
+        old = {}  # outputs without an identity: made by an older vggjax, or damaged
+    if old is not None and old != identity:
+        if not restart:
+            differs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+            shown = ", ".join(f"{k} ({_short(old.get(k))} there, {_short(identity.get(k))} now)"
+                              for k in differs[:6]) + (" ..." if len(differs) > 6 else "")
+            raise RunMismatchError(f"--workdir {workdir} holds another run: {shown}; use another "
+                                   "--workdir, or --restart to discard that run")
+    if restart:
+        log(f"--restart: discarding the run in {workdir}")
+        for name in RUN_OUTPUTS:
+            atomic.remove(workdir / name)
+    with atomic.writing(path) as tmp:
+        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True) if value is not None else "absent"
+    return text if len(text) <= 40 else text[:16] + "..."
+
+
+def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False) -> dict:
     """Run `config.phases` (plus `frozen` when `finetune` needs it) in the book's order.
 
-    Returns {phase: results} for the phases run now (also merged into workdir/results.json).
+    Before any work: the data folder is checked (`data.check_image_folder`), the weights loaded
+    and verified, and the workdir claimed (`claim_workdir`: a workdir of another run is refused
+    unless `restart`). Returns {phase: results} for the phases run now (also merged into
+    workdir/results.json).
     """
     n_proc = jax.process_count()
     if n_proc > 1 and not config.data_parallel:
@@ -311,13 +430,19 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
     if n_proc > 1 and "features" in config.phases_to_run:
         raise ValueError("the features phase (one pass of the conv base, then a tiny head) runs "
                          "in a single process; run the frozen and finetune phases multi-host")
-    workdir = Path(config.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    weights = store.load(config.weights)
-    base_model, base_variables = conv_base(weights, config.conv_impl)
-    mode = config.preprocess or weights.meta["preprocessing"]
     from vggjax import data  # TensorFlow: imported only when a run needs images
+
+    if config.data != "tfds":
+        data.check_image_folder(config.data, SPLITS)
+    weights = store.load(config.weights)
+    mode = config.preprocess or weights.meta["preprocessing"]
+    sha = weights.meta.get("variables_sha256") or digest(weights.variables)
+    identity = run_identity(config, weights.meta, sha, mode)
+    workdir = Path(config.workdir).absolute()
+    claim_workdir(workdir, identity, restart, log)
+    with atomic.writing(workdir / "config.json") as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+    base_model, base_variables = conv_base(weights, config.conv_impl)
 
     # One input pipeline per process, each reading its rows of every global batch.
     splits = {name: data.load_split(config.data, name, config.image_size, config.batch_size,
@@ -329,7 +454,8 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
         + f" images at {config.image_size}x{config.image_size}, classes {list(splits['train'].class_names)}; "
         f"weights {config.weights} ({weights.meta['arch']}), preprocessing {mode!r}"
         + (f"; batches split over {mesh.size} devices" if mesh else ""))
-    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log)
+    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log,
+             digest(identity))
 
     phases = config.phases_to_run
     if "frozen" in phases and "frozen" not in config.phases:

@@ -13,8 +13,8 @@ import numpy as np
 
 from vggjax import atomic, checkpoint
 from vggjax.model import ARCHS, HEADS, TOP, VGG, create
-from vggjax.preprocessing import MODES, preprocess_input
-from vggjax.trees import flatten
+from vggjax.preprocessing import MODES, check_images, preprocess_input
+from vggjax.trees import digest, flatten
 from vggjax.weights import download
 from vggjax.weights.keras import read_keras_h5
 from vggjax.weights.spec import check_variables
@@ -50,7 +50,13 @@ class Pretrained:
         return out
 
     def preprocess(self, images):
-        """RGB NHWC images (uint8 or float 0..255) -> float32 input in the weights' convention."""
+        """RGB NHWC images (uint8 or float 0..255) -> float32 input in the weights' convention.
+
+        Concrete arrays are checked first (`check_images`: 0..1 floats, uint16, NaN are refused);
+        inside jit, where values are unknown, only the mapping is applied.
+        """
+        if not isinstance(images, jax.core.Tracer):
+            images = check_images(images)
         return preprocess_input(images, self.meta["preprocessing"])
 
 
@@ -90,6 +96,9 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     if input_path is None:
         input_path = download.fetch(source, arch, include_top)
     input_path = os.fspath(input_path)
+    if os.path.isdir(input_path):
+        raise ValueError(f"--input {input_path} is a directory; expected a weights file "
+                         "(.h5, .pth, .pt, .bin or .safetensors)")
     variables, has_top = read_weights(source, arch, input_path)
     if include_top and not has_top:
         raise ValueError(f"{input_path} holds no classifier (fc1, fc2, predictions): it is a "
@@ -122,6 +131,7 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
     variables = jax.tree.map(np.asarray, dict(variables))
     check_variables(variables, meta["arch"], meta["include_top"], source=f"variables for {directory}",
                     num_classes=meta["num_classes"])
+    meta["variables_sha256"] = digest(variables)
     with atomic.writing(directory, directory=True, marker=METADATA, overwrite=overwrite,
                         protect=protect) as tmp:
         tmp.mkdir()
@@ -131,8 +141,12 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
     return meta
 
 
-def load(directory: str | os.PathLike) -> Pretrained:
-    """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py)."""
+def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
+    """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py).
+
+    The arrays must have the recorded `variables_sha256` (a changed byte is refused; about 0.1 s
+    per 100 MB, `verify=False` skips it) and be finite, with the shapes of `meta["arch"]`.
+    """
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
@@ -142,9 +156,14 @@ def load(directory: str | os.PathLike) -> Pretrained:
     try:
         variables = checkpoint.restore_tree(directory / CHECKPOINT)
     except Exception as err:  # Orbax raises many types for a damaged checkpoint
-        raise ValueError(f"{directory / CHECKPOINT} could not be restored: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{directory / CHECKPOINT} is damaged and could not be restored: {first}") from err
     check_variables(variables, meta["arch"], meta["include_top"], source=str(directory),
                     num_classes=meta["num_classes"])
+    recorded = meta.get("variables_sha256")
+    if verify and recorded is not None and digest(variables) != recorded:
+        raise ValueError(f"{directory} is corrupt: its arrays do not match the variables_sha256 "
+                         f"recorded in {METADATA}; convert or save the weights again")
     model = create(meta["arch"], include_top=meta["include_top"], head=meta["head"],
                    classifier_activation=meta["classifier_activation"],
                    num_classes=meta["num_classes"])
@@ -164,21 +183,25 @@ def _complete_meta(meta: Mapping, where: str) -> dict:
         raise ValueError(f"{where} lacks {missing} (needs {list(REQUIRED_META)})")
     meta = dict(meta)
     meta.setdefault("classifier_activation", "softmax" if meta["head"] == "keras" else None)
+
+    def one_of(value, allowed) -> bool:  # JSON may hold lists or objects, which are unhashable
+        return isinstance(value, (str, type(None))) and value in allowed
+
     meta.setdefault("num_classes", NUM_CLASSES)
     meta.setdefault("vggjax_version", __version__)
     problems = []
-    if meta["arch"] not in ARCHS:
+    if not one_of(meta["arch"], ARCHS):
         problems.append(f"arch {meta['arch']!r} is not one of {sorted(ARCHS)}")
     if not isinstance(meta["include_top"], bool):
         problems.append(f"include_top must be true or false, found {meta['include_top']!r}")
-    if meta["head"] not in HEADS:
+    if not one_of(meta["head"], HEADS):
         problems.append(f"head must be one of {HEADS}, found {meta['head']!r}")
-    if meta["preprocessing"] not in MODES:
+    if not one_of(meta["preprocessing"], MODES):
         problems.append(f"preprocessing must be one of {sorted(MODES)}, found {meta['preprocessing']!r}")
-    if meta["classifier_activation"] not in ("softmax", None):
+    if not one_of(meta["classifier_activation"], ("softmax", None)):
         problems.append(f"classifier_activation must be 'softmax' or null, "
                         f"found {meta['classifier_activation']!r}")
-    if not isinstance(meta["num_classes"], int) or meta["num_classes"] < 1:
+    if type(meta["num_classes"]) is not int or meta["num_classes"] < 1:
         problems.append(f"num_classes must be a positive integer, found {meta['num_classes']!r}")
     try:
         json.dumps(meta)

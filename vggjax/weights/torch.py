@@ -160,15 +160,12 @@ def _tensor_dict_from_pickle(path: str) -> dict[str, np.ndarray]:
                              "which could run arbitrary code; vggjax loads only plain tensors "
                              "(torch.load weights_only=True). Re-export it from a trusted copy as "
                              "torch.save(model.state_dict(), path) or .safetensors") from None
-        # torch wraps the unpickler's reason in advice on weights_only=False; keep the reason.
-        reason = [line.strip() for line in str(e).split("Check the documentation")[0].splitlines()
-                  if line.strip()]
         raise ValueError(f"{path} is not a readable PyTorch file: torch.load(weights_only=True) "
-                         f"cannot unpickle it ({reason[-1] if reason else e}); it is corrupt or "
-                         "holds more than tensors") from None
+                         f"cannot unpickle it ({_reason(e)}); it is corrupt or holds more than "
+                         "tensors") from None
     except Exception as e:  # torch reports corrupt input as KeyError, RuntimeError, EOFError, ...
         raise ValueError(f"{path} is not a readable PyTorch file (truncated, corrupt or not written "
-                         f"by torch.save): {type(e).__name__}: {e}") from e
+                         f"by torch.save): {type(e).__name__}: {_reason(e)}") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict "
                          "(torch.save(model.state_dict(), path))")
@@ -178,6 +175,15 @@ def _tensor_dict_from_pickle(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a plain state dict: entries {odd} are not named tensors; "
                          "save model.state_dict() itself")
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
+
+
+def _reason(error: Exception) -> str:
+    """torch's reason for a failed load, without its advice: it wraps the reason in steps for
+    loading with weights_only=False, which would let the file run code; never repeat those."""
+    lines = [line.strip() for line in str(error).split("Check the documentation")[0].splitlines()]
+    kept = [line for line in lines if line and "weights_only" not in line and "(1)" not in line
+            and "(2)" not in line and not line.startswith("Weights only load failed")]
+    return (kept[-1] if kept else type(error).__name__).removeprefix("WeightsUnpickler error: ")
 
 
 def _tensor_dict_from_safetensors(path: str) -> dict[str, np.ndarray]:
