@@ -8,7 +8,7 @@ import pytest
 import vggjax
 from vggjax import classifier
 from vggjax.classifier import Classifier, Head, init_classifier
-from vggjax.trees import flatten
+from vggjax.trees import digest, flatten
 
 SIZE = 32
 
@@ -112,7 +112,8 @@ def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     # The base is a weights directory vggjax.load reads: same Keras names, same meta except
     # the preprocessing the classifier was trained with, and the trained values.
     base = vggjax.load(tmp_path / "export" / classifier.BASE)
-    assert base.meta == dict(meta, preprocessing="rescale", vggjax_version=vggjax.__version__)
+    assert base.meta == dict(meta, preprocessing="rescale", vggjax_version=vggjax.__version__,
+                             variables_sha256=digest({"params": clf.variables["params"]["base"]}))
     assert list(base.params) == list(clf.variables["params"]["base"])
     for path, value in flatten(clf.variables["params"]["base"]).items():
         np.testing.assert_array_equal(flatten(base.params)[path], value)
@@ -145,3 +146,55 @@ def test_predict_names_the_expected_image_shape(trained):
 def test_load_classifier_of_a_plain_weights_directory_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="classifier.json is missing"):
         classifier.load_classifier(tmp_path)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.full((2, SIZE, SIZE, 3), 0.5, np.float32), r"look scaled to 0..1, expected 0..255"),
+    (np.full((2, SIZE, SIZE, 3), -0.5, np.float32), r"range over -0.5..-0.5, expected RGB in 0..255"),
+    (np.full((2, SIZE, SIZE, 3), 1000, np.uint16), r"dtype uint16: expected uint8 or floats in 0..255"),
+    (np.full((2, SIZE, SIZE, 3), np.nan, np.float32), r"contain NaN or Inf"),
+], ids=["floats-0..1", "floats-negative", "uint16", "nan"])
+def test_predict_refuses_images_that_cannot_be_0_255_rgb(trained, images, message):
+    clf, _ = trained
+    with pytest.raises(ValueError, match=message):
+        classifier.predict(clf, images)
+
+
+def test_predict_takes_dark_float_images_when_told_and_refuses_bad_batch_sizes(trained):
+    clf, _ = trained
+    dark = np.full((2, SIZE, SIZE, 3), 0.5, np.float32)
+    want = np.asarray(jax.nn.sigmoid(clf.model.apply(clf.variables, dark / 255.0)[:, 0]))
+    np.testing.assert_allclose(classifier.predict(clf, dark, assume_range="0..255"), want,
+                               rtol=1e-5, atol=1e-6)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            classifier.predict(clf, dark, batch_size=bad, assume_range="0..255")
+
+
+def test_a_damaged_export_is_refused_on_load(trained, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    clf, meta = trained
+    classifier.export(tmp_path / "export", clf, meta)
+    config = json.loads((tmp_path / "export" / classifier.CLASSIFIER).read_text())
+    # classifier.json may only name a base inside the export, unless the caller passes one.
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "export" / classifier.BASE, outside)
+    (tmp_path / "export" / classifier.CLASSIFIER).write_text(json.dumps({**config, "base": "../elsewhere"}))
+    with pytest.raises(ValueError, match=r"names base '../elsewhere', outside the export"):
+        classifier.load_classifier(tmp_path / "export")
+    assert classifier.load_classifier(tmp_path / "export", base=outside).image_size == SIZE
+    (tmp_path / "export" / classifier.CLASSIFIER).write_text(json.dumps(config))
+    # NaN in the head, or a changed value, is caught.
+    head = load_file(str(tmp_path / "export" / classifier.HEAD))
+    head["logits/bias"] = np.full_like(head["logits/bias"], np.nan)
+    save_file(head, str(tmp_path / "export" / classifier.HEAD))
+    with pytest.raises(ValueError, match=r"head.safetensors is corrupt: logits/bias: contains NaN"):
+        classifier.load_classifier(tmp_path / "export")
+    head["logits/bias"] = np.full_like(head["logits/bias"], 0.25)
+    save_file(head, str(tmp_path / "export" / classifier.HEAD))
+    with pytest.raises(ValueError, match=r"do not match the head_sha256"):
+        classifier.load_classifier(tmp_path / "export")

@@ -11,7 +11,7 @@ import pytest
 
 import vggjax
 from vggjax.weights import store
-from vggjax.trees import flatten
+from vggjax.trees import digest, flatten
 
 META = dict(arch="vgg11_bn", include_top=False, head="torch", preprocessing="torch")
 
@@ -74,7 +74,8 @@ def test_round_trip_keeps_every_array_and_the_metadata(bn_variables, saved_bn):
         np.testing.assert_array_equal(have[path], want[path], err_msg=path)
     assert pt.batch_stats is not None
     assert pt.meta == {**META, "epochs": 3, "classifier_activation": None, "num_classes": 1000,
-                       "vggjax_version": vggjax.__version__}
+                       "vggjax_version": vggjax.__version__,
+                       "variables_sha256": digest(jax.tree.map(np.asarray, bn_variables))}
     assert json.loads((saved_bn / "vggjax.json").read_text()) == pt.meta
 
 
@@ -166,7 +167,8 @@ def _edit_meta(**changes):
     (_edit_meta(include_top=True), r"does not hold vgg11_bn weights with top: missing \['params/fc1/bias'"),
     (lambda d: shutil.rmtree(d / "checkpoint"), r"checkpoint/ is missing"),
     (lambda d: (d / "checkpoint" / "manifest.ocdbt").write_bytes(b"garbage"),
-     r"checkpoint could not be restored: .*manifest"),
+     r"checkpoint is damaged and could not be restored: .*manifest"),
+    (_edit_meta(arch=["vgg11_bn"]), r"arch \['vgg11_bn'\] is not one of"),
 ])
 def test_load_of_a_damaged_dir_names_it(saved_bn, tmp_path, damage, pattern):
     directory = tmp_path / "damaged"
@@ -175,6 +177,40 @@ def test_load_of_a_damaged_dir_names_it(saved_bn, tmp_path, damage, pattern):
     with pytest.raises(ValueError, match=pattern) as err:
         vggjax.load(directory)
     assert str(directory) in str(err.value)
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected_on_load(saved_bn, tmp_path):
+    directory = tmp_path / "flipped"
+    shutil.copytree(saved_bn, directory)
+    largest = max((p for p in (directory / "checkpoint").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0x01 for b in data[middle:middle + 64])  # finite, just wrong
+    largest.write_bytes(bytes(data))
+    # Whatever the bytes decode to (wrong finite values, NaN, an unreadable chunk), load refuses.
+    with pytest.raises(ValueError, match=r"flipped.* (is corrupt: its arrays do not match the "
+                                         r"variables_sha256|is damaged|does not hold .*NaN)"):
+        vggjax.load(directory)
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.nan, r"params/block2_conv1/kernel: contains NaN or Inf"),
+    (0.125, r"is corrupt: its arrays do not match the variables_sha256 recorded in vggjax.json"),
+], ids=["nan", "one-changed-value"])
+def test_changed_arrays_are_refused_on_load(saved_bn, bn_variables, tmp_path, value, message):
+    from vggjax import checkpoint
+
+    directory = tmp_path / "changed"
+    shutil.copytree(saved_bn, directory)
+    shutil.rmtree(directory / "checkpoint")
+    bad = jax.tree.map(np.array, bn_variables)
+    bad["params"]["block2_conv1"]["kernel"][0, 0, 0, 0] = value
+    checkpoint.save_tree(directory / "checkpoint", bad)
+    with pytest.raises(ValueError, match=message):
+        vggjax.load(directory)
+    if value == 0.125:
+        assert vggjax.load(directory, verify=False).params["block2_conv1"]["kernel"][0, 0, 0, 0] == value
 
 
 def test_load_of_a_missing_dir(tmp_path):

@@ -245,8 +245,9 @@ def test_pth_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"evil.pth refused for safety: unpickling it would call "
                                          r"posix.system"):
         read_torch_file(evil, "vgg11")
-    with pytest.raises(ValueError, match="refused for safety"):
+    with pytest.raises(ValueError, match="refused for safety") as err:
         vggjax.convert_file("torchvision", "vgg11", evil, tmp_path / "out")
+    assert "weights_only=False" not in str(err.value)
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
@@ -260,8 +261,9 @@ def test_pth_that_would_run_code_is_refused(tmp_path):
 ])
 def test_unreadable_files_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         read_torch_file(tmp_path / name, "vgg11")
+    assert "weights_only=False" not in str(err.value)  # never advise loading code-running pickles
 
 
 def test_pth_that_is_not_a_plain_state_dict_is_refused(tmp_path):
