@@ -293,4 +293,5 @@ except ImportError as e:
     out = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "notop.pth needs PyTorch: pip install 'vggjax[torch]'" in out.stdout
+    assert "notop.pth (or convert it to .safetensors, which needs no torch) needs torch, which is not " \
+           "installed: pip install 'vggjax[torch]'" in out.stdout
