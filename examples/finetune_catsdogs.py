@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except (workflow.MissingInputError, ValueError, OSError) as err:  # bad flags, data or workdir
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     for phase, r in results.items():
         best = "none: no epoch trained" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
         print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {best})")

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # bad files, existing output, no network (DownloadError)
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     top = "with" if meta["include_top"] else "without"
     print(f"converted {args.source} {args.arch} ({top} top) to {os.path.abspath(output)}")
     return 0
