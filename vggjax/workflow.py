@@ -454,8 +454,8 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
         + f" images at {config.image_size}x{config.image_size}, classes {list(splits['train'].class_names)}; "
         f"weights {config.weights} ({weights.meta['arch']}), preprocessing {mode!r}"
         + (f"; batches split over {mesh.size} devices" if mesh else ""))
-    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log,
-             digest(identity))
+    run_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log, run_sha256)
 
     phases = config.phases_to_run
     if "frozen" in phases and "frozen" not in config.phases:
