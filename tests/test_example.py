@@ -1,6 +1,7 @@
 """examples/finetune_catsdogs.py end to end in subprocesses: --smoke learns, kill -9 resumes bit-exactly, offline stops at once."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,12 @@ SIZE, EPOCHS = smoke.SETTINGS["image_size"], smoke.SETTINGS["epochs"]
 
 def _run(args, env, timeout=300):
     return run_script(SCRIPT, *args, env=env, timeout=timeout)
+
+
+def _error(proc) -> str:
+    """The one 'error: ...' line an expected failure ends with (TensorFlow may log above it)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    return proc.stderr.splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +140,79 @@ def test_without_weights_or_network_it_stops_at_once_saying_what_to_provide(tmp_
     assert f"--data {tmp_path / 'no_such_folder'} lacks" in proc.stderr and "--data DIR" in proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache" / "converted").exists()
     assert time.time() - start < 60
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], r"batch_size \(--batch-size\) must be an integer >= 1, found 0"),
+    (["--epochs", "-1"], r"epochs \(--epochs\) must be an integer >= 0 .*found -1"),
+    (["--image-size", "31"], r"image_size \(--image-size\) must be an integer >= 32 .*found 31"),
+    (["--steps-per-epoch", "-1"], r"steps_per_epoch \(--steps-per-epoch\) must be .*found -1"),
+], ids=["batch-0", "epochs-minus-1", "size-31", "steps-minus-1"])
+def test_bad_flag_values_stop_before_any_work(tmp_path, flags, message):
+    proc = _run(["--smoke", "--workdir", str(tmp_path / "run"), *flags], script_env(tmp_path), timeout=120)
+    assert re.fullmatch(rf"error: {message}", _error(proc))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-class JPEG folder (4 images per class and split) and two sets of random VGG11 weights."""
+    from helpers import random_variables
+    from test_workflow import write_folder
+    from vggjax import weights
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    for seed in (0, 1):
+        weights.save(tmp / f"weights{seed}", random_variables("vgg11", False, seed=seed, input_rms=70.0), meta)
+    return write_folder(tmp / "data", per_class=4), tmp
+
+
+def test_a_workdir_is_resumed_only_by_the_same_run_and_epochs_0_only_evaluates(tiny, tmp_path):
+    data, weights = tiny
+    env = script_env(tmp_path)
+    workdir = tmp_path / "run"
+    args = ["--data", str(data), "--weights", str(weights / "weights0"), "--workdir", str(workdir),
+            "--phases", "features", "--image-size", "32", "--batch-size", "4"]
+    proc = _run([*args, "--epochs", "0"], env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((workdir / report.RESULTS).read_text())["features"]
+    assert result["epochs"] == 0 and result["best_val_accuracy"] is None and result["test_examples"] == 8
+    assert json.loads((workdir / report.HISTORY).read_text()) == {"features": []}
+    assert not (workdir / report.CURVES).exists()
+    assert "features: test accuracy" in proc.stdout and "epoch 1/" not in proc.stdout
+
+    again = _run([*args, "--epochs", "0"], env)
+    assert again.returncode == 0 and "phase features: already reported" in again.stdout, again.stderr
+    # Other image sizes, data or seeds are refused the same way (tests/test_workflow.py).
+    for change, named in [(["--weights", str(weights / "weights1")], "weights_sha256"),
+                          (["--batch-size", "2"], "batch_size (4 there, 2 now)")]:
+        proc = _run([*args, "--epochs", "0", *change], env, timeout=120)
+        assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} holds another run: .*"
+                            rf"{re.escape(named)}.*; use another --workdir, or --restart to discard "
+                            r"that run", _error(proc))
+    assert json.loads((workdir / report.RESULTS).read_text())["features"] == result  # untouched
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("one-class", r"train has one class folder \(cats\); a classifier needs at least 2"),
+    ("split-classes", r"the splits have different classes: .*\['cats', 'dogs'\].*\['Cats', 'dogs'\]"),
+    ("empty-split", r"test is empty: expected one folder of images per class"),
+])
+def test_data_that_cannot_mean_anything_is_refused(tiny, tmp_path, layout, message):
+    from test_workflow import write_folder
+
+    _, weights = tiny
+    data = tmp_path / "data"
+    if layout == "one-class":
+        write_folder(data, classes=("cats",))
+    else:
+        write_folder(data, splits=("train", "validation"))
+        if layout == "split-classes":
+            write_folder(data, classes=("Cats", "dogs"), splits=("test",))
+        else:
+            (data / "test").mkdir()
+    proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
+                 str(tmp_path / "run"), "--image-size", "32"], script_env(tmp_path), timeout=120)
+    assert re.fullmatch(rf"error: .*{message}.*", _error(proc))
+    assert not (tmp_path / "run").exists()
