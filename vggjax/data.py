@@ -209,12 +209,16 @@ def check_image_folder(root: str, splits=("train", "validation", "test")) -> dic
                              f"{sorted(counts[first])}, {os.path.join(root, split)} has "
                              f"{sorted(counts[split])}; every split needs the same class folders")
     if ignored:
-        shown = ", ".join(ignored[:_NAMED_IN_WARNING])
-        more = f" and {len(ignored) - _NAMED_IN_WARNING} more" if len(ignored) > _NAMED_IN_WARNING else ""
         warnings.warn(f"{root}: ignored {len(ignored)} file(s) or folder(s) that are not .jpg/.jpeg/"
-                      f".png images directly inside a class folder: {shown}{more}",
+                      f".png images directly inside a class folder: {_named(ignored)}",
                       SkippedFilesWarning, stacklevel=2)
     return counts
+
+
+def _named(paths) -> str:
+    """The first paths of a warning, then how many more."""
+    more = len(paths) - _NAMED_IN_WARNING
+    return ", ".join(paths[:_NAMED_IN_WARNING]) + (f" and {more} more" if more > 0 else "")
 
 
 def load_split(source: str, split: str, image_size: int, batch_size: int, *, shuffle: bool,
@@ -238,10 +242,8 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     ok = _decodable(encoded, from_files)
     skipped = tuple(n for n, good in zip(names, ok) if not good)
     if skipped:
-        shown = ", ".join(skipped[:_NAMED_IN_WARNING])
-        more = f" and {len(skipped) - _NAMED_IN_WARNING} more" if len(skipped) > _NAMED_IN_WARNING else ""
         warnings.warn(f"{where}: skipped {len(skipped)} of {len(names)} files that could not be "
-                      f"read or decoded as images: {shown}{more}", SkippedFilesWarning, stacklevel=2)
+                      f"read or decoded as images: {_named(skipped)}", SkippedFilesWarning, stacklevel=2)
     if not ok.any():
         raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
     keep = np.flatnonzero(ok)

@@ -403,6 +403,8 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
                               for k in differs[:6]) + (" ..." if len(differs) > 6 else "")
             raise RunMismatchError(f"--workdir {workdir} holds another run: {shown}; use another "
                                    "--workdir, or --restart to discard that run")
+    if jax.process_index() != 0:  # multi-host: every process checks, one writes
+        return
     if restart:
         log(f"--restart: discarding the run in {workdir}")
         for name in RUN_OUTPUTS:
@@ -440,8 +442,9 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
     identity = run_identity(config, weights.meta, sha, mode)
     workdir = Path(config.workdir).absolute()
     claim_workdir(workdir, identity, restart, log)
-    with atomic.writing(workdir / "config.json") as tmp:
-        tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+    if jax.process_index() == 0:
+        with atomic.writing(workdir / "config.json") as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
     base_model, base_variables = conv_base(weights, config.conv_impl)
 
     # One input pipeline per process, each reading its rows of every global batch.
