@@ -66,6 +66,7 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
           + ", ".join(f"{p} {r['test_accuracy']:.3f}" for p, r in results.items()))
 
 
+@pytest.mark.slow
 def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run, tmp_path):
     reference, _, _ = smoke_run
     workdir = tmp_path / "run"
@@ -105,6 +106,7 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
     assert different == []
 
 
+@pytest.mark.slow
 def test_data_parallel_run_over_two_devices(smoke_run, tmp_path):
     reference, _, _ = smoke_run
     workdir = tmp_path / "run"

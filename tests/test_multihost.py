@@ -70,6 +70,7 @@ def _launch(folder, out, processes, subprocess_env):
     return dict(np.load(str(out) + ".npz")), info
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, subprocess_env):
     rng = np.random.default_rng(0)
     for label in ("cats", "dogs"):

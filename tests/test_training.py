@@ -205,6 +205,7 @@ def wait_for_checkpoint(directory, newer_than, proc, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_gives_bit_identical_parameters(tmp_path, subprocess_env):
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess_env["PYTHONPATH"] += os.pathsep + here
