@@ -402,7 +402,7 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
             shown = ", ".join(f"{k} ({_short(old.get(k))} there, {_short(identity.get(k))} now)"
                               for k in differs[:6]) + (" ..." if len(differs) > 6 else "")
             if not old:
-                shown = f"outputs without {RUN} (an older vggjax, or an interrupted start)"
+                shown = f"outputs without {RUN} (written by an older vggjax)"
             raise RunMismatchError(f"--workdir {workdir} holds another run: {shown}; use another "
                                    "--workdir, or --restart to discard that run")
     if jax.process_index() != 0:  # multi-host: every process checks, one writes
