@@ -12,16 +12,21 @@ import types
 import torch
 
 
-def reference_lpips(trunk: torch.nn.Module, version: str = "0.1", spatial: bool = False):
-    """`lpips.LPIPS(net="vgg", version=...)` with `trunk` (a torch_reference VGG16) as its VGG and
-    the lin weights of its wheel; `pnet_rand=True` so nothing is downloaded."""
+def _stand_in(trunk: torch.nn.Module | None) -> types.ModuleType:
+    """A `torchvision.models` whose vgg16(pretrained=False) returns `trunk`."""
     def vgg16(pretrained=False, **_):
-        if pretrained:
-            raise RuntimeError("the torchvision stand-in has no ImageNet weights")
+        if pretrained or trunk is None:
+            raise RuntimeError("the torchvision stand-in has no ImageNet weights (use pnet_rand=True)")
         return trunk
 
     models = types.ModuleType("torchvision.models")
     models.vgg16 = vgg16
+    return models
+
+
+def import_lpips(trunk: torch.nn.Module | None = None):
+    """The lpips package, its `torchvision.models` (pretrained_networks.tv) serving `trunk`."""
+    models = _stand_in(trunk)
     torchvision = types.ModuleType("torchvision")
     torchvision.models = models
     saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.models")}
@@ -29,16 +34,22 @@ def reference_lpips(trunk: torch.nn.Module, version: str = "0.1", spatial: bool 
     try:
         import lpips
         from lpips import pretrained_networks
-
-        pretrained_networks.tv = models  # lpips imported earlier binds the stand-in of that time
-        net = lpips.LPIPS(net="vgg", version=version, pnet_rand=True, spatial=spatial, verbose=False)
-    finally:
+    finally:  # nothing else in the session sees the stand-in
         for name, module in saved.items():
             if module is None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
-    return net.eval()
+    pretrained_networks.tv = models  # lpips binds `tv` once, at its first import
+    return lpips
+
+
+def reference_lpips(trunk: torch.nn.Module, version: str = "0.1", spatial: bool = False):
+    """`lpips.LPIPS(net="vgg", version=...)` with `trunk` (a torch_reference VGG16) as its VGG and
+    the lin weights of its wheel; `pnet_rand=True` so nothing is downloaded."""
+    lpips = import_lpips(trunk)
+    return lpips.LPIPS(net="vgg", version=version, pnet_rand=True, spatial=spatial,
+                       verbose=False).eval()
 
 
 def run(net, x0, x1, normalize: bool = False):

@@ -9,6 +9,7 @@ the batch. LPIPS takes images in [-1, 1]; the other losses take what `model.appl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -30,9 +31,7 @@ LPIPS_WIDTHS = (64, 128, 256, 512, 512)
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 LPIPS_VERSIONS = ("0.1", "0.0")
-# lpips divides by (norm + 1e-10); the same eps squared under the root keeps the gradient finite
-# where a feature vector is all zero (lpips #69, #121), with forward values unchanged to ~1e-10.
-NORM_EPS = 1e-10
+NORM_EPS = 1e-10  # lpips.normalize_tensor's eps
 STYLE_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1")
 
 
@@ -53,9 +52,16 @@ def check_range(x, low: float, high: float, what: str) -> None:
 
 
 def _unit(f: jnp.ndarray) -> jnp.ndarray:
-    """lpips.normalize_tensor over the channel axis, in float32, with the eps under the root."""
+    """lpips.normalize_tensor over the channel axis, f / (||f|| + 1e-10), in float32.
+
+    lpips takes sqrt(0) where a feature vector is all zero, whose gradient is inf (NaN after the
+    chain rule: lpips #69, #121). Here the root only ever sees positive sums, so the forward value
+    is lpips' own and the gradient is finite everywhere.
+    """
     f = f.astype(jnp.float32)
-    return f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + NORM_EPS ** 2)
+    s = jnp.sum(f * f, axis=-1, keepdims=True)
+    norm = jnp.where(s > 0, jnp.sqrt(jnp.where(s > 0, s, 1.0)), 0.0)
+    return f / (norm + NORM_EPS)
 
 
 def taps(model: VGG, variables: Mapping, x, layers: Sequence[str]) -> dict[str, jnp.ndarray]:
@@ -97,6 +103,7 @@ class LPIPS:
         bf16; distances stay float32."""
         if version not in LPIPS_VERSIONS:
             raise ValueError(f"LPIPS version must be one of {LPIPS_VERSIONS}, found {version!r}")
+        lins = read_lin(lin if lin is not None else installed_lin_path(version))
         pretrained = vggjax.load(trunk)
         meta = pretrained.meta
         if meta["arch"] != "vgg16" or meta["preprocessing"] != "torch":
@@ -105,7 +112,6 @@ class LPIPS:
                 f"checkpoint is {meta.get('source', '?')} {meta['arch']} expecting "
                 f"{meta['preprocessing']!r} inputs (convert it with --source torchvision --arch vgg16)")
         params = {k: v for k, v in pretrained.params.items() if k.startswith("block")}
-        lins = read_lin(lin if lin is not None else installed_lin_path(version))
         return cls(model=vggjax.create("vgg16", include_top=False, dtype=dtype),
                    variables={"params": params}, lins=lins, version=version)
 
@@ -120,16 +126,7 @@ class LPIPS:
             check_range(x, low, 1.0, f"LPIPS {name}{' (normalize=True)' if normalize else ''}")
         if np.shape(x0) != np.shape(x1):
             raise ValueError(f"LPIPS compares images of one shape, found {np.shape(x0)} and {np.shape(x1)}")
-        f0, f1 = (self.features(x, normalize) for x in (x0, x1))
-        n, h, w = np.shape(x0)[:3]
-        total = 0.0
-        for name, lin in zip(LPIPS_TAPS, self.lins):
-            d = jnp.einsum("nhwc,c->nhw", (_unit(f0[name]) - _unit(f1[name])) ** 2, lin)
-            if spatial:  # torch Upsample(mode="bilinear", align_corners=False)
-                total = total + jax.image.resize(d, (n, h, w), "linear", antialias=False)
-            else:
-                total = total + jnp.mean(d, axis=(1, 2))
-        return total
+        return _distance(self, x0, x1, normalize, spatial)
 
     def features(self, x, normalize: bool = False) -> dict[str, jnp.ndarray]:
         """The five trunk taps LPIPS compares, float32, for images in [-1, 1] ([0, 1] with normalize)."""
@@ -139,6 +136,21 @@ class LPIPS:
         if self.version == "0.1":  # v0.0 fed [-1, 1] to the trunk unscaled (lpips' "bug", kept)
             x = (x - jnp.asarray(LPIPS_SHIFT)) / jnp.asarray(LPIPS_SCALE)
         return taps(self.model, self.variables, x, LPIPS_TAPS)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize", "spatial"))
+def _distance(lp: LPIPS, x0, x1, normalize: bool, spatial: bool) -> jnp.ndarray:
+    # Compiled here (not only by the caller) so that eager calls do not run op by op.
+    f0, f1 = lp.features(x0, normalize), lp.features(x1, normalize)
+    n, h, w = x0.shape[:3]
+    total = 0.0
+    for name, lin in zip(LPIPS_TAPS, lp.lins):
+        d = jnp.einsum("nhwc,c->nhw", (_unit(f0[name]) - _unit(f1[name])) ** 2, lin)
+        if spatial:  # torch Upsample(mode="bilinear", align_corners=False)
+            total = total + jax.image.resize(d, (n, h, w), "linear", antialias=False)
+        else:
+            total = total + jnp.mean(d, axis=(1, 2))
+    return total
 
 
 def installed_lin_path(version: str) -> Path:

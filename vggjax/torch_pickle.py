@@ -121,10 +121,11 @@ def _read_legacy(raw: bytes, path: str):
     for key in keys:
         storage = unpickler.storages[str(key)]
         numel = int.from_bytes(f.read(8), "little")  # each storage: int64 element count, then data
-        data = np.frombuffer(f.read(numel * storage.dtype.itemsize), storage.dtype)
-        if len(data) != numel:
-            raise ValueError(f"{path} is truncated: storage {key} has {len(data)} of {numel} elements")
-        storage.data = data
+        blob = f.read(numel * storage.dtype.itemsize)
+        if len(blob) != numel * storage.dtype.itemsize:
+            raise ValueError(f"{path} is truncated: storage {key} has {len(blob)} of "
+                             f"{numel * storage.dtype.itemsize} bytes")
+        storage.data = np.frombuffer(blob, storage.dtype)
     return obj
 
 
