@@ -3,6 +3,7 @@ combination image, started from the content image, optimised with optax against 
 (vggjax.losses presets) on a VGG19 conv base."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -96,32 +97,33 @@ def optimise(model: VGG, variables: Mapping, content, style, preset: str = "book
 
     content, style: (1, H, W, 3) and (1, H', W', 3), preprocessed for the weights.
     """
-    p = losses.get_preset(preset)
-    opt = optimizer(preset)
-    targets = losses.style_transfer_targets(model, variables, content, style, p)
-    lbfgs = preset == "book1"
-
-    def loss_fn(x, variables, targets):
-        return jnp.sum(losses.style_transfer_loss(model, variables, x, targets, p)[0])
-
-    @jax.jit
-    def step(x, state, variables, targets):
-        value_fn = lambda x: loss_fn(x, variables, targets)  # noqa: E731
-        if lbfgs:  # the line search's last value and gradient are reused from the state
-            value, grad = optax.value_and_grad_from_state(value_fn)(x, state=state)
-            updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=value_fn)
-        else:
-            value, grad = jax.value_and_grad(value_fn)(x)
-            updates, state = opt.update(grad, state, x)
-        return optax.apply_updates(x, updates), state, value
-
+    targets = losses.style_transfer_targets(model, variables, content, style, preset)
     x = jnp.asarray(content, jnp.float32)
-    state = opt.init(x)
+    state = optimizer(preset).init(x)
     for i in range(steps):
-        new_x, state, value = step(x, state, variables, targets)
+        new_x, state, value = _step(model, preset, x, state, variables, targets)
         yield i, x, float(value)
         x = new_x
-    yield steps, x, float(jax.jit(loss_fn)(x, variables, targets))
+    yield steps, x, float(_loss(model, preset, x, variables, targets))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss(model: VGG, preset: str, x, variables, targets):
+    return jnp.sum(losses.style_transfer_loss(model, variables, x, targets, preset)[0])
+
+
+# Module level, so that runs with the same model, preset and image size reuse one compilation.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _step(model: VGG, preset: str, x, state, variables, targets):
+    opt = optimizer(preset)
+    value_fn = functools.partial(_loss, model, preset, variables=variables, targets=targets)
+    if preset == "book1":  # L-BFGS: the line search's last value and gradient come from the state
+        value, grad = optax.value_and_grad_from_state(value_fn)(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=value_fn)
+    else:
+        value, grad = jax.value_and_grad(value_fn)(x)
+        updates, state = opt.update(grad, state, x)
+    return optax.apply_updates(x, updates), state, value
 
 
 def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", steps: int | None = None,
