@@ -96,11 +96,11 @@ class LPIPS:
 
     @classmethod
     def load(cls, trunk: str | os.PathLike, lin: str | os.PathLike | None = None,
-             version: str = "0.1", dtype=jnp.float32) -> "LPIPS":
+             version: str = "0.1", dtype=jnp.float32, conv_impl: str = "auto") -> "LPIPS":
         """`trunk`: a directory from `tools/convert_weights.py --source torchvision --arch vgg16`
         (with or without top); `lin`: lpips's `weights/v<version>/vgg.pth`, None = the one in
         an installed `lpips` package (never downloaded). `dtype=jnp.bfloat16` runs the trunk in
-        bf16; distances stay float32."""
+        bf16; distances stay float32. `conv_impl`: see `vggjax.VGG` ("auto" is faster on CPU)."""
         if version not in LPIPS_VERSIONS:
             raise ValueError(f"LPIPS version must be one of {LPIPS_VERSIONS}, found {version!r}")
         lins = read_lin(lin if lin is not None else installed_lin_path(version))
@@ -112,7 +112,7 @@ class LPIPS:
                 f"checkpoint is {meta.get('source', '?')} {meta['arch']} expecting "
                 f"{meta['preprocessing']!r} inputs (convert it with --source torchvision --arch vgg16)")
         params = {k: v for k, v in pretrained.params.items() if k.startswith("block")}
-        return cls(model=vggjax.create("vgg16", include_top=False, dtype=dtype),
+        return cls(model=vggjax.create("vgg16", include_top=False, dtype=dtype, conv_impl=conv_impl),
                    variables={"params": params}, lins=lins, version=version)
 
     def __call__(self, x0, x1, normalize: bool = False, spatial: bool = False) -> jnp.ndarray:
