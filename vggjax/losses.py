@@ -35,7 +35,7 @@ NORM_EPS = 1e-10  # lpips.normalize_tensor's eps
 STYLE_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1")
 
 
-def check_range(x, low: float, high: float, what: str) -> None:
+def check_range(x, low: float, high: float, what: str, hint: str = "") -> None:
     """Raise ValueError if the concrete array `x` lies far outside [low, high].
 
     "Far" is by more than half the range's width, which catches 0..255 images passed where
@@ -44,11 +44,10 @@ def check_range(x, low: float, high: float, what: str) -> None:
     """
     if isinstance(x, jax.core.Tracer):
         return
-    x = np.asarray(x)
     slack = (high - low) / 2
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(jnp.min(x)), float(jnp.max(x))  # works on sharded arrays too
     if lo < low - slack or hi > high + slack:
-        raise ValueError(f"{what} expects values in [{low:g}, {high:g}], found [{lo:g}, {hi:g}]")
+        raise ValueError(f"{what} expects values in [{low:g}, {high:g}], found [{lo:g}, {hi:g}]{hint}")
 
 
 def _unit(f: jnp.ndarray) -> jnp.ndarray:
@@ -83,7 +82,8 @@ def _layer_weights(layers: Sequence[str], weights: Sequence[float] | None) -> tu
 
 @struct.dataclass
 class LPIPS:
-    """LPIPS-VGG ("vgg", versions 0.1 and 0.0), computing what `lpips.LPIPS(net="vgg")` computes.
+    """LPIPS-VGG distance of images in [-1, 1] (or [0, 1] with normalize=True), computing what
+    `lpips.LPIPS(net="vgg", version="0.1" or "0.0")` computes.
 
     A pytree (the trunk's variables and the five lin vectors are leaves), so it can be passed
     into `jax.jit`ted functions. Build it with `LPIPS.load`.
@@ -123,7 +123,8 @@ class LPIPS:
         """
         low = 0.0 if normalize else -1.0
         for name, x in (("x0", x0), ("x1", x1)):
-            check_range(x, low, 1.0, f"LPIPS {name}{' (normalize=True)' if normalize else ''}")
+            check_range(x, low, 1.0, f"LPIPS {name}{' (normalize=True)' if normalize else ''}",
+                        "; for 0..255 images pass x / 127.5 - 1, or x / 255 with normalize=True")
         if np.shape(x0) != np.shape(x1):
             raise ValueError(f"LPIPS compares images of one shape, found {np.shape(x0)} and {np.shape(x1)}")
         return _distance(self, x0, x1, normalize, spatial)
