@@ -10,7 +10,7 @@ from vggjax import smoke, workflow
 
 
 def test_precision_is_validated(tmp_path):
-    with pytest.raises(ValueError, match=r"precision must be one of \['bf16', 'fp32'\], found 'fp16'"):
+    with pytest.raises(ValueError, match=r"precision \(--precision\) must be one of \['bf16', 'fp32'\], found 'fp16'"):
         workflow.Config(weights=str(tmp_path), workdir=str(tmp_path), precision="fp16")
     assert workflow.Config(weights="w", workdir="d").compute_dtype is None
     assert workflow.Config(weights="w", workdir="d", precision="bf16").compute_dtype == jax.numpy.bfloat16
