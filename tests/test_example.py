@@ -218,3 +218,11 @@ def test_data_that_cannot_mean_anything_is_refused(tiny, tmp_path, layout, messa
                  str(tmp_path / "run"), "--image-size", "32"], script_env(tmp_path), timeout=120)
     assert re.fullmatch(rf"error: .*{message}.*", _error(proc))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tiny, tmp_path):
+    data, weights = tiny
+    (tmp_path / "file").write_text("not a folder")
+    proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
+                 str(tmp_path / "file" / "run"), "--image-size", "32"], script_env(tmp_path), timeout=120)
+    assert re.fullmatch(r"error: cannot use --workdir .*file/run: Not a directory", _error(proc))
