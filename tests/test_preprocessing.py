@@ -43,3 +43,14 @@ def test_decode_predictions_keras_style():
     assert decoded[1][0][0] == "n15075141" and decoded[1][0][2] == 1.0
     with pytest.raises(ValueError, match=r"\(N, 1000\)"):
         vggjax.decode_predictions(preds[:, :10])
+
+
+@pytest.mark.parametrize("mode", ["caffe", "torch", "rescale"])
+def test_deprocess_inverts_preprocess(images, mode):
+    from vggjax.preprocessing import deprocess_input
+    x = vggjax.preprocess_input(images, mode)
+    back = deprocess_input(x, mode)
+    assert back.dtype == np.uint8 and back.shape == images.shape
+    # float32 round trip, then truncation to uint8 as the book's deprocess_image does
+    assert np.abs(back.astype(np.int16) - images.astype(np.int16)).max() <= 1
+    assert (deprocess_input(x + 1e4, mode) == 255).all()  # clipped, not wrapped

@@ -85,3 +85,18 @@ def decode_predictions(preds, top: int = 5) -> list[list[tuple[str, str, float]]
     classes = imagenet_classes()
     order = np.argsort(-preds, axis=1)[:, :top]
     return [[(*classes[i], float(row[i])) for i in idx] for row, idx in zip(preds, order)]
+
+
+def deprocess_input(x, mode: str = "caffe"):
+    """Inverse of `preprocess_input`: model-space NHWC images -> uint8 RGB (NumPy), clipped to
+    0..255 (the book's `deprocess_image` for "caffe")."""
+    if mode not in MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {sorted(MODES)}")
+    x = np.asarray(x, np.float32)
+    if mode == "caffe":
+        x = (x + np.asarray(CAFFE_MEAN_BGR, np.float32))[..., ::-1]
+    elif mode == "torch":
+        x = (x * np.asarray(TORCH_STD, np.float32) + np.asarray(TORCH_MEAN, np.float32)) * 255.0
+    else:
+        x = x * 255.0
+    return np.clip(x, 0, 255).astype(np.uint8)

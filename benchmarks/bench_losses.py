@@ -1,0 +1,202 @@
+"""LPIPS-VGG forward + backward, vggjax vs the `lpips` package on PyTorch, measured round-robin.
+
+    python benchmarks/bench_losses.py [--rounds 3] [--batch 8] [--size 256] [--photos 8]
+
+Each contender runs in its own process (thread pools never overlap: only one computes at a
+time) and every round visits all of them in turn, so a slow spell of this shared machine hits
+them alike. One step = the gradient of sum(LPIPS(x0, x1)) with respect to x0, batch 8 at
+256x256, on the same seeded random VGG16 trunk (torchvision layout, converted by vggjax) and
+lpips' own v0.1 lin weights. fp32, and bf16 (vggjax: dtype=bfloat16 trunk; torch: CPU autocast).
+Reported: median img/s over the rounds and ratios to lpips at the same precision.
+
+`--photos N` also compares both on N real photo pairs from ../shared/data (cats_and_dogs_small,
+consecutive test images, centre crops): max abs difference to lpips, and bf16 vs fp32 relative.
+lpips is imported with a stand-in `torchvision.models` (tests/lpips_reference.py).
+Writes benchmarks/results_losses.md.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small" / "test"
+CONTENDERS = ("vggjax-fp32", "lpips-fp32", "vggjax-bf16", "lpips-bf16")
+
+
+def _paths() -> None:
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def make_trunk(directory: Path):
+    """Seeded random torchvision VGG16 conv base: (torch module, vggjax-converted dir)."""
+    import torch
+    import vggjax
+    from torch_reference import randomize, vgg
+
+    with torch.device("meta"):
+        model = vgg("vgg16")
+    model.classifier = torch.nn.Sequential(torch.nn.Identity())  # lpips uses `features` only
+    model = randomize(model.to_empty(device="cpu"), seed=0)
+    if not (directory / "converted").exists():
+        torch.save(model.features.state_dict(prefix="features."), directory / "vgg16.pth")
+        vggjax.convert_file("torchvision", "vgg16", directory / "vgg16.pth", directory / "converted")
+    return model, directory / "converted"
+
+
+def batch(n: int, size: int, seed: int = 0):
+    """x0, x1: float32 NHWC in [-1, 1], smooth images and a noisy copy (the same everywhere)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(-1, 1, (n, size // 16 + 1, size // 16 + 1, 3))
+    x0 = np.repeat(np.repeat(coarse, 16, 1), 16, 2)[:, :size, :size].astype(np.float32)
+    x1 = np.clip(x0 + rng.normal(0, 0.1, x0.shape), -1, 1).astype(np.float32)
+    return x0, x1
+
+
+def make_step(name: str, trunk_dir: Path, n: int, size: int):
+    """A no-argument callable running one forward + backward step of contender `name`."""
+    _paths()
+    x0, x1 = batch(n, size)
+    framework, precision = name.split("-")
+    if framework == "vggjax":
+        import jax
+        import jax.numpy as jnp
+        from vggjax import losses
+
+        lp = losses.LPIPS.load(trunk_dir, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
+        grad = jax.jit(jax.grad(lambda lp, a, b: jnp.sum(lp(a, b)), argnums=1))
+        a, b = jnp.asarray(x0), jnp.asarray(x1)
+        return lambda: grad(lp, a, b).block_until_ready()
+    import torch
+    from lpips_reference import reference_lpips
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    net = reference_lpips(make_trunk(trunk_dir.parent)[0])
+    a, b = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (x0, x1))
+
+    def step():
+        x = a.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            d = net(x, b).sum()
+        d.backward()
+        return x.grad
+    return step
+
+
+def worker(name: str, trunk_dir: Path, n: int, size: int, conn) -> None:
+    """Set up, run once (compile / warm-up), then answer each `reps` request with its wall time."""
+    step = make_step(name, trunk_dir, n, size)
+    t = time.perf_counter()
+    step()
+    conn.send(time.perf_counter() - t)
+    while (reps := conn.recv()) is not None:
+        t = time.perf_counter()
+        for _ in range(reps):
+            step()
+        conn.send(time.perf_counter() - t)
+
+
+def bench(trunk_dir: Path, rounds: int, n: int, size: int, log) -> dict:
+    ctx = mp.get_context("spawn")
+    procs, conns, res = {}, {}, {}
+    try:
+        for name in CONTENDERS:
+            conns[name], child = ctx.Pipe()
+            procs[name] = ctx.Process(target=worker, args=(name, trunk_dir, n, size, child))
+            procs[name].start()
+            res[name] = {"first_s": conns[name].recv(), "rounds": []}
+            log(f"  {name}: first call {res[name]['first_s']:.1f} s")
+        for r in range(rounds):
+            order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
+            for name in order:
+                conns[name].send(1)
+                res[name]["rounds"].append(n / conns[name].recv())
+            log(f"  round {r + 1}: " + ", ".join(f"{k} {v['rounds'][-1]:.2f}" for k, v in res.items()))
+    finally:
+        for name, conn in conns.items():
+            conn.send(None)
+            procs[name].join(timeout=60)
+    for entry in res.values():
+        entry["img_s"] = statistics.median(entry["rounds"])
+    return res
+
+
+def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> str:
+    """LPIPS on real photo pairs: vggjax vs lpips (fp32), and vggjax bf16 vs fp32."""
+    _paths()
+    import jax.numpy as jnp
+    import numpy as np
+    from PIL import Image
+
+    from lpips_reference import reference_lpips, run
+    from vggjax import losses
+
+    files = sorted((data / "cats").glob("*.jpg"))[:n_pairs + 1]
+    if len(files) < n_pairs + 1:
+        raise SystemExit(f"--photos {n_pairs} needs {n_pairs + 1} images in {data / 'cats'}, found {len(files)}")
+
+    def crop(path):
+        img = Image.open(path).convert("RGB")
+        s = min(img.size)
+        left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+        return np.asarray(img.crop((left, top, left + s, top + s)).resize((size, size)), np.float32) / 255
+
+    x0 = np.stack([crop(f) for f in files[:-1]])
+    x1 = np.stack([crop(f) for f in files[1:]])
+    ref = run(reference_lpips(make_trunk(trunk_dir.parent)[0]), x0, x1, normalize=True)
+    d32 = np.asarray(losses.LPIPS.load(trunk_dir)(x0, x1, normalize=True))
+    d16 = np.asarray(losses.LPIPS.load(trunk_dir, dtype=jnp.bfloat16)(x0, x1, normalize=True))
+    return (f"real photos ({n_pairs} pairs of consecutive {data}/cats images, {size}x{size} "
+            f"centre crops, [0,1] inputs, random trunk, v0.1 lin): LPIPS {ref.min():.4f}..{ref.max():.4f}; "
+            f"vggjax fp32 vs lpips max abs diff {np.abs(d32 - ref).max():.2e}; vggjax bf16 vs fp32 "
+            f"max relative diff {(np.abs(d16 - d32) / d32).max():.2e}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--photos", type=int, default=8, help="real photo pairs to check (0: none)")
+    p.add_argument("--data", type=Path, default=DATA, help=f"folder with cats/*.jpg (default {DATA})")
+    a = p.parse_args(argv)
+    for flag in ("rounds", "batch"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
+    if a.size < 32 or a.photos < 0:
+        p.error("--size must be >= 32 and --photos >= 0")
+    lines = []
+
+    def log(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    log(f"# LPIPS-VGG forward+backward, {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
+        f"batch {a.batch} at {a.size}x{a.size}, median of {a.rounds} interleaved rounds, load "
+        f"average at start {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        _paths()
+        _, trunk_dir = make_trunk(Path(tmp))
+        res = bench(trunk_dir, a.rounds, a.batch, a.size, log)
+        log("\n| contender | img/s | rounds min-max | vs lpips (same precision) | first call s |")
+        log("|---|---|---|---|---|")
+        for name, entry in res.items():
+            ref = res["lpips-" + name.split("-")[1]]["img_s"]
+            log(f"| {name} | {entry['img_s']:.2f} | {min(entry['rounds']):.2f}-{max(entry['rounds']):.2f} "
+                f"| {entry['img_s'] / ref:.2f}x | {entry['first_s']:.1f} |")
+        if a.photos:
+            log("\n" + photo_check(trunk_dir, a.data, a.photos))
+    out = ROOT / "benchmarks" / "results_losses.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

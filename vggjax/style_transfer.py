@@ -1,0 +1,169 @@
+"""Neural style transfer as in "Deep Learning with Python" (1st ed. 8.3, 2nd ed. 12.3): a
+combination image, started from the content image, optimised with optax against the book's loss
+(vggjax.losses presets) on a VGG19 conv base."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vggjax import losses
+from vggjax.model import MIN_SIZE, VGG
+from vggjax.preprocessing import deprocess_input
+
+# book1: each step is one L-BFGS iteration with its line search (the book ran scipy's L-BFGS for
+# 20 rounds of at most 20 evaluations); book2: the book's 4000 SGD steps.
+DEFAULT_STEPS = {"book1": 200, "book2": 4000}
+DEFAULT_SAVE_EVERY = {"book1": 20, "book2": 100}
+
+
+def optimizer(preset: str) -> optax.GradientTransformation:
+    """The book's optimiser for a preset: L-BFGS (book1) or SGD with learning rate
+    100 * 0.96 ** (step / 100) (book2, Keras' ExponentialDecay without staircase)."""
+    if preset == "book1":
+        return optax.lbfgs()
+    if preset == "book2":
+        return optax.sgd(optax.exponential_decay(100.0, transition_steps=100, decay_rate=0.96))
+    raise ValueError(f"unknown style-transfer preset {preset!r}; expected one of {sorted(losses.PRESETS)}")
+
+
+def image_size(path: str | os.PathLike, height: int) -> tuple[int, int]:
+    """(height, width) keeping the aspect ratio of the image at `path`, as the book sizes it."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        w, h = img.size
+    width = int(w * height / h)
+    if min(height, width) < MIN_SIZE:
+        raise ValueError(f"{path}: at height {height} the image is {height}x{width}; VGG needs at "
+                         f"least {MIN_SIZE}x{MIN_SIZE}")
+    return height, width
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+    """(1, H, W, 3) uint8 RGB, resized to `size` = (H, W) with nearest neighbour, as Keras'
+    `load_img(target_size=...)` does."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB").resize(size[::-1], Image.NEAREST)
+        return np.asarray(img)[None]
+
+
+def check_settings(preset: str = "book1", steps: int | None = None, height: int = 400,
+                   save_every: int | None = None) -> dict:
+    """Raise ValueError naming the first setting `run` cannot use; return {"preset", "steps",
+    "height", "save_every"} with the preset's defaults filled in."""
+    if preset not in DEFAULT_STEPS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(DEFAULT_STEPS)}")
+    steps = DEFAULT_STEPS[preset] if steps is None else steps
+    save_every = DEFAULT_SAVE_EVERY[preset] if save_every is None else save_every
+    for name, value in (("steps", steps), ("save_every", save_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, found {value!r}")
+    if not isinstance(height, int) or height < MIN_SIZE:
+        raise ValueError(f"height must be an integer >= {MIN_SIZE}, found {height!r}")
+    return {"preset": preset, "steps": steps, "height": height, "save_every": save_every}
+
+
+def check_inputs(content_path, style_path, out_dir, preset: str = "book1", steps: int | None = None,
+                 height: int = 400, save_every: int | None = None) -> dict:
+    """`check_settings`, then the files: raise ValueError naming the first thing `run` cannot
+    use, before any work; return the settings plus "size", the (H, W) images are resized to."""
+    checked = check_settings(preset, steps, height, save_every)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a directory")
+    from PIL import Image, UnidentifiedImageError
+
+    for path in (content_path, style_path):
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, UnidentifiedImageError) as e:  # missing, unreadable, not an image
+            raise ValueError(f"{path}: cannot read the image ({e})") from None
+    return dict(checked, size=image_size(content_path, height))
+
+
+def optimise(model: VGG, variables: Mapping, content, style, preset: str = "book1",
+             steps: int = 200) -> Iterator[tuple[int, jnp.ndarray, float]]:
+    """Yield (step, combination, loss) for step = 0 .. steps: the combination image (1, H, W, 3)
+    in the model's input space and the book's loss of that image (step 0: the content image).
+
+    content, style: (1, H, W, 3) and (1, H', W', 3), preprocessed for the weights.
+    """
+    targets = losses.style_transfer_targets(model, variables, content, style, preset)
+    x = jnp.asarray(content, jnp.float32)
+    state = optimizer(preset).init(x)
+    for i in range(steps):
+        new_x, state, value = _step(model, preset, x, state, variables, targets)
+        yield i, x, float(value)
+        x = new_x
+    yield steps, x, float(_loss(model, preset, x, variables, targets))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss(model: VGG, preset: str, x, variables, targets):
+    return jnp.sum(losses.style_transfer_loss(model, variables, x, targets, preset)[0])
+
+
+# Module level, so that runs with the same model, preset and image size reuse one compilation.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _step(model: VGG, preset: str, x, state, variables, targets):
+    opt = optimizer(preset)
+    value_fn = functools.partial(_loss, model, preset, variables=variables, targets=targets)
+    if preset == "book1":  # L-BFGS: the line search's last value and gradient come from the state
+        value, grad = optax.value_and_grad_from_state(value_fn)(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=value_fn)
+    else:
+        value, grad = jax.value_and_grad(value_fn)(x)
+        updates, state = opt.update(grad, state, x)
+    return optax.apply_updates(x, updates), state, value
+
+
+def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", steps: int | None = None,
+        height: int = 400, save_every: int | None = None, progress: bool = True) -> dict:
+    """Style-transfer `content_path` with `style_path`'s style on `pretrained` (a `vggjax.load`
+    result, VGG19 in the book) and write to `out_dir`: `step_NNNNN.png` every `save_every` steps
+    and at the end, `final.png`, and `loss.png` (the loss curve). Returns {"losses", "final"}.
+    """
+    checked = check_inputs(content_path, style_path, out_dir, preset, steps, height, save_every)
+    steps, save_every = checked["steps"], checked["save_every"]
+    content = pretrained.preprocess(load_image(content_path, checked["size"]))
+    style = pretrained.preprocess(load_image(style_path, checked["size"]))  # the book resizes both alike
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+    from tqdm import tqdm
+
+    mode = pretrained.meta["preprocessing"]
+    history = []
+    bar = tqdm(total=steps, disable=not progress, desc=f"style transfer ({preset})")
+    for i, x, value in optimise(pretrained.model, pretrained.variables, content, style, preset, steps):
+        history.append(value)
+        if i % save_every == 0 or i == steps:
+            Image.fromarray(deprocess_input(x, mode)[0]).save(out_dir / f"step_{i:05d}.png")
+        if i < steps:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}")
+    bar.close()
+    Image.fromarray(deprocess_input(x, mode)[0]).save(out_dir / "final.png")
+    plot_losses(history, out_dir / "loss.png", preset)
+    return {"losses": history, "final": out_dir / "final.png"}
+
+
+def plot_losses(history, path, preset: str) -> None:
+    """The loss curve as a PNG (matplotlib, an optional dependency, imported here)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ax.plot(range(len(history)), history)
+    ax.set(xlabel="step", ylabel=f"loss ({preset})", yscale="log", title="style transfer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
