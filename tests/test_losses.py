@@ -1,7 +1,7 @@
 """vggjax.losses: LPIPS against the `lpips` package itself, finite gradients, feature/style/TV losses
 against NumPy, and the book's style-transfer presets against the book's Keras code.
 
-The LPIPS reference is lpips's own code (tests/lpips_reference.py) on a seeded random VGG16 in
+The LPIPS reference is lpips's own code (vggjax.testing.reference_lpips) on a seeded random VGG16 in
 torchvision's layout, written as a .pth and converted with vggjax.convert_file, with the lin
 weights of lpips's wheel; images are crops of JPEG files the tests write and read back.
 Run with `pytest -s` to see the measured differences.
@@ -20,10 +20,9 @@ from PIL import Image, ImageFilter
 
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
-from lpips_reference import import_lpips, reference_lpips, run
-from torch_reference import randomize, vgg
+from vggjax.testing import import_lpips, randomize, reference_lpips, run_lpips, vgg
 from vggjax import losses, parallel
-from vggjax.torch_pickle import read_state_dict
+from vggjax.weights.torch_pickle import read_state_dict
 
 LPIPS_TOL = 1e-5
 CROP = 64
@@ -98,20 +97,20 @@ def test_lpips_matches_lpips_package(trunk, pairs, version):
     torch_trunk, _, load = trunk
     lp = load(version)  # lin=None: the installed lpips wheel's file
     x0, x1 = pairs
-    ref = run(reference_lpips(torch_trunk, version), x0, x1, normalize=True)
+    ref = run_lpips(reference_lpips(torch_trunk, version), x0, x1, normalize=True)
     assert max_diff(f"v{version} [0,1] inputs", lp(x0, x1, normalize=True), ref) <= LPIPS_TOL
     # Distances mean something: zero for a photo against itself, positive and varied otherwise.
     assert np.all(ref[2::3] == 0) and np.all(ref[0::3] > 0) and np.all(ref[1::3] > 0)
     assert ref.max() > 1.5 * ref[ref > 0].min()
     s0, s1 = 2 * x0 - 1, 2 * x1 - 1
-    ref = run(reference_lpips(torch_trunk, version), s0, s1)
+    ref = run_lpips(reference_lpips(torch_trunk, version), s0, s1)
     assert max_diff(f"v{version} [-1,1] inputs", lp(s0, s1), ref) <= LPIPS_TOL
-    ref_map = run(reference_lpips(torch_trunk, version, spatial=True), s0, s1)
+    ref_map = run_lpips(reference_lpips(torch_trunk, version, spatial=True), s0, s1)
     ours_map = lp(s0, s1, spatial=True)
     assert max_diff(f"v{version} spatial map", ours_map, ref_map) <= LPIPS_TOL
     # Non-square inputs whose size is not a multiple of 16: taps floor, the map upsamples back.
     a, b = s0[:2, :50, :], s1[:2, :50, :]
-    ref_map = run(reference_lpips(torch_trunk, version, spatial=True), a, b)
+    ref_map = run_lpips(reference_lpips(torch_trunk, version, spatial=True), a, b)
     assert max_diff(f"v{version} spatial map 50x64", lp(a, b, spatial=True), ref_map) <= LPIPS_TOL
 
 
@@ -161,7 +160,7 @@ def test_load_refuses_what_cannot_be_lpips(trunk, tmp_path, monkeypatch, make_va
         losses.LPIPS.load(converted, version="0.2")
     with pytest.raises(ValueError, match="vgg16.pth is not an lpips VGG lin file: lin0.model.1.weight"):
         losses.LPIPS.load(converted, lin=converted.parent / "vgg16.pth")
-    from vggjax.keras_weights import write_legacy_h5
+    from vggjax.weights.keras import write_legacy_h5
     write_legacy_h5(make_variables("vgg16", include_top=False)["params"], tmp_path / "k.h5")
     vggjax.convert_file("keras", "vgg16", tmp_path / "k.h5", tmp_path / "keras16")
     with pytest.raises(ValueError, match="calibrated on torchvision's vgg16.*'caffe'"):

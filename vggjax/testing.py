@@ -6,8 +6,16 @@ torchvision itself is not installed here (its PyPI wheels pin a CUDA torch), so 
 `torchvision/models/vgg.py`: the same cfgs, the same `features` Sequential (hence the same
 state-dict keys), `avgpool` AdaptiveAvgPool2d((7, 7)) and `classifier`. `timm_state_dict` gives
 the same weights in timm's layout (what timm's `_filter_fn` produces from a torchvision file).
+
+The `lpips` package (pip, BSD-2; a test-only reference installed with --no-deps) is used with its
+own code unchanged: it needs one thing from torchvision, `torchvision.models.vgg16(pretrained=...)
+.features`, which a stand-in `torchvision.models` serves from this VGG while lpips builds its net
+(`import_lpips`, `reference_lpips`, `run_lpips`).
 """
 from __future__ import annotations
+
+import sys
+import types
 
 import torch
 from torch import nn
@@ -112,3 +120,51 @@ def random_vgg(arch: str, seed: int) -> VGG:
     with torch.device("meta"):
         model = vgg(arch)
     return randomize(model.to_empty(device="cpu"), seed)
+
+
+def _stand_in(trunk: torch.nn.Module | None) -> types.ModuleType:
+    """A `torchvision.models` whose vgg16(pretrained=False) returns `trunk`."""
+    def vgg16(pretrained=False, **_):
+        if pretrained or trunk is None:
+            raise RuntimeError("the torchvision stand-in has no ImageNet weights (use pnet_rand=True)")
+        return trunk
+
+    models = types.ModuleType("torchvision.models")
+    models.vgg16 = vgg16
+    return models
+
+
+def import_lpips(trunk: torch.nn.Module | None = None):
+    """The lpips package, its `torchvision.models` (pretrained_networks.tv) serving `trunk`."""
+    models = _stand_in(trunk)
+    torchvision = types.ModuleType("torchvision")
+    torchvision.models = models
+    saved = {name: sys.modules.get(name) for name in ("torchvision", "torchvision.models")}
+    sys.modules.update({"torchvision": torchvision, "torchvision.models": models})
+    try:
+        import lpips
+        from lpips import pretrained_networks
+    finally:  # nothing else in the session sees the stand-in
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    pretrained_networks.tv = models  # lpips binds `tv` once, at its first import
+    return lpips
+
+
+def reference_lpips(trunk: torch.nn.Module, version: str = "0.1", spatial: bool = False):
+    """`lpips.LPIPS(net="vgg", version=...)` with `trunk` (a `vgg("vgg16")` here) as its VGG and
+    the lin weights of its wheel; `pnet_rand=True` so nothing is downloaded."""
+    lpips = import_lpips(trunk)
+    return lpips.LPIPS(net="vgg", version=version, pnet_rand=True, spatial=spatial,
+                       verbose=False).eval()
+
+
+def run_lpips(net, x0, x1, normalize: bool = False):
+    """`net(x0, x1)` on NHWC NumPy images; returns NumPy (N,) or the (N, H, W) spatial map."""
+    with torch.no_grad():
+        d = net(*(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (x0, x1)),
+                normalize=normalize).numpy()
+    return d[:, 0] if net.spatial else d[:, 0, 0, 0]
