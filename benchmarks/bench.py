@@ -136,7 +136,7 @@ class TorchWorker:
         torch = self.torch
         nn = torch.nn
         torch.manual_seed(0)
-        from tests.torch_reference import CFGS, make_layers  # torchvision's layout, one copy
+        from vggjax.testing import CFGS, make_layers  # torchvision's layout, one copy
 
         features = make_layers(CFGS["D"], batch_norm=False)
         from vggjax.preprocessing import CAFFE_MEAN_BGR  # one source for the caffe mean

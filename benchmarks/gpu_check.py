@@ -78,7 +78,7 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
 def torch_rows(size, infer_batch, train_batch, min_seconds, device):
     import torch
     nn = torch.nn
-    from tests.torch_reference import CFGS, make_layers  # torchvision's layout, one copy
+    from vggjax.testing import CFGS, make_layers  # torchvision's layout, one copy
 
     feats = make_layers(CFGS["D"], batch_norm=False).to(device, memory_format=torch.channels_last)
     mean = torch.tensor(CAFFE_MEAN_BGR, device=device).view(1, 3, 1, 1)

@@ -9,7 +9,7 @@
 A full run with the real Keras ImageNet weights on the book's 2000/1000/1000 images should
 approach those numbers. Every phase evaluates on the test split, writes history.json,
 results.json and curves.png in --workdir, exports its classifier to --workdir/export/<phase>
-(`vggjax.report.load_classifier` / `predict`), and resumes where it stopped if interrupted.
+(`vggjax.classifier.load_classifier` / `predict`), and resumes where it stopped if interrupted.
 Defaults are the 1st edition's: 150x150, batch 20, RMSprop 2e-5 (heads) and 1e-5 (block5),
 30 / 30 / 100 epochs, the ImageDataGenerator augmentation; `--preprocess rescale` feeds x/255
 to the caffe-style weights as the book did.
@@ -17,12 +17,14 @@ to the caffe-style weights as the book did.
     python examples/finetune_catsdogs.py --data ../shared/data/cats_and_dogs_small
     python examples/finetune_catsdogs.py --smoke     # generated images, random weights, < 3 min
 
-The logic lives in vggjax.workflow; this file only parses arguments (intentionally kept short).
+The logic lives in vggjax.workflow (the flags are its Config's fields); this file only parses
+arguments (intentionally kept short).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 
@@ -34,59 +36,64 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 
 from vggjax import parallel, smoke, workflow
 
+TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
+
+
+def check_tfds_reachable() -> None:
+    """Fail at once, offline, when tfds cats_vs_dogs is neither prepared nor downloadable."""
+    import tensorflow_datasets as tfds
+
+    if tfds.builder("cats_vs_dogs").is_prepared():
+        return
+    try:
+        socket.getaddrinfo(TFDS_HOST, 443)
+    except OSError as err:
+        raise workflow.MissingInputError(
+            f"tfds cats_vs_dogs is not prepared on this machine and {TFDS_HOST} cannot be reached "
+            f"({err}); provide the images with --data DIR in the book's layout: DIR/train/cats/*.jpg, "
+            "DIR/train/dogs/*.jpg, and the same under DIR/validation and DIR/test") from None
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="tfds", help="'tfds' (cats_vs_dogs) or DIR/{train,validation,test}/<class>/*.jpg")
     p.add_argument("--weights", metavar="DIR", help="converted weights (default: Keras VGG16 no-top, "
                    "downloaded and converted into $VGGJAX_CACHE on first use)")
     p.add_argument("--workdir", default="runs/finetune_catsdogs")
-    p.add_argument("--phases", default=",".join(workflow.PHASES), help="comma-separated, from "
-                   f"{','.join(workflow.PHASES)}")
-    p.add_argument("--image-size", type=int, help=f"default 150 (--smoke: {smoke.SETTINGS['image_size']})")
-    p.add_argument("--batch-size", type=int, help="default 20")
-    p.add_argument("--epochs", type=int, help="one value for every phase (default: book "
-                   f"{workflow.BOOK_EPOCHS}; --smoke {smoke.SETTINGS['epochs']})")
-    p.add_argument("--steps-per-epoch", type=int, help="cap on the training batches of an epoch")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between mid-epoch checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preprocess", choices=sorted(vggjax.preprocessing.MODES),
-                   help="default: what the weights expect (caffe for Keras weights)")
-    p.add_argument("--data-parallel", action="store_true",
-                   help="split each batch over all devices, multi-host too (see vggjax.parallel); "
-                   "--batch-size is the global batch and must divide by the device count")
+    p.add_argument("--restart", action="store_true", help="discard the run already in --workdir "
+                   "(its checkpoints, results and exports) instead of refusing a different one")
+    workflow.add_arguments(p)
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
-                   "two-class JPEGs and random VGG16 weights converted from a Keras h5 file; all "
-                   "phases in < 3 min on 2 CPU cores")
+                   "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
+                   f"{smoke.SETTINGS}; all phases in < 3 min on 2 CPU cores")
     args = p.parse_args(argv)
-    if args.data_parallel:
+    given = workflow.config_arguments(args)
+    if given.get("data_parallel"):
         parallel.initialize_distributed()  # multi-host: before any other JAX call; no-op on one host
 
     start = time.time()
     try:
+        workflow.Config(weights="", workdir=args.workdir, **given)  # every flag value, before any work
         if args.smoke:
-            data, weights = smoke.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=args.seed)
+            data, weights = smoke.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=given.get("seed", 0))
+            print(f"smoke run: generated images in {data}, RANDOM VGG16 weights in {weights}; the "
+                  "accuracies show that the pipeline learns, not what ImageNet weights reach")
         else:
-            data, weights = args.data, workflow.resolve_inputs(args.weights, args.data)
-    except workflow.MissingInputError as err:
+            data = given.get("data", "tfds")
+            weights = workflow.resolve_inputs(args.weights, data)
+            if data == "tfds":
+                check_tfds_reachable()
+        config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
+                                 **{**(smoke.SETTINGS if args.smoke else {}), **given, "data": data})
+        results = workflow.run(config, restart=args.restart)
+    except (workflow.MissingInputError, ValueError, OSError) as err:  # bad flags, data or workdir
         print(f"error: {err}", file=sys.stderr)
         return 2
-    settings = dict(smoke.SETTINGS) if args.smoke else {}
-    given = {"image_size": args.image_size, "batch_size": args.batch_size,
-             "epochs": args.epochs and dict.fromkeys(workflow.PHASES, args.epochs)}
-    settings.update({k: v for k, v in given.items() if v})
-    config = workflow.Config(
-        weights=weights, workdir=args.workdir, data=data, phases=tuple(filter(None, args.phases.split(","))),
-        steps_per_epoch=args.steps_per_epoch, preprocess=args.preprocess, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, data_parallel=args.data_parallel,
-        progress=sys.stderr.isatty(), **settings)
-    if args.smoke:
-        print(f"smoke run: {config.image_size}x{config.image_size} generated images in {data}, RANDOM "
-              f"VGG16 weights in {weights}; the accuracies show that the pipeline learns, not what "
-              "ImageNet weights reach")
-    results = workflow.run(config)
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     for phase, r in results.items():
-        print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {r['best_val_accuracy']:.4f})")
+        best = "none: no epoch trained" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
+        print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {best})")
     print(f"done in {time.time() - start:.0f} s; results, curves and exports in {os.path.abspath(args.workdir)}")
     return 0
 

@@ -1,12 +1,16 @@
-"""The book's head on a pretrained VGG base: parameter layout, pretrained weights kept, dropout, BatchNorm mode."""
+"""The book's head on a pretrained VGG base: parameter layout, pretrained weights kept, dropout,
+BatchNorm mode; the exported classifier round trip."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import vggjax
+from vggjax import classifier
 from vggjax.classifier import Classifier, Head, init_classifier
-from vggjax.weights import flatten
+from vggjax.trees import digest, flatten
+
+SIZE = 32
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +87,114 @@ def test_batchnorm_base_keeps_running_statistics_unless_asked():
         np.testing.assert_array_equal(flatten(frozen)[path], value)
     mean = trained["base"]["block1_conv1_bn"]["mean"]
     assert not np.allclose(mean, variables["batch_stats"]["base"]["block1_conv1_bn"]["mean"])
+
+
+@pytest.fixture(scope="module")
+def trained(make_variables):
+    """A VGG11 base with a head on 32x32 images, parameters perturbed as if fine-tuned."""
+    base_variables = make_variables("vgg11", include_top=False, seed=4, input_rms=1.0)
+    model, variables = init_classifier(base_variables, vggjax.VGG11(include_top=False),
+                                       Head(units=8, dropout_rate=0.5), SIZE, jax.random.PRNGKey(0))
+    variables = jax.tree.map(lambda x: x * 1.01, variables)  # the exported base differs from the input
+    meta = dict(arch="vgg11", source="torchvision", source_sha256="0" * 64, include_top=False,
+                head="torch", preprocessing="torch", classifier_activation=None, num_classes=1000)
+    clf = classifier.TrainedClassifier(model=model, variables=variables, preprocessing="rescale",
+                                   image_size=SIZE, class_names=("cats", "dogs"))
+    return clf, meta
+
+
+def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
+    clf, meta = trained
+    images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    classifier.export(tmp_path / "export", clf, meta, info={"phase": "finetune"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    # The base is a weights directory vggjax.load reads: same Keras names, same meta except
+    # the preprocessing the classifier was trained with, and the trained values.
+    base = vggjax.load(tmp_path / "export" / classifier.BASE)
+    assert base.meta == dict(meta, preprocessing="rescale", vggjax_version=vggjax.__version__,
+                             variables_sha256=digest({"params": clf.variables["params"]["base"]}))
+    assert list(base.params) == list(clf.variables["params"]["base"])
+    for path, value in flatten(clf.variables["params"]["base"]).items():
+        np.testing.assert_array_equal(flatten(base.params)[path], value)
+
+    loaded = classifier.load_classifier(tmp_path / "export")
+    assert loaded.class_names == ("cats", "dogs") and loaded.image_size == SIZE
+    assert loaded.meta["phase"] == "finetune"
+    expected = jax.nn.sigmoid(clf.model.apply(clf.variables, images.astype(np.float32) / 255.0)[:, 0])
+    in_memory = classifier.predict(clf, images)
+    from_disk = classifier.predict(tmp_path / "export", images)
+    assert from_disk.shape == (5,) and from_disk.dtype == np.float32
+    np.testing.assert_array_equal(from_disk, in_memory)
+    np.testing.assert_allclose(in_memory, expected, rtol=1e-5, atol=1e-6)
+    # 3 batches of 2, the last one padded: the same probabilities.
+    np.testing.assert_allclose(classifier.predict(loaded, images, batch_size=2), in_memory, rtol=1e-5, atol=1e-6)
+    assert 0.02 < np.std(in_memory)  # the images get different probabilities
+
+    # Exporting again (overwrite) replaces the directory as a whole.
+    classifier.export(tmp_path / "export", clf, meta, info={"phase": "frozen"}, overwrite=True)
+    assert classifier.load_classifier(tmp_path / "export").meta["phase"] == "frozen"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_predict_names_the_expected_image_shape(trained):
+    clf, _ = trained
+    with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\).*found \(2, 48, 48, 3\)"):
+        classifier.predict(clf, np.zeros((2, 48, 48, 3), np.uint8))
+
+
+def test_load_classifier_of_a_plain_weights_directory_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="classifier.json is missing"):
+        classifier.load_classifier(tmp_path)
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.full((2, SIZE, SIZE, 3), 0.5, np.float32), r"look scaled to 0..1, expected 0..255"),
+    (np.full((2, SIZE, SIZE, 3), -0.5, np.float32), r"range over -0.5..-0.5, expected RGB in 0..255"),
+    (np.full((2, SIZE, SIZE, 3), 1000, np.uint16), r"dtype uint16: expected uint8 or floats in 0..255"),
+    (np.full((2, SIZE, SIZE, 3), np.nan, np.float32), r"contain NaN or Inf"),
+], ids=["floats-0..1", "floats-negative", "uint16", "nan"])
+def test_predict_refuses_images_that_cannot_be_0_255_rgb(trained, images, message):
+    clf, _ = trained
+    with pytest.raises(ValueError, match=message):
+        classifier.predict(clf, images)
+
+
+def test_predict_takes_dark_float_images_when_told_and_refuses_bad_batch_sizes(trained):
+    clf, _ = trained
+    dark = np.full((2, SIZE, SIZE, 3), 0.5, np.float32)
+    want = np.asarray(jax.nn.sigmoid(clf.model.apply(clf.variables, dark / 255.0)[:, 0]))
+    np.testing.assert_allclose(classifier.predict(clf, dark, assume_range="0..255"), want,
+                               rtol=1e-5, atol=1e-6)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            classifier.predict(clf, dark, batch_size=bad, assume_range="0..255")
+
+
+def test_a_damaged_export_is_refused_on_load(trained, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    clf, meta = trained
+    classifier.export(tmp_path / "export", clf, meta)
+    config = json.loads((tmp_path / "export" / classifier.CLASSIFIER).read_text())
+    # classifier.json may only name a base inside the export, unless the caller passes one.
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "export" / classifier.BASE, outside)
+    (tmp_path / "export" / classifier.CLASSIFIER).write_text(json.dumps({**config, "base": "../elsewhere"}))
+    with pytest.raises(ValueError, match=r"names base '../elsewhere', outside the export"):
+        classifier.load_classifier(tmp_path / "export")
+    assert classifier.load_classifier(tmp_path / "export", base=outside).image_size == SIZE
+    (tmp_path / "export" / classifier.CLASSIFIER).write_text(json.dumps(config))
+    # NaN in the head, or a changed value, is caught.
+    head = load_file(str(tmp_path / "export" / classifier.HEAD))
+    head["logits/bias"] = np.full_like(head["logits/bias"], np.nan)
+    save_file(head, str(tmp_path / "export" / classifier.HEAD))
+    with pytest.raises(ValueError, match=r"head.safetensors is corrupt: logits/bias: contains NaN"):
+        classifier.load_classifier(tmp_path / "export")
+    head["logits/bias"] = np.full_like(head["logits/bias"], 0.25)
+    save_file(head, str(tmp_path / "export" / classifier.HEAD))
+    with pytest.raises(ValueError, match=r"do not match the head_sha256"):
+        classifier.load_classifier(tmp_path / "export")

@@ -1,14 +1,18 @@
 """tools/convert_weights.py: one success line, or 'error: ...' and exit 1 with nothing written."""
 import importlib.util
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import vggjax
-from vggjax.keras_weights import write_legacy_h5
+from helpers import REPO, run_script
+from vggjax.weights.keras import write_legacy_h5
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_weights.py"
 # The CLI's main(), in-process, for the cases not worth a subprocess.
@@ -17,9 +21,8 @@ convert_weights = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert_weights)
 
 
-def run_cli(env, *args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True,
-                          text=True, cwd=SCRIPT.parents[1], timeout=300)
+def run_cli(env, *args, cwd=REPO):
+    return run_script(SCRIPT, *args, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +70,7 @@ def test_cli_runs_from_anywhere_and_timm_needs_input(subprocess_env, tmp_path):
     """No PYTHONPATH and another working dir: the script finds its checkout by itself when
     vggjax is not installed (and uses the installed one when it is)."""
     env = {k: v for k, v in subprocess_env.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--source", "timm", "--arch", "vgg16"],
-                            env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = run_cli(env, "--source", "timm", "--arch", "vgg16", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("error: timm weights have no checksum pinned")
     assert "--input FILE" in result.stderr and "Traceback" not in result.stderr
@@ -82,3 +84,70 @@ def test_cli_refuses_to_overwrite_without_flag(notop_h5, tmp_path, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
     assert convert_weights.main(args + ["--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notop_h5.name, "out"])
+
+
+def convert_args(h5, out, *extra):
+    return ["--source", "keras", "--arch", "vgg16", "--input", str(h5), "--output", str(out), *extra]
+
+
+def test_overwrite_keeps_user_folders_the_input_and_the_working_directory(notop_h5, tmp_path,
+                                                                          subprocess_env):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    cases = [
+        (mine, tmp_path, r"mine is not a vggjax output \(vggjax.json missing\), so --overwrite will not "
+                         r"delete it"),
+        (notop_h5.parent, tmp_path, r"is not a vggjax output"),
+        (".", mine, r"is not a vggjax output"),
+    ]
+    for output, cwd, pattern in cases:
+        result = run_cli(subprocess_env, *convert_args(notop_h5, output, "--overwrite"), cwd=cwd)
+        assert result.returncode == 1, result.stdout
+        assert re.fullmatch(rf"error: .*{pattern}.*\n", result.stderr), result.stderr
+    assert (mine / "notes.txt").read_text() == "mine" and notop_h5.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mine", notop_h5.name])
+    # The input's own folder, once a vggjax output, is still refused: it holds the input.
+    (tmp_path / "vggjax.json").write_text("{}")
+    result = run_cli(subprocess_env, *convert_args(notop_h5, tmp_path, "--overwrite"))
+    assert result.returncode == 1 and notop_h5.is_file()
+    assert re.fullmatch(r"error: .* contains .*notop.h5; refusing to replace it.*\n", result.stderr)
+    (mine / "vggjax.json").write_text("{}")  # and so is the working directory
+    result = run_cli(subprocess_env, *convert_args(notop_h5, ".", "--overwrite"), cwd=mine)
+    assert result.returncode == 1 and (mine / "notes.txt").is_file()
+    assert re.fullmatch(r"error: .*mine contains .*; refusing to replace it.*\n", result.stderr)
+
+
+def test_a_symlinked_output_and_a_directory_input_are_refused_before_work(notop_h5, tmp_path,
+                                                                          subprocess_env):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    result = run_cli(subprocess_env, *convert_args(notop_h5, tmp_path / "link"))
+    assert result.returncode == 1 and re.fullmatch(r"error: .*link is a symbolic link; vggjax does not "
+                                                   r"replace links: give the real path\n", result.stderr)
+    assert (tmp_path / "link").is_symlink() and list((tmp_path / "real").iterdir()) == []
+    result = run_cli(subprocess_env, *convert_args(tmp_path / "real", tmp_path / "out"))
+    assert result.returncode == 1 and re.fullmatch(r"error: --input .*real is a directory; expected a "
+                                                   r"weights file .*\n", result.stderr)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "kill-9"])
+def test_an_interrupted_conversion_leaves_nothing_after_the_next_run(notop_h5, tmp_path, subprocess_env, sig):
+    out = tmp_path / "converted" / "out"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *convert_args(notop_h5, out)], env=subprocess_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.parent.glob(".out.tmp-*")):  # the writer has started
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and list(out.parent.iterdir()) == []
+        assert proc.stderr.read() == "error: interrupted; nothing was written\n"
+    else:  # kill -9 cannot clean up: the next conversion beside it does
+        assert [p.name.startswith(".out.tmp-") for p in out.parent.iterdir()] == [True]
+        result = run_cli(subprocess_env, *convert_args(notop_h5, out))
+        assert result.returncode == 0, result.stderr
+        assert [p.name for p in out.parent.iterdir()] == ["out"]

@@ -1,6 +1,7 @@
 """examples/finetune_catsdogs.py end to end in subprocesses: --smoke learns, kill -9 resumes bit-exactly, offline stops at once."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,23 +12,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-from vggjax import data, report, smoke
-from vggjax.weights import flatten
+from helpers import REPO, run_script, script_env
+from vggjax import classifier, data, report, smoke
+from vggjax.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
 SIZE, EPOCHS = smoke.SETTINGS["image_size"], smoke.SETTINGS["epochs"]
 
 
-def _env(tmp_path):
-    env = dict(os.environ, VGGJAX_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _run(args, env, timeout=300):
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_script(SCRIPT, *args, env=env, timeout=timeout)
+
+
+def _error(proc) -> str:
+    """The one 'error: ...' line an expected failure ends with (TensorFlow may log above it)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    return proc.stderr.splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def smoke_run(tmp_path_factory):
     """One complete `--smoke` run (the reference for the resume test too)."""
     tmp = tmp_path_factory.mktemp("smoke")
     start = time.time()
-    proc = _run(["--smoke", "--workdir", str(tmp / "run")], _env(tmp))
+    proc = _run(["--smoke", "--workdir", str(tmp / "run")], script_env(tmp))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp / "run", proc.stdout, time.time() - start
 
@@ -58,21 +58,22 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     # results.json says, and its base is a weights directory with the input's layer names.
     test = data.load_split(str(workdir / "smoke_inputs" / "data"), "test", SIZE, 20, shuffle=False)
     images = np.concatenate([b["image"][b["mask"]] for b in test.batches(0)])
-    clf = report.load_classifier(workdir / "export" / "finetune")
-    accuracy = np.mean((report.predict(clf, images) > 0.5) == (test.labels == 1))
+    clf = classifier.load_classifier(workdir / "export" / "finetune")
+    accuracy = np.mean((classifier.predict(clf, images) > 0.5) == (test.labels == 1))
     assert accuracy == pytest.approx(results["finetune"]["test_accuracy"])
     assert clf.class_names == smoke.CLASSES
     print(f"smoke run: {seconds:.0f} s, test accuracy "
           + ", ".join(f"{p} {r['test_accuracy']:.3f}" for p, r in results.items()))
 
 
+@pytest.mark.slow
 def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run, tmp_path):
     reference, _, _ = smoke_run
     workdir = tmp_path / "run"
     # Same seeded inputs; copied only to save the time of making them again.
     shutil.copytree(reference / "smoke_inputs", workdir / "smoke_inputs")
     args = ["--smoke", "--workdir", str(workdir), "--checkpoint-every", "3"]
-    env = _env(tmp_path)
+    env = script_env(tmp_path)
     proc = subprocess.Popen([sys.executable, SCRIPT, *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     finetune = workdir / "checkpoints" / "finetune"
@@ -98,18 +99,19 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
 
     for name in (report.HISTORY, report.RESULTS):
         assert json.loads((workdir / name).read_text()) == json.loads((reference / name).read_text())
-    want = flatten(report.load_classifier(reference / "export" / "finetune").variables)
-    have = flatten(report.load_classifier(workdir / "export" / "finetune").variables)
+    want = flatten(classifier.load_classifier(reference / "export" / "finetune").variables)
+    have = flatten(classifier.load_classifier(workdir / "export" / "finetune").variables)
     assert set(have) == set(want)
     different = [k for k in want if not np.array_equal(np.asarray(have[k]), np.asarray(want[k]))]
     assert different == []
 
 
+@pytest.mark.slow
 def test_data_parallel_run_over_two_devices(smoke_run, tmp_path):
     reference, _, _ = smoke_run
     workdir = tmp_path / "run"
     shutil.copytree(reference / "smoke_inputs", workdir / "smoke_inputs")
-    env = dict(_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(script_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
     # finetune alone: runs frozen first, since it continues from there.
     proc = _run(["--smoke", "--workdir", str(workdir), "--data-parallel", "--phases", "features,finetune",
                  "--epochs", "1", "--steps-per-epoch", "2"], env)
@@ -124,7 +126,7 @@ def test_data_parallel_run_over_two_devices(smoke_run, tmp_path):
 
 
 def test_without_weights_or_network_it_stops_at_once_saying_what_to_provide(tmp_path):
-    env = _env(tmp_path)
+    env = script_env(tmp_path)
     # Offline, reproducibly: every download goes to a proxy port nobody listens on.
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         env[var] = "http://127.0.0.1:9"
@@ -140,3 +142,79 @@ def test_without_weights_or_network_it_stops_at_once_saying_what_to_provide(tmp_
     assert f"--data {tmp_path / 'no_such_folder'} lacks" in proc.stderr and "--data DIR" in proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache" / "converted").exists()
     assert time.time() - start < 60
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], r"batch_size \(--batch-size\) must be an integer >= 1, found 0"),
+    (["--epochs", "-1"], r"epochs \(--epochs\) must be an integer >= 0 .*found -1"),
+    (["--image-size", "31"], r"image_size \(--image-size\) must be an integer >= 32 .*found 31"),
+    (["--steps-per-epoch", "-1"], r"steps_per_epoch \(--steps-per-epoch\) must be .*found -1"),
+], ids=["batch-0", "epochs-minus-1", "size-31", "steps-minus-1"])
+def test_bad_flag_values_stop_before_any_work(tmp_path, flags, message):
+    proc = _run(["--smoke", "--workdir", str(tmp_path / "run"), *flags], script_env(tmp_path), timeout=120)
+    assert re.fullmatch(rf"error: {message}", _error(proc))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-class JPEG folder (4 images per class and split) and two sets of random VGG11 weights."""
+    from helpers import random_variables
+    from test_workflow import write_folder
+    from vggjax import weights
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    for seed in (0, 1):
+        weights.save(tmp / f"weights{seed}", random_variables("vgg11", False, seed=seed, input_rms=70.0), meta)
+    return write_folder(tmp / "data", per_class=4), tmp
+
+
+def test_a_workdir_is_resumed_only_by_the_same_run_and_epochs_0_only_evaluates(tiny, tmp_path):
+    data, weights = tiny
+    env = script_env(tmp_path)
+    workdir = tmp_path / "run"
+    args = ["--data", str(data), "--weights", str(weights / "weights0"), "--workdir", str(workdir),
+            "--phases", "features", "--image-size", "32", "--batch-size", "4"]
+    proc = _run([*args, "--epochs", "0"], env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((workdir / report.RESULTS).read_text())["features"]
+    assert result["epochs"] == 0 and result["best_val_accuracy"] is None and result["test_examples"] == 8
+    assert json.loads((workdir / report.HISTORY).read_text()) == {"features": []}
+    assert not (workdir / report.CURVES).exists()
+    assert "features: test accuracy" in proc.stdout and "epoch 1/" not in proc.stdout
+
+    again = _run([*args, "--epochs", "0"], env)
+    assert again.returncode == 0 and "phase features: already reported" in again.stdout, again.stderr
+    # Other image sizes, data or seeds are refused the same way (tests/test_workflow.py).
+    for change, named in [(["--weights", str(weights / "weights1")], "weights_sha256"),
+                          (["--batch-size", "2"], "batch_size (4 there, 2 now)")]:
+        proc = _run([*args, "--epochs", "0", *change], env, timeout=120)
+        assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} holds another run: .*"
+                            rf"{re.escape(named)}.*; use another --workdir, or --restart to discard "
+                            r"that run", _error(proc))
+    assert json.loads((workdir / report.RESULTS).read_text())["features"] == result  # untouched
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("one-class", r"train has one class folder \(cats\); a classifier needs at least 2"),
+    ("split-classes", r"the splits have different classes: .*\['cats', 'dogs'\].*\['Cats', 'dogs'\]"),
+    ("empty-split", r"test is empty: expected one folder of images per class"),
+])
+def test_data_that_cannot_mean_anything_is_refused(tiny, tmp_path, layout, message):
+    from test_workflow import write_folder
+
+    _, weights = tiny
+    data = tmp_path / "data"
+    if layout == "one-class":
+        write_folder(data, classes=("cats",))
+    else:
+        write_folder(data, splits=("train", "validation"))
+        if layout == "split-classes":
+            write_folder(data, classes=("Cats", "dogs"), splits=("test",))
+        else:
+            (data / "test").mkdir()
+    proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
+                 str(tmp_path / "run"), "--image-size", "32"], script_env(tmp_path), timeout=120)
+    assert re.fullmatch(rf"error: .*{message}.*", _error(proc))
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ import pytest
 
 import vggjax
 from vggjax import data, features, smoke
+from vggjax.trees import digest
 
 SIZE, BATCH = 32, 4
 MODE = "caffe"
@@ -117,8 +118,8 @@ def test_a_failed_extraction_leaves_no_cache_and_dead_temporaries_are_removed(fo
     assert list(tmp_path.iterdir()) == []
 
     # What a kill -9 leaves: a temp dir of a process that no longer exists. The next run removes it.
-    key, _ = features.cache_key(model, features.weights_digest(variables), splits["train"], MODE)
-    leftover = tmp_path / f".train-{key}.tmp-999999999"
+    key, _ = features.cache_key(model, digest(variables), splits["train"], MODE)
+    leftover = tmp_path / f".train-{key}.tmp-999999999-0123abcd"
     leftover.mkdir()
     (leftover / features.FEATURES).write_bytes(b"half")
     monkeypatch.setattr(features, "make_extract_step", real)

@@ -8,7 +8,7 @@ import pytest
 import vggjax
 from vggjax import freezing, training
 from vggjax.classifier import Head, init_classifier
-from vggjax.weights import flatten
+from vggjax.trees import flatten
 
 
 @pytest.fixture(scope="module")

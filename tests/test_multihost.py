@@ -40,7 +40,7 @@ def train_one_epoch(folder: str, out: str) -> None:
         state, metrics = step(state, parallel.shard_batch(batch, mesh))
         counts.append(int(metrics["count"]))
     if jax.process_index() == 0:
-        flat = vggjax.weights.flatten(jax.device_get(state.params))
+        flat = vggjax.trees.flatten(jax.device_get(state.params))
         np.savez(out, **{k.replace("/", "."): v for k, v in flat.items()})
         with open(out + ".json", "w") as f:
             json.dump({"processes": jax.process_count(), "devices": jax.device_count(),
@@ -70,6 +70,7 @@ def _launch(folder, out, processes, subprocess_env):
     return dict(np.load(str(out) + ".npz")), info
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, subprocess_env):
     rng = np.random.default_rng(0)
     for label in ("cats", "dogs"):

@@ -47,8 +47,8 @@ def run_on_four_devices() -> dict:
     four_eval_metrics = four_eval(four_state, sharded)
 
     errors = {}
-    before = vggjax.weights.flatten(variables["params"])
-    one, four = vggjax.weights.flatten(one_state.params), vggjax.weights.flatten(four_state.params)
+    before = vggjax.trees.flatten(variables["params"])
+    one, four = vggjax.trees.flatten(one_state.params), vggjax.trees.flatten(four_state.params)
     for path in one:
         d1, d4 = np.asarray(one[path]) - before[path], np.asarray(four[path]) - before[path]
         if np.abs(d1).max() > 0:

@@ -17,7 +17,7 @@ import pytest
 import vggjax
 from vggjax import augmentation, freezing, training
 from vggjax.classifier import Head
-from vggjax.weights import flatten
+from vggjax.trees import flatten
 
 
 class ArraySplit:
@@ -66,6 +66,11 @@ def images(n, seed):
     return x, labels
 
 
+def identity(spec, seed=3):
+    """What a checkpoint must match to be resumed: the freezing rules and the seed."""
+    return {"freeze_spec": [list(r) for r in freezing.resolve(spec)], "seed": seed}
+
+
 def tiny_run(delay=0.0):
     """(model, fresh state, train step, eval step, train split, val split) of the tiny run."""
     model = TinyNet()
@@ -83,7 +88,7 @@ def child_fit(workdir, out):
     """Subprocess body of the kill test: a 3-epoch fit, then the final state and history to `out`."""
     _, state, train_step, eval_step, train, val = tiny_run(delay=0.05)
     state, history = training.fit(state, train_step, eval_step, train, val, epochs=3, workdir=workdir,
-                                  phase="tiny", freeze_spec=RULES, seed=3, checkpoint_every=2, progress=False)
+                                  phase="tiny", identity=identity(RULES), checkpoint_every=2, progress=False)
     leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
     np.savez(out + ".npz", **leaves)
     with open(out + ".json", "w") as f:
@@ -133,7 +138,7 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     _, state, train_step, eval_step, train, val = tiny_run()
     lines = []
     state, history = training.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
-                                  phase="head", freeze_spec=RULES, seed=3, checkpoint_every=4,
+                                  phase="head", identity=identity(RULES), checkpoint_every=4,
                                   log=lines.append, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
@@ -149,20 +154,20 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
         raise AssertionError("a finished phase was trained again")
 
     again, history_again = training.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
-                                        workdir=tmp_path, phase="head", freeze_spec=RULES, seed=3,
+                                        workdir=tmp_path, phase="head", identity=identity(RULES),
                                         log=lines.append, progress=False)
     assert history_again == history and "already finished" in lines[-1]
     np.testing.assert_array_equal(again.params["head"]["logits"]["kernel"], state.params["head"]["logits"]["kernel"])
     with pytest.raises(ValueError, match="freeze_spec"):
         training.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3, workdir=tmp_path,
-                     phase="head", freeze_spec="all", seed=3, progress=False)
+                     phase="head", identity=identity("all"), progress=False)
 
     # Unfreezing is a new phase: new optimizer, new state from the trained parameters, new step.
     model = TinyNet()
     tx = freezing.make_optimizer(optax.adam(1e-3), state.params, "all")
     tuned = training.TrainState.create(state.variables(), tx, seed=4)
     tuned, tuned_history = training.fit(tuned, training.make_train_step(model, tx), eval_step, train, val,
-                                        epochs=1, workdir=tmp_path, phase="all", freeze_spec="all", seed=4,
+                                        epochs=1, workdir=tmp_path, phase="all", identity=identity("all", seed=4),
                                         log=lines.append, progress=False)
     assert len(tuned_history) == 1 and (tmp_path / "all").is_dir()
     assert not np.array_equal(tuned.params["bn"]["scale"], state.params["bn"]["scale"])
@@ -200,6 +205,7 @@ def wait_for_checkpoint(directory, newer_than, proc, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_gives_bit_identical_parameters(tmp_path, subprocess_env):
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess_env["PYTHONPATH"] += os.pathsep + here

@@ -4,7 +4,7 @@
     python tools/convert_weights.py --source keras --arch vgg16 --include-top --input vgg16.h5
     python tools/convert_weights.py --source timm --arch vgg16_bn --input model.safetensors
 
-The logic lives in vggjax.pretrained.convert_file; this file only parses arguments.
+The logic lives in vggjax.weights.convert_file; this file only parses arguments.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax import pretrained
+from vggjax import weights
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, choices=sorted(pretrained.SOURCES))
+    parser.add_argument("--source", required=True, choices=sorted(weights.SOURCES))
     parser.add_argument("--arch", required=True, choices=sorted(vggjax.ARCHS))
     parser.add_argument("--include-top", action="store_true",
                         help="keep the 1000-class classifier (fc1, fc2, predictions)")
@@ -33,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
                         "<source>_<arch>[_notop], with $VGGJAX_CACHE defaulting to ~/.cache/vggjax")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     args = parser.parse_args(argv)
-    output = args.output or pretrained.default_output_dir(args.source, args.arch, args.include_top)
+    output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
     try:
-        meta = pretrained.convert_file(args.source, args.arch, args.input, output,
+        meta = weights.convert_file(args.source, args.arch, args.input, output,
                                        include_top=args.include_top, overwrite=args.overwrite)
     except (ValueError, OSError) as err:  # bad files, existing output, no network (DownloadError)
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     top = "with" if meta["include_top"] else "without"
     print(f"converted {args.source} {args.arch} ({top} top) to {os.path.abspath(output)}")
     return 0

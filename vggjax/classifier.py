@@ -1,6 +1,24 @@
-"""A new classification head on a pretrained VGG conv base: the book's transfer-learning model."""
+"""A new classification head on a pretrained VGG conv base (the book's transfer-learning model),
+and the exported classifier: written once, loaded and run on raw images without the training code.
+
+Exported classifier layout (`export`):
+
+    <export_dir>/
+      base/              the conv base as a vggjax weights directory: `vggjax.load(export_dir/"base")`
+                         gives the fine-tuned base with the input weights' Keras layer names and
+                         metadata, its `preprocessing` set to the mode the classifier was trained with
+      head.safetensors   the head's parameters, '/'-joined names ("hidden/kernel", "logits/bias", ...)
+      classifier.json    head shape, image size, preprocessing, class names, phase
+
+    clf = load_classifier(export_dir)
+    probabilities = predict(clf, images)   # images uint8 (N, S, S, 3) RGB at clf.image_size
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -8,8 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vggjax import atomic, weights
 from vggjax.model import VGG
-from vggjax.weights import flatten
+from vggjax.preprocessing import MODES, check_images, preprocess_input
+from vggjax.trees import diff, digest, flatten, non_finite, unflatten
+
+BASE, HEAD, CLASSIFIER = "base", "head.safetensors", "classifier.json"
 
 
 class Head(nn.Module):
@@ -75,7 +97,8 @@ def init_classifier(base_variables: Mapping, base_model: VGG, head: Head,
     base_model.check_input((1, h, w, 3))
     images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     want = jax.eval_shape(base_model.init, key, images)
-    _check_fits(base_variables, want)
+    if problems := diff(base_variables, want):
+        raise ValueError("base variables do not fit the base model: " + "; ".join(problems))
 
     features = jax.eval_shape(base_model.apply, want, images)
     head_vars = head.init(key, jnp.zeros(features.shape, features.dtype))
@@ -85,16 +108,134 @@ def init_classifier(base_variables: Mapping, base_model: VGG, head: Head,
     return Classifier(base=base_model, head=head), jax.tree.map(jnp.asarray, variables)
 
 
-def _check_fits(have: Mapping, want: Mapping) -> None:
-    """ValueError naming missing / unexpected / mis-shaped base variables."""
-    have_flat = {k: tuple(np.shape(v)) for k, v in flatten(have).items()}
-    want_flat = {k: tuple(v.shape) for k, v in flatten(want).items()}
-    problems = []
-    if missing := sorted(set(want_flat) - set(have_flat)):
-        problems.append(f"missing {missing}")
-    if unexpected := sorted(set(have_flat) - set(want_flat)):
-        problems.append(f"unexpected {unexpected}")
-    problems += [f"{k}: expected shape {want_flat[k]}, found {have_flat[k]}"
-                 for k in sorted(set(want_flat) & set(have_flat)) if want_flat[k] != have_flat[k]]
+@dataclasses.dataclass(eq=False)
+class TrainedClassifier:
+    """A headless VGG base plus a head, ready to classify raw images (see `predict`)."""
+
+    model: Classifier
+    variables: dict  # {"params": {"base", "head"}[, "batch_stats": {"base"}]}
+    preprocessing: str  # the preprocess_input mode the classifier was trained with
+    image_size: int
+    class_names: tuple[str, ...]
+    meta: dict = dataclasses.field(default_factory=dict)  # classifier.json when loaded
+
+    def __post_init__(self):
+        model, mode = self.model, self.preprocessing
+
+        def probabilities(variables, images):
+            logits = model.apply(variables, preprocess_input(images, mode)).astype(jnp.float32)
+            return jax.nn.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else jax.nn.softmax(logits)
+
+        # One jitted function per classifier: every `predict` call after the first reuses it.
+        self.probabilities = jax.jit(probabilities)
+
+
+def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_meta: Mapping,
+           info: Mapping | None = None, overwrite: bool = False) -> Path:
+    """Write `classifier` to `directory` in the layout of the module docstring; return the path.
+
+    `base_meta`: the metadata of the weights the base started from (`Pretrained.meta`); the
+    exported base keeps it, with include_top False and `preprocessing` set to the
+    classifier's. `info`: extra JSON for classifier.json (e.g. phase, test accuracy). The
+    directory is written under a temporary name and renamed: it is complete or absent.
+    `overwrite` replaces a previous export (a directory holding classifier.json), nothing else.
+    """
+    from safetensors.numpy import save_file
+
+    head = classifier.model.head
+    params = classifier.variables["params"]
+    base_variables = {"params": params["base"]}
+    if "batch_stats" in classifier.variables:
+        base_variables["batch_stats"] = classifier.variables["batch_stats"]["base"]
+    meta = dict(base_meta, include_top=False, preprocessing=classifier.preprocessing)
+    config = {"head": {"units": head.units, "dropout_rate": head.dropout_rate,
+                       "num_outputs": head.num_outputs},
+              "image_size": classifier.image_size, "preprocessing": classifier.preprocessing,
+              "class_names": list(classifier.class_names), "base": BASE, **dict(info or {})}
+
+    config["head_sha256"] = digest(params["head"])
+    with atomic.writing(directory, directory=True, marker=CLASSIFIER, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        weights.save(tmp / BASE, jax.device_get(base_variables), meta)
+        save_file({k: np.asarray(v) for k, v in flatten(params["head"]).items()}, str(tmp / HEAD))
+        (tmp / CLASSIFIER).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(directory)
+
+
+def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None = None,
+                    verify: bool = True) -> TrainedClassifier:
+    """Load an `export`ed classifier: the base via `vggjax.load`, the head from head.safetensors.
+
+    The base is the one classifier.json names, which must lie inside `directory`; pass `base`
+    to use another weights directory explicitly. The head must be finite, fit the base and
+    match the `head_sha256` recorded at export (`verify=False` skips the digests).
+    """
+    from safetensors.numpy import load_file
+
+    directory = Path(directory).absolute()
+    where = directory / CLASSIFIER
+    if not where.is_file():
+        raise FileNotFoundError(f"{directory} is not an exported classifier: {CLASSIFIER} is missing")
+    try:
+        config = json.loads(where.read_text())
+        head = Head(**{k: config["head"][k] for k in ("units", "dropout_rate", "num_outputs")})
+        image_size, mode, names = config["image_size"], config["preprocessing"], config["class_names"]
+        ok = (type(image_size) is int and isinstance(mode, str) and mode in MODES
+              and isinstance(names, list) and all(isinstance(n, str) for n in names)
+              and type(head.units) is int and type(head.num_outputs) is int
+              and isinstance(config["base"], str))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{where} is corrupt: {type(err).__name__}: {err}") from None
+    if not ok:
+        raise ValueError(f"{where} is invalid: image_size, preprocessing, class_names, head or "
+                         "base has the wrong type or value")
+    if base is None:
+        base = (directory / config["base"]).resolve()
+        if directory.resolve() not in base.parents:
+            raise ValueError(f"{where} names base {config['base']!r}, outside the export; pass "
+                             "base=... to load_classifier to use another weights directory")
+    base_weights = weights.load(base, verify=verify)
+    head_params = unflatten(load_file(str(directory / HEAD)))
+    features = jax.eval_shape(base_weights.model.apply, base_weights.variables,
+                              jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+    want = jax.eval_shape(head.init, jax.random.PRNGKey(0), features)["params"]
+    problems = diff(head_params, want) or [f"{p}: contains NaN or Inf" for p in non_finite(head_params)]
+    recorded = config.get("head_sha256")
+    if not problems and verify and recorded is not None and digest(head_params) != recorded:
+        problems = [f"its arrays do not match the head_sha256 recorded in {CLASSIFIER}"]
     if problems:
-        raise ValueError("base variables do not fit the base model: " + "; ".join(problems))
+        raise ValueError(f"{directory / HEAD} is corrupt: " + "; ".join(problems))
+    variables = {"params": {"base": base_weights.params, "head": jax.tree.map(jnp.asarray, head_params)}}
+    if base_weights.batch_stats is not None:
+        variables["batch_stats"] = {"base": base_weights.batch_stats}
+    return TrainedClassifier(model=Classifier(base=base_weights.model, head=head), variables=variables,
+                             preprocessing=mode, image_size=image_size, class_names=tuple(names),
+                             meta=config)
+
+
+def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_size: int = 32,
+            assume_range: str | None = None) -> np.ndarray:
+    """Class probabilities for RGB images (uint8 or float 0..255, (N, S, S, 3), S = image_size).
+
+    `classifier`: a `TrainedClassifier` or an export directory. Returns float32 (N,), the
+    probability of `class_names[1]`, for a binary head; (N, K) softmax probabilities otherwise.
+    Images go through in batches of `batch_size` (the last one padded, so one compilation).
+    Images that cannot be 0..255 RGB (0..1 floats, uint16, NaN, ...) are refused with
+    ValueError (`preprocessing.check_images`; `assume_range` as there).
+    """
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
+    if not isinstance(classifier, TrainedClassifier):
+        classifier = load_classifier(classifier)
+    images = check_images(images, assume_range)
+    s = classifier.image_size
+    if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+        raise ValueError(f"expected RGB images of shape (N, {s}, {s}, 3) (the size this classifier "
+                         f"was trained at), found {images.shape}")
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+        padded[:len(chunk)] = chunk
+        out.append(np.asarray(classifier.probabilities(classifier.variables, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)

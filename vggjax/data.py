@@ -47,7 +47,10 @@ import warnings
 from typing import Iterator, Mapping
 
 import numpy as np
-import tensorflow as tf
+
+from vggjax.extras import require
+
+tf = require("tensorflow", "vggjax.data (tf.data input pipelines)")
 
 try:
     tf.config.set_visible_devices([], "GPU")
@@ -55,7 +58,7 @@ except RuntimeError:
     # TF's devices were already initialised by the caller's own TF code; their choice stands.
     pass
 
-import tensorflow_datasets as tfds  # noqa: E402  (after hiding the GPUs)
+tfds = require("tensorflow_datasets", "vggjax.data")  # after hiding the GPUs
 
 # Images per class in each split, in slicing order (the book's protocol: 2000/1000/1000).
 BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}
@@ -167,6 +170,57 @@ class Split:
                 "mask": np.zeros((n,), bool)}
 
 
+def check_image_folder(root: str, splits=("train", "validation", "test")) -> dict[str, dict[str, int]]:
+    """{split: {class: number of images}} of `root/<split>/<class>/*`, checked before any decoding.
+
+    ValueError naming the folder when a split is missing or empty, has fewer than 2 classes, a
+    class folder holds no image, or the class names differ between splits (`Cats` vs `cats`
+    would otherwise become extra classes). Files ImageFolder ignores (formats other than
+    .jpg/.jpeg/.png, nested folders, files beside the class folders) are counted in one
+    `SkippedFilesWarning`.
+    """
+    counts, ignored = {}, []
+    for split in splits:
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise ValueError(f"{split_dir}: no such folder (expected {root}/<split>/<class>/*.jpg)")
+        classes = {}
+        for entry in sorted(os.listdir(split_dir)):
+            class_dir = os.path.join(split_dir, entry)
+            if not os.path.isdir(class_dir):
+                ignored.append(class_dir)
+                continue
+            files = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir))]
+            images = [f for f in files if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+            ignored += [f for f in files if f not in images]
+            classes[entry] = len(images)
+        if not classes:
+            raise ValueError(f"{split_dir} is empty: expected one folder of images per class")
+        if len(classes) < 2:
+            raise ValueError(f"{split_dir} has one class folder ({next(iter(classes))}); a classifier "
+                             "needs at least 2")
+        if empty := [c for c, n in classes.items() if n == 0]:
+            raise ValueError(f"{split_dir}: class folder(s) {empty} hold no .jpg/.jpeg/.png image")
+        counts[split] = classes
+    first = splits[0]
+    for split in splits[1:]:
+        if sorted(counts[split]) != sorted(counts[first]):
+            raise ValueError(f"the splits have different classes: {os.path.join(root, first)} has "
+                             f"{sorted(counts[first])}, {os.path.join(root, split)} has "
+                             f"{sorted(counts[split])}; every split needs the same class folders")
+    if ignored:
+        warnings.warn(f"{root}: ignored {len(ignored)} file(s) or folder(s) that are not .jpg/.jpeg/"
+                      f".png images directly inside a class folder: {_named(ignored)}",
+                      SkippedFilesWarning, stacklevel=2)
+    return counts
+
+
+def _named(paths) -> str:
+    """The first paths of a warning, then how many more."""
+    more = len(paths) - _NAMED_IN_WARNING
+    return ", ".join(paths[:_NAMED_IN_WARNING]) + (f" and {more} more" if more > 0 else "")
+
+
 def load_split(source: str, split: str, image_size: int, batch_size: int, *, shuffle: bool,
                seed: int = 0, data_dir: str | None = None,
                per_class: Mapping[str, int] = BOOK_SPLITS) -> Split:
@@ -188,10 +242,8 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     ok = _decodable(encoded, from_files)
     skipped = tuple(n for n, good in zip(names, ok) if not good)
     if skipped:
-        shown = ", ".join(skipped[:_NAMED_IN_WARNING])
-        more = f" and {len(skipped) - _NAMED_IN_WARNING} more" if len(skipped) > _NAMED_IN_WARNING else ""
         warnings.warn(f"{where}: skipped {len(skipped)} of {len(names)} files that could not be "
-                      f"read or decoded as images: {shown}{more}", SkippedFilesWarning, stacklevel=2)
+                      f"read or decoded as images: {_named(skipped)}", SkippedFilesWarning, stacklevel=2)
     if not ok.any():
         raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
     keep = np.flatnonzero(ok)

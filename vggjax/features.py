@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -30,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vggjax import atomic
 from vggjax.model import VGG, arch_name
 from vggjax.preprocessing import preprocess_input
-from vggjax.weights import flatten
+from vggjax.trees import digest
 
 FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
-CACHE_VERSION = 1  # bump when the stored format or what goes into the key changes
+CACHE_VERSION = 2  # bump when the stored format or what goes into the key changes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -105,20 +105,10 @@ def make_extract_step(model: VGG, preprocess_mode: str) -> Callable:
     return jax.jit(step)
 
 
-def weights_digest(variables: Mapping) -> str:
-    """blake2b hex digest of every variable's name, dtype, shape and bytes: the weights' identity."""
-    digest = hashlib.blake2b(digest_size=16)
-    for path, leaf in sorted(flatten(dict(variables)).items()):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{path}:{array.dtype}:{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def cache_key(model: VGG, weights_id: str, split, preprocess_mode: str,
               weights_meta: Mapping | None = None) -> tuple[str, dict]:
     """(hex key, the JSON description it hashes) for the features of `split` computed by `model`
-    with the weights whose `weights_digest` is `weights_id`."""
+    with the weights whose `trees.digest` is `weights_id`."""
     if split.from_files:
         files = [[name, *_stat(name)] for name in split.names]
     else:
@@ -129,7 +119,7 @@ def cache_key(model: VGG, weights_id: str, split, preprocess_mode: str,
         # Every field of the module (pooling, dtype, conv algorithm, ...): each can change the output.
         "model": {f.name: str(getattr(model, f.name)) for f in dataclasses.fields(model)
                   if f.name not in ("parent", "name")},
-        "variables_blake2b": weights_id,
+        "variables_sha256": weights_id,
         "weights_meta": dict(weights_meta or {}),
         "split": split.name,
         "class_names": list(split.class_names),
@@ -156,7 +146,7 @@ def extract(model: VGG, variables: Mapping, splits: Mapping[str, Any], cache_dir
     running the model (`FeatureSplit.reused`).
     """
     cache_dir = Path(cache_dir).absolute()
-    weights_id = weights_digest(variables)
+    weights_id = digest(variables)
     step = None
     out = {}
     for name, split in splits.items():
@@ -175,12 +165,8 @@ def extract(model: VGG, variables: Mapping, splits: Mapping[str, Any], cache_dir
 
 def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -> None:
     """Run `step` over `split` in file order into `final`, via a temp dir renamed at the end."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temporaries(final.parent, final.name)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.writing(final, directory=True, marker=INFO, overwrite=True) as tmp:
+        tmp.mkdir()
         n = split.num_examples
         features, labels, done = None, np.empty((n,), np.int32), 0
         for batch in dataclasses.replace(split, shuffle=False).batches(0):
@@ -201,15 +187,6 @@ def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -
         np.save(tmp / LABELS, labels)
         info = dict(info, shape=list(features_shape))
         (tmp / INFO).write_text(json.dumps(info, indent=1, sort_keys=True, default=str) + "\n")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / INFO).is_file():  # unless another process finished it first
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _open(directory: Path, split, reused: bool) -> FeatureSplit:
@@ -225,21 +202,3 @@ def _open(directory: Path, split, reused: bool) -> FeatureSplit:
 def _stat(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
-
-
-def _remove_dead_temporaries(cache_dir: Path, name: str) -> None:
-    """Delete `.name.tmp-<pid>` directories left by killed extractions (their pid is gone)."""
-    for tmp in cache_dir.glob(f".{name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

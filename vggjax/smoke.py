@@ -3,11 +3,12 @@ that go through the same Keras-h5 conversion path as the published files."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from vggjax import atomic
+from vggjax.extras import require
 
 # Two classes that differ in colour, shape and texture at once, each drawn with random position,
 # size, brightness and pixel noise, so a random-weights conv base still separates them while the
@@ -52,15 +53,12 @@ def make_image_folder(root: str | os.PathLike, *, seed: int = 0, sizes: dict | N
     Written under a temporary name and renamed, so `root` is either complete or absent; an
     existing `root` is reused as is.
     """
-    from PIL import Image
-
+    Image = require("PIL.Image", "writing smoke-test images")
     root = Path(root)
     if root.exists():
         return root
     sizes = SPLIT_SIZES if sizes is None else sizes
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic.writing(root, directory=True) as tmp:
         rng = np.random.default_rng(seed)
         for split, n in sizes.items():
             for kind in CLASSES:
@@ -69,28 +67,25 @@ def make_image_folder(root: str | os.PathLike, *, seed: int = 0, sizes: dict | N
                 for i in range(n):
                     Image.fromarray(_draw(kind, jpeg_size, rng)).save(folder / f"{kind}.{i}.jpg",
                                                                       quality=90)
-        tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 
 def make_random_weights(directory: str | os.PathLike, arch: str = "vgg16", seed: int = 0) -> Path:
     """A converted no-top checkpoint of randomly initialised `arch`, made the way real weights are.
 
-    Random parameters are written as a legacy Keras h5 file (`keras_weights.write_legacy_h5`,
-    the published layout) next to `directory`, then converted by `pretrained.convert_file`, so
+    Random parameters are written as a legacy Keras h5 file (`weights.keras.write_legacy_h5`,
+    the published layout) next to `directory`, then converted by `weights.convert_file`, so
     a smoke run exercises the real reading, checking and saving path; the h5 file is deleted
     afterwards (the metadata's source_file and source_sha256 still name it). Reused when present.
     """
     import jax
 
-    from vggjax import keras_weights, pretrained
+    from vggjax import weights
     from vggjax.model import MIN_SIZE, create
+    from vggjax.weights.keras import write_legacy_h5
 
     directory = Path(directory)
-    if (directory / pretrained.METADATA).is_file():
+    if (directory / weights.METADATA).is_file():
         return directory
     model = create(arch, include_top=False)
     x = np.zeros((1, MIN_SIZE, MIN_SIZE, 3), np.float32)
@@ -98,8 +93,8 @@ def make_random_weights(directory: str | os.PathLike, arch: str = "vgg16", seed:
     h5 = directory.parent / f"random_{arch}_notop_seed{seed}.h5"
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:
-        keras_weights.write_legacy_h5(params, h5)
-        pretrained.convert_file("keras", arch, h5, directory, include_top=False, overwrite=True)
+        write_legacy_h5(params, h5)
+        weights.convert_file("keras", arch, h5, directory, include_top=False, overwrite=True)
     finally:
         h5.unlink(missing_ok=True)
     return directory

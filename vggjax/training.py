@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -12,12 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vggjax import augmentation, freezing
+from vggjax import augmentation, checkpoint
 from vggjax.parallel import batch_sharding, replicated, shard_batch
 from vggjax.preprocessing import preprocess_input
-
-MONITORS = {"val_loss": "min", "val_accuracy": "max"}
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -195,65 +193,26 @@ def evaluate(state: TrainState, eval_step: Callable, split, mesh=None) -> dict:
     return _means(totals)
 
 
-def _checkpoint_manager(directory: Path, monitor: str, create: bool = True) -> "ocp.CheckpointManager":
-    """Keeps the 2 latest checkpoints (for resuming) and the best epoch-end one by `monitor`."""
-    import orbax.checkpoint as ocp  # lazily: the steps alone need only jax/flax/optax
-
-    if monitor not in MONITORS:
-        raise ValueError(f"monitor must be one of {sorted(MONITORS)}, found {monitor!r}")
-    mode = MONITORS[monitor]
-    # Mid-epoch checkpoints are saved with empty metrics: ranked worst, never "best".
-    worst = float("inf") if mode == "min" else float("-inf")
-
-    def score(metrics):
-        return metrics.get(monitor, worst)
-
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=2),
-        ocp.checkpoint_managers.BestN(get_metric_fn=score, reverse=mode == "min", n=1),
-    ])
-    options = ocp.CheckpointManagerOptions(best_fn=score, best_mode=mode, preservation_policy=policy,
-                                           create=create,
-                                           # leftovers of a save cut short by a kill
-                                           cleanup_tmp_directories=create)
-    return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
-
-
-def _abstract(state):
-    import orbax.checkpoint as ocp
-
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-
-
 def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
                        which: str | int = "best", monitor: str = "val_loss") -> tuple[TrainState, dict]:
     """(state, metadata) of phase `phase` under `workdir`: "best" (by `monitor`, as in `fit`),
     "latest" or a step number.
 
     `state` is the template (shapes, dtypes, shardings), e.g. the one passed to `fit`.
-    metadata: {"phase", "freeze_spec", "seed", "steps_per_epoch", "history", ...}.
+    metadata: {"phase", "steps_per_epoch", "history", ..., and `fit`'s `identity`}.
     """
-    import orbax.checkpoint as ocp
-
     directory = Path(workdir).absolute() / phase
     if not directory.exists():
         raise ValueError(f"no checkpoints for phase {phase!r}: {directory} does not exist")
-    mngr = _checkpoint_manager(directory, monitor, create=False)
+    mngr = checkpoint.manager(directory, monitor, create=False)
     try:
-        step = {"best": mngr.best_step, "latest": mngr.latest_step}[which]() if isinstance(which, str) else which
-        if step is None or step not in mngr.all_steps():
-            raise ValueError(f"no checkpoint {which!r} in {directory}; steps there: {list(mngr.all_steps())}")
-        if which == "best" and monitor not in (mngr.metrics(step) or {}):
-            raise ValueError(f"no epoch of phase {phase!r} has finished yet in {directory}: no best checkpoint")
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(state)), meta=ocp.args.JsonRestore()))
+        return checkpoint.restore(mngr, checkpoint.step_of(mngr, which, monitor, str(directory)), state)
     finally:
         mngr.close()
-    return restored.state, dict(restored.meta)
 
 
 def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_split, val_split, *,
-        epochs: int, workdir: str | Path, phase: str, freeze_spec: freezing.Spec, seed: int,
+        epochs: int, workdir: str | Path, phase: str, identity: Mapping | None = None,
         steps_per_epoch: int | None = None, checkpoint_every: int | None = 100, mesh=None,
         log: Callable[[str], Any] = print, monitor: str = "val_loss",
         progress: bool = True) -> tuple[TrainState, list[dict]]:
@@ -265,39 +224,38 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
     Checkpoints: every `checkpoint_every` steps (None: epoch ends only) and at every epoch end,
     keeping the 2 latest and the best epoch by `monitor` ("val_loss" lowest, as the book's
     ModelCheckpoint, or "val_accuracy" highest); `restore_checkpoint(..., which="best")` loads it.
-    Each checkpoint holds the state and JSON metadata: phase, freeze spec, seed,
-    steps_per_epoch, history so far and the position in the epoch.
+    Each checkpoint holds the state and JSON metadata: phase, `identity` (JSON: whatever makes
+    two runs the same run, e.g. weights digest, freeze rules, seed), steps_per_epoch, history so
+    far and the position in the epoch.
     Resume: run again with the same arguments after an interruption (even kill -9) and it
     continues from the latest checkpoint, skipping the batches already done, and ends with
     the same parameters as an uninterrupted run. A finished phase is returned as is. A
-    checkpoint written with another phase, freeze spec, seed or steps_per_epoch is refused.
-    `freeze_spec` must be the spec the optimizer inside `train_step` was built with
-    (`freezing.make_optimizer`); unfreezing is a new phase with a new state and train step.
+    checkpoint whose phase, identity or steps_per_epoch differ is refused with a ValueError
+    naming what differs, before any training. Unfreezing is a new phase with a new state and
+    train step.
     Returns (final state, history): one dict per epoch with epoch, loss, accuracy, val_loss,
     val_accuracy.
     """
-    import orbax.checkpoint as ocp
     from tqdm import tqdm
 
     if jax.process_index() != 0:  # one log and one progress bar per job, not per host
         log, progress = (lambda line: None), False
     spe = steps_per_epoch or train_split.steps_per_epoch
-    identity = {"phase": phase, "freeze_spec": [list(r) for r in freezing.resolve(freeze_spec)],
-                "seed": seed, "steps_per_epoch": spe}
+    identity = {"phase": phase, **json.loads(json.dumps(dict(identity or {}))), "steps_per_epoch": spe}
     directory = Path(workdir).absolute() / phase
-    mngr = _checkpoint_manager(directory, monitor)
+    mngr = checkpoint.manager(directory, monitor)
     try:
         step, epoch, done, history, totals = 0, 0, 0, [], _totals()
         if (latest := mngr.latest_step()) is not None:
-            restored = mngr.restore(latest, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(state)), meta=ocp.args.JsonRestore()))
-            meta = restored.meta
+            # The metadata first: another run's state may not even fit the template.
+            meta = checkpoint.read_meta(mngr, latest)
             differs = {k: (meta.get(k), v) for k, v in identity.items() if meta.get(k) != v}
             if differs:
                 raise ValueError(f"{directory} holds a checkpoint of another run: "
                                  + "; ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in differs.items())
                                  + ". Use another workdir or phase name.")
-            state, history = restored.state, list(meta["history"])
+            state, meta = checkpoint.restore(mngr, latest, state)
+            history = list(meta["history"])
             step, epoch, done = meta["step"], meta["epoch"], meta["batches_done"]
             totals = _totals(**meta["epoch_totals"])
             if epoch >= epochs:
@@ -311,8 +269,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
                     "history": list(history),  # a copy: the save may be written after the next append
                     "epoch_totals": {"loss_sum": float(t["loss_sum"]), "correct": int(t["correct"]),
                                      "count": int(t["count"])}}
-            mngr.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            checkpoint.save(mngr, step, state, meta, metrics)
 
         while epoch < epochs:
             batches = itertools.islice(train_split.batches(epoch, skip=done), spe - done)

@@ -21,31 +21,54 @@ Output directory (`Config.workdir`):
     results.json               {phase: {"test_accuracy", "test_loss", ...}}
     curves.png                 accuracy and loss per epoch, one column per phase
     export/<phase>/            the phase's classifier: base/ (vggjax.load), head.safetensors,
-                               classifier.json; `report.load_classifier` / `report.predict`
+                               classifier.json; `classifier.load_classifier` / `classifier.predict`
+
+`add_arguments` turns the Config's fields into command-line flags (their defaults and help live
+here, once), `config_arguments` reads them back.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-from vggjax import augmentation, download, features, freezing, parallel, pretrained, report, training
-from vggjax.classifier import Classifier, Head, init_classifier
-from vggjax.keras_weights import TOP
-from vggjax.model import create
+from vggjax import atomic, augmentation, features, freezing, parallel, report, training
+from vggjax.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
+                               init_classifier)
+from vggjax.model import MIN_SIZE, TOP, create
+from vggjax.preprocessing import MODES
+from vggjax.trees import digest
+from vggjax.weights import download, store
 
 PHASES = ("features", "frozen", "finetune")
 # Deep Learning with Python, 1st edition, chapter 5.3: epochs and RMSprop learning rates.
 BOOK_EPOCHS = {"features": 30, "frozen": 30, "finetune": 100}
 BOOK_LEARNING_RATES = {"features": 2e-5, "frozen": 2e-5, "finetune": 1e-5}
-FREEZE = {"features": "all", "frozen": "head", "finetune": "block5+head"}  # freezing presets
+PHASE_FREEZING = {"features": "all", "frozen": "head", "finetune": "block5+head"}  # freezing presets
 SPLITS = ("train", "validation", "test")
 _KERAS_NOTOP = download.official_file("keras", "vgg16", include_top=False)
-TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
+
+
+def _flag(default, help: str, parse: Callable | None = None, **kwargs):
+    """A Config field that is also a command-line flag (`add_arguments`): --name-with-dashes,
+    parsed by `parse` (default: the default's type; a bool is a switch)."""
+    key = "default_factory" if callable(default) and not isinstance(default, type) else "default"
+    return dataclasses.field(**{key: default}, metadata=dict(help=help, parse=parse, **kwargs))
+
+
+def _phases(text: str) -> tuple[str, ...]:
+    return tuple(filter(None, text.split(",")))
+
+
+def _per_phase(text: str) -> dict[str, int]:
+    return dict.fromkeys(PHASES, int(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,30 +83,36 @@ class Config:
 
     weights: str
     workdir: str
-    data: str = "tfds"
-    phases: tuple[str, ...] = PHASES
-    image_size: int = 150
-    batch_size: int = 20
-    epochs: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(BOOK_EPOCHS))
+    data: str = _flag("tfds", "'tfds' (cats_vs_dogs) or DIR/{train,validation,test}/<class>/*.jpg")
+    phases: tuple[str, ...] = _flag(PHASES, f"comma-separated, from {','.join(PHASES)}", _phases)
+    image_size: int = _flag(150, "square input size in pixels")
+    batch_size: int = _flag(20, "examples per (global) batch")
+    epochs: Mapping[str, int] = _flag(lambda: dict(BOOK_EPOCHS), "one value for every phase "
+                                      "(default: the book's " + "/".join(map(str, BOOK_EPOCHS.values()))
+                                      + ")", _per_phase)
     learning_rates: Mapping[str, float] = dataclasses.field(
         default_factory=lambda: dict(BOOK_LEARNING_RATES))
-    steps_per_epoch: int | None = None
-    preprocess: str | None = None
+    steps_per_epoch: int | None = _flag(None, "cap on the training batches of an epoch", int)
+    preprocess: str | None = _flag(None, "default: what the weights expect (caffe for Keras "
+                                   "weights)", str, choices=sorted(MODES))
     augment: augmentation.AugmentConfig = augmentation.FIRST_EDITION
     head_units: int = 256
     dropout_rate: float = 0.5
-    seed: int = 0
-    checkpoint_every: int | None = 100
+    seed: int = _flag(0, "seeds the head's initialisation, shuffling, dropout and augmentation")
+    checkpoint_every: int | None = _flag(100, "steps between mid-epoch checkpoints")
     tfds_data_dir: str | None = None
     # Split each global batch over all devices (of every process: see vggjax.parallel for the
     # multi-host launch); batch_size is the global batch and must divide by the device count.
-    data_parallel: bool = False
+    data_parallel: bool = _flag(False, "split each batch over all devices, multi-host too (see "
+                                "vggjax.parallel); --batch-size is the global batch and must "
+                                "divide by the device count")
     progress: bool = True
     # Training tolerates Winograd's ~1e-6 relative rounding for its 1.3-1.5x CPU speed-up;
     # the exact-parity default of VGG itself stays "direct" (see vggjax.winograd, benchmarks/).
     conv_impl: str = "auto"
 
     def __post_init__(self):
+        """Every value checked before any work: ValueError naming each bad field (and its flag)."""
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
             raise ValueError(f"unknown phase(s) {unknown or list(self.phases)}; expected some of {PHASES}")
@@ -91,7 +120,37 @@ class Config:
             missing = [p for p in self.phases_to_run if p not in getattr(self, name)]
             if missing:
                 raise ValueError(f"Config.{name} has no value for phase(s) {missing}")
+        problems = []
 
+        def need(ok: bool, name: str, rule: str, value) -> None:
+            flag = f" (--{name.replace('_', '-')})" if name in {f.name for f in _flags()} else ""
+            if not ok:
+                problems.append(f"{name}{flag} must be {rule}, found {value!r}")
+
+        def integer(value, low: int, allow_none: bool = False) -> bool:
+            return (allow_none and value is None) or (type(value) is int and value >= low)
+
+        need(integer(self.image_size, MIN_SIZE), "image_size", f"an integer >= {MIN_SIZE} (five 2x2 "
+             "poolings)", self.image_size)
+        need(integer(self.batch_size, 1), "batch_size", "an integer >= 1", self.batch_size)
+        need(integer(self.steps_per_epoch, 1, True), "steps_per_epoch", "an integer >= 1 or None",
+             self.steps_per_epoch)
+        need(integer(self.checkpoint_every, 0, True), "checkpoint_every",
+             "an integer >= 0 (0: at epoch ends only) or None", self.checkpoint_every)
+        need(integer(self.seed, 0), "seed", "an integer >= 0", self.seed)
+        need(integer(self.head_units, 1), "head_units", "an integer >= 1", self.head_units)
+        need(isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1,
+             "dropout_rate", "in [0, 1)", self.dropout_rate)
+        for p in self.phases_to_run:
+            need(integer(self.epochs[p], 0), "epochs", "an integer >= 0 (0: evaluate only) for "
+                 f"phase {p}", self.epochs[p])
+            rate = self.learning_rates[p]
+            need(isinstance(rate, (int, float)) and rate > 0, "learning_rates", f"> 0 for phase {p}", rate)
+        need(self.preprocess is None or self.preprocess in MODES, "preprocess",
+             f"None or one of {sorted(MODES)}", self.preprocess)
+        need(isinstance(self.data, str) and self.data != "", "data", "'tfds' or a folder", self.data)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @property
     def phases_to_run(self) -> tuple[str, ...]:
@@ -101,18 +160,49 @@ class Config:
         return tuple(p for p in PHASES if p in wanted)
 
 
+def _flags() -> list[dataclasses.Field]:
+    """The Config fields that are command-line flags."""
+    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every Config field declared with `_flag`: --image-size, --epochs, ...
+
+    Flags that are not given stay out of the parsed namespace (see `config_arguments`), so the
+    Config's own defaults apply and a given 0 stays 0.
+    """
+    for f in _flags():
+        meta = dict(f.metadata)
+        parse, help = meta.pop("parse"), meta.pop("help")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help += "" if default is None or isinstance(default, Mapping) else f" (default: {shown})"
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
+        else:
+            parser.add_argument(flag, type=parse or type(default), default=argparse.SUPPRESS,
+                                help=help, **meta)
+
+
+def config_arguments(args: argparse.Namespace) -> dict:
+    """The Config fields given on the command line, as {field: value}."""
+    return {f.name: getattr(args, f.name) for f in _flags() if hasattr(args, f.name)}
+
+
 @dataclasses.dataclass
 class _Run:
     """What the phases share: config, loaded weights and splits, the output paths."""
 
     config: Config
-    weights: pretrained.Pretrained
+    weights: store.Pretrained
     base_model: Any
     base_variables: dict
     mode: str
     splits: dict
     mesh: Any
     log: Callable[[str], Any]
+    run_sha256: str  # digest of the run's identity (run.json), stored with checkpoints and results
 
     @property
     def workdir(self) -> Path:
@@ -127,12 +217,12 @@ class _Run:
         return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), PHASES.index(phase))
 
     def start(self, phase: str, variables: Mapping):
-        """(state, tx) for a phase: the book's RMSprop on what FREEZE[phase] trains; logs the
-        trainable-parameter report."""
+        """(state, tx) for a phase: the book's RMSprop on what PHASE_FREEZING[phase] trains; logs
+        the trainable-parameter report."""
         params = variables["params"]
-        self.log(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, FREEZE[phase])))
-        tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params,
-                                     FREEZE[phase])
+        spec = PHASE_FREEZING[phase]
+        self.log(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, spec)))
+        tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params, spec)
         state = training.TrainState.create(variables, tx, self.config.seed)
         return (parallel.replicate(state, self.mesh) if self.mesh else state), tx
 
@@ -140,10 +230,15 @@ class _Run:
         cap = self.config.steps_per_epoch
         return training.fit(state, train_step, eval_step, train_split, val_split,
                             epochs=self.config.epochs[phase], workdir=self.workdir / "checkpoints",
-                            phase=phase, freeze_spec=FREEZE[phase], seed=self.config.seed,
+                            phase=phase, identity=self.identity(phase),
                             steps_per_epoch=min(cap, train_split.steps_per_epoch) if cap else None,
                             checkpoint_every=self.config.checkpoint_every, mesh=self.mesh,
                             log=self.log, progress=self.config.progress)
+
+    def identity(self, phase: str) -> dict:
+        """What a checkpoint of `phase` must match to be resumed: the run, freezing rules, seed."""
+        return {"run_sha256": self.run_sha256, "seed": self.config.seed,
+                "freeze_spec": [list(r) for r in freezing.resolve(PHASE_FREEZING[phase])]}
 
     def finish(self, phase: str, state, history: list, eval_step, test_split, model: Classifier,
                variables: Mapping) -> dict:
@@ -153,7 +248,7 @@ class _Run:
         export_dir = self.workdir / "export" / phase
         done = _read_json(self.workdir / report.RESULTS).get(phase)
         if (done and _read_json(self.workdir / report.HISTORY).get(phase) == history
-                and (export_dir / report.CLASSIFIER).is_file()):
+                and (export_dir / CLASSIFIER).is_file()):
             self.log(f"phase {phase}: already reported (test accuracy {done['test_accuracy']:.4f})")
             return done
         test = training.evaluate(state, eval_step, test_split, self.mesh)
@@ -161,19 +256,22 @@ class _Run:
                   "test_examples": test["count"], "epochs": len(history),
                   "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
                   "best_val_accuracy": max((r["val_accuracy"] for r in history), default=None),
-                  "image_size": self.config.image_size, "preprocessing": self.mode}
+                  "image_size": self.config.image_size, "preprocessing": self.mode,
+                  "run_sha256": self.run_sha256}
         self.log(f"phase {phase}: test accuracy {test['accuracy']:.4f} "
                  f"({test['count']} images), test loss {test['loss']:.4f}")
         if jax.process_index() != 0:  # every process evaluates (a collective); one writes
             return result
         histories = report.update_json(self.workdir / report.HISTORY, phase, history)
         report.update_json(self.workdir / report.RESULTS, phase, result)
-        report.plot_curves({p: histories[p] for p in PHASES if p in histories},
-                           self.workdir / report.CURVES)
-        classifier = report.TrainedClassifier(
+        if any(histories.values()):  # --epochs 0 trains nothing: no curves to draw
+            report.plot_curves({p: histories[p] for p in PHASES if p in histories},
+                               self.workdir / report.CURVES)
+        classifier = TrainedClassifier(
             model=model, variables=dict(variables), preprocessing=self.mode,
             image_size=self.config.image_size, class_names=self.splits["train"].class_names)
-        report.export(export_dir, classifier, self.weights.meta, info={"phase": phase, **result})
+        export(export_dir, classifier, self.weights.meta, info={"phase": phase, **result},
+               overwrite=True)
         return result
 
 
@@ -190,23 +288,23 @@ def resolve_weights(weights: str | None, log: Callable[[str], Any] = print) -> s
            f"  python tools/convert_weights.py --source keras --arch vgg16 "
            f"--input {_KERAS_NOTOP.filename} --output DIR")
     if weights is not None:
-        if not (Path(weights) / pretrained.METADATA).is_file():
+        if not (Path(weights) / store.METADATA).is_file():
             raise MissingInputError(f"--weights {weights} is not a converted weights directory "
-                                    f"(no {pretrained.METADATA} in it); {how}")
+                                    f"(no {store.METADATA} in it); {how}")
         return str(weights)
-    default = pretrained.default_output_dir("keras", "vgg16", include_top=False)
-    if not (default / pretrained.METADATA).is_file():
+    default = store.default_output_dir("keras", "vgg16", include_top=False)
+    if not (default / store.METADATA).is_file():
         log(f"weights: converting Keras VGG16 (no top) into {default}")
         try:
-            pretrained.convert_file("keras", "vgg16", None, default, include_top=False)
+            store.convert_file("keras", "vgg16", None, default, include_top=False)
         except download.DownloadError as err:
             raise MissingInputError(f"no VGG16 weights: {err}\nInstead, {how}") from None
     return str(default)
 
 
-def check_data(data: str, tfds_data_dir: str | None = None) -> None:
-    """Raise MissingInputError, saying what to provide, unless `data` can be read: a folder in the
-    book's layout, or tfds cats_vs_dogs already prepared or downloadable (its host resolves)."""
+def check_data(data: str) -> None:
+    """Raise MissingInputError, saying what to provide, when `data` is a folder without the
+    book's layout ("tfds" is checked by tfds itself when the run loads it)."""
     how = ("provide the images with --data DIR in the book's layout: DIR/train/cats/*.jpg, "
            "DIR/train/dogs/*.jpg, and the same under DIR/validation and DIR/test "
            "(the book: 1000+1000, 500+500, 500+500 images)")
@@ -214,22 +312,9 @@ def check_data(data: str, tfds_data_dir: str | None = None) -> None:
         missing = [s for s in SPLITS if not (Path(data) / s).is_dir()]
         if missing:
             raise MissingInputError(f"--data {data} lacks the folder(s) {missing}; {how}")
-        return
-    import socket
-
-    import tensorflow_datasets as tfds
-
-    if tfds.builder("cats_vs_dogs", data_dir=tfds_data_dir).is_prepared():
-        return
-    try:
-        socket.getaddrinfo(TFDS_HOST, 443)
-    except OSError as err:
-        raise MissingInputError(f"tfds cats_vs_dogs is not prepared on this machine and "
-                                f"{TFDS_HOST} cannot be reached ({err}); {how}") from None
 
 
-def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = None,
-                   log: Callable[[str], Any] = print) -> str:
+def resolve_inputs(weights: str | None, data: str, log: Callable[[str], Any] = print) -> str:
     """`resolve_weights` and `check_data` together: the weights directory to use, or one
     MissingInputError naming everything that is missing and how to provide it."""
     problems = []
@@ -238,7 +323,7 @@ def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = N
     except MissingInputError as err:
         problems.append(str(err))
     try:
-        check_data(data, tfds_data_dir)
+        check_data(data)
     except MissingInputError as err:
         problems.append(str(err))
     if problems:
@@ -246,7 +331,7 @@ def resolve_inputs(weights: str | None, data: str, tfds_data_dir: str | None = N
     return weights
 
 
-def conv_base(weights: pretrained.Pretrained, conv_impl: str = "direct"):
+def conv_base(weights: store.Pretrained, conv_impl: str = "direct"):
     """(headless VGG, its variables) of loaded weights; a checkpoint with a classifier loses it."""
     model = create(weights.meta["arch"], include_top=False, conv_impl=conv_impl)
     variables = dict(weights.variables)
@@ -254,10 +339,94 @@ def conv_base(weights: pretrained.Pretrained, conv_impl: str = "direct"):
     return model, variables
 
 
-def run(config: Config, log: Callable[[str], Any] = print) -> dict:
+RUN = "run.json"  # the run's identity, written into its workdir before any work
+# What a workdir holds for a run: all that `--restart` deletes (nothing else in the workdir).
+RUN_OUTPUTS = (RUN, "config.json", "checkpoints", "features_cache", "export", report.HISTORY,
+               report.RESULTS, report.CURVES)
+# Config fields that do not change what a run computes: not part of its identity. `weights` and
+# `data` enter as the weights' digest and the data's fingerprint, not as paths.
+_NOT_IDENTITY = {"weights", "workdir", "data", "phases", "epochs", "progress", "checkpoint_every",
+                 "data_parallel", "tfds_data_dir"}
+
+
+class RunMismatchError(ValueError):
+    """The workdir holds another run; resuming there would mix two runs."""
+
+
+def data_fingerprint(data: str) -> str:
+    """sha256 of every file's path, size and mtime under the folder `data` (or of "tfds")."""
+    h = hashlib.sha256()
+    if data == "tfds":
+        h.update(b"tfds cats_vs_dogs")  # its slicing is fixed per vggjax version, also in the identity
+        return h.hexdigest()
+    root = Path(data)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def run_identity(config: Config, weights_meta: Mapping, weights_sha256: str, mode: str) -> dict:
+    """What makes two runs the same run: weights digest, data fingerprint, every Config field
+    that changes the computation (image size, batch size, seed, augmentation, ...), the
+    preprocessing mode and the vggjax version. Stored as workdir/run.json."""
+    from vggjax import __version__
+
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
+    return json.loads(json.dumps({"weights_sha256": weights_sha256, "arch": weights_meta["arch"],
+                                  "data": data_fingerprint(config.data), **fields,
+                                  "preprocess": mode, "vggjax_version": __version__}, default=str))
+
+
+def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
+                  log: Callable[[str], Any] = print) -> None:
+    """Make `workdir` this run's: resume only when its run.json is `identity`.
+
+    A workdir of another run (or of a run without run.json) raises RunMismatchError naming what
+    differs, unless `restart`, which deletes that run's outputs (`RUN_OUTPUTS`, nothing else).
+    OSError (one line) when the workdir cannot be created or written.
+    """
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise PermissionError(f"--workdir {workdir} is not writable")
+    except OSError as err:
+        raise OSError(f"cannot use --workdir {workdir}: {err.strerror or err}") from None
+    path = workdir / RUN
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is None and any((workdir / name).exists() for name in RUN_OUTPUTS[1:]):
+        old = {}  # outputs without an identity: made by an older vggjax, or damaged
+    if old is not None and old != identity:
+        if not restart:
+            differs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+            shown = ", ".join(f"{k} ({_short(old.get(k))} there, {_short(identity.get(k))} now)"
+                              for k in differs[:6]) + (" ..." if len(differs) > 6 else "")
+            if not old:
+                shown = f"outputs without {RUN} (written by an older vggjax)"
+            raise RunMismatchError(f"--workdir {workdir} holds another run: {shown}; use another "
+                                   "--workdir, or --restart to discard that run")
+    if jax.process_index() != 0:  # multi-host: every process checks, one writes
+        return
+    if restart:
+        log(f"--restart: discarding the run in {workdir}")
+        for name in RUN_OUTPUTS:
+            atomic.remove(workdir / name)
+    with atomic.writing(path) as tmp:
+        tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True) if value is not None else "absent"
+    return text if len(text) <= 40 else text[:16] + "..."
+
+
+def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False) -> dict:
     """Run `config.phases` (plus `frozen` when `finetune` needs it) in the book's order.
 
-    Returns {phase: results} for the phases run now (also merged into workdir/results.json).
+    Before any work: the data folder is checked (`data.check_image_folder`), the weights loaded
+    and verified, and the workdir claimed (`claim_workdir`: a workdir of another run is refused
+    unless `restart`). Returns {phase: results} for the phases run now (also merged into
+    workdir/results.json).
     """
     n_proc = jax.process_count()
     if n_proc > 1 and not config.data_parallel:
@@ -265,13 +434,20 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
     if n_proc > 1 and "features" in config.phases_to_run:
         raise ValueError("the features phase (one pass of the conv base, then a tiny head) runs "
                          "in a single process; run the frozen and finetune phases multi-host")
-    workdir = Path(config.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    weights = pretrained.load(config.weights)
-    base_model, base_variables = conv_base(weights, config.conv_impl)
-    mode = config.preprocess or weights.meta["preprocessing"]
     from vggjax import data  # TensorFlow: imported only when a run needs images
+
+    if config.data != "tfds":
+        data.check_image_folder(config.data, SPLITS)
+    weights = store.load(config.weights)
+    mode = config.preprocess or weights.meta["preprocessing"]
+    sha = weights.meta.get("variables_sha256") or digest(weights.variables)
+    identity = run_identity(config, weights.meta, sha, mode)
+    workdir = Path(config.workdir).absolute()
+    claim_workdir(workdir, identity, restart, log)
+    if jax.process_index() == 0:
+        with atomic.writing(workdir / "config.json") as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+    base_model, base_variables = conv_base(weights, config.conv_impl)
 
     # One input pipeline per process, each reading its rows of every global batch.
     splits = {name: data.load_split(config.data, name, config.image_size, config.batch_size,
@@ -283,7 +459,8 @@ def run(config: Config, log: Callable[[str], Any] = print) -> dict:
         + f" images at {config.image_size}x{config.image_size}, classes {list(splits['train'].class_names)}; "
         f"weights {config.weights} ({weights.meta['arch']}), preprocessing {mode!r}"
         + (f"; batches split over {mesh.size} devices" if mesh else ""))
-    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log)
+    run_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log, run_sha256)
 
     phases = config.phases_to_run
     if "frozen" in phases and "frozen" not in config.phases:

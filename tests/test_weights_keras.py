@@ -4,21 +4,12 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.keras_weights import read_keras_h5, write_legacy_h5
+from helpers import TOL, assert_parity, block_images as images
+from vggjax.weights.keras import read_keras_h5, write_legacy_h5
 from vggjax.model import BLOCK_SIZES, conv_names
-from vggjax.pretrained import convert_file
+from vggjax.weights import convert_file
 
-TOL = 1e-4  # fp32 max abs error against Keras, on probabilities, logits and conv features
 INPUT_RMS = 70.0  # RMS of caffe-preprocessed 0..255 images: keeps random-weight activations O(1)
-
-
-def images(n, size, seed):
-    """uint8 RGB images made of random 7x7 colour blocks: unlike pixel noise, each image has
-    its own content, so the predictions differ between images."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (n, 7, 7, 3), dtype=np.uint8)
-    reps = -(-size // 7)
-    return blocks.repeat(reps, axis=1).repeat(reps, axis=2)[:, :size, :size]
 
 
 def set_keras_weights(model, params):
@@ -38,16 +29,6 @@ def assert_keras_holds(model, params):
 
 def keras_input(keras, x):
     return keras.applications.vgg16.preprocess_input(x.astype(np.float32))  # copies: it edits in place
-
-
-def assert_parity(what, ours, theirs, top1=True):
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape
-    err = float(np.max(np.abs(ours - theirs)))
-    print(f"\nparity {what}: max abs error {err:.2e} (values up to {np.max(np.abs(theirs)):.3g})")
-    assert err <= TOL, f"{what}: max abs error {err} > {TOL}"
-    if top1:
-        np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1), err_msg=f"{what} top-1")
 
 
 def assert_informative(probs, logits):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vggjax import download
-from vggjax.download import DownloadError
+from vggjax.weights import download
+from vggjax.weights.download import DownloadError
 
 
 def keras_application_source(arch):

@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
+
+from vggjax import atomic
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # (arch, include_top) -> (path under KERAS_URL, md5): keras/src/applications/vgg16.py, vgg19.py.
@@ -101,16 +102,13 @@ def download(url: str, dest: str | os.PathLike, algorithm: str, expected: str,
              timeout: float = TIMEOUT_S) -> Path:
     """Fetch `url` to `dest` only if its checksum matches `expected`.
 
-    Streams into a hidden temp file next to `dest`, hashing on the way, and renames it into
-    place only after the check, so `dest` never holds a partial or wrong file. Raises
-    DownloadError (with the temp file deleted) when offline, on timeout or on a mismatch.
+    Streams into a hidden temp file next to `dest` (`atomic.writing`), hashing on the way, and
+    renames it into place only after the check, so `dest` never holds a partial or wrong file.
+    Raises DownloadError (with the temp file deleted) when offline, on timeout or on a mismatch.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
+    with atomic.writing(dest) as tmp:
         h = hashlib.new(algorithm)
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     for chunk in iter(lambda: response.read(1 << 20), b""):
@@ -124,11 +122,7 @@ def download(url: str, dest: str | os.PathLike, algorithm: str, expected: str,
         if not matches(h.hexdigest(), expected):
             raise DownloadError(f"{url} does not have the expected {algorithm} {expected} "
                                 f"(got {h.hexdigest()}); the download was discarded")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return Path(dest)
 
 
 def fetch(source: str, arch: str, include_top: bool, timeout: float = TIMEOUT_S) -> Path:

@@ -7,11 +7,10 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from vggjax.model import BLOCK_SIZES, conv_names
-from vggjax.weights import check_variables
+from vggjax.model import BLOCK_SIZES, TOP, conv_names
+from vggjax.weights.spec import check_variables
 
 KERAS_ARCHS = ("vgg16", "vgg19")  # the only VGGs keras.applications publishes weights for
-TOP = ("fc1", "fc2", "predictions")
 LAYER_RE = re.compile(r"block(\d+)_conv(\d+)")
 
 

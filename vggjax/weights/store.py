@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -13,10 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import download, keras_weights
-from vggjax.model import ARCHS, HEADS, VGG, create
-from vggjax.preprocessing import MODES, preprocess_input
-from vggjax.weights import check_variables, flatten
+from vggjax import atomic, checkpoint
+from vggjax.model import ARCHS, HEADS, TOP, VGG, create
+from vggjax.preprocessing import MODES, check_images, preprocess_input
+from vggjax.trees import digest, flatten
+from vggjax.weights import download
+from vggjax.weights.keras import read_keras_h5
+from vggjax.weights.spec import check_variables
 
 METADATA = "vggjax.json"
 CHECKPOINT = "checkpoint"
@@ -49,7 +50,13 @@ class Pretrained:
         return out
 
     def preprocess(self, images):
-        """RGB NHWC images (uint8 or float 0..255) -> float32 input in the weights' convention."""
+        """RGB NHWC images (uint8 or float 0..255) -> float32 input in the weights' convention.
+
+        Concrete arrays are checked first (`check_images`: 0..1 floats, uint16, NaN are refused);
+        inside jit, where values are unknown, only the mapping is applied.
+        """
+        if not isinstance(images, jax.core.Tracer):
+            images = check_images(images)
         return preprocess_input(images, self.meta["preprocessing"])
 
 
@@ -61,9 +68,9 @@ def default_output_dir(source: str, arch: str, include_top: bool) -> Path:
 def read_weights(source: str, arch: str, path: str | os.PathLike) -> tuple[dict, bool]:
     """({"params": ..., ["batch_stats": ...]} as float32 NumPy, include_top) from a source file."""
     if source == "keras":
-        return keras_weights.read_keras_h5(path, arch)
+        return read_keras_h5(path, arch)
     if source in ("torchvision", "timm"):
-        from vggjax.torch_weights import read_torch_file  # imports torch or safetensors lazily
+        from vggjax.weights.torch import read_torch_file  # imports torch or safetensors lazily
         return read_torch_file(os.fspath(path), arch)
     raise ValueError(f"unknown weights source {source!r}; expected one of {sorted(SOURCES)}")
 
@@ -75,24 +82,30 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
 
     `input_path=None` downloads the official file (checksum-verified, cached). A file holding
     the classifier can be converted without it (`include_top=False`), not the other way
-    round. The output directory appears complete or not at all.
+    round. The output directory appears complete or not at all; `overwrite` replaces only a
+    previous vggjax output, never a directory holding the input file or the working directory.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown weights source {source!r}; expected one of {sorted(SOURCES)}")
     create(arch)  # unknown arch: fail before any download
     output_dir = Path(output_dir) if output_dir is not None else default_output_dir(
         source, arch, include_top)
-    _refuse_overwrite(output_dir.absolute(), overwrite)
+    protect = [input_path] if input_path is not None else []
+    atomic.check_target(output_dir, directory=True, marker=METADATA, overwrite=overwrite,
+                        protect=protect)  # before any download or reading
     if input_path is None:
         input_path = download.fetch(source, arch, include_top)
     input_path = os.fspath(input_path)
+    if os.path.isdir(input_path):
+        raise ValueError(f"--input {input_path} is a directory; expected a weights file "
+                         "(.h5, .pth, .pt, .bin or .safetensors)")
     variables, has_top = read_weights(source, arch, input_path)
     if include_top and not has_top:
         raise ValueError(f"{input_path} holds no classifier (fc1, fc2, predictions): it is a "
                          f"'notop' file; convert it without --include-top, or use the full file")
     if has_top and not include_top:
         variables = dict(variables, params={k: v for k, v in variables["params"].items()
-                                            if k not in keras_weights.TOP})
+                                            if k not in TOP})
     # A fine-tuned classifier (e.g. torchvision with 2 classes) keeps its own class count.
     num_classes = (int(variables["params"]["predictions"]["bias"].shape[0]) if include_top
                    else NUM_CLASSES)
@@ -100,41 +113,40 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     meta = dict(arch=arch, source=source, source_file=os.path.abspath(input_path),
                 source_sha256=download.file_digest(input_path, "sha256"),
                 include_top=include_top, **SOURCES[source], num_classes=num_classes)
-    return save(output_dir, variables, meta, overwrite=overwrite)
+    return save(output_dir, variables, meta, overwrite=overwrite, protect=[input_path])
 
 
 def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, protect: list = ()) -> dict:
     """Write `variables` ({"params", ["batch_stats"]}, keyed by Keras layer names) and `meta`
     to `directory`; return the metadata as written.
 
     `meta` needs arch, include_top, head and preprocessing; other keys are kept. The
     variables must pass `check_variables`. Everything is written to a temp dir next to
-    `directory`, reloaded and compared bit for bit, then renamed into place; on any error the
-    temp dir is removed and `directory` is left as it was.
+    `directory`, reloaded and compared bit for bit, then renamed into place (`atomic.writing`:
+    `overwrite` replaces only a vggjax weights directory, never one holding a `protect` path).
     """
     directory = Path(directory).absolute()
     meta = _complete_meta(meta, f"metadata for {directory}")
     variables = jax.tree.map(np.asarray, dict(variables))
     check_variables(variables, meta["arch"], meta["include_top"], source=f"variables for {directory}",
                     num_classes=meta["num_classes"])
-    _refuse_overwrite(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    meta["variables_sha256"] = digest(variables)
+    with atomic.writing(directory, directory=True, marker=METADATA, overwrite=overwrite,
+                        protect=protect) as tmp:
         tmp.mkdir()
-        _write_checkpoint(tmp / CHECKPOINT, variables)
+        checkpoint.save_tree(tmp / CHECKPOINT, variables)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _verify_copy(tmp, variables, meta)
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
-def load(directory: str | os.PathLike) -> Pretrained:
-    """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py)."""
+def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
+    """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py).
+
+    The arrays must have the recorded `variables_sha256` (a changed byte is refused; about 0.1 s
+    per 100 MB, `verify=False` skips it) and be finite, with the shapes of `meta["arch"]`.
+    """
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
@@ -142,11 +154,16 @@ def load(directory: str | os.PathLike) -> Pretrained:
     if not (directory / CHECKPOINT).is_dir():
         raise ValueError(f"{directory} is not a vggjax checkpoint: {CHECKPOINT}/ is missing")
     try:
-        variables = _restore(directory / CHECKPOINT)
+        variables = checkpoint.restore_tree(directory / CHECKPOINT)
     except Exception as err:  # Orbax raises many types for a damaged checkpoint
-        raise ValueError(f"{directory / CHECKPOINT} could not be restored: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{directory / CHECKPOINT} is damaged and could not be restored: {first}") from err
     check_variables(variables, meta["arch"], meta["include_top"], source=str(directory),
                     num_classes=meta["num_classes"])
+    recorded = meta.get("variables_sha256")
+    if verify and recorded is not None and digest(variables) != recorded:
+        raise ValueError(f"{directory} is corrupt: its arrays do not match the variables_sha256 "
+                         f"recorded in {METADATA}; convert or save the weights again")
     model = create(meta["arch"], include_top=meta["include_top"], head=meta["head"],
                    classifier_activation=meta["classifier_activation"],
                    num_classes=meta["num_classes"])
@@ -166,21 +183,25 @@ def _complete_meta(meta: Mapping, where: str) -> dict:
         raise ValueError(f"{where} lacks {missing} (needs {list(REQUIRED_META)})")
     meta = dict(meta)
     meta.setdefault("classifier_activation", "softmax" if meta["head"] == "keras" else None)
+
+    def one_of(value, allowed) -> bool:  # JSON may hold lists or objects, which are unhashable
+        return isinstance(value, (str, type(None))) and value in allowed
+
     meta.setdefault("num_classes", NUM_CLASSES)
     meta.setdefault("vggjax_version", __version__)
     problems = []
-    if meta["arch"] not in ARCHS:
+    if not one_of(meta["arch"], ARCHS):
         problems.append(f"arch {meta['arch']!r} is not one of {sorted(ARCHS)}")
     if not isinstance(meta["include_top"], bool):
         problems.append(f"include_top must be true or false, found {meta['include_top']!r}")
-    if meta["head"] not in HEADS:
+    if not one_of(meta["head"], HEADS):
         problems.append(f"head must be one of {HEADS}, found {meta['head']!r}")
-    if meta["preprocessing"] not in MODES:
+    if not one_of(meta["preprocessing"], MODES):
         problems.append(f"preprocessing must be one of {sorted(MODES)}, found {meta['preprocessing']!r}")
-    if meta["classifier_activation"] not in ("softmax", None):
+    if not one_of(meta["classifier_activation"], ("softmax", None)):
         problems.append(f"classifier_activation must be 'softmax' or null, "
                         f"found {meta['classifier_activation']!r}")
-    if not isinstance(meta["num_classes"], int) or meta["num_classes"] < 1:
+    if type(meta["num_classes"]) is not int or meta["num_classes"] < 1:
         problems.append(f"num_classes must be a positive integer, found {meta['num_classes']!r}")
     try:
         json.dumps(meta)
@@ -202,51 +223,9 @@ def _read_meta(directory: Path) -> dict:
     return _complete_meta(meta, str(path))
 
 
-def _refuse_overwrite(directory: Path, overwrite: bool) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory")
-    if not overwrite and directory.is_dir() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory} already exists and is not empty; "
-                              "pass overwrite=True (--overwrite) to replace it")
-
-
-def replace_dir(new: Path, directory: Path) -> None:
-    """Rename `new` to `directory`, moving an existing one aside first and deleting it after."""
-    if not directory.exists():
-        os.replace(new, directory)
-        return
-    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(directory, old)
-    try:
-        os.replace(new, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    shutil.rmtree(old)
-
-
-def _checkpointer():
-    import orbax.checkpoint as ocp  # ~1 s to import: only when a checkpoint is touched
-
-    return ocp.StandardCheckpointer()
-
-
-def _write_checkpoint(path: Path, variables: dict) -> None:
-    with _checkpointer() as ckptr:
-        ckptr.save(path, variables)
-        ckptr.wait_until_finished()  # saving is asynchronous
-
-
-def _restore(path: Path) -> dict:
-    # Without a target Orbax restores NumPy arrays with the stored shapes; check_variables
-    # then judges them (an abstract target would not: Orbax ignores a target's shape).
-    with _checkpointer() as ckptr:
-        return ckptr.restore(path)
-
-
 def _verify_copy(tmp: Path, variables: dict, meta: dict) -> None:
     """Reload what was just written and demand it equals what was meant, bit for bit."""
-    want, have = flatten(variables), flatten(_restore(tmp / CHECKPOINT))
+    want, have = flatten(variables), flatten(checkpoint.restore_tree(tmp / CHECKPOINT))
     if set(want) != set(have):
         raise RuntimeError(f"checkpoint in {tmp} reloaded with different names: "
                            f"{sorted(set(want) ^ set(have))}")

@@ -10,19 +10,41 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax import pretrained
-from vggjax.weights import flatten
+from vggjax.weights import store
+from vggjax.trees import digest, flatten
 
 META = dict(arch="vgg11_bn", include_top=False, head="torch", preprocessing="torch")
 
 
-def test_import_vggjax_pulls_in_neither_tensorflow_nor_torch(subprocess_env):
-    code = ("import sys, vggjax, vggjax.pretrained, vggjax.keras_weights, vggjax.download\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('tensorflow', 'torch', 'keras')))")
+def test_core_install_converts_loads_and_runs_without_tensorflow_or_torch(subprocess_env, tmp_path):
+    """The core install: with TensorFlow, torch, Keras, tfds, matplotlib and Pillow impossible to
+    import, vggjax saves, loads and runs weights, and a module needing an extra names it."""
+    code = f"""
+import importlib.machinery as m, sys
+BLOCKED = ("tensorflow", "torch", "keras", "tensorflow_datasets", "matplotlib", "PIL")
+class NotInstalled(m.PathFinder):  # sys.path as if those packages were not there
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in BLOCKED else m.PathFinder.find_spec(name, path, target)
+sys.meta_path[sys.meta_path.index(m.PathFinder)] = NotInstalled
+import numpy as np, vggjax, vggjax.weights.keras, vggjax.weights.download, vggjax.classifier
+model = vggjax.create("vgg11", include_top=False)
+variables = model.init(__import__("jax").random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+vggjax.weights.save({str(tmp_path / "w")!r}, variables, dict(arch="vgg11", include_top=False,
+                    head="torch", preprocessing="torch"))
+pt = vggjax.load({str(tmp_path / "w")!r})
+print(pt.model.apply(pt.variables, pt.preprocess(np.zeros((1, 32, 32, 3), np.uint8))).shape)
+try:
+    import vggjax.data
+except ImportError as err:
+    print(err)
+"""
     out = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True,
-                         text=True, check=True)
-    assert out.stdout.strip() == "[]"
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shape, message = out.stdout.strip().splitlines()
+    assert shape == "(1, 1, 1, 512)"
+    assert "needs tensorflow" in message and "pip install 'vggjax[train]'" in message
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +62,7 @@ def bn_variables(make_variables):
 @pytest.fixture(scope="module")
 def saved_bn(bn_variables, tmp_path_factory):
     directory = tmp_path_factory.mktemp("saved") / "vgg11_bn_finetuned"
-    pretrained.save(directory, bn_variables, {**META, "epochs": 3})
+    store.save(directory, bn_variables, {**META, "epochs": 3})
     return directory
 
 
@@ -52,7 +74,8 @@ def test_round_trip_keeps_every_array_and_the_metadata(bn_variables, saved_bn):
         np.testing.assert_array_equal(have[path], want[path], err_msg=path)
     assert pt.batch_stats is not None
     assert pt.meta == {**META, "epochs": 3, "classifier_activation": None, "num_classes": 1000,
-                       "vggjax_version": vggjax.__version__}
+                       "vggjax_version": vggjax.__version__,
+                       "variables_sha256": digest(jax.tree.map(np.asarray, bn_variables))}
     assert json.loads((saved_bn / "vggjax.json").read_text()) == pt.meta
 
 
@@ -68,7 +91,7 @@ def test_loaded_bn_model_computes_what_the_saved_one_did(bn_variables, saved_bn)
 
 def test_plain_vgg_has_no_batch_stats(make_variables, tmp_path):
     variables = make_variables("vgg11", include_top=False)
-    pretrained.save(tmp_path / "ckpt", variables, {**META, "arch": "vgg11"})
+    store.save(tmp_path / "ckpt", variables, {**META, "arch": "vgg11"})
     pt = vggjax.load(tmp_path / "ckpt")
     assert pt.batch_stats is None and list(pt.variables) == ["params"]
 
@@ -78,9 +101,14 @@ def test_save_refuses_to_overwrite_unless_asked(bn_variables, tmp_path):
     directory.mkdir()
     (directory / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"ckpt already exists.*overwrite=True"):
-        pretrained.save(directory, bn_variables, META)
+        store.save(directory, bn_variables, META)
+    # overwrite replaces only what vggjax wrote: a folder of the user's files stays.
+    with pytest.raises(FileExistsError, match=r"ckpt is not a vggjax output \(vggjax.json missing\)"):
+        store.save(directory, bn_variables, META, overwrite=True)
     assert [p.name for p in directory.iterdir()] == ["notes.txt"]
-    pretrained.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
+    (directory / "notes.txt").unlink()
+    store.save(directory, bn_variables, {**META, "run": 1})
+    store.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
     assert vggjax.load(directory).meta["run"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp or old dir left
 
@@ -97,7 +125,7 @@ def test_save_refuses_to_overwrite_unless_asked(bn_variables, tmp_path):
 def test_save_rejects_bad_input_and_writes_nothing(bn_variables, tmp_path, edit, pattern):
     variables, meta = edit(bn_variables, META)
     with pytest.raises(ValueError, match=pattern):
-        pretrained.save(tmp_path / "ckpt", variables, meta)
+        store.save(tmp_path / "ckpt", variables, meta)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -109,11 +137,11 @@ def test_a_write_that_fails_midway_leaves_the_old_dir_and_no_temp(bn_variables, 
     def corrupted_copy(tmp, variables, meta):
         raise RuntimeError(f"checkpoint in {tmp} reloaded differently")  # as a bad disk would
 
-    monkeypatch.setattr(pretrained, "_verify_copy", corrupted_copy)
+    monkeypatch.setattr(store, "_verify_copy", corrupted_copy)
     with pytest.raises(RuntimeError, match="reloaded differently"):
-        pretrained.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
+        store.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
     with pytest.raises(RuntimeError):
-        pretrained.save(tmp_path / "new", bn_variables, META)
+        store.save(tmp_path / "new", bn_variables, META)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert vggjax.load(directory).meta["epochs"] == 3  # the previous checkpoint, intact
 
@@ -139,7 +167,8 @@ def _edit_meta(**changes):
     (_edit_meta(include_top=True), r"does not hold vgg11_bn weights with top: missing \['params/fc1/bias'"),
     (lambda d: shutil.rmtree(d / "checkpoint"), r"checkpoint/ is missing"),
     (lambda d: (d / "checkpoint" / "manifest.ocdbt").write_bytes(b"garbage"),
-     r"checkpoint could not be restored: .*manifest"),
+     r"checkpoint is damaged and could not be restored: .*manifest"),
+    (_edit_meta(arch=["vgg11_bn"]), r"arch \['vgg11_bn'\] is not one of"),
 ])
 def test_load_of_a_damaged_dir_names_it(saved_bn, tmp_path, damage, pattern):
     directory = tmp_path / "damaged"
@@ -148,6 +177,40 @@ def test_load_of_a_damaged_dir_names_it(saved_bn, tmp_path, damage, pattern):
     with pytest.raises(ValueError, match=pattern) as err:
         vggjax.load(directory)
     assert str(directory) in str(err.value)
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected_on_load(saved_bn, tmp_path):
+    directory = tmp_path / "flipped"
+    shutil.copytree(saved_bn, directory)
+    largest = max((p for p in (directory / "checkpoint").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0x01 for b in data[middle:middle + 64])  # finite, just wrong
+    largest.write_bytes(bytes(data))
+    # Whatever the bytes decode to (wrong finite values, NaN, an unreadable chunk), load refuses.
+    with pytest.raises(ValueError, match=r"flipped.* (is corrupt: its arrays do not match the "
+                                         r"variables_sha256|is damaged|does not hold .*NaN)"):
+        vggjax.load(directory)
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.nan, r"params/block2_conv1/kernel: contains NaN or Inf"),
+    (0.125, r"is corrupt: its arrays do not match the variables_sha256 recorded in vggjax.json"),
+], ids=["nan", "one-changed-value"])
+def test_changed_arrays_are_refused_on_load(saved_bn, bn_variables, tmp_path, value, message):
+    from vggjax import checkpoint
+
+    directory = tmp_path / "changed"
+    shutil.copytree(saved_bn, directory)
+    shutil.rmtree(directory / "checkpoint")
+    bad = jax.tree.map(np.array, bn_variables)
+    bad["params"]["block2_conv1"]["kernel"][0, 0, 0, 0] = value
+    checkpoint.save_tree(directory / "checkpoint", bad)
+    with pytest.raises(ValueError, match=message):
+        vggjax.load(directory)
+    if value == 0.125:
+        assert vggjax.load(directory, verify=False).params["block2_conv1"]["kernel"][0, 0, 0, 0] == value
 
 
 def test_load_of_a_missing_dir(tmp_path):

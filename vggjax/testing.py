@@ -1,4 +1,6 @@
-"""torchvision's VGG, module for module, as the PyTorch reference the weight-porting tests compare against.
+"""torchvision's VGG, module for module: the PyTorch reference of the weight-porting tests and the
+benchmarks (one copy for both). It imports torch when imported; `import vggjax`
+never loads it.
 
 torchvision itself is not installed here (its PyPI wheels pin a CUDA torch), so this rebuilds
 `torchvision/models/vgg.py`: the same cfgs, the same `features` Sequential (hence the same

@@ -8,8 +8,10 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
+from vggjax.extras import require
 from vggjax.model import ARCHS, WIDTHS
-from vggjax.weights import check_variables, expected_shapes, unflatten
+from vggjax.trees import diff, unflatten
+from vggjax.weights.spec import check_variables, expected_shapes
 
 POOLED = (7, 7, WIDTHS[-1])  # torch's AdaptiveAvgPool2d((7, 7)) output that fc1 reads, as H, W, C
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -45,8 +47,8 @@ LAYOUTS = {
     "conv1x1": Layout(lambda s: (s[1], s[0], 1, 1), lambda w: w[:, :, 0, 0].T),
 }
 
-# Head modules of each layout: torch module -> (Keras layer, layout of its weight).
-HEADS = {
+# The classifier modules of each library: torch module -> (Keras layer, layout of its weight).
+TOP_LAYOUTS = {
     "torchvision": {"classifier.0": ("fc1", "fc1_linear"), "classifier.3": ("fc2", "linear"),
                     "classifier.6": ("predictions", "linear")},
     "timm": {"pre_logits.fc1": ("fc1", "fc1_conv"), "pre_logits.fc2": ("fc2", "conv1x1"),
@@ -72,7 +74,7 @@ def feature_indices(arch: str) -> dict[str, int]:
     return indices
 
 
-def _plan(arch: str, head: str | None) -> dict[str, tuple[str, str]]:
+def _plan(arch: str, top: str | None) -> dict[str, tuple[str, str]]:
     """torch key -> ('/'-joined vggjax path, layout name) for every tensor the file must hold."""
     plan = {}
     batch_norm = ARCHS[arch].get("batch_norm", False)
@@ -85,19 +87,19 @@ def _plan(arch: str, head: str | None) -> dict[str, tuple[str, str]]:
             plan[f"{bn}.bias"] = (f"params/{name}_bn/bias", "vector")
             plan[f"{bn}.running_mean"] = (f"batch_stats/{name}_bn/mean", "vector")
             plan[f"{bn}.running_var"] = (f"batch_stats/{name}_bn/var", "vector")
-    for module, (layer, layout) in HEADS.get(head, {}).items():
+    for module, (layer, layout) in TOP_LAYOUTS.get(top, {}).items():
         plan[f"{module}.weight"] = (f"params/{layer}/kernel", layout)
         plan[f"{module}.bias"] = (f"params/{layer}/bias", "vector")
     return plan
 
 
-def _head_layout(state: Mapping[str, object], source: str) -> str | None:
-    """Which head the state dict carries: "torchvision", "timm", or None (conv base only)."""
-    found = [head for head, modules in HEADS.items()
+def _top_layout(state: Mapping[str, object], source: str) -> str | None:
+    """Which classifier layout the state dict carries: "torchvision", "timm", or None (conv base only)."""
+    found = [top for top, modules in TOP_LAYOUTS.items()
              if any(key.startswith(f"{m}.") for key in state for m in modules)]
     if len(found) > 1:
         raise ValueError(f"{source} mixes torchvision (classifier.*) and timm (pre_logits.*, head.fc.*) "
-                         "head keys; expected one layout")
+                         "classifier keys; expected one layout")
     return found[0] if found else None
 
 
@@ -119,48 +121,34 @@ def from_state_dict(state: Mapping[str, np.ndarray], arch: str, source: str) -> 
     include_top is True when the state dict has a head (any number of classes). `source` (the
     file) is named in every error: missing or unexpected keys, shapes that do not fit `arch`.
     """
-    head = _head_layout(state, source)
-    plan = _plan(arch, head)
+    top = _top_layout(state, source)
+    plan = _plan(arch, top)
+    include_top = top is not None
+    # The classifier's size comes from the file, so fine-tuned ones (e.g. 2 classes) load too.
+    bias_key = next((k for k, (path, _) in plan.items() if path == "params/predictions/bias"), None)
+    num_classes = 1000
+    if bias_key in state and np.ndim(state[bias_key]) == 1:
+        num_classes = len(state[bias_key])
+    want = expected_shapes(arch, include_top, num_classes)
+    torch_shapes = {key: tuple(LAYOUTS[layout].torch_shape(want[path])) for key, (path, layout) in plan.items()}
     # BatchNorm's step counter only matters for momentum=None, which torchvision does not use.
-    unexpected = sorted(k for k in set(state) - set(plan) if not k.endswith(".num_batches_tracked"))
-    missing = [k for k in plan if k not in state]
-    if missing or unexpected:
+    problems = diff({k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")},
+                    torch_shapes)
+    if problems:
         guess = _guess_arch(state)
         hint = f" (its features look like {guess}: convert it as {guess})" if guess not in (
             None, arch) else ""
-        raise ValueError(f"{source} is not a {head or 'torchvision/timm'} {arch} state dict{hint}: "
-                         f"missing keys {missing}; unexpected keys {unexpected}")
-    include_top = head is not None
-    # The head's size comes from the file, so fine-tuned heads (e.g. 2 classes) load too.
-    num_classes = 1000
-    if include_top:
-        bias_key = next(k for k, (path, _) in plan.items() if path == "params/predictions/bias")
-        if np.ndim(state[bias_key]) != 1:
-            raise ValueError(f"{source}: {bias_key} must be 1-D, "
-                         f"found shape {np.shape(state[bias_key])}")
-        num_classes = len(state[bias_key])
-    want = expected_shapes(arch, include_top, num_classes)
-    flat, problems = {}, []
-    for key, (path, layout) in plan.items():
-        value = np.asarray(state[key], np.float32)
-        torch_shape = tuple(LAYOUTS[layout].torch_shape(want[path]))
-        if value.shape != torch_shape:
-            problems.append(f"{key}: expected shape {torch_shape}, found {value.shape}")
-            continue
-        flat[path] = np.ascontiguousarray(LAYOUTS[layout].to_keras(value))
-    if problems:
-        raise ValueError(f"{source} does not hold {arch} weights: " + "; ".join(problems))
+        raise ValueError(f"{source} is not a {top or 'torchvision/timm'} {arch} state dict{hint}: "
+                         + "; ".join(problems))
+    flat = {path: np.ascontiguousarray(LAYOUTS[layout].to_keras(np.asarray(state[key], np.float32)))
+            for key, (path, layout) in plan.items()}
     variables = unflatten(flat)
     check_variables(variables, arch, include_top, source, num_classes)
     return variables, include_top
 
 
 def _tensor_dict_from_pickle(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs PyTorch: pip install 'vggjax[torch]' "
-                          "(or convert the file to .safetensors, which needs no torch)") from e
+    torch = require("torch", f"reading {path} (or convert it to .safetensors, which needs no torch)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -172,15 +160,12 @@ def _tensor_dict_from_pickle(path: str) -> dict[str, np.ndarray]:
                              "which could run arbitrary code; vggjax loads only plain tensors "
                              "(torch.load weights_only=True). Re-export it from a trusted copy as "
                              "torch.save(model.state_dict(), path) or .safetensors") from None
-        # torch wraps the unpickler's reason in advice on weights_only=False; keep the reason.
-        reason = [line.strip() for line in str(e).split("Check the documentation")[0].splitlines()
-                  if line.strip()]
         raise ValueError(f"{path} is not a readable PyTorch file: torch.load(weights_only=True) "
-                         f"cannot unpickle it ({reason[-1] if reason else e}); it is corrupt or "
-                         "holds more than tensors") from None
+                         f"cannot unpickle it ({_reason(e)}); it is corrupt or holds more than "
+                         "tensors") from None
     except Exception as e:  # torch reports corrupt input as KeyError, RuntimeError, EOFError, ...
         raise ValueError(f"{path} is not a readable PyTorch file (truncated, corrupt or not written "
-                         f"by torch.save): {type(e).__name__}: {e}") from e
+                         f"by torch.save): {type(e).__name__}: {_reason(e)}") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict "
                          "(torch.save(model.state_dict(), path))")
@@ -190,6 +175,15 @@ def _tensor_dict_from_pickle(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a plain state dict: entries {odd} are not named tensors; "
                          "save model.state_dict() itself")
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
+
+
+def _reason(error: Exception) -> str:
+    """torch's reason for a failed load, without its advice: it wraps the reason in steps for
+    loading with weights_only=False, which would let the file run code; never repeat those."""
+    lines = [line.strip() for line in str(error).split("Check the documentation")[0].splitlines()]
+    kept = [line for line in lines if line and "weights_only" not in line and "(1)" not in line
+            and "(2)" not in line and not line.startswith("Weights only load failed")]
+    return (kept[-1] if kept else type(error).__name__).removeprefix("WeightsUnpickler error: ")
 
 
 def _tensor_dict_from_safetensors(path: str) -> dict[str, np.ndarray]:

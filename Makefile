@@ -1,0 +1,37 @@
+# Two commands on a machine with python3 and make:
+#   make demo   set up .venv (core + [train]) and run the example's --smoke job
+#   make test   set up .venv (+ [torch,test] and the test-only references) and run pytest
+# Set-up is idempotent: a stamp named after the hash of what it installed from skips it next time.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
+TORCH := torch==2.13.0# pinned CPU build: an unpinned torch resolves to a multi-GB CUDA build
+NODEPS := tests/requirements-nodeps.txt
+HASH := $(shell cat pyproject.toml $(NODEPS) | $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:12])")
+PYTEST_ARGS ?=
+
+.PHONY: demo test setup-demo setup-test
+demo: setup-demo
+	$(PY) examples/finetune_catsdogs.py --smoke
+
+# pytest's exit status is also left in $(VENV)/.pytest-status for .ci/run.
+test: setup-test
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; echo $$status > $(VENV)/.pytest-status; exit $$status
+
+setup-demo: $(VENV)/.stamp-demo-$(HASH)
+setup-test: $(VENV)/.stamp-test-$(HASH)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+$(VENV)/.stamp-demo-$(HASH): | $(PY)
+	$(PIP) -e ".[train]"
+	rm -f $(VENV)/.stamp-demo-* && touch $@
+
+$(VENV)/.stamp-test-$(HASH): | $(PY)
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[train,torch,test]"
+	$(PIP) --no-deps -r $(NODEPS)
+	rm -f $(VENV)/.stamp-test-* && touch $@

@@ -1,0 +1,82 @@
+"""What several test files share: seeded random weights and images, the parity assertion, and
+running the repo's scripts as a user would (a subprocess with its own cache)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from vggjax.trees import unflatten
+from vggjax.weights.spec import expected_shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4  # fp32 max abs error against the reference frameworks (probabilities, logits, features)
+
+
+def random_variables(arch: str, include_top: bool = True, seed: int = 0, input_rms: float = 1.0,
+                     logit_scale: float = 1.0) -> dict:
+    """Seeded float32 NumPy {"params", ["batch_stats"]} for `arch`, keyed like vggjax's.
+
+    Kernels are He-normal so activations keep their scale through the ReLUs; the first conv
+    is divided by `input_rms` (the inputs' RMS: ~70 for caffe-preprocessed images, ~1 for
+    torch-preprocessed ones) so activations are O(1), and the classifier is scaled by
+    `logit_scale`, so logits are spread enough that softmax is far from uniform and top-1 is
+    stable. Biases and BatchNorm statistics are small random numbers, never all zeros/ones,
+    so a converter that drops or swaps them is caught.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, shape in sorted(expected_shapes(arch, include_top).items()):
+        layer, name = path.split("/")[-2:]
+        if name == "kernel":
+            std = np.sqrt((1.0 if layer == "predictions" else 2.0) / np.prod(shape[:-1]))
+            std *= logit_scale if layer == "predictions" else 1.0
+            std /= input_rms if layer == "block1_conv1" else 1.0
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        else:  # bias, BN bias, BN mean
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1)
+        out[path] = value
+    return unflatten(out)
+
+
+def block_images(n: int, size: int, seed: int) -> np.ndarray:
+    """uint8 RGB (n, size, size, 3) made of random 7x7 colour blocks: unlike pixel noise, each
+    image has its own content, so the predictions differ between images."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n, 7, 7, 3), dtype=np.uint8)
+    reps = -(-size // 7)
+    return blocks.repeat(reps, axis=1).repeat(reps, axis=2)[:, :size, :size]
+
+
+def normal_images(n: int, size: int, seed: int) -> np.ndarray:
+    """(n, size, size, 3) float32 NHWC, as if already preprocessed (zero mean, unit variance)."""
+    return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def assert_parity(what: str, ours, theirs, tol: float = TOL, top1: bool = True) -> None:
+    """Max abs error of `ours` against the reference `theirs` within `tol`, and (for 2-D scores
+    with `top1`) the same argmax per row. Prints the error (pytest -s shows it)."""
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs {theirs.shape}"
+    err = float(np.max(np.abs(ours - theirs)))
+    print(f"\nparity {what}: max abs error {err:.2e} (reference std {theirs.std():.2f}, "
+          f"max |value| {np.abs(theirs).max():.3g})")
+    assert err <= tol, f"{what}: max abs error {err:.2e} > {tol:.0e}"
+    if top1 and ours.ndim == 2:
+        np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1), err_msg=f"{what}: top-1 differs")
+
+
+def script_env(tmp_path, **extra) -> dict:
+    """Environment for running a repo script in a subprocess: the checkout importable even when
+    vggjax is not installed, an empty $VGGJAX_CACHE under `tmp_path`, quiet TensorFlow."""
+    env = dict(os.environ, VGGJAX_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_script(script: str, *args, env: dict, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python <repo>/<script> args...` to completion, output captured as text."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], env=env,
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)

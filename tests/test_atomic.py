@@ -1,0 +1,99 @@
+"""atomic.writing: complete or absent, replaces only vggjax's own directories, leaves no temporaries."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from vggjax import atomic
+
+
+def write_dir(final, marker="vggjax.json", **kwargs):
+    with atomic.writing(final, directory=True, marker=marker, **kwargs) as tmp:
+        tmp.mkdir()
+        (tmp / marker).write_text("{}")
+        (tmp / "data.bin").write_bytes(b"new")
+
+
+def test_a_directory_appears_complete_and_replaces_only_a_vggjax_one(tmp_path):
+    out = tmp_path / "out"
+    write_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == ["data.bin", "vggjax.json"]
+    with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True"):
+        write_dir(out)
+    write_dir(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old dir left
+
+
+def test_overwrite_never_deletes_user_files_the_input_or_the_working_directory(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(atomic.RefusedError, match=r"mine is not a vggjax output \(vggjax.json missing\)"):
+        write_dir(mine, overwrite=True)
+    # A vggjax output that holds the input file, or the working directory, is not replaced either.
+    out = tmp_path / "out"
+    write_dir(out)
+    (out / "input.h5").write_bytes(b"weights")
+    with pytest.raises(atomic.RefusedError, match=r"out contains .*input.h5; refusing to replace it"):
+        write_dir(out, overwrite=True, protect=[out / "input.h5"])
+    monkeypatch.chdir(out)
+    with pytest.raises(atomic.RefusedError, match="refusing to replace it"):
+        write_dir(".", overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work" and (out / "input.h5").is_file()
+
+
+def test_a_symlink_is_refused_before_anything_is_written(tmp_path):
+    real = tmp_path / "real"
+    write_dir(real)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(atomic.RefusedError, match="link is a symbolic link"):
+        write_dir(tmp_path / "link", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_an_exception_removes_the_temporary_and_keeps_the_old_content(tmp_path):
+    out = tmp_path / "out.json"
+    with atomic.writing(out) as tmp:
+        tmp.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.writing(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_temporaries_of_a_killed_process_are_removed_by_the_next_writer(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / f".out.tmp-{dead.stdout.strip()}-0123abcd"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".out.tmp-{os.getpid()}-4567cdef"  # a writer of this very process: kept
+    alive.mkdir()
+    write_dir(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_writing_leaves_nothing_behind(tmp_path, sig, subprocess_env):
+    script = textwrap.dedent(f"""
+        import time
+        from vggjax import atomic
+        with atomic.writing({str(tmp_path / "out")!r}, directory=True, marker="m") as tmp:
+            tmp.mkdir()
+            (tmp / "part").write_bytes(b"x")
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []

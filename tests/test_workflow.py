@@ -1,0 +1,127 @@
+"""The workflow's guards, before any work: Config values, data folders, and a workdir's run identity."""
+import dataclasses
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vggjax import data, workflow
+
+
+def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=workflow.SPLITS, size=40):
+    """Real JPEGs in the book's layout: root/<split>/<class>/<class>.<i>.jpg."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{name}.{i}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(image_size=31), r"image_size \(--image-size\) must be an integer >= 32 .*, found 31"),
+    (dict(image_size=0), r"image_size \(--image-size\) must be an integer >= 32 .*, found 0"),
+    (dict(batch_size=0), r"batch_size \(--batch-size\) must be an integer >= 1, found 0"),
+    (dict(steps_per_epoch=0), r"steps_per_epoch \(--steps-per-epoch\) must be an integer >= 1 or None"),
+    (dict(steps_per_epoch=-1), r"steps_per_epoch .* found -1"),
+    (dict(epochs=dict.fromkeys(workflow.PHASES, -1)), r"epochs \(--epochs\) must be an integer >= 0"),
+    (dict(learning_rates=dict.fromkeys(workflow.PHASES, 0.0)), r"learning_rates must be > 0"),
+    (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
+], ids=lambda v: str(v)[:30])
+def test_config_refuses_values_that_mean_nothing(changes, message):
+    with pytest.raises(ValueError, match=message):
+        workflow.Config(weights="w", workdir="r", **changes)
+
+
+def test_zero_epochs_is_a_valid_evaluate_only_config():
+    config = workflow.Config(weights="w", workdir="r", epochs=dict.fromkeys(workflow.PHASES, 0))
+    assert set(config.epochs.values()) == {0}
+
+
+def test_a_folder_with_one_class_or_split_specific_classes_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"train has one class folder \(cats\); a classifier needs at least 2"):
+        data.check_image_folder(str(write_folder(tmp_path / "one", classes=("cats",))))
+    mixed = write_folder(tmp_path / "mixed", splits=("train", "validation"))
+    write_folder(mixed, classes=("Cats", "dogs"), splits=("test",))
+    with pytest.raises(ValueError, match=r"different classes: .*train has \['cats', 'dogs'\], .*test has "
+                                         r"\['Cats', 'dogs'\]"):
+        data.check_image_folder(str(mixed))
+
+
+def test_empty_splits_and_classes_are_refused(tmp_path):
+    root = write_folder(tmp_path / "d")
+    for f in (root / "test" / "dogs").iterdir():
+        f.unlink()
+    with pytest.raises(ValueError, match=r"test: class folder\(s\) \['dogs'\] hold no .jpg/.jpeg/.png image"):
+        data.check_image_folder(str(root))
+    (root / "test" / "dogs").rmdir()
+    (root / "test" / "cats").rename(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"test is empty: expected one folder of images per class"):
+        data.check_image_folder(str(root))
+
+
+def test_ignored_files_are_counted_in_one_warning(tmp_path):
+    root = write_folder(tmp_path / "d")
+    Image.new("RGB", (40, 40)).save(root / "train" / "cats" / "anim.gif")
+    (root / "train" / "dogs" / "more").mkdir()
+    (root / "validation" / "notes.txt").write_text("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = data.check_image_folder(str(root))
+    assert counts["train"] == {"cats": 2, "dogs": 2}
+    assert len(caught) == 1 and "ignored 3 file(s) or folder(s)" in str(caught[0].message)
+    assert "anim.gif" in str(caught[0].message)
+
+
+def identity(tmp_path, **changes):
+    folder = tmp_path / "data"
+    if not folder.exists():
+        write_folder(folder)
+    config = workflow.Config(weights="w", workdir=str(tmp_path), data=str(folder), **changes)
+    return workflow.run_identity(config, {"arch": "vgg11"}, "ab" * 32, "caffe")
+
+
+def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_outputs(tmp_path):
+    workdir = tmp_path / "run"
+    first = identity(tmp_path)
+    workflow.claim_workdir(workdir, first)
+    (workdir / "checkpoints").mkdir()
+    (workdir / "my_notes.txt").write_text("mine")
+    workflow.claim_workdir(workdir, identity(tmp_path))  # the same run: resumes
+    for changes, named in [(dict(image_size=64), "image_size (150 there, 64 now)"),
+                           (dict(batch_size=8), "batch_size (20 there, 8 now)"),
+                           (dict(seed=1), "seed")]:
+        with pytest.raises(workflow.RunMismatchError, match=rf"holds another run: .*{re.escape(named)}"
+                                                           r".*use another --workdir, or --restart"):
+            workflow.claim_workdir(workdir, identity(tmp_path, **changes))
+    other_weights = dict(first, weights_sha256="cd" * 32)
+    with pytest.raises(workflow.RunMismatchError, match=r"weights_sha256"):
+        workflow.claim_workdir(workdir, other_weights)
+    (tmp_path / "data" / "test" / "cats" / "cats.0.jpg").write_bytes(b"other image")
+    with pytest.raises(workflow.RunMismatchError, match=r"holds another run: data \("):
+        workflow.claim_workdir(workdir, identity(tmp_path))
+    workflow.claim_workdir(workdir, other_weights, restart=True, log=lambda line: None)
+    assert sorted(p.name for p in workdir.iterdir()) == ["my_notes.txt", workflow.RUN]
+    assert json.loads((workdir / workflow.RUN).read_text()) == other_weights
+
+
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match=r"cannot use --workdir .*file/run: Not a directory"):
+        workflow.claim_workdir(tmp_path / "file" / "run", {"a": 1})
+
+
+def test_flags_are_the_config_fields_and_zero_stays_zero():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    workflow.add_arguments(parser)
+    given = workflow.config_arguments(parser.parse_args(["--epochs", "0", "--image-size", "64"]))
+    assert given == {"epochs": dict.fromkeys(workflow.PHASES, 0), "image_size": 64}
+    defaults = {f.name: f.default for f in dataclasses.fields(workflow.Config)}
+    assert "--batch-size" in parser.format_help() and f"(default: {defaults['batch_size']})" in parser.format_help()

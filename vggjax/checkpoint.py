@@ -1,0 +1,91 @@
+"""Orbax, in one place: a tree of arrays saved and restored synchronously (weights directories),
+and the training checkpoint manager (latest + best epoch, state plus JSON metadata)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+
+MONITORS = {"val_loss": "min", "val_accuracy": "max"}
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # ~1 s to import: only when a checkpoint is touched
+
+    return ocp
+
+
+def save_tree(path: Path, tree: Mapping) -> None:
+    """Write a nested dict of arrays to `path` (a new directory) and return when it is on disk.
+
+    Synchronous on purpose: no writer thread can still be filling `path` when an interrupt
+    makes the caller delete it.
+    """
+    ocp = _ocp()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(path, args=ocp.args.StandardSave(dict(tree)))
+
+
+def restore_tree(path: Path) -> dict:
+    """The nested dict of NumPy arrays saved at `path`, with the stored shapes and dtypes."""
+    ocp = _ocp()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        return ckptr.restore(path)
+
+
+def manager(directory: Path, monitor: str, create: bool = True):
+    """An Orbax CheckpointManager keeping the 2 latest checkpoints (for resuming) and the best
+    epoch-end one by `monitor` ("val_loss" lowest or "val_accuracy" highest); items "state" and
+    "meta" (JSON). Temporaries of a save cut short by a kill are removed when it opens."""
+    ocp = _ocp()
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {sorted(MONITORS)}, found {monitor!r}")
+    mode = MONITORS[monitor]
+    # Mid-epoch checkpoints are saved with empty metrics: ranked worst, never "best".
+    worst = float("inf") if mode == "min" else float("-inf")
+
+    def score(metrics):
+        return metrics.get(monitor, worst)
+
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=2),
+        ocp.checkpoint_managers.BestN(get_metric_fn=score, reverse=mode == "min", n=1),
+    ])
+    options = ocp.CheckpointManagerOptions(best_fn=score, best_mode=mode, preservation_policy=policy,
+                                           create=create, cleanup_tmp_directories=create)
+    return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
+
+
+def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
+    """Save `state` (a pytree) and `meta` (JSON) as checkpoint `step` with `metrics` for ranking."""
+    ocp = _ocp()
+    mngr.save(step, metrics=dict(metrics), force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+
+
+def read_meta(mngr, step: int) -> dict:
+    """The JSON metadata of checkpoint `step`, without touching its arrays."""
+    ocp = _ocp()
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
+def restore(mngr, step: int, template: Any) -> tuple[Any, dict]:
+    """(state, meta) of checkpoint `step`; `template` gives the state's structure, shapes,
+    dtypes and shardings (e.g. a freshly created state)."""
+    ocp = _ocp()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.meta)
+
+
+def step_of(mngr, which: str | int, monitor: str, where: str) -> int:
+    """The step `which` ("best", "latest" or a step number) names in `mngr`; ValueError naming
+    `where` when there is none (no checkpoint, or no finished epoch for "best")."""
+    step = {"best": mngr.best_step, "latest": mngr.latest_step}[which]() if isinstance(which, str) else which
+    if step is None or step not in mngr.all_steps():
+        raise ValueError(f"no checkpoint {which!r} in {where}; steps there: {list(mngr.all_steps())}")
+    if which == "best" and monitor not in (mngr.metrics(step) or {}):
+        raise ValueError(f"no epoch has finished yet in {where}: no best checkpoint")
+    return step
