@@ -38,7 +38,7 @@ def make_trunk(directory: Path):
     """Seeded random torchvision VGG16 conv base: (torch module, vggjax-converted dir)."""
     import torch
     import vggjax
-    from torch_reference import randomize, vgg
+    from vggjax.testing import randomize, vgg
 
     with torch.device("meta"):
         model = vgg("vgg16")

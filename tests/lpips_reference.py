@@ -2,7 +2,7 @@
 
 lpips needs one thing from torchvision, `torchvision.models.vgg16(pretrained=...).features`, and
 PyPI torchvision does not import beside this CPU torch; a stand-in `torchvision.models` serves
-it from tests/torch_reference (torchvision's VGG module for module) while lpips builds its net.
+it from vggjax.testing (torchvision's VGG module for module) while lpips builds its net.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def import_lpips(trunk: torch.nn.Module | None = None):
 
 
 def reference_lpips(trunk: torch.nn.Module, version: str = "0.1", spatial: bool = False):
-    """`lpips.LPIPS(net="vgg", version=...)` with `trunk` (a torch_reference VGG16) as its VGG and
+    """`lpips.LPIPS(net="vgg", version=...)` with `trunk` (a vggjax.testing VGG16) as its VGG and
     the lin weights of its wheel; `pnet_rand=True` so nothing is downloaded."""
     lpips = import_lpips(trunk)
     return lpips.LPIPS(net="vgg", version=version, pnet_rand=True, spatial=spatial,

@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
 from lpips_reference import import_lpips, reference_lpips, run
-from torch_reference import randomize, vgg
+from vggjax.testing import randomize, vgg
 from vggjax import losses, parallel
 from vggjax.torch_pickle import read_state_dict
 
@@ -161,7 +161,7 @@ def test_load_refuses_what_cannot_be_lpips(trunk, tmp_path, monkeypatch, make_va
         losses.LPIPS.load(converted, version="0.2")
     with pytest.raises(ValueError, match="vgg16.pth is not an lpips VGG lin file: lin0.model.1.weight"):
         losses.LPIPS.load(converted, lin=converted.parent / "vgg16.pth")
-    from vggjax.keras_weights import write_legacy_h5
+    from vggjax.weights.keras import write_legacy_h5
     write_legacy_h5(make_variables("vgg16", include_top=False)["params"], tmp_path / "k.h5")
     vggjax.convert_file("keras", "vgg16", tmp_path / "k.h5", tmp_path / "keras16")
     with pytest.raises(ValueError, match="calibrated on torchvision's vgg16.*'caffe'"):
