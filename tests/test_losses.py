@@ -77,8 +77,8 @@ def trunk(tmp_path_factory):
     model = randomize(model.to_empty(device="cpu"), seed=3)
     torch.save(model.features.state_dict(prefix="features."), d / "vgg16.pth")
     vggjax.convert_file("torchvision", "vgg16", d / "vgg16.pth", d / "converted")
-    load = functools.cache(lambda version="0.1", dtype=jnp.float32: losses.LPIPS.load(
-        d / "converted", version=version, dtype=dtype))
+    load = functools.cache(lambda version="0.1", dtype=jnp.float32, conv_impl="auto": losses.LPIPS.load(
+        d / "converted", version=version, dtype=dtype, conv_impl=conv_impl))
     return model, d / "converted", load
 
 
@@ -188,7 +188,7 @@ def test_input_range_is_checked(trunk, pairs):
 
 
 def test_lpips_jits_vmaps_and_is_a_pytree(trunk, pairs):
-    lp = trunk[2]()
+    lp = trunk[2](conv_impl="direct")
     x0, x1 = (2 * x - 1 for x in pairs)
     eager = lp(x0, x1)
     jitted = jax.jit(lambda l, a, b: l(a, b))(lp, x0, x1)  # LPIPS passed as an argument
@@ -241,7 +241,7 @@ def test_unit_normalisation_matches_lpips_and_has_finite_gradient_at_zero():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_gradients_are_finite_at_identical_black_and_white_images(trunk, pairs, dtype):
-    lp = trunk[2](dtype=dtype)
+    lp = trunk[2](dtype=dtype, conv_impl="direct")  # compiles 2x faster than "auto"
     # block5_conv3 switched off: its ReLU features are all zero, the case lpips gets NaN from.
     params = dict(lp.variables["params"])
     params["block5_conv3"] = dict(params["block5_conv3"], bias=params["block5_conv3"]["bias"] - 1e4)
