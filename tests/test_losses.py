@@ -22,7 +22,6 @@ import vggjax
 from book_style_transfer import book_loss, keras_vgg19
 from vggjax.testing import import_lpips, randomize, reference_lpips, run_lpips, vgg
 from vggjax import losses, parallel
-from vggjax.weights.torch_pickle import read_state_dict
 
 LPIPS_TOL = 1e-5
 CROP = 64
@@ -123,35 +122,6 @@ def test_lin_reader_equals_torch_load_weights_only():
             np.testing.assert_array_equal(lin, want[f"lin{k}.model.1.weight"].numpy()[0, :, 0, 0])
     assert not np.array_equal(losses.read_lin(losses.installed_lin_path("0.0"))[0],
                               losses.read_lin(losses.installed_lin_path("0.1"))[0])
-
-
-def test_torch_pickle_reads_both_formats_and_runs_no_code(tmp_path):
-    state = {"w": torch.randn(3, 4).t(), "b": torch.arange(5), "h": torch.randn(2).half()}
-    for zip_format in (True, False):
-        path = tmp_path / f"state_{zip_format}.pth"
-        torch.save(state, path, _use_new_zipfile_serialization=zip_format)
-        got = read_state_dict(path)
-        for k, v in state.items():  # w is a transposed (strided) view
-            np.testing.assert_array_equal(got[k], v.numpy())
-            assert got[k].dtype == v.numpy().dtype
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
-    for zip_format in (True, False):
-        bad = tmp_path / f"bad_{zip_format}.pth"
-        torch.save({"lin0.model.1.weight": Exploit()}, bad, _use_new_zipfile_serialization=zip_format)
-        with pytest.raises(ValueError, match=r"refused for safety: .*system"):
-            read_state_dict(bad)
-    assert not (tmp_path / "pwned").exists()
-    good = tmp_path / "state_False.pth"
-    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:-6])
-    with pytest.raises(ValueError, match="cut.pth.*truncated"):
-        read_state_dict(tmp_path / "cut.pth")
-    (tmp_path / "text.pth").write_text("not a torch file")
-    with pytest.raises(ValueError, match="text.pth"):
-        read_state_dict(tmp_path / "text.pth")
 
 
 def test_load_refuses_what_cannot_be_lpips(trunk, tmp_path, monkeypatch, make_variables):
