@@ -40,6 +40,13 @@ class _Tensor:
 
     def array(self, path: str, key: str) -> np.ndarray:
         data = self.storage.data
+        # as_strided trusts its arguments: a crafted negative or mismatched stride, size or offset
+        # would read memory outside the storage, so anything but a plain forward view is refused.
+        ints = (self.offset, *self.size, *self.stride)
+        if (len(self.size) != len(self.stride) or not all(isinstance(v, int) for v in ints)
+                or min(ints, default=0) < 0):
+            raise ValueError(f"{path}: tensor {key!r} has an invalid layout (offset {self.offset}, "
+                             f"shape {self.size}, strides {self.stride})")
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride) if n > 0)
         if data is None or (all(self.size) and last >= len(data)):
             raise ValueError(f"{path}: tensor {key!r} of shape {self.size} reads past its storage "
