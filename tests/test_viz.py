@@ -69,7 +69,7 @@ def test_grad_cam_book_and_paper_match_tf(keras, book_vgg16):
     assert_close("grad-cam paper (logits, sum)", paper, want_paper, TOL)
     # The test can fail: maps with structure, and the two scores give different maps.
     for m in (want_book, want_paper):
-        assert np.all(np.max(m, axis=(1, 2)) == 1) and 0.05 < np.mean(m > 0) < 1
+        assert np.all(np.max(m, axis=(1, 2)) == 1) and np.min(np.std(m, axis=(1, 2))) > 0.05
     assert np.max(np.abs(want_book - want_paper)) > 100 * TOL
     # The same maps in a batch and one by one; an explicit target equal to the top class.
     top = np.asarray(pt.model.apply(pt.variables, x)).argmax(-1)
@@ -78,17 +78,30 @@ def test_grad_cam_book_and_paper_match_tf(keras, book_vgg16):
 
 
 def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
+    """40 free-running steps agree in float64 on both sides. In float32 they cannot: the
+    ascent is piecewise linear, and every few steps a max-pool or ReLU near-tie resolves
+    differently in oneDNN and XLA, after which the paths part (each step alone agrees to ~1e-5)."""
+    import jax
+    import jax.numpy as jnp
     import tensorflow as tf
 
     params = make_variables("vgg16", include_top=False, seed=3, input_rms=INPUT_RMS)["params"]
-    conv_base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(64, 64, 3))
+    floatx = keras.config.floatx()
+    keras.config.set_floatx("float64")
+    try:
+        conv_base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(64, 64, 3))
+    finally:
+        keras.config.set_floatx(floatx)
     for layer in conv_base.layers:
         if layer.weights:
             layer.set_weights([params[layer.name]["kernel"], params[layer.name]["bias"]])
-    layer, filters = "block3_conv1", [0, 7, 200]
-    init = (np.random.default_rng(0).random((3, 64, 64, 3)) * 20 + 128).astype(np.float32)
-    ours = viz.filter_pattern(vggjax.VGG16(include_top=False), {"params": params}, layer, filters,
-                              size=64, init=init, deprocess=False)
+    layer, filters = "block3_conv1", [0, 200]
+    init = np.random.default_rng(0).random((2, 64, 64, 3)) * 20 + 128
+    with jax.enable_x64(True):
+        model = vggjax.VGG16(include_top=False, dtype=jnp.float64, param_dtype=jnp.float64)
+        ours = viz.filter_pattern(model, {"params": jax.tree.map(np.float64, params)}, layer,
+                                  filters, size=64, init=init, deprocess=False)
+    assert ours.dtype == np.float64
     features = keras.Model(conv_base.inputs, conv_base.get_layer(layer).output)
     for k, f in enumerate(filters):
         x = tf.constant(init[k:k + 1])
@@ -100,11 +113,10 @@ def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
             x = x + g / (tf.sqrt(tf.reduce_mean(tf.square(g))) + 1e-5) * 1.0
         theirs = x.numpy()[0]
         rel = float(np.max(np.abs(ours[k] - theirs)) / np.max(np.abs(theirs)))
-        print(f"\nparity filter pattern {layer}[{f}]: max abs error / max |x| = {rel:.1e}")
+        print(f"\nparity filter pattern {layer}[{f}] (float64): max abs error / max |x| = {rel:.1e}")
         assert rel <= 1e-3
         assert np.max(np.abs(theirs - init[k])) > 10  # 40 steps really moved the image
-        assert np.abs(viz.deprocess_image(ours[k]).astype(int)
-                      - viz.deprocess_image(theirs).astype(int)).max() <= 1
+        np.testing.assert_array_equal(viz.deprocess_image(ours[k]), viz.deprocess_image(theirs))
 
 
 def test_filter_pattern_default_is_the_book_start_and_many_filters_equal_one_by_one(make_variables):

@@ -232,11 +232,13 @@ def filter_pattern(model: VGG, variables, layer: str, filter_index, size: int = 
                          f"found {index.tolist()}")
     if init is None:
         init = jax.random.uniform(jax.random.key(seed), shape) * 20 + 128
-    init = np.asarray(init, np.float32)
+    # The image accumulates in float32 even for a bfloat16 model (float64 under jax x64).
+    dtype = jnp.promote_types(model.dtype, jnp.float32)
+    init = np.asarray(init, dtype)
     if init.shape not in (shape, shape[1:]):
         raise ValueError(f"init must have shape {shape[1:]} or {shape}, found {init.shape}")
     raw = _ascend(model, variables, jnp.broadcast_to(init, shape), jnp.asarray(index, jnp.int32),
-                  jnp.float32(step), layer=layer, steps=int(steps))
+                  jnp.asarray(step, dtype), layer=layer, steps=int(steps))
     out = deprocess_image(raw) if deprocess else np.asarray(raw)
     return out[0] if single else out
 
