@@ -11,9 +11,11 @@ from vggjax.keras_weights import write_legacy_h5
 INPUT_RMS = 70.0  # caffe-preprocessed 0..255 images: keeps random-weight activations O(1)
 
 
-def write_vgg16(directory: Path, random_variables, seed: int = 0) -> tuple[dict, Path, Path]:
+def write_vgg16(directory: Path, random_variables, seed: int = 0,
+                logit_scale: float = 1.0) -> tuple[dict, Path, Path]:
     """(params, legacy h5 path, converted weights dir) of a VGG16 with top (553 MB of h5)."""
-    params = random_variables("vgg16", include_top=True, seed=seed, input_rms=INPUT_RMS)["params"]
+    params = random_variables("vgg16", include_top=True, seed=seed, input_rms=INPUT_RMS,
+                              logit_scale=logit_scale)["params"]
     h5 = directory / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
     write_legacy_h5(params, h5, names="keras1")
     converted = directory / "converted"
