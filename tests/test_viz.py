@@ -208,15 +208,19 @@ def test_jet_is_matplotlibs():
                                atol=1e-12)
 
 
-def test_overlay_is_image_plus_alpha_times_jet():
+def test_overlay_is_image_plus_alpha_times_jet_rescaled():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 200, (40, 60, 3), dtype=np.uint8)
-    cam = np.zeros((4, 6), np.float32)
-    out = viz.overlay(image, cam, alpha=0.4)
+    image[0, 0], image[0, 1] = 0, 199
+    out = viz.overlay(image, np.zeros((4, 6), np.float32), alpha=0.4)  # jet(0) = (0, 0, 0.5)
     assert out.shape == (40, 60, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, np.clip(image + 0.4 * viz.jet()[0] * 255, 0, 255).astype(np.uint8))
-    hot = viz.overlay(image, np.ones((4, 6), np.float32), alpha=1.0)  # jet's top is dark red
-    np.testing.assert_array_equal(hot[..., 0], np.clip(image[..., 0] + 127.5, 0, 255).astype(np.uint8))
+    want = image + 0.4 * viz.jet()[0] * 255
+    want = ((want - want.min()) * 255 / (want.max() - want.min())).astype(np.uint8)
+    np.testing.assert_array_equal(out, want)
+    cam = np.zeros((4, 6), np.float32)
+    cam[:2, :3] = 1.0  # evidence in the top-left quarter: red there, blue elsewhere
+    hot = viz.overlay(np.zeros((40, 60, 3), np.uint8), cam, alpha=1.0).astype(int)
+    assert hot[2, 2, 0] > 100 and hot[2, 2, 2] == 0 and hot[37, 57, 0] == 0 and hot[37, 57, 2] > 100
     with pytest.raises(ValueError, match="alpha"):
         viz.overlay(image, cam, alpha=2)
     with pytest.raises(ValueError, match=r"one \(h, w\) map"):

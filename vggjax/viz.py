@@ -187,7 +187,9 @@ def overlay(image, cam, alpha: float = 0.4) -> np.ndarray:
     """The book's picture: `image` (H, W, 3) uint8 RGB plus `alpha` times the jet-coloured `cam`.
 
     cam: (h, w) in [0, 1], upsampled bilinearly to (H, W), quantised as uint8(255 * cam), mapped
-    through matplotlib's jet, scaled to 0..255, and added: clip(image + alpha * heat) as uint8.
+    through matplotlib's jet (0..255) and added: image + alpha * heat. The sum is rescaled to
+    0..255 (min to 0, max to 255) as the 2nd edition's `array_to_img` does; the 1st edition's
+    cv2.imwrite clipped it instead, which washes bright photos out to white.
     """
     image, cam = np.asarray(image), np.asarray(cam, np.float32)
     if image.ndim != 3 or image.shape[-1] != 3:
@@ -198,7 +200,9 @@ def overlay(image, cam, alpha: float = 0.4) -> np.ndarray:
         raise ValueError(f"alpha must lie in [0, 1], found {alpha}")
     up = np.clip(image_io.resize(cam, image.shape[:2], "bilinear"), 0.0, 1.0)
     heat = jet()[(255 * up).astype(np.uint8)] * 255.0
-    return np.clip(image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
+    out = image.astype(np.float64) + alpha * heat
+    out -= out.min()
+    return (out * (255.0 / max(out.max(), 1e-12))).astype(np.uint8)
 
 
 def filter_pattern(model: VGG, variables, layer: str, filter_index, size: int = 150,
