@@ -13,8 +13,8 @@
    a filter, as Keras' `iterate` function in the book).
 
 Needs: torch (CPU), `pip install --no-deps grad-cam ttach` plus opencv-python-headless and
-scikit-learn (its imports); torchvision is replaced by a stand-in module built on
-tests/torch_reference.py (PyPI torchvision does not import beside this torch). Writes
+scikit-learn (its imports); torchvision is replaced by tests/gradcam_reference.py's stand-in,
+built on tests/torch_reference.py (PyPI torchvision does not import beside this torch). Writes
 benchmarks/results_viz.md.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -37,27 +36,6 @@ import numpy as np  # noqa: E402
 
 import vggjax  # noqa: E402
 from vggjax import viz  # noqa: E402
-
-
-def torchvision_standin() -> None:
-    """pytorch-grad-cam imports torchvision for transforms and ops it never uses for Grad-CAM;
-    give it a module whose `models.vgg16` is tests/torch_reference's torchvision-layout VGG."""
-    import torch_reference
-
-    def unused(*_, **__):
-        raise NotImplementedError("the torchvision stand-in only provides models.vgg*")
-
-    tv = types.ModuleType("torchvision")
-    tv.models = types.SimpleNamespace(**{a: (lambda a=a: torch_reference.vgg(a))
-                                         for a in ("vgg11", "vgg13", "vgg16", "vgg19")})
-    tv.ops = types.SimpleNamespace(box_iou=unused)
-    transforms = types.ModuleType("torchvision.transforms")
-    transforms.Compose = transforms.Normalize = transforms.ToTensor = unused
-    functional = types.ModuleType("torchvision.transforms.functional")
-    functional.resize = unused
-    tv.transforms, transforms.functional = transforms, functional
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
 
 
 def same_weights(tmp: Path):
@@ -200,6 +178,7 @@ def main(argv=None) -> None:
         lines.append(text)
 
     import torch
+    from gradcam_reference import torchvision_standin
 
     torchvision_standin()
     load = os.getloadavg()[0]

@@ -248,3 +248,45 @@ def test_activation_grid_standardises_each_channel_like_the_book():
     want = np.clip(c * 64 + 128, 0, 255).astype("uint8")
     np.testing.assert_array_equal(sheet[6:12, 5:10], want)  # channel 17: row 1, column 1
     assert np.all(sheet[:6, 15:20] == 0) and np.all(sheet[6:, 20:] == 0)
+
+
+@pytest.fixture(scope="module")
+def torch_vgg11(tmp_path_factory):
+    """A seeded torchvision-layout VGG11 (10 classes) and the same weights converted."""
+    from gradcam_reference import torchvision_standin
+
+    torchvision_standin()  # before pytorch_grad_cam imports torchvision
+    pytest.importorskip("pytorch_grad_cam", reason="pip install --no-deps grad-cam ttach "
+                        "opencv-python-headless scikit-learn")
+    import torch
+    import torch_reference
+
+    net = torch_reference.randomize(torch_reference.vgg("vgg11", num_classes=10), seed=1).eval()
+    tmp = tmp_path_factory.mktemp("torch")
+    torch.save(net.state_dict(), tmp / "vgg11.pth")
+    vggjax.convert_file("torchvision", "vgg11", tmp / "vgg11.pth", tmp / "converted", include_top=True)
+    return net, vggjax.load(tmp / "converted")
+
+
+@pytest.mark.parametrize("method", viz.METHODS)
+def test_methods_match_pytorch_grad_cam(torch_vgg11, method):
+    """All three methods at a block's last conv and at a middle one, 64x64 inputs through
+    torchvision's adaptive-pool head, against pytorch-grad-cam (its min-max scaling on ours)."""
+    import pytorch_grad_cam
+    import torch
+
+    net, pt = torch_vgg11
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    x = pt.preprocess(pixels)
+    cls = {"gradcam": pytorch_grad_cam.GradCAM, "gradcam++": pytorch_grad_cam.GradCAMPlusPlus,
+           "hirescam": pytorch_grad_cam.HiResCAM}[method]
+    for layer, index in (("block5_conv2", 19), ("block4_conv1", 12)):  # features[i]: its ReLU
+        with cls(model=net, target_layers=[net.features[index]]) as cam:
+            cam.get_target_width_height = lambda _: None  # its maps at the layer's size
+            theirs = cam(input_tensor=torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()),
+                         targets=None)
+        ours = np.asarray(viz.grad_cam(pt.model, pt.variables, x, layer=layer, method=method))
+        ours = ours - ours.min(axis=(1, 2), keepdims=True)
+        ours = ours / (1e-7 + ours.max(axis=(1, 2), keepdims=True))
+        assert np.min(np.std(theirs, axis=(1, 2))) > 0.05
+        assert_close(f"{method} at {layer} vs pytorch-grad-cam", ours, theirs, TOL)
