@@ -95,8 +95,8 @@ def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
     frozen.eval().requires_grad_(False)
     models = {impl: pt.model.clone(conv_impl=impl) for impl in ("auto", "direct")}
     with GradCAM(model=net, target_layers=layer) as cam, \
-            GradCAM(model=frozen, target_layers=[frozen.features[29]],
-                    compute_input_gradient=True) as cam_frozen:
+            GradCAM(model=frozen, target_layers=[frozen.features[29]]) as cam_frozen:
+        cam_frozen.compute_input_gradient = True  # BaseCAM's option; GradCAM does not pass it on
         fns = {f"vggjax ({impl} conv)": (lambda m=m: viz.grad_cam(m, pt.variables, x).block_until_ready())
                for impl, m in models.items()}
         fns["pytorch-grad-cam"] = lambda: cam(input_tensor=x_torch, targets=None)

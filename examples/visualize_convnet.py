@@ -44,9 +44,13 @@ def smoke_inputs(out: Path):
         return rng.standard_normal(leaf.shape, np.float32) * np.float32(std)
 
     variables = jax.tree_util.tree_map_with_path(he_normal, shapes)
-    yy, xx = np.mgrid[0:180, 0:240] / 240.0
-    picture = np.stack([128 + 100 * np.sin(7 * xx + 3 * yy), 128 + 100 * np.cos(5 * yy),
-                        128 + 90 * np.sin(4 * xx * yy + 1)], axis=-1).astype(np.uint8)
+    yy, xx = np.mgrid[0:180, 0:240]
+    picture = np.stack([90 + 60 * np.sin(xx / 40.0), 110 + 50 * np.cos(yy / 30.0),
+                        140 + 40 * np.sin((xx + yy) / 50.0)], axis=-1)
+    for cy, cx, r, colour in ((60, 70, 35, (230, 200, 40)), (120, 170, 45, (200, 40, 60))):
+        picture[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = colour  # two discs to look at
+    picture[140:165, 20:110] = (30, 30, 30)
+    picture = picture.astype(np.uint8)
     path = images.save_png(out / "smoke_input.png", picture)
     return model, variables, lambda x: vggjax.preprocess_input(x, "caffe"), path
 
