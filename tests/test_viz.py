@@ -290,3 +290,28 @@ def test_methods_match_pytorch_grad_cam(torch_vgg11, method):
         ours = ours / (1e-7 + ours.max(axis=(1, 2), keepdims=True))
         assert np.min(np.std(theirs, axis=(1, 2))) > 0.05
         assert_close(f"{method} at {layer} vs pytorch-grad-cam", ours, theirs, TOL)
+
+
+@pytest.mark.parametrize("arch, layer", [("vgg11", "block3_conv1"), ("vgg11", "block4_conv2_preact"),
+                                         ("vgg11_bn", "block5_conv2"), ("vgg11_bn", "block2_conv1_preact")])
+def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer):
+    """dS/dx = (dA/dx)^T dS/dA: the gradient found at the layer, pulled back to the input,
+    equals plain autodiff of the score w.r.t. the input (BatchNorm and pre-ReLU taps too), and
+    A is the layer's output. (Where a ReLU output is 0 the pull-back cannot see dS/dA; the
+    parity tests against TF and pytorch-grad-cam cover those places.)"""
+    import jax
+    import jax.numpy as jnp
+
+    model = vggjax.create(arch, head="torch", classifier_activation=None, num_classes=10)
+    variables = dict(make_variables(arch, include_top=True, seed=7))
+    variables["params"] = dict(variables["params"], predictions={
+        "kernel": variables["params"]["predictions"]["kernel"][:, :10],
+        "bias": variables["params"]["predictions"]["bias"][:10]})
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    score = lambda logits: jnp.sum(logits[:, 4] - 0.5 * logits[:, 1])  # noqa: E731
+    acts, grads = viz.layer_gradient(model, variables, x, layer, score)
+    want_acts, pull_back = jax.vjp(lambda x: model.apply(variables, x, outputs=(layer,))[layer], x)
+    np.testing.assert_array_equal(acts, want_acts)
+    want = jax.grad(lambda x: score(model.apply(variables, x)))(x)
+    got = pull_back(grads)[0]
+    assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
