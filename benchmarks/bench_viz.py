@@ -30,6 +30,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 ROOT = Path(__file__).resolve().parent.parent
+# As bench.py: transparent huge pages for large allocations, for every framework alike (per-call
+# temporaries are otherwise page-faulted in afresh on every call).
+HUGETLB = "glibc.malloc.hugetlb=1"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
@@ -163,6 +166,8 @@ def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int =
 
 
 def main(argv=None) -> None:
+    if os.environ.get("GLIBC_TUNABLES") != HUGETLB:  # glibc reads it at start-up: restart once
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=HUGETLB))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--filter-rounds", type=int, default=2)

@@ -78,12 +78,11 @@ def grad_cam(model: nn.Module, variables, images, target=None, layer: str = BOOK
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4:
         raise ValueError(f"grad_cam expects a batch of images (N, H, W, 3), found shape {images.shape}")
-    num_classes = jax.eval_shape(model.apply, variables, images).shape[-1]
     if target is not None:
         target = np.broadcast_to(np.asarray(target), (images.shape[0],))
         if not np.issubdtype(target.dtype, np.integer):
             raise ValueError(f"target must be class indices (ints), found dtype {target.dtype}")
-        classes = max(num_classes, 2)
+        classes = max(jax.eval_shape(model.apply, variables, images).shape[-1], 2)
         if target.min() < 0 or target.max() >= classes:
             raise ValueError(f"target must lie in [0, {classes}), found {target.tolist()}")
         target = jnp.asarray(target, jnp.int32)
