@@ -86,12 +86,17 @@ def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
     import tensorflow as tf
 
     params = make_variables("vgg16", include_top=False, seed=3, input_rms=INPUT_RMS)["params"]
-    floatx = keras.config.floatx()
+    # Both: floatx for the Input, the dtype policy for the layers (once any Keras model was
+    # built, the global policy no longer follows floatx).
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     try:
         conv_base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(64, 64, 3))
     finally:
         keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
+    assert conv_base.get_layer("block3_conv1").kernel.dtype == "float64"
     for layer in conv_base.layers:
         if layer.weights:
             layer.set_weights([params[layer.name]["kernel"], params[layer.name]["bias"]])
