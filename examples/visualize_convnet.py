@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     for name in ACTIVATION_LAYERS:
         images.save_png(out / f"activations_{name}.png", viz.activation_grid(acts[name]))
 
+    fast = model.clone(conv_impl="auto")  # Winograd convs: ~2x faster ascent on CPU
     for name in FILTER_LAYERS:  # 64 filters per layer in one compiled call
-        tiles = viz.filter_pattern(model, variables, name, range(64), size=size, steps=steps)
+        tiles = viz.filter_pattern(fast, variables, name, range(64), size=size, steps=steps)
         images.save_png(out / f"filters_{name}.png", viz.grid(tiles))
 
     if model.include_top:
