@@ -191,11 +191,15 @@ def main(argv=None) -> None:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at start {load:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         net, pt = same_weights(Path(tmp))
+    def write(table):  # after each part, so a long filter run never loses the Grad-CAM table
+        report = lines[:1] + [""] + table + ["", "## log", "```"] + lines[1:] + ["```", ""]
+        (ROOT / "benchmarks" / "results_viz.md").write_text("\n".join(report))
+
     table = bench_grad_cam(net, pt, a.rounds, a.batch, log)
+    write(table)
     if not a.skip_filters:
         table += [""] + bench_filters(pt, a.filter_rounds, log)
-    report = "\n".join(lines[:1] + [""] + table + ["", "## log", "```"] + lines[1:] + ["```", ""])
-    (ROOT / "benchmarks" / "results_viz.md").write_text(report)
+        write(table)
     print("\n".join(table))
 
 
