@@ -13,8 +13,8 @@
    a filter, as Keras' `iterate` function in the book).
 
 Needs: torch (CPU), `pip install --no-deps grad-cam ttach` plus opencv-python-headless and
-scikit-learn (its imports); torchvision is replaced by tests/gradcam_reference.py's stand-in,
-built on tests/torch_reference.py (PyPI torchvision does not import beside this torch). Writes
+scikit-learn (its imports); torchvision is replaced by vggjax.testing's stand-in (PyPI
+torchvision does not import beside this torch). Writes
 benchmarks/results_viz.md.
 """
 from __future__ import annotations
@@ -33,20 +33,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # As bench.py: transparent huge pages for large allocations, for every framework alike (per-call
 # temporaries are otherwise page-faulted in afresh on every call).
 HUGETLB = "glibc.malloc.hugetlb=1"
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
 import vggjax  # noqa: E402
-from vggjax import viz  # noqa: E402
+from vggjax import testing, viz  # noqa: E402
 
 
 def same_weights(tmp: Path):
     """A seeded torchvision-layout VGG16 and the same weights converted to vggjax."""
     import torch
-    import torch_reference
 
-    net = torch_reference.randomize(torch_reference.vgg("vgg16"), seed=0).eval()
+    net = testing.randomize(testing.vgg("vgg16"), seed=0).eval()
     torch.save(net.state_dict(), tmp / "vgg16.pth")
     vggjax.convert_file("torchvision", "vgg16", tmp / "vgg16.pth", tmp / "converted", include_top=True)
     return net, vggjax.load(tmp / "converted")
@@ -72,7 +71,6 @@ def interleave(fns: dict, rounds: int, log) -> dict:
 
 def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
     import torch
-    import torch_reference
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM
 
     rng = np.random.default_rng(0)
@@ -93,7 +91,7 @@ def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
 
     # pytorch-grad-cam as documented backpropagates into every weight. Kinder to it: frozen
     # weights, only the input's gradient (it needs one tensor before the layer that wants grad).
-    frozen = torch_reference.vgg("vgg16")
+    frozen = testing.vgg("vgg16")
     frozen.load_state_dict(net.state_dict())
     frozen.eval().requires_grad_(False)
     models = {impl: pt.model.clone(conv_impl=impl) for impl in ("auto", "direct")}
@@ -183,9 +181,8 @@ def main(argv=None) -> None:
         lines.append(text)
 
     import torch
-    from gradcam_reference import torchvision_standin
 
-    torchvision_standin()
+    testing.install_torchvision_standin()
     load = os.getloadavg()[0]
     log(f"# vggjax.viz benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at start {load:.1f}")

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 import vggjax
-from vggjax import report
+from vggjax import classifier
 from vggjax.classifier import Head, init_classifier
 from vggjax.images import load_image
 from vggjax.preprocessing import imagenet_classes
-from keras_vgg16 import write_jpegs, write_vgg16
+from helpers import write_jpegs, write_vgg16
 
 TOOLS = Path(__file__).parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -26,7 +26,7 @@ def imagenet(keras, make_variables, tmp_path_factory):
     """Converted VGG16 with top, Keras' model on the same h5, three image files of other sizes
     (one a grayscale PNG) and a corrupt one."""
     tmp = tmp_path_factory.mktemp("predict")
-    _, h5, converted = write_vgg16(tmp, make_variables, seed=5, logit_scale=3.0)
+    _, h5, converted = write_vgg16(tmp, seed=5, logit_scale=3.0)
     model = keras.applications.VGG16(weights=None)
     model.load_weights(h5)
     paths = write_jpegs(tmp, [(300, 260), (180, 240)], seed=2)
@@ -94,7 +94,7 @@ def test_bad_flags_are_refused_before_any_work(imagenet, capsys, extra, pattern,
 
 
 def test_weights_without_top_are_refused(make_variables, capsys, tmp_path):
-    from vggjax.keras_weights import write_legacy_h5
+    from vggjax.weights.keras import write_legacy_h5
 
     write_legacy_h5(make_variables("vgg16", include_top=False)["params"], tmp_path / "w.h5")
     vggjax.convert_file("keras", "vgg16", tmp_path / "w.h5", tmp_path / "notop")
@@ -108,12 +108,12 @@ def exported(make_variables, tmp_path_factory):
     base = make_variables("vgg11", include_top=False, seed=4, input_rms=1.0)
     model, variables = init_classifier(base, vggjax.VGG11(include_top=False), Head(units=8),
                                        32, jax.random.PRNGKey(0))
-    clf = report.TrainedClassifier(model=model, variables=variables, preprocessing="rescale",
+    clf = classifier.TrainedClassifier(model=model, variables=variables, preprocessing="rescale",
                                    image_size=32, class_names=("cats", "dogs"))
     meta = dict(arch="vgg11", source="keras", include_top=False, head="keras",
                 preprocessing="caffe")
     directory = tmp_path_factory.mktemp("export") / "finetune"
-    report.export(directory, clf, meta)
+    classifier.export(directory, clf, meta)
     return clf, directory
 
 
@@ -123,7 +123,7 @@ def test_exported_classifier_prints_p_dog_and_writes_a_cam(exported, capsys, tmp
     records = run_json(capsys, [*map(str, paths), "--weights", str(directory),
                                 "--cam", str(tmp_path / "cams")])
     pixels = np.stack([load_image(p, (32, 32)) for p in paths])
-    p_dog = report.predict(clf, pixels)
+    p_dog = classifier.predict(clf, pixels)
     for r, want in zip(records, p_dog):
         assert r["top"][0]["name"] in ("cats", "dogs") and len(r["top"]) == 2
         got = {t["name"]: t["probability"] for t in r["top"]}

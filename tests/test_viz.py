@@ -7,7 +7,7 @@ import pytest
 import vggjax
 from vggjax import images as image_io
 from vggjax import viz
-from keras_vgg16 import INPUT_RMS, write_jpegs, write_vgg16
+from helpers import CAFFE_INPUT_RMS, write_jpegs, write_vgg16
 
 TOL = 1e-4  # Grad-CAM maps (in [0, 1] after the division by the max)
 
@@ -17,7 +17,7 @@ def book_vgg16(keras, make_variables, tmp_path_factory):
     """Keras VGG16 with top reading the legacy h5, the same file converted, and two JPEGs
     loaded by Keras (224x224, nearest) and by vggjax."""
     tmp = tmp_path_factory.mktemp("book")
-    _, h5, converted = write_vgg16(tmp, make_variables)
+    _, h5, converted = write_vgg16(tmp)
     model = keras.applications.VGG16(weights=None)
     model.load_weights(h5)
     paths = write_jpegs(tmp, [(300, 260), (180, 240)], seed=1)
@@ -85,7 +85,7 @@ def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
     import jax.numpy as jnp
     import tensorflow as tf
 
-    params = make_variables("vgg16", include_top=False, seed=3, input_rms=INPUT_RMS)["params"]
+    params = make_variables("vgg16", include_top=False, seed=3, input_rms=CAFFE_INPUT_RMS)["params"]
     # Both: floatx for the Input, the dtype policy for the layers (once any Keras model was
     # built, the global policy no longer follows floatx).
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
@@ -127,7 +127,7 @@ def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
 def test_filter_pattern_default_is_the_book_start_and_many_filters_equal_one_by_one(make_variables):
     import jax
 
-    variables = make_variables("vgg11", include_top=False, seed=2, input_rms=INPUT_RMS)
+    variables = make_variables("vgg11", include_top=False, seed=2, input_rms=CAFFE_INPUT_RMS)
     model = vggjax.VGG11(include_top=False)
     many = viz.filter_pattern(model, variables, "block2_conv1", [3, 5], size=32, steps=3, seed=1)
     start = np.asarray(jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))) * 20 + 128
@@ -258,15 +258,14 @@ def test_activation_grid_standardises_each_channel_like_the_book():
 @pytest.fixture(scope="module")
 def torch_vgg11(tmp_path_factory):
     """A seeded torchvision-layout VGG11 (10 classes) and the same weights converted."""
-    from gradcam_reference import torchvision_standin
+    from vggjax.testing import install_torchvision_standin, randomize, vgg
 
-    torchvision_standin()  # before pytorch_grad_cam imports torchvision
+    install_torchvision_standin()  # before pytorch_grad_cam imports torchvision
     pytest.importorskip("pytorch_grad_cam", reason="pip install --no-deps grad-cam ttach "
                         "opencv-python-headless scikit-learn")
     import torch
-    import torch_reference
 
-    net = torch_reference.randomize(torch_reference.vgg("vgg11", num_classes=10), seed=1).eval()
+    net = randomize(vgg("vgg11", num_classes=10), seed=1).eval()
     tmp = tmp_path_factory.mktemp("torch")
     torch.save(net.state_dict(), tmp / "vgg11.pth")
     vggjax.convert_file("torchvision", "vgg11", tmp / "vgg11.pth", tmp / "converted", include_top=True)

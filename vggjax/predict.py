@@ -13,10 +13,9 @@ import numpy as np
 import vggjax
 from vggjax import images as image_io
 from vggjax import viz
-from vggjax.report import load_classifier  # the one import to repoint if the loader moves
+from vggjax.classifier import CLASSIFIER, load_classifier
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
-CLASSIFIER_FILE = "classifier.json"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,7 +57,7 @@ def load_predictor(directory: str | os.PathLike) -> Predictor:
     """A `Predictor` from converted weights with their top (`vggjax.load`) or from an exported
     cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json)."""
     directory = Path(directory)
-    if (directory / CLASSIFIER_FILE).is_file():
+    if (directory / CLASSIFIER).is_file():
         clf = load_classifier(directory)
         return Predictor(model=clf.model, variables=clf.variables,
                          preprocess=lambda x: vggjax.preprocess_input(x, clf.preprocessing),
