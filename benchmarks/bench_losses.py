@@ -11,7 +11,7 @@ Reported: median img/s over the rounds and ratios to lpips at the same precision
 
 `--photos N` also compares both on N real photo pairs from ../shared/data (cats_and_dogs_small,
 consecutive test images, centre crops): max abs difference to lpips, and bf16 vs fp32 relative.
-lpips is imported with a stand-in `torchvision.models` (tests/lpips_reference.py).
+lpips is imported with a stand-in `torchvision.models` (vggjax.testing.import_lpips).
 Writes benchmarks/results_losses.md.
 """
 from __future__ import annotations
@@ -31,14 +31,14 @@ CONTENDERS = ("vggjax-fp32", "lpips-fp32", "vggjax-bf16", "lpips-bf16")
 
 
 def _paths() -> None:
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [str(ROOT)]
 
 
 def make_trunk(directory: Path):
     """Seeded random torchvision VGG16 conv base: (torch module, vggjax-converted dir)."""
     import torch
     import vggjax
-    from torch_reference import randomize, vgg
+    from vggjax.testing import randomize, vgg
 
     with torch.device("meta"):
         model = vgg("vgg16")
@@ -75,7 +75,7 @@ def make_step(name: str, trunk_dir: Path, n: int, size: int):
         a, b = jnp.asarray(x0), jnp.asarray(x1)
         return lambda: grad(lp, a, b).block_until_ready()
     import torch
-    from lpips_reference import reference_lpips
+    from vggjax.testing import reference_lpips
 
     torch.set_num_threads(os.cpu_count() or 1)
     net = reference_lpips(make_trunk(trunk_dir.parent)[0])
@@ -135,7 +135,7 @@ def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> s
     import numpy as np
     from PIL import Image
 
-    from lpips_reference import reference_lpips, run
+    from vggjax.testing import reference_lpips, run_lpips
     from vggjax import losses
 
     files = sorted((data / "cats").glob("*.jpg"))[:n_pairs + 1]
@@ -150,7 +150,7 @@ def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> s
 
     x0 = np.stack([crop(f) for f in files[:-1]])
     x1 = np.stack([crop(f) for f in files[1:]])
-    ref = run(reference_lpips(make_trunk(trunk_dir.parent)[0]), x0, x1, normalize=True)
+    ref = run_lpips(reference_lpips(make_trunk(trunk_dir.parent)[0]), x0, x1, normalize=True)
     d32 = np.asarray(losses.LPIPS.load(trunk_dir)(x0, x1, normalize=True))
     d16 = np.asarray(losses.LPIPS.load(trunk_dir, dtype=jnp.bfloat16)(x0, x1, normalize=True))
     return (f"real photos ({n_pairs} pairs of consecutive {data}/cats images, {size}x{size} "

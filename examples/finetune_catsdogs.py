@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
                                  **{**(smoke.SETTINGS if args.smoke else {}), **given, "data": data})
         results = workflow.run(config, restart=args.restart)
-    except (workflow.MissingInputError, ValueError, OSError) as err:  # bad flags, data or workdir
+    except (workflow.MissingInputError, ValueError, OSError, ImportError) as err:  # flags, data, workdir, extras
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -55,7 +55,7 @@ def book_loss(keras, model, content, style, combination, content_weight, style_w
 def keras_vgg19(keras, params, height, width, path):
     """Keras' own VGG19 (no top) holding `params` via a legacy h5 file at `path`, which
     vggjax converts too."""
-    from vggjax.keras_weights import write_legacy_h5
+    from vggjax.weights.keras import write_legacy_h5
 
     write_legacy_h5(params, path)
     model = keras.applications.VGG19(weights=None, include_top=False, input_shape=(height, width, 3))

@@ -40,6 +40,7 @@ def smoke_run(tmp_path_factory):
     return tmp / "run", proc.stdout, time.time() - start
 
 
+@pytest.mark.slow  # `make demo` runs this very job
 def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     workdir, stdout, seconds = smoke_run
     assert f"{SIZE}x{SIZE}" in stdout and "RANDOM VGG16 weights" in stdout
@@ -199,8 +200,7 @@ def test_a_workdir_is_resumed_only_by_the_same_run_and_epochs_0_only_evaluates(t
 @pytest.mark.parametrize("layout, message", [
     ("one-class", r"train has one class folder \(cats\); a classifier needs at least 2"),
     ("split-classes", r"the splits have different classes: .*\['cats', 'dogs'\].*\['Cats', 'dogs'\]"),
-    ("empty-split", r"test is empty: expected one folder of images per class"),
-])
+])  # empty splits and classes: tests/test_workflow.py (same check, same one-line path)
 def test_data_that_cannot_mean_anything_is_refused(tiny, tmp_path, layout, message):
     from test_workflow import write_folder
 
@@ -210,11 +210,16 @@ def test_data_that_cannot_mean_anything_is_refused(tiny, tmp_path, layout, messa
         write_folder(data, classes=("cats",))
     else:
         write_folder(data, splits=("train", "validation"))
-        if layout == "split-classes":
-            write_folder(data, classes=("Cats", "dogs"), splits=("test",))
-        else:
-            (data / "test").mkdir()
+        write_folder(data, classes=("Cats", "dogs"), splits=("test",))
     proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
                  str(tmp_path / "run"), "--image-size", "32"], script_env(tmp_path), timeout=120)
     assert re.fullmatch(rf"error: .*{message}.*", _error(proc))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tiny, tmp_path):
+    data, weights = tiny
+    (tmp_path / "file").write_text("not a folder")
+    proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
+                 str(tmp_path / "file" / "run"), "--image-size", "32"], script_env(tmp_path), timeout=120)
+    assert re.fullmatch(r"error: cannot use --workdir .*file/run: Not a directory", _error(proc))

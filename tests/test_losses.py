@@ -1,7 +1,7 @@
 """vggjax.losses: LPIPS against the `lpips` package itself, finite gradients, feature/style/TV losses
 against NumPy, and the book's style-transfer presets against the book's Keras code.
 
-The LPIPS reference is lpips's own code (tests/lpips_reference.py) on a seeded random VGG16 in
+The LPIPS reference is lpips's own code (vggjax.testing.reference_lpips) on a seeded random VGG16 in
 torchvision's layout, written as a .pth and converted with vggjax.convert_file, with the lin
 weights of lpips's wheel; images are crops of JPEG files the tests write and read back.
 Run with `pytest -s` to see the measured differences.
@@ -20,10 +20,8 @@ from PIL import Image, ImageFilter
 
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
-from lpips_reference import import_lpips, reference_lpips, run
-from torch_reference import randomize, vgg
+from vggjax.testing import import_lpips, randomize, reference_lpips, run_lpips, vgg
 from vggjax import losses, parallel
-from vggjax.torch_pickle import read_state_dict
 
 LPIPS_TOL = 1e-5
 CROP = 64
@@ -78,8 +76,8 @@ def trunk(tmp_path_factory):
     model = randomize(model.to_empty(device="cpu"), seed=3)
     torch.save(model.features.state_dict(prefix="features."), d / "vgg16.pth")
     vggjax.convert_file("torchvision", "vgg16", d / "vgg16.pth", d / "converted")
-    load = functools.cache(lambda version="0.1", dtype=jnp.float32: losses.LPIPS.load(
-        d / "converted", version=version, dtype=dtype))
+    load = functools.cache(lambda version="0.1", dtype=jnp.float32, conv_impl="auto": losses.LPIPS.load(
+        d / "converted", version=version, dtype=dtype, conv_impl=conv_impl))
     return model, d / "converted", load
 
 
@@ -98,20 +96,20 @@ def test_lpips_matches_lpips_package(trunk, pairs, version):
     torch_trunk, _, load = trunk
     lp = load(version)  # lin=None: the installed lpips wheel's file
     x0, x1 = pairs
-    ref = run(reference_lpips(torch_trunk, version), x0, x1, normalize=True)
+    ref = run_lpips(reference_lpips(torch_trunk, version), x0, x1, normalize=True)
     assert max_diff(f"v{version} [0,1] inputs", lp(x0, x1, normalize=True), ref) <= LPIPS_TOL
     # Distances mean something: zero for a photo against itself, positive and varied otherwise.
     assert np.all(ref[2::3] == 0) and np.all(ref[0::3] > 0) and np.all(ref[1::3] > 0)
     assert ref.max() > 1.5 * ref[ref > 0].min()
     s0, s1 = 2 * x0 - 1, 2 * x1 - 1
-    ref = run(reference_lpips(torch_trunk, version), s0, s1)
+    ref = run_lpips(reference_lpips(torch_trunk, version), s0, s1)
     assert max_diff(f"v{version} [-1,1] inputs", lp(s0, s1), ref) <= LPIPS_TOL
-    ref_map = run(reference_lpips(torch_trunk, version, spatial=True), s0, s1)
+    ref_map = run_lpips(reference_lpips(torch_trunk, version, spatial=True), s0, s1)
     ours_map = lp(s0, s1, spatial=True)
     assert max_diff(f"v{version} spatial map", ours_map, ref_map) <= LPIPS_TOL
     # Non-square inputs whose size is not a multiple of 16: taps floor, the map upsamples back.
     a, b = s0[:2, :50, :], s1[:2, :50, :]
-    ref_map = run(reference_lpips(torch_trunk, version, spatial=True), a, b)
+    ref_map = run_lpips(reference_lpips(torch_trunk, version, spatial=True), a, b)
     assert max_diff(f"v{version} spatial map 50x64", lp(a, b, spatial=True), ref_map) <= LPIPS_TOL
 
 
@@ -126,42 +124,13 @@ def test_lin_reader_equals_torch_load_weights_only():
                               losses.read_lin(losses.installed_lin_path("0.1"))[0])
 
 
-def test_torch_pickle_reads_both_formats_and_runs_no_code(tmp_path):
-    state = {"w": torch.randn(3, 4).t(), "b": torch.arange(5), "h": torch.randn(2).half()}
-    for zip_format in (True, False):
-        path = tmp_path / f"state_{zip_format}.pth"
-        torch.save(state, path, _use_new_zipfile_serialization=zip_format)
-        got = read_state_dict(path)
-        for k, v in state.items():  # w is a transposed (strided) view
-            np.testing.assert_array_equal(got[k], v.numpy())
-            assert got[k].dtype == v.numpy().dtype
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path / 'pwned'}",))
-
-    for zip_format in (True, False):
-        bad = tmp_path / f"bad_{zip_format}.pth"
-        torch.save({"lin0.model.1.weight": Exploit()}, bad, _use_new_zipfile_serialization=zip_format)
-        with pytest.raises(ValueError, match=r"refused for safety: .*system"):
-            read_state_dict(bad)
-    assert not (tmp_path / "pwned").exists()
-    good = tmp_path / "state_False.pth"
-    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:-6])
-    with pytest.raises(ValueError, match="cut.pth.*truncated"):
-        read_state_dict(tmp_path / "cut.pth")
-    (tmp_path / "text.pth").write_text("not a torch file")
-    with pytest.raises(ValueError, match="text.pth"):
-        read_state_dict(tmp_path / "text.pth")
-
-
 def test_load_refuses_what_cannot_be_lpips(trunk, tmp_path, monkeypatch, make_variables):
     _, converted, _ = trunk
     with pytest.raises(ValueError, match="version must be one of"):
         losses.LPIPS.load(converted, version="0.2")
     with pytest.raises(ValueError, match="vgg16.pth is not an lpips VGG lin file: lin0.model.1.weight"):
         losses.LPIPS.load(converted, lin=converted.parent / "vgg16.pth")
-    from vggjax.keras_weights import write_legacy_h5
+    from vggjax.weights.keras import write_legacy_h5
     write_legacy_h5(make_variables("vgg16", include_top=False)["params"], tmp_path / "k.h5")
     vggjax.convert_file("keras", "vgg16", tmp_path / "k.h5", tmp_path / "keras16")
     with pytest.raises(ValueError, match="calibrated on torchvision's vgg16.*'caffe'"):
@@ -189,7 +158,7 @@ def test_input_range_is_checked(trunk, pairs):
 
 
 def test_lpips_jits_vmaps_and_is_a_pytree(trunk, pairs):
-    lp = trunk[2]()
+    lp = trunk[2](conv_impl="direct")
     x0, x1 = (2 * x - 1 for x in pairs)
     eager = lp(x0, x1)
     jitted = jax.jit(lambda l, a, b: l(a, b))(lp, x0, x1)  # LPIPS passed as an argument
@@ -242,7 +211,7 @@ def test_unit_normalisation_matches_lpips_and_has_finite_gradient_at_zero():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_gradients_are_finite_at_identical_black_and_white_images(trunk, pairs, dtype):
-    lp = trunk[2](dtype=dtype)
+    lp = trunk[2](dtype=dtype, conv_impl="direct")  # compiles 2x faster than "auto"
     # block5_conv3 switched off: its ReLU features are all zero, the case lpips gets NaN from.
     params = dict(lp.variables["params"])
     params["block5_conv3"] = dict(params["block5_conv3"], bias=params["block5_conv3"]["bias"] - 1e4)

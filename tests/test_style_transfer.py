@@ -13,7 +13,7 @@ from PIL import Image
 
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
-from conftest import REPO
+from helpers import REPO
 from vggjax import losses, style_transfer
 
 H, W = 48, 64

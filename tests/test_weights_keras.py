@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 
 import vggjax
-from helpers import TOL, assert_parity, block_images as images
+from helpers import CAFFE_INPUT_RMS, TOL, assert_parity, block_images as images
 from vggjax.weights.keras import read_keras_h5, write_legacy_h5
 from vggjax.model import BLOCK_SIZES, conv_names
 from vggjax.weights import convert_file
 
-INPUT_RMS = 70.0  # RMS of caffe-preprocessed 0..255 images: keeps random-weight activations O(1)
 
 
 def set_keras_weights(model, params):
@@ -69,7 +68,7 @@ def converted(tmp_path, arch, path, include_top):
 @pytest.fixture(scope="module")
 def vgg16_full_h5(make_variables, tmp_path_factory):
     """The published full VGG16 layout (Keras-1 names), written once: 553 MB of random weights."""
-    params = make_variables("vgg16", include_top=True, seed=0, input_rms=INPUT_RMS)["params"]
+    params = make_variables("vgg16", include_top=True, seed=0, input_rms=CAFFE_INPUT_RMS)["params"]
     path = tmp_path_factory.mktemp("vgg16") / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
     write_legacy_h5(params, path, names="keras1")
     return params, path
@@ -103,7 +102,7 @@ def test_full_file_converted_without_top_keeps_only_the_conv_base(vgg16_full_h5,
 def test_vgg19_keras3_weights_h5_with_top_matches_keras(keras, make_variables, tmp_path):
     model = keras.applications.VGG19(weights=None)
     set_keras_weights(model, make_variables("vgg19", include_top=True, seed=2,
-                                            input_rms=INPUT_RMS)["params"])
+                                            input_rms=CAFFE_INPUT_RMS)["params"])
     path = tmp_path / "vgg19.weights.h5"
     model.save_weights(path)  # Keras 3's own layout: layers/conv2d_N/vars/0
     x = images(2, 224, seed=3)
@@ -119,7 +118,7 @@ def test_vgg19_keras3_weights_h5_with_top_matches_keras(keras, make_variables, t
 def test_vgg16_notop_keras2_names_chunked_gives_keras_4x4x512_features(keras, make_variables,
                                                                        tmp_path):
     """The book's conv base: 150x150 in, 4x4x512 out."""
-    params = make_variables("vgg16", include_top=False, seed=4, input_rms=INPUT_RMS)["params"]
+    params = make_variables("vgg16", include_top=False, seed=4, input_rms=CAFFE_INPUT_RMS)["params"]
     path = tmp_path / "vgg16_notop.h5"
     write_legacy_h5(params, path, names="keras2", chunk_layer_names=True)
     with h5py.File(path, "r") as f:
@@ -139,7 +138,7 @@ def test_vgg16_notop_keras2_names_chunked_gives_keras_4x4x512_features(keras, ma
 
 @pytest.mark.parametrize("layout", ["legacy", "keras3"])
 def test_vgg19_notop_matches_keras(keras, make_variables, tmp_path, layout):
-    params = make_variables("vgg19", include_top=False, seed=6, input_rms=INPUT_RMS)["params"]
+    params = make_variables("vgg19", include_top=False, seed=6, input_rms=CAFFE_INPUT_RMS)["params"]
     conv_base = keras.applications.VGG19(weights=None, include_top=False, input_shape=(64, 64, 3))
     set_keras_weights(conv_base, params)
     if layout == "legacy":

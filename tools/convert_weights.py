@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = weights.convert_file(args.source, args.arch, args.input, output,
                                        include_top=args.include_top, overwrite=args.overwrite)
-    except (ValueError, OSError) as err:  # bad files, existing output, no network (DownloadError)
+    except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

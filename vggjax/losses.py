@@ -22,7 +22,7 @@ from flax import struct
 
 import vggjax
 from vggjax.model import VGG
-from vggjax.torch_pickle import read_state_dict
+from vggjax.weights.torch_pickle import read_state_dict
 
 # lpips's VGG16 taps: torchvision features[0:4], [4:9], [9:16], [16:23], [23:30], each after a ReLU.
 LPIPS_TAPS = ("block1_conv2", "block2_conv2", "block3_conv3", "block4_conv3", "block5_conv3")

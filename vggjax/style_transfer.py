@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from vggjax import losses
+from vggjax.extras import require
 from vggjax.model import MIN_SIZE, VGG
 from vggjax.preprocessing import deprocess_input
 
@@ -35,9 +36,7 @@ def optimizer(preset: str) -> optax.GradientTransformation:
 
 def image_size(path: str | os.PathLike, height: int) -> tuple[int, int]:
     """(height, width) keeping the aspect ratio of the image at `path`, as the book sizes it."""
-    from PIL import Image
-
-    with Image.open(path) as img:
+    with _pil().open(path) as img:
         w, h = img.size
     width = int(w * height / h)
     if min(height, width) < MIN_SIZE:
@@ -49,11 +48,14 @@ def image_size(path: str | os.PathLike, height: int) -> tuple[int, int]:
 def load_image(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
     """(1, H, W, 3) uint8 RGB, resized to `size` = (H, W) with nearest neighbour, as Keras'
     `load_img(target_size=...)` does."""
-    from PIL import Image
-
+    Image = _pil()
     with Image.open(path) as img:
         img = img.convert("RGB").resize(size[::-1], Image.NEAREST)
         return np.asarray(img)[None]
+
+
+def _pil():
+    return require("PIL.Image", "style transfer (reading and writing images)")
 
 
 def check_settings(preset: str = "book1", steps: int | None = None, height: int = 400,
@@ -79,13 +81,12 @@ def check_inputs(content_path, style_path, out_dir, preset: str = "book1", steps
     checked = check_settings(preset, steps, height, save_every)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"output {out_dir} exists and is not a directory")
-    from PIL import Image, UnidentifiedImageError
-
+    Image = _pil()
     for path in (content_path, style_path):
         try:
             with Image.open(path) as img:
                 img.load()
-        except (OSError, UnidentifiedImageError) as e:  # missing, unreadable, not an image
+        except (OSError, Image.UnidentifiedImageError) as e:  # missing, unreadable, not an image
             raise ValueError(f"{path}: cannot read the image ({e})") from None
     return dict(checked, size=image_size(content_path, height))
 
@@ -138,8 +139,9 @@ def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", st
     style = pretrained.preprocess(load_image(style_path, checked["size"]))  # the book resizes both alike
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
     from tqdm import tqdm
+
+    Image = _pil()
 
     mode = pretrained.meta["preprocessing"]
     history = []
@@ -159,9 +161,7 @@ def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", st
 
 def plot_losses(history, path, preset: str) -> None:
     """The loss curve as a PNG (matplotlib, an optional dependency, imported here)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
+    fig = require("matplotlib.figure", "the style-transfer loss curve").Figure(figsize=(6, 4))
     ax = fig.subplots()
     ax.plot(range(len(history)), history)
     ax.set(xlabel="step", ylabel=f"loss ({preset})", yscale="log", title="style transfer")

@@ -6,8 +6,16 @@ torchvision itself is not installed here (its PyPI wheels pin a CUDA torch), so 
 `torchvision/models/vgg.py`: the same cfgs, the same `features` Sequential (hence the same
 state-dict keys), `avgpool` AdaptiveAvgPool2d((7, 7)) and `classifier`. `timm_state_dict` gives
 the same weights in timm's layout (what timm's `_filter_fn` produces from a torchvision file).
+
+The `lpips` and pytorch-grad-cam packages (test-only references installed with --no-deps) run
+their own code unchanged: they import torchvision for its VGG (and a few names they never call
+here), which `torchvision_standin` serves from this file (`import_lpips`, `reference_lpips`,
+`run_lpips`; `install_torchvision_standin` before importing pytorch_grad_cam).
 """
 from __future__ import annotations
+
+import sys
+import types
 
 import torch
 from torch import nn
@@ -112,3 +120,78 @@ def random_vgg(arch: str, seed: int) -> VGG:
     with torch.device("meta"):
         model = vgg(arch)
     return randomize(model.to_empty(device="cpu"), seed)
+
+
+def torchvision_standin(trunk: torch.nn.Module | None = None) -> types.ModuleType:
+    """A `torchvision` module for the reference packages that import it (lpips, pytorch-grad-cam).
+
+    `models.vgg11` ... `vgg19` build this file's VGG (`vgg16` returns `trunk` when one is given);
+    the few other names those packages import raise if they are ever called.
+    """
+    def unused(*_, **__):
+        raise NotImplementedError("the torchvision stand-in only provides models.vgg*")
+
+    def builder(arch):
+        def build(pretrained=False, weights=None, **_):
+            if pretrained or weights is not None:
+                raise RuntimeError("the torchvision stand-in has no ImageNet weights (lpips: pnet_rand=True)")
+            return trunk if arch == "vgg16" and trunk is not None else vgg(arch)
+        return build
+
+    tv = types.ModuleType("torchvision")
+    tv.models = types.ModuleType("torchvision.models")
+    for arch in ARCH_CFG:
+        setattr(tv.models, arch, builder(arch))
+    tv.ops = types.SimpleNamespace(box_iou=unused)
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    tv.transforms.Compose = tv.transforms.Normalize = tv.transforms.ToTensor = unused
+    tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+    tv.transforms.functional.resize = unused
+    return tv
+
+
+def _standin_modules(tv: types.ModuleType) -> dict[str, types.ModuleType]:
+    return {"torchvision": tv, "torchvision.models": tv.models, "torchvision.transforms": tv.transforms,
+            "torchvision.transforms.functional": tv.transforms.functional}
+
+
+def install_torchvision_standin() -> None:
+    """Register `torchvision_standin()` in sys.modules unless a torchvision is already there
+    (before importing pytorch_grad_cam, which imports torchvision at its top)."""
+    if "torchvision" not in sys.modules:
+        sys.modules.update(_standin_modules(torchvision_standin()))
+
+
+def import_lpips(trunk: torch.nn.Module | None = None):
+    """The lpips package, its `torchvision.models` (pretrained_networks.tv) serving `trunk`."""
+    tv = torchvision_standin(trunk)
+    modules = _standin_modules(tv)
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        import lpips
+        from lpips import pretrained_networks
+    finally:  # nothing else in the session sees this trunk's stand-in
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    pretrained_networks.tv = tv.models  # lpips binds `tv` once, at its first import
+    return lpips
+
+
+def reference_lpips(trunk: torch.nn.Module, version: str = "0.1", spatial: bool = False):
+    """`lpips.LPIPS(net="vgg", version=...)` with `trunk` (a `vgg("vgg16")` here) as its VGG and
+    the lin weights of its wheel; `pnet_rand=True` so nothing is downloaded."""
+    lpips = import_lpips(trunk)
+    return lpips.LPIPS(net="vgg", version=version, pnet_rand=True, spatial=spatial,
+                       verbose=False).eval()
+
+
+def run_lpips(net, x0, x1, normalize: bool = False):
+    """`net(x0, x1)` on NHWC NumPy images; returns NumPy (N,) or the (N, H, W) spatial map."""
+    with torch.no_grad():
+        d = net(*(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (x0, x1)),
+                normalize=normalize).numpy()
+    return d[:, 0] if net.spatial else d[:, 0, 0, 0]

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from vggjax.extras import require
 from vggjax.model import ARCHS, WIDTHS
 from vggjax.trees import diff, unflatten
 from vggjax.weights.spec import check_variables, expected_shapes
+from vggjax.weights.torch_pickle import read_state_dict
 
 POOLED = (7, 7, WIDTHS[-1])  # torch's AdaptiveAvgPool2d((7, 7)) output that fc1 reads, as H, W, C
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -147,45 +145,6 @@ def from_state_dict(state: Mapping[str, np.ndarray], arch: str, source: str) -> 
     return variables, include_top
 
 
-def _tensor_dict_from_pickle(path: str) -> dict[str, np.ndarray]:
-    torch = require("torch", f"reading {path} (or convert it to .safetensors, which needs no torch)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only=True stops at the first global that is not a tensor type; loading it anyway
-        # would let the pickle run arbitrary code, so the file is refused, never retried.
-        blocked = re.search(r"GLOBAL (\S+)", str(e))
-        if blocked:
-            raise ValueError(f"{path} refused for safety: unpickling it would call {blocked[1]}, "
-                             "which could run arbitrary code; vggjax loads only plain tensors "
-                             "(torch.load weights_only=True). Re-export it from a trusted copy as "
-                             "torch.save(model.state_dict(), path) or .safetensors") from None
-        raise ValueError(f"{path} is not a readable PyTorch file: torch.load(weights_only=True) "
-                         f"cannot unpickle it ({_reason(e)}); it is corrupt or holds more than "
-                         "tensors") from None
-    except Exception as e:  # torch reports corrupt input as KeyError, RuntimeError, EOFError, ...
-        raise ValueError(f"{path} is not a readable PyTorch file (truncated, corrupt or not written "
-                         f"by torch.save): {type(e).__name__}: {_reason(e)}") from None
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict "
-                         "(torch.save(model.state_dict(), path))")
-    odd = sorted(str(k) for k, v in obj.items()
-                 if not (isinstance(k, str) and isinstance(v, torch.Tensor)))
-    if odd:
-        raise ValueError(f"{path} is not a plain state dict: entries {odd} are not named tensors; "
-                         "save model.state_dict() itself")
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()}
-
-
-def _reason(error: Exception) -> str:
-    """torch's reason for a failed load, without its advice: it wraps the reason in steps for
-    loading with weights_only=False, which would let the file run code; never repeat those."""
-    lines = [line.strip() for line in str(error).split("Check the documentation")[0].splitlines()]
-    kept = [line for line in lines if line and "weights_only" not in line and "(1)" not in line
-            and "(2)" not in line and not line.startswith("Weights only load failed")]
-    return (kept[-1] if kept else type(error).__name__).removeprefix("WeightsUnpickler error: ")
-
-
 def _tensor_dict_from_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -199,8 +158,9 @@ def _tensor_dict_from_safetensors(path: str) -> dict[str, np.ndarray]:
 def read_torch_file(path: str | os.PathLike, arch: str) -> tuple[dict, bool]:
     """Read a torchvision/timm VGG checkpoint and return `from_state_dict`'s (variables, include_top).
 
-    `.pth`/`.pt`/`.bin` are read with torch.load(weights_only=True) (needs torch; files whose
-    pickle would run code are refused with ValueError); `.safetensors` needs no torch.
+    `.pth`/`.pt`/`.bin` are read by `torch_pickle` (no torch needed; a file whose pickle would
+    call anything but torch's tensor rebuilding is refused with ValueError), `.safetensors` by
+    safetensors.
     Arrays come back float32, Keras-named, checked against `arch`.
     """
     path = os.fspath(path)
@@ -213,5 +173,5 @@ def read_torch_file(path: str | os.PathLike, arch: str) -> tuple[dict, bool]:
     if suffix in SAFETENSORS_SUFFIXES:
         state = _tensor_dict_from_safetensors(path)
     else:
-        state = _tensor_dict_from_pickle(path)
+        state = read_state_dict(path)
     return from_state_dict(state, arch, source=path)

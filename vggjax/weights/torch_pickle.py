@@ -40,6 +40,13 @@ class _Tensor:
 
     def array(self, path: str, key: str) -> np.ndarray:
         data = self.storage.data
+        # as_strided trusts its arguments: a crafted negative or mismatched stride, size or offset
+        # would read memory outside the storage, so anything but a plain forward view is refused.
+        ints = (self.offset, *self.size, *self.stride)
+        if (len(self.size) != len(self.stride) or not all(isinstance(v, int) for v in ints)
+                or min(ints, default=0) < 0):
+            raise ValueError(f"{path}: tensor {key!r} has an invalid layout (offset {self.offset}, "
+                             f"shape {self.size}, strides {self.stride})")
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride) if n > 0)
         if data is None or (all(self.size) and last >= len(data)):
             raise ValueError(f"{path}: tensor {key!r} of shape {self.size} reads past its storage "
@@ -88,21 +95,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     any code beyond rebuilding tensors.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw:
+    if os.path.getsize(path) == 0:
         raise ValueError(f"{path} is empty")
     try:
-        if zipfile.is_zipfile(io.BytesIO(raw)):
-            obj = _read_zip(raw, path)
+        if zipfile.is_zipfile(path):  # read member by member: torchvision's files are ~0.5 GB
+            obj = _read_zip(path)
         else:
-            obj = _read_legacy(raw, path)
+            with open(path, "rb") as f:
+                obj = _read_legacy(f.read(), path)
     except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, AttributeError,
             zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable torch.save file: {type(e).__name__}: {e}") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, _Tensor)
-                                            for k, v in obj.items()):
-        raise ValueError(f"{path} is not a plain state dict of named tensors")
+        raise ValueError(f"{path} is not a readable PyTorch file (truncated, corrupt or not written "
+                         f"by torch.save): {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, expected a state dict "
+                         "(torch.save(model.state_dict(), path))")
+    odd = sorted(str(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, _Tensor)))
+    if odd:
+        raise ValueError(f"{path} is not a plain state dict: entries {odd} are not named tensors; "
+                         "save model.state_dict() itself")
     return {k: v.array(path, k) for k, v in obj.items()}
 
 
@@ -110,7 +121,7 @@ def _read_legacy(raw: bytes, path: str):
     f = io.BytesIO(raw)
     unpickler = _Unpickler(f, path)  # one pickle per load(): header, state dict, storage keys
     if unpickler.load() != LEGACY_MAGIC:
-        raise ValueError(f"{path} is not a torch.save file (no legacy magic number, not a zip)")
+        raise ValueError(f"{path} is not a readable PyTorch file (not a torch.save zip or legacy file)")
     if unpickler.load() != LEGACY_PROTOCOL:
         raise ValueError(f"{path}: unsupported legacy torch protocol version")
     sys_info = unpickler.load()
@@ -129,8 +140,8 @@ def _read_legacy(raw: bytes, path: str):
     return obj
 
 
-def _read_zip(raw: bytes, path: str):
-    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+def _read_zip(path: str):
+    with zipfile.ZipFile(path) as archive:
         pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
         if pkl is None:
             raise ValueError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")

@@ -1,0 +1,204 @@
+"""vggjax.viz vs the references on the same VGG16 weights, interleaved in one run.
+
+    python benchmarks/bench_viz.py [--rounds 5] [--filter-rounds 2] [--skip-filters]
+
+1. Grad-CAM, batch 16 at 224x224, fp32, each image's top class (pre-softmax score):
+   vggjax.viz.grad_cam vs pytorch-grad-cam's GradCAM on PyTorch, target layer block5_conv3
+   after its ReLU (torchvision `features[29]`, the book's layer; pytorch-grad-cam's own VGG
+   default is the last max-pool). pytorch-grad-cam also upsamples its maps to 224x224 (cv2),
+   vggjax returns them at 14x14. Before timing, all three methods are checked against
+   pytorch-grad-cam at 14x14 (its min-max scaling applied to ours).
+2. The book's 8x8 sheet of filter patterns (64 filters of block3_conv1, 64 px, 40 steps):
+   one vmapped vggjax call vs the book's per-filter loop in TF (a tf.function step, 40 steps
+   a filter, as Keras' `iterate` function in the book).
+
+Needs: torch (CPU), `pip install --no-deps grad-cam ttach` plus opencv-python-headless and
+scikit-learn (its imports); torchvision is replaced by vggjax.testing's stand-in (PyPI
+torchvision does not import beside this torch). Writes
+benchmarks/results_viz.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["KERAS_BACKEND"] = "tensorflow"
+ROOT = Path(__file__).resolve().parent.parent
+# As bench.py: transparent huge pages for large allocations, for every framework alike (per-call
+# temporaries are otherwise page-faulted in afresh on every call).
+HUGETLB = "glibc.malloc.hugetlb=1"
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import vggjax  # noqa: E402
+from vggjax import testing, viz  # noqa: E402
+
+
+def same_weights(tmp: Path):
+    """A seeded torchvision-layout VGG16 and the same weights converted to vggjax."""
+    import torch
+
+    net = testing.randomize(testing.vgg("vgg16"), seed=0).eval()
+    torch.save(net.state_dict(), tmp / "vgg16.pth")
+    vggjax.convert_file("torchvision", "vgg16", tmp / "vgg16.pth", tmp / "converted", include_top=True)
+    return net, vggjax.load(tmp / "converted")
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleave(fns: dict, rounds: int, log) -> dict:
+    """{name: [seconds per round]} after one untimed warm-up call each (its time reported)."""
+    for name, fn in fns.items():
+        log(f"  first call {name}: {timed(fn):.2f} s")
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+        log(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
+    return times
+
+
+def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
+    import torch
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    x = pt.preprocess(pixels)
+    x_torch = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    layer = [net.features[29]]  # the ReLU after features[28] = block5_conv3
+
+    log("parity at 14x14 on 2 images (pytorch-grad-cam's min-max scaling applied to ours):")
+    for method, cls in (("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("hirescam", HiResCAM)):
+        with cls(model=net, target_layers=layer) as cam:
+            cam.get_target_width_height = lambda _: None  # keep its maps at the layer's size
+            theirs = cam(input_tensor=x_torch[:2], targets=None)
+        ours = np.asarray(viz.grad_cam(pt.model, pt.variables, x[:2], method=method))
+        ours = ours - ours.min(axis=(1, 2), keepdims=True)
+        ours = ours / (1e-7 + ours.max(axis=(1, 2), keepdims=True))
+        log(f"  {method}: max abs difference {np.max(np.abs(ours - theirs)):.1e}")
+
+    # pytorch-grad-cam as documented backpropagates into every weight. Kinder to it: frozen
+    # weights, only the input's gradient (it needs one tensor before the layer that wants grad).
+    frozen = testing.vgg("vgg16")
+    frozen.load_state_dict(net.state_dict())
+    frozen.eval().requires_grad_(False)
+    models = {impl: pt.model.clone(conv_impl=impl) for impl in ("auto", "direct")}
+    with GradCAM(model=net, target_layers=layer) as cam, \
+            GradCAM(model=frozen, target_layers=[frozen.features[29]]) as cam_frozen:
+        cam_frozen.compute_input_gradient = True  # BaseCAM's option; GradCAM does not pass it on
+        fns = {f"vggjax ({impl} conv)": (lambda m=m: viz.grad_cam(m, pt.variables, x).block_until_ready())
+               for impl, m in models.items()}
+        fns["pytorch-grad-cam"] = lambda: cam(input_tensor=x_torch, targets=None)
+        fns["pytorch-grad-cam, frozen weights"] = lambda: cam_frozen(input_tensor=x_torch, targets=None)
+        log(f"Grad-CAM, batch {batch}, 224x224, fp32, {rounds} interleaved rounds:")
+        times = interleave(fns, rounds, log)
+    torch_s = statistics.median(times["pytorch-grad-cam"])
+    rows = ["| Grad-CAM (batch %d, 224²) | img/s (median) | rounds min–max s | vs pytorch-grad-cam |" % batch,
+            "|---|---|---|---|"]
+    for name, t in times.items():
+        med = statistics.median(t)
+        rows.append(f"| {name} | {batch / med:.2f} | {min(t):.2f}–{max(t):.2f} | {torch_s / med:.2f}x |")
+    return rows
+
+
+def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int = 64,
+                  steps: int = 40, n: int = 64) -> list[str]:
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    import keras
+
+    conv_base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(size, size, 3))
+    for lyr in conv_base.layers:
+        if lyr.weights:
+            lyr.set_weights([np.asarray(pt.params[lyr.name]["kernel"]),
+                             np.asarray(pt.params[lyr.name]["bias"])])
+    features = keras.Model(conv_base.inputs, conv_base.get_layer(layer).output)
+
+    @tf.function
+    def iterate(x, f):  # the book's K.function: loss and normalised gradient
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_mean(tf.gather(features(x), f, axis=-1))
+        g = tape.gradient(loss, x)
+        return loss, g / (tf.sqrt(tf.reduce_mean(tf.square(g))) + 1e-5)
+
+    def book_sheet():
+        tiles = []
+        for f in range(n):
+            img = np.random.random((1, size, size, 3)) * 20 + 128.0
+            for _ in range(steps):
+                _, g = iterate(tf.constant(img, tf.float32), tf.constant(f))
+                img += g.numpy()
+            tiles.append(viz.deprocess_image(img[0]))
+        return viz.grid(np.stack(tiles))
+
+    base = pt.model.clone(include_top=False)
+
+    def ours(impl):
+        return lambda: viz.grid(viz.filter_pattern(base.clone(conv_impl=impl), pt.variables, layer,
+                                                   range(n), size=size, steps=steps))
+
+    log(f"filter-pattern sheet: {n} filters of {layer}, {size} px, {steps} steps, {rounds} rounds:")
+    times = interleave({"vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
+                        "book loop, TF": book_sheet}, rounds, log)
+    tf_s = statistics.median(times["book loop, TF"])
+    rows = [f"| {n}-filter sheet ({layer}, {size} px, {steps} steps) | seconds (median) | "
+            "rounds min–max s | speed-up vs TF loop |", "|---|---|---|---|"]
+    for name, t in times.items():
+        med = statistics.median(t)
+        rows.append(f"| {name} | {med:.2f} | {min(t):.2f}–{max(t):.2f} | {tf_s / med:.2f}x |")
+    return rows
+
+
+def main(argv=None) -> None:
+    if os.environ.get("GLIBC_TUNABLES") != HUGETLB:  # glibc reads it at start-up: restart once
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=HUGETLB))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--filter-rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--skip-filters", action="store_true")
+    a = p.parse_args(argv)
+    if a.rounds < 1 or a.filter_rounds < 1 or a.batch < 1:
+        p.error("--rounds, --filter-rounds and --batch must be >= 1")
+    lines = []
+
+    def log(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    import torch
+
+    testing.install_torchvision_standin()
+    load = os.getloadavg()[0]
+    log(f"# vggjax.viz benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at start {load:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        net, pt = same_weights(Path(tmp))
+    def write(table):  # after each part, so a long filter run never loses the Grad-CAM table
+        report = lines[:1] + [""] + table + ["", "## log", "```"] + lines[1:] + ["```", ""]
+        (ROOT / "benchmarks" / "results_viz.md").write_text("\n".join(report))
+
+    table = bench_grad_cam(net, pt, a.rounds, a.batch, log)
+    write(table)
+    if not a.skip_filters:
+        table += [""] + bench_filters(pt, a.filter_rounds, log)
+        write(table)
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Image files in and out: Keras `load_img`-exact reading and resizing, atomic PNG writing (Pillow)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+# keras.utils.load_img's names for Pillow's resampling filters; its default is "nearest".
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")
+
+
+def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = None,
+               interpolation: str = "nearest") -> np.ndarray:
+    """(H, W, 3) uint8 RGB pixels of an image file, as `keras.utils.load_img(path, target_size)`.
+
+    Like Keras: any mode is converted to RGB, and the image is resized to `target_size`
+    (height, width) with Pillow's `interpolation` filter only when its size differs. Raises
+    ValueError naming the file when it cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, found {interpolation!r}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB") if img.mode != "RGB" else img
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+    if target_size is not None:
+        width_height = (int(target_size[1]), int(target_size[0]))
+        if img.size != width_height:
+            img = img.resize(width_height, getattr(Image.Resampling, interpolation.upper()))
+    return np.asarray(img, np.uint8)
+
+
+def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
+    """`image` (H, W) float or (H, W, 3) uint8 resized to `size` (height, width) with Pillow."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    pil = Image.fromarray(image.astype(np.float32) if image.ndim == 2 else image.astype(np.uint8))
+    out = pil.resize((int(size[1]), int(size[0])), getattr(Image.Resampling, interpolation.upper()))
+    return np.asarray(out)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an (H, W) or (H, W, 3) uint8 image to `path` as PNG, atomically; return the path."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"save_png expects (H, W) or (H, W, 3) uint8, found {image.shape} {image.dtype}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,128 @@
+"""Classify image files with converted ImageNet weights or an exported classifier (tools/predict.py)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vggjax
+from vggjax import images as image_io
+from vggjax import viz
+from vggjax.classifier import CLASSIFIER, load_classifier
+
+IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Predictor:
+    """Weights ready to classify (N, S, S, 3) uint8 RGB pixels, S = `image_size`."""
+
+    model: object  # a flax module whose output is class logits (one logit for a binary head)
+    variables: dict
+    preprocess: Callable  # uint8 pixels -> model input
+    image_size: int
+    class_names: tuple[str, ...] | None  # None: the 1000 ImageNet classes (decode_predictions)
+    cam_layer: str  # the last conv layer: where Grad-CAM looks
+
+    def __post_init__(self):
+        model = self.model
+
+        def probabilities(variables, x):
+            logits = model.apply(variables, x).astype(jnp.float32)
+            return jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits)
+
+        object.__setattr__(self, "_probabilities", jax.jit(probabilities))
+
+    @property
+    def num_classes(self) -> int:
+        return 1000 if self.class_names is None else len(self.class_names)
+
+    def probabilities(self, pixels) -> np.ndarray:
+        """(N, num_classes) float32 probabilities (a binary head: (1 - p, p))."""
+        p = np.asarray(self._probabilities(self.variables, self.preprocess(pixels)))
+        return np.concatenate([1 - p, p], axis=1) if p.shape[1] == 1 else p
+
+    def grad_cam(self, pixels) -> np.ndarray:
+        """(N, h, w) Grad-CAM maps (the paper's: pre-softmax score) of each image's top class."""
+        return np.asarray(viz.grad_cam(self.model, self.variables, self.preprocess(pixels),
+                                       layer=self.cam_layer))
+
+
+def load_predictor(directory: str | os.PathLike) -> Predictor:
+    """A `Predictor` from converted weights with their top (`vggjax.load`) or from an exported
+    cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json)."""
+    directory = Path(directory)
+    if (directory / CLASSIFIER).is_file():
+        clf = load_classifier(directory)
+        return Predictor(model=clf.model, variables=clf.variables,
+                         preprocess=lambda x: vggjax.preprocess_input(x, clf.preprocessing),
+                         image_size=clf.image_size, class_names=tuple(clf.class_names),
+                         cam_layer=_last_conv(clf.model.base))
+    pretrained = vggjax.load(directory)
+    if not pretrained.meta["include_top"]:
+        raise ValueError(f"{directory} holds a conv base without classifier: convert the weights "
+                         "with --include-top to predict classes")
+    model = pretrained.model.clone(classifier_activation=None)
+    n = pretrained.meta["num_classes"]
+    return Predictor(model=model, variables=pretrained.variables, preprocess=pretrained.preprocess,
+                     image_size=IMAGENET_SIZE,
+                     class_names=None if n == 1000 else tuple(f"class {i}" for i in range(n)),
+                     cam_layer=_last_conv(model))
+
+
+def _last_conv(model) -> str:
+    return [n for n in model.layer_names() if "_conv" in n and not n.endswith("_preact")][-1]
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top: int = 5,
+                  cam_dir: str | os.PathLike | None = None,
+                  interpolation: str = "nearest") -> list[dict]:
+    """One record per file, in order: {"file", "top": [{"index", "wnid"?, "name",
+    "probability"}, ...], "cam"?} or, for a file that cannot be read, {"file", "error"}.
+
+    Each image is read and resized as `keras.utils.load_img(target_size=(S, S),
+    interpolation=...)` does. With `cam_dir`, a Grad-CAM overlay of the top class at the
+    file's own size is written to cam_dir/<stem>_cam.png.
+    """
+    if not 1 <= top <= predictor.num_classes:
+        raise ValueError(f"top must lie in [1, {predictor.num_classes}], found {top}")
+    if interpolation not in image_io.INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {image_io.INTERPOLATIONS}, found {interpolation!r}")
+    size = (predictor.image_size, predictor.image_size)
+    records, used = [], set()
+    for path in paths:
+        try:
+            pixels = image_io.load_image(path, size, interpolation)[None]
+        except ValueError as err:
+            records.append({"file": str(path), "error": str(err)})
+            continue
+        probs = predictor.probabilities(pixels)[0]
+        order = np.argsort(-probs, kind="stable")[:top]
+        if predictor.class_names is None:
+            names = vggjax.decode_predictions(probs[None], top=top)[0]
+            best = [{"index": int(i), "wnid": w, "name": n, "probability": float(p)}
+                    for i, (w, n, p) in zip(order, names)]
+        else:
+            best = [{"index": int(i), "name": predictor.class_names[i], "probability": float(probs[i])}
+                    for i in order]
+        record = {"file": str(path), "top": best}
+        if cam_dir is not None:
+            record["cam"] = str(_write_cam(predictor, path, pixels, Path(cam_dir), used))
+        records.append(record)
+    return records
+
+
+def _write_cam(predictor: Predictor, path, pixels, cam_dir: Path, used: set) -> Path:
+    original = image_io.load_image(path)  # the overlay is drawn at the file's own size
+    stem = Path(path).stem
+    name, k = f"{stem}_cam.png", 1
+    while name in used:  # two inputs with one stem (from different folders)
+        k += 1
+        name = f"{stem}_{k}_cam.png"
+    used.add(name)
+    return image_io.save_png(cam_dir / name, viz.overlay(original, predictor.grad_cam(pixels)[0]))
