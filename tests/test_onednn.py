@@ -162,6 +162,9 @@ step = jax.jit(jax.value_and_grad(loss, (0, 1)))
 want = step(x, k)
 got = step(jax.device_put(x, NamedSharding(mesh, P("data"))), k)
 assert len(got[1][0].sharding.device_set) == 2
+# With two devices "auto" keeps the partitionable XLA convs.
+from vggjax import winograd
+assert winograd.choose_impl((4, 16, 16, 64), 128, jnp.float32) == "winograd"
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 print("OK")

@@ -12,7 +12,8 @@ is the SYCL/TBB build, which needs Intel's compiler runtime).
 then keeps XLA's conv, saying why once.
 
 Limitation: XLA cannot partition a custom call, so under a multi-device mesh (`jax.sharding`
-data parallelism) each device runs the conv on the gathered global batch: correct, not faster.
+data parallelism) each device runs the conv on the gathered global batch: correct, not faster,
+and the result loses the batch sharding. "auto" therefore picks it only with a single device.
 """
 from __future__ import annotations
 
