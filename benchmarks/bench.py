@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlog import Log
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small"
 THREADS = os.cpu_count() or 1
@@ -438,11 +440,7 @@ def main(argv=None) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3",
                **({} if a.no_hugepages else MALLOC_ENV))
     frameworks = a.frameworks.split(",")
-    lines = []
-
-    def log(text):
-        print(text, flush=True)
-        lines.append(text)
+    log = Log()
 
     meta = {"rounds": a.rounds, "threads": THREADS, "hugepages": not a.no_hugepages,
             "load_avg_start": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -479,7 +477,7 @@ def main(argv=None) -> None:
             log(f"  {m['images']:5d} images: peak RSS {m['peak_rss_mb']:7.0f} MB "
                 f"(features on disk {m['features_mb']:.0f} MB, {m['img_s']:.1f} img/s)")
     Path(a.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
-    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+    Path(a.out + ".md").write_text("\n".join(log) + "\n")
     print(f"\nwrote {a.out}.json and {a.out}.md")
 
 

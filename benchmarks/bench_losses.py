@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlog import Log
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small" / "test"
 CONTENDERS = ("vggjax-fp32", "lpips-fp32", "vggjax-bf16", "lpips-bf16")
@@ -172,11 +174,7 @@ def main(argv=None) -> None:
             p.error(f"--{flag} must be >= 1")
     if a.size < 32 or a.photos < 0:
         p.error("--size must be >= 32 and --photos >= 0")
-    lines = []
-
-    def log(text):
-        print(text, flush=True)
-        lines.append(text)
+    log = Log()
 
     log(f"# LPIPS-VGG forward+backward, {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
         f"batch {a.batch} at {a.size}x{a.size}, median of {a.rounds} interleaved rounds, load "
@@ -194,7 +192,7 @@ def main(argv=None) -> None:
         if a.photos:
             log("\n" + photo_check(trunk_dir, a.data, a.photos))
     out = ROOT / "benchmarks" / "results_losses.md"
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(log) + "\n")
     print(f"wrote {out}")
 
 

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlog import Log
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERAS_BACKEND"] = "tensorflow"
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,11 +176,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.rounds < 1 or a.filter_rounds < 1 or a.batch < 1:
         p.error("--rounds, --filter-rounds and --batch must be >= 1")
-    lines = []
-
-    def log(text):
-        print(text, flush=True)
-        lines.append(text)
+    log = Log()
 
     import torch
 
@@ -189,7 +187,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         net, pt = same_weights(Path(tmp))
     def write(table):  # after each part, so a long filter run never loses the Grad-CAM table
-        report = lines[:1] + [""] + table + ["", "## log", "```"] + lines[1:] + ["```", ""]
+        report = log[:1] + [""] + table + ["", "## log", "```"] + log[1:] + ["```", ""]
         (ROOT / "benchmarks" / "results_viz.md").write_text("\n".join(report))
 
     table = bench_grad_cam(net, pt, a.rounds, a.batch, log)
