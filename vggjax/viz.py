@@ -145,7 +145,14 @@ def layer_gradient(model: nn.Module, variables, images, layer: str, fn):
             if "fed" in seen or context.method_name not in ("__call__", "forward_head"):
                 return next_fun(*args, **kwargs)
             if context.module.name in (conv, f"{conv}_bn"):  # the conv, then its BatchNorm
-                seen["z"] = next_fun(*args, **kwargs)
+                module = context.module
+                if preact and getattr(module, "relu", False):
+                    # The conv fused its ReLU (conv_impl "onednn"): compute its pre-activation
+                    # unfused, with the same parameters.
+                    unfused = module.clone(parent=None, relu=False)
+                    seen["z"] = unfused.apply({"params": module.variables["params"]}, *args, **kwargs)
+                else:
+                    seen["z"] = next_fun(*args, **kwargs)
                 return seen["z"]
             if "z" not in seen:
                 return next_fun(*args, **kwargs)
