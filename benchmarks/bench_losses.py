@@ -36,22 +36,6 @@ def _paths() -> None:
     sys.path[:0] = [str(ROOT)]
 
 
-def make_trunk(directory: Path):
-    """Seeded random torchvision VGG16 conv base: (torch module, vggjax-converted dir)."""
-    import torch
-    import vggjax
-    from vggjax.testing import randomize, vgg
-
-    with torch.device("meta"):
-        model = vgg("vgg16")
-    model.classifier = torch.nn.Sequential(torch.nn.Identity())  # lpips uses `features` only
-    model = randomize(model.to_empty(device="cpu"), seed=0)
-    if not (directory / "converted").exists():
-        torch.save(model.features.state_dict(prefix="features."), directory / "vgg16.pth")
-        vggjax.convert_file("torchvision", "vgg16", directory / "vgg16.pth", directory / "converted")
-    return model, directory / "converted"
-
-
 def batch(n: int, size: int, seed: int = 0):
     """x0, x1: float32 NHWC in [-1, 1], smooth images and a noisy copy (the same everywhere)."""
     import numpy as np
@@ -77,10 +61,10 @@ def make_step(name: str, trunk_dir: Path, n: int, size: int):
         a, b = jnp.asarray(x0), jnp.asarray(x1)
         return lambda: grad(lp, a, b).block_until_ready()
     import torch
-    from vggjax.testing import reference_lpips
+    from vggjax.testing import reference_lpips, write_lpips_trunk
 
     torch.set_num_threads(os.cpu_count() or 1)
-    net = reference_lpips(make_trunk(trunk_dir.parent)[0])
+    net = reference_lpips(write_lpips_trunk(trunk_dir.parent, seed=0)[0])
     a, b = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (x0, x1))
 
     def step():
@@ -137,7 +121,7 @@ def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> s
     import numpy as np
     from PIL import Image
 
-    from vggjax.testing import reference_lpips, run_lpips
+    from vggjax.testing import reference_lpips, run_lpips, write_lpips_trunk
     from vggjax import losses
 
     files = sorted((data / "cats").glob("*.jpg"))[:n_pairs + 1]
@@ -152,7 +136,7 @@ def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> s
 
     x0 = np.stack([crop(f) for f in files[:-1]])
     x1 = np.stack([crop(f) for f in files[1:]])
-    ref = run_lpips(reference_lpips(make_trunk(trunk_dir.parent)[0]), x0, x1, normalize=True)
+    ref = run_lpips(reference_lpips(write_lpips_trunk(trunk_dir.parent, seed=0)[0]), x0, x1, normalize=True)
     d32 = np.asarray(losses.LPIPS.load(trunk_dir)(x0, x1, normalize=True))
     d16 = np.asarray(losses.LPIPS.load(trunk_dir, dtype=jnp.bfloat16)(x0, x1, normalize=True))
     return (f"real photos ({n_pairs} pairs of consecutive {data}/cats images, {size}x{size} "
@@ -181,7 +165,9 @@ def main(argv=None) -> None:
         f"average at start {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         _paths()
-        _, trunk_dir = make_trunk(Path(tmp))
+        from vggjax.testing import write_lpips_trunk
+
+        _, trunk_dir = write_lpips_trunk(Path(tmp), seed=0)
         res = bench(trunk_dir, a.rounds, a.batch, a.size, log)
         log("\n| contender | img/s | rounds min-max | vs lpips (same precision) | first call s |")
         log("|---|---|---|---|---|")

@@ -20,7 +20,7 @@ from PIL import Image, ImageFilter
 
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
-from vggjax.testing import import_lpips, randomize, reference_lpips, run_lpips, vgg
+from vggjax.testing import import_lpips, reference_lpips, run_lpips, write_lpips_trunk
 from vggjax import losses, parallel
 
 LPIPS_TOL = 1e-5
@@ -70,15 +70,10 @@ def trunk(tmp_path_factory):
     """A seeded random torchvision-layout VGG16 conv base, its .pth converted by vggjax, and a
     cached `LPIPS.load(converted, version=..., dtype=...)`."""
     d = tmp_path_factory.mktemp("trunk")
-    with torch.device("meta"):
-        model = vgg("vgg16")
-    model.classifier = torch.nn.Sequential(torch.nn.Identity())  # lpips uses `features` only
-    model = randomize(model.to_empty(device="cpu"), seed=3)
-    torch.save(model.features.state_dict(prefix="features."), d / "vgg16.pth")
-    vggjax.convert_file("torchvision", "vgg16", d / "vgg16.pth", d / "converted")
+    model, converted = write_lpips_trunk(d, seed=3)
     load = functools.cache(lambda version="0.1", dtype=jnp.float32, conv_impl="auto": losses.LPIPS.load(
-        d / "converted", version=version, dtype=dtype, conv_impl=conv_impl))
-    return model, d / "converted", load
+        converted, version=version, dtype=dtype, conv_impl=conv_impl))
+    return model, converted, load
 
 
 def max_diff(label, ours, ref) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -120,6 +121,22 @@ def random_vgg(arch: str, seed: int) -> VGG:
     with torch.device("meta"):
         model = vgg(arch)
     return randomize(model.to_empty(device="cpu"), seed)
+
+
+def write_lpips_trunk(directory, seed: int):
+    """A seeded random VGG16 conv base (what lpips uses: `features` only) as torchvision's .pth,
+    converted by vggjax: returns (torch module, converted weights dir); kept if already there."""
+    import vggjax
+
+    with torch.device("meta"):
+        model = vgg("vgg16")
+    model.classifier = nn.Sequential(nn.Identity())  # no time spent on the unused 120M-weight head
+    model = randomize(model.to_empty(device="cpu"), seed)
+    converted = Path(directory) / "converted"
+    if not converted.exists():
+        torch.save(model.features.state_dict(prefix="features."), Path(directory) / "vgg16.pth")
+        vggjax.convert_file("torchvision", "vgg16", Path(directory) / "vgg16.pth", converted)
+    return model, converted
 
 
 def torchvision_standin(trunk: torch.nn.Module | None = None) -> types.ModuleType:
