@@ -68,17 +68,19 @@ def main(argv=None) -> int:
     if not args.smoke and not (args.weights and args.image):
         parser.error("give --weights and --image (or --smoke)")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a directory")
     start = time.time()
-    if args.smoke:
-        model, variables, preprocess, image_path = smoke_inputs(out)
-        size, steps = 32, 3
-    else:
-        pre = vggjax.load(args.weights)
-        model, variables, preprocess, image_path = pre.model, pre.variables, pre.preprocess, args.image
-        size, steps = 64, 40  # the book's sheets: 64-px patterns, 40 steps
-    try:
+    try:  # what a user can get wrong (paths, weights, images) ends in one line, before any work
+        if args.smoke:
+            model, variables, preprocess, image_path = smoke_inputs(out)
+            size, steps = 32, 3
+        else:
+            pre = vggjax.load(args.weights)
+            model, variables, preprocess, image_path = pre.model, pre.variables, pre.preprocess, args.image
+            size, steps = 64, 40  # the book's sheets: 64-px patterns, 40 steps
         original = images.load_image(image_path)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
 
     # Activations of the first layers for the picture at the book's 150x150.
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     for name in ACTIVATION_LAYERS:
         images.save_png(out / f"activations_{name}.png", viz.activation_grid(acts[name]))
 
-    fast = model.clone(conv_impl="auto")  # Winograd convs: ~2x faster ascent on CPU
+    fast = model.clone(conv_impl="auto")  # the fastest conv on this CPU (oneDNN / Winograd)
     for name in FILTER_LAYERS:  # 64 filters per layer in one compiled call
         tiles = viz.filter_pattern(fast, variables, name, range(64), size=size, steps=steps)
         images.save_png(out / f"filters_{name}.png", viz.grid(tiles))
