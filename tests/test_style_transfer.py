@@ -14,7 +14,7 @@ from PIL import Image
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
 from helpers import REPO
-from vggjax import losses, style_transfer
+from vggjax import images, losses, style_transfer
 
 H, W = 48, 64
 
@@ -37,7 +37,7 @@ def setup(keras, make_variables, tmp_path_factory):
 def inputs(pretrained, d):
     size = style_transfer.image_size(d / "content.jpg", H)
     assert size == (H, W)  # 72x96 at height 48 keeps the aspect ratio
-    return [np.asarray(pretrained.preprocess(style_transfer.load_image(d / f"{n}.jpg", size)))
+    return [np.asarray(pretrained.preprocess(images.load_image(d / f"{n}.jpg", size)[None]))
             for n in ("content", "style")]
 
 
@@ -84,7 +84,7 @@ def test_example_writes_images_and_loss_curve(setup, tmp_path, capsys):
     assert Image.open(out / "final.png").size == (W, H)
     assert Image.open(out / "loss.png").format == "PNG"
     first = np.asarray(Image.open(out / "step_00000.png"), np.int16)  # the content image itself
-    content = style_transfer.load_image(d / "content.jpg", (H, W))[0]
+    content = images.load_image(d / "content.jpg", (H, W))
     assert np.abs(first - content).max() <= 1  # caffe round trip in float32
     assert "loss" in capsys.readouterr().out
 

@@ -24,12 +24,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from vggjax import atomic
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -67,23 +68,16 @@ def _build() -> Path:
     if out.is_file():
         return out
     libdir = next(prefix.glob("lib*/libdnnl.so*")).parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name and renamed: a concurrent or interrupted build never leaves
-    # a half-written library behind.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-           f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
-           f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}", "-o", tmp]
-    try:
+    # Built beside its final name and renamed (vggjax.atomic): a concurrent or interrupted build
+    # never leaves a half-written library behind.
+    with atomic.writing(out) as tmp:
+        cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+               f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
+               f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}", "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             raise RuntimeError(f"building the oneDNN conv failed ({cmd[0]}): "
                                f"{proc.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

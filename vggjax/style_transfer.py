@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vggjax import losses
+from vggjax import atomic, images, losses
 from vggjax.extras import require
 from vggjax.model import MIN_SIZE, VGG
 from vggjax.preprocessing import deprocess_input
@@ -43,15 +43,6 @@ def image_size(path: str | os.PathLike, height: int) -> tuple[int, int]:
         raise ValueError(f"{path}: at height {height} the image is {height}x{width}; VGG needs at "
                          f"least {MIN_SIZE}x{MIN_SIZE}")
     return height, width
-
-
-def load_image(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
-    """(1, H, W, 3) uint8 RGB, resized to `size` = (H, W) with nearest neighbour, as Keras'
-    `load_img(target_size=...)` does."""
-    Image = _pil()
-    with Image.open(path) as img:
-        img = img.convert("RGB").resize(size[::-1], Image.NEAREST)
-        return np.asarray(img)[None]
 
 
 def _pil():
@@ -135,13 +126,11 @@ def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", st
     """
     checked = check_inputs(content_path, style_path, out_dir, preset, steps, height, save_every)
     steps, save_every = checked["steps"], checked["save_every"]
-    content = pretrained.preprocess(load_image(content_path, checked["size"]))
-    style = pretrained.preprocess(load_image(style_path, checked["size"]))  # the book resizes both alike
+    content = pretrained.preprocess(images.load_image(content_path, checked["size"])[None])
+    style = pretrained.preprocess(images.load_image(style_path, checked["size"])[None])  # the book resizes both alike
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
-
-    Image = _pil()
 
     mode = pretrained.meta["preprocessing"]
     history = []
@@ -149,12 +138,12 @@ def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", st
     for i, x, value in optimise(pretrained.model, pretrained.variables, content, style, preset, steps):
         history.append(value)
         if i % save_every == 0 or i == steps:
-            Image.fromarray(deprocess_input(x, mode)[0]).save(out_dir / f"step_{i:05d}.png")
+            images.save_png(out_dir / f"step_{i:05d}.png", deprocess_input(x, mode)[0])
         if i < steps:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}")
     bar.close()
-    Image.fromarray(deprocess_input(x, mode)[0]).save(out_dir / "final.png")
+    images.save_png(out_dir / "final.png", deprocess_input(x, mode)[0])
     plot_losses(history, out_dir / "loss.png", preset)
     return {"losses": history, "final": out_dir / "final.png"}
 
@@ -166,4 +155,5 @@ def plot_losses(history, path, preset: str) -> None:
     ax.plot(range(len(history)), history)
     ax.set(xlabel="step", ylabel=f"loss ({preset})", yscale="log", title="style transfer")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic.writing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
