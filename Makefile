@@ -9,7 +9,9 @@ PIP := $(PY) -m pip install -q
 TORCH := torch==2.13.0# pinned CPU build: an unpinned torch resolves to a multi-GB CUDA build
 NODEPS := tests/requirements-nodeps.txt
 HASH := $(shell cat pyproject.toml $(NODEPS) | $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:12])")
-PYTEST_ARGS ?=
+# Two workers, one test file each at a time (module fixtures built once): the 2-core machines
+# this suite must finish on in 10 minutes are idle half the time in a serial run.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo test setup-demo setup-test
 demo: setup-demo

@@ -15,6 +15,9 @@ from test_winograd import _data, _photos  # the same random convs and smooth pho
 
 pytestmark = pytest.mark.skipif(onednn.unavailable() is not None,
                                 reason=f"oneDNN conv unavailable: {onednn.unavailable()}")
+# oneDNN has no bf16 conv below AVX512_CORE: there each bf16 check becomes a check of the refusal.
+BF16 = onednn.supports(jnp.bfloat16)
+REFUSAL = r"the oneDNN bfloat16 conv needs AVX512_CORE, which this CPU lacks \(.*oneDNN ISA avx2"
 
 
 def _rel_err(a, b):
@@ -30,6 +33,10 @@ def test_conv_matches_direct_conv(shape):
     assert _rel_err(got, want) < 2e-6
     fused = onednn.conv3x3(x, kernel, bias, relu=True)
     assert _rel_err(fused, jax.nn.relu(want)) < 2e-6
+    if not BF16:
+        with pytest.raises(ValueError, match=REFUSAL):
+            onednn.conv3x3(x.astype(jnp.bfloat16), kernel, bias)
+        return
     bf16 = onednn.conv3x3(x.astype(jnp.bfloat16), kernel, bias)
     # bf16 inputs and output, f32 accumulation: a few bf16 roundings (2^-8 each).
     assert bf16.dtype == jnp.bfloat16 and _rel_err(bf16, want) < 2e-2
@@ -52,7 +59,7 @@ def test_gradients_match_direct_conv(relu, shape):
     for name, g, w in zip(("input", "kernel", "bias"), got, want):
         assert g.shape == w.shape and g.dtype == jnp.float32, name
         assert _rel_err(g, w) < 1e-5, name
-    if relu:  # bf16 outputs within a rounding of 0 may fall on the other side of the ReLU
+    if relu or not BF16:  # bf16 outputs within a rounding of 0 may fall on the other side of the ReLU
         return
     # bf16 compute with fp32 parameters (what precision="bf16" does): gradients in the
     # parameters' dtype, within bf16 rounding of the fp32 ones.
@@ -93,10 +100,15 @@ def test_vgg16_features_and_logits_parity(make_variables):
 
     want = run()
     fp32 = run(conv_impl="onednn")
+    for tap in taps:
+        assert _rel_err(fp32[tap], want[tap]) <= 1e-4, tap
+    if not BF16:
+        with pytest.raises(ValueError, match=REFUSAL):
+            run(conv_impl="onednn", dtype=jnp.bfloat16)
+        return
     bf16 = run(conv_impl="onednn", dtype=jnp.bfloat16)
     direct16 = run(dtype=jnp.bfloat16)
     for tap in taps:
-        assert _rel_err(fp32[tap], want[tap]) <= 1e-4, tap
         assert bf16[tap].dtype == jnp.bfloat16
         assert _rel_err(bf16[tap], want[tap]) <= 2e-2, tap
         # No worse than XLA's own bf16 conv (the same bf16 roundings, fewer or more).
@@ -107,17 +119,56 @@ def test_vgg16_features_and_logits_parity(make_variables):
 
 def test_auto_picks_onednn_where_it_suits_the_cpu(monkeypatch):
     x, kernel, bias = _data(1, 16, 16, 64, 128)
-    flags = onednn.cpu_flags()
-    for dtype, units in ((jnp.bfloat16, {"avx512_bf16", "amx_bf16"}), (jnp.float32, {"avx512f"})):
+    isa = onednn.effective_isa()
+    native_bf16 = isa in ("avx512_core_bf16", "avx512_core_fp16", "avx512_core_amx", "avx512_core_amx_fp16")
+    for dtype, fast in ((jnp.bfloat16, native_bf16), (jnp.float32, isa.startswith("avx512"))):
         jaxpr = str(jax.make_jaxpr(lambda x, k: winograd.conv(x, k, impl="auto"))(x.astype(dtype), kernel))
-        assert ("vggjax_onednn_conv_fwd" in jaxpr) == bool(units & flags), dtype
-        assert onednn.suits(dtype) == bool(units & flags)
-    assert not onednn.suits(jnp.float16)
+        assert ("vggjax_onednn_conv_fwd" in jaxpr) == fast, (dtype, isa)
+        assert onednn.suits(dtype) == fast
+    assert not onednn.suits(jnp.float16) and not onednn.supports(jnp.float16)
+    # What each kind of CPU gets, read from oneDNN's effective ISA (not /proc/cpuinfo: a VM or
+    # $ONEDNN_MAX_CPU_ISA may offer less than the flags say).
+    kinds = {"avx2": ("direct", "winograd", False), "avx512_core": ("direct", "onednn", True),
+             "avx512_core_bf16": ("onednn", "onednn", True), "avx512_core_amx": ("onednn", "onednn", True)}
+    for kind, (bf16_impl, fp32_impl, bf16_runs) in kinds.items():
+        monkeypatch.setattr(onednn, "effective_isa", lambda: kind)
+        assert winograd.choose_impl(x.shape, 128, jnp.bfloat16) == bf16_impl, kind
+        assert winograd.choose_impl(x.shape, 128, jnp.float32) == fp32_impl, kind
+        assert onednn.supports(jnp.bfloat16) == bf16_runs and onednn.supports(jnp.float32), kind
     # An AVX2-only CPU: XLA's bf16 conv, Winograd in fp32 from block2 on, as before oneDNN.
-    monkeypatch.setattr(onednn, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert winograd.choose_impl(x.shape, 128, jnp.bfloat16) == "direct"
-    assert winograd.choose_impl(x.shape, 128, jnp.float32) == "winograd"
+    monkeypatch.setattr(onednn, "effective_isa", lambda: "avx2")
     assert winograd.choose_impl((1, 16, 16, 3), 64, jnp.float32) == "direct"
+    with pytest.raises(ValueError, match="bfloat16 conv needs AVX512_CORE.*oneDNN ISA avx2"):
+        onednn.conv3x3(x.astype(jnp.bfloat16), kernel)
+
+
+def test_an_isa_capped_process_reads_the_cap_and_names_refusals(subprocess_env):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU, emulated): oneDNN reports avx2, "auto" keeps
+    XLA's conv for bf16, fp32 oneDNN still runs, bf16 is refused in one line, and a primitive
+    oneDNN itself refuses (the custom call reached directly) names the shape, dtype and ISA."""
+    code = """
+import jax.numpy as jnp
+from vggjax import onednn, winograd
+assert onednn.effective_isa() == "avx2", onednn.effective_isa()
+assert "capped by ONEDNN_MAX_CPU_ISA=AVX2" in onednn.describe_cpu()
+x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+assert winograd.choose_impl((1, 32, 32, 64), 64, jnp.bfloat16) == "direct"
+assert float(onednn.conv3x3(x, k)[0, 4, 4, 0]) == 36.0
+try:
+    onednn.conv3x3(x.astype(jnp.bfloat16), k)
+except ValueError as e:
+    print("REFUSED", e)
+try:
+    onednn._conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), jnp.zeros(8, jnp.bfloat16), False)
+except Exception as e:
+    print("ONEDNN", str(e).splitlines()[0])
+"""
+    env = dict(subprocess_env, ONEDNN_MAX_CPU_ISA="AVX2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REFUSED the oneDNN bfloat16 conv needs AVX512_CORE, which this CPU lacks" in proc.stdout
+    assert ("oneDNN refused the forward conv of NHWC (1, 8, 8, 4) -> 8 channels in bfloat16 on "
+            "oneDNN ISA 0x7") in proc.stdout, proc.stdout
 
 
 def test_fallback_when_the_native_part_cannot_be_built(subprocess_env):

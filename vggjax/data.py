@@ -39,10 +39,12 @@ that TF never claims memory JAX needs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import os
+import tempfile
 import warnings
 from typing import Iterator, Mapping
 
@@ -262,8 +264,9 @@ def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int
     splits = list(per_class)
     start = sum(per_class[s] for s in splits[:splits.index(split)])
     stop = start + per_class[split]
-    ds, info = tfds.load("cats_vs_dogs", split="train", shuffle_files=False, data_dir=data_dir,
-                         with_info=True, decoders={"image": tfds.decode.SkipDecoding()})
+    with _tfds_scratch():
+        ds, info = tfds.load("cats_vs_dogs", split="train", shuffle_files=False, data_dir=data_dir,
+                             with_info=True, decoders={"image": tfds.decode.SkipDecoding()})
     class_names = info.features["label"].names
     seen = np.zeros(len(class_names), np.int64)
     encoded, labels, names = [], [], []
@@ -286,7 +289,8 @@ def _folder_examples(root: str, split: str):
     """(class_names, paths, labels, paths as names) of `root/split`, as ImageFolder indexes it."""
     if not tf.io.gfile.isdir(root):
         raise ValueError(f"image folder {root!r} does not exist (expected {root}/<split>/<class>/*.jpg)")
-    builder = tfds.folder_dataset.ImageFolder(root)
+    with _tfds_scratch():
+        builder = tfds.folder_dataset.ImageFolder(root)
     splits = builder.info.splits
     if split not in splits:
         raise ValueError(f"image folder {root!r} has no split {split!r}; ImageFolder found {sorted(splits)}")
@@ -303,6 +307,18 @@ def _folder_examples(root: str, split: str):
         raise RuntimeError(f"{split_dir}: listed {len(paths)} images but ImageFolder counts "
                            f"{splits[split].num_examples}; its listing rule changed")
     return label.names, paths, labels, paths
+
+
+@contextlib.contextmanager
+def _tfds_scratch():
+    """Point `tempfile` at a directory removed afterwards: tfds' builder constructor makes a
+    `tmp*tfds` directory for metadata it would fetch from GCS and never removes it (one per call)."""
+    with tempfile.TemporaryDirectory(prefix="vggjax-tfds-") as scratch:
+        previous, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
 
 
 def _subdirs(path: str) -> list[str]:

@@ -117,14 +117,59 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+# oneDNN's dnnl_cpu_isa_t (dnnl_types.h): each ISA's bits include those of the ISAs below it.
+_ISAS = {0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx2_vnni_2", 0x27: "avx512_core",
+         0x67: "avx512_core_vnni", 0xE7: "avx512_core_bf16", 0x1EF: "avx512_core_fp16",
+         0xFEF: "avx512_core_amx", 0x1FEF: "avx512_core_amx_fp16"}
+_ISA_BITS = {name: bits for bits, name in _ISAS.items()}
+
+
+@functools.cache
+def effective_isa() -> str | None:
+    """The ISA oneDNN's kernels use in this process, e.g. "avx2", "avx512_core_amx": the CPU's,
+    lowered by $ONEDNN_MAX_CPU_ISA (read once, at oneDNN's first use). None without oneDNN."""
+    prefix = _onednn_prefix()
+    if prefix is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(next(prefix.glob("lib*/libdnnl.so*"))))
+    except OSError:
+        return None
+    bits = lib.dnnl_get_effective_cpu_isa()
+    return _ISAS.get(bits, f"isa 0x{bits:x}")
+
+
+def _has(isa: str) -> bool:
+    """True where oneDNN's effective ISA includes `isa` (a key of _ISA_BITS)."""
+    bits = _ISA_BITS.get(effective_isa() or "", 0)
+    return bits & _ISA_BITS[isa] == _ISA_BITS[isa]
+
+
+def describe_cpu() -> str:
+    """One line naming what decides the fast paths: the CPU's flags and oneDNN's effective ISA."""
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}) or ["none of avx2/avx512f"]
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"{' '.join(flags)}; oneDNN ISA {effective_isa() or 'n/a (oneDNN not installed)'}"
+            + (f" (capped by ONEDNN_MAX_CPU_ISA={cap})" if cap else ""))
+
+
+def supports(dtype) -> bool:
+    """True where oneDNN can run the conv in `dtype` here: float32 on any x86-64 ISA it knows;
+    bfloat16 from AVX512_CORE up (emulated there, native with AVX512-BF16 or AMX; oneDNN has
+    no bf16 convolution on AVX2)."""
+    if dtype == jnp.bfloat16:
+        return _has("avx512_core")
+    return dtype == jnp.float32 and effective_isa() is not None
+
+
 def suits(dtype) -> bool:
     """True where oneDNN's kernels beat XLA's CPU conv for `dtype` (benchmarks/README.md):
-    float32 on AVX-512 CPUs, bfloat16 on CPUs with bf16 dot units (AVX512-BF16 or AMX). On
-    AVX2-only CPUs (bf16 would be emulated; fp32 unmeasured) the fast path steps aside."""
-    flags = cpu_flags()
+    float32 on AVX-512, bfloat16 with bf16 dot units (AVX512-BF16 or AMX). Read from oneDNN's
+    *effective* ISA, so $ONEDNN_MAX_CPU_ISA lowers it too. On AVX2-only CPUs the fast path steps
+    aside (bf16 cannot run; fp32 unmeasured)."""
     if dtype == jnp.bfloat16:
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return dtype == jnp.float32 and "avx512f" in flags
+        return _has("avx512_core_bf16")
+    return dtype == jnp.float32 and _has("avx512_core")
 
 
 def _fwd_call(x, kernel, bias, relu: bool):
@@ -185,7 +230,8 @@ def conv3x3(x, kernel, bias=None, relu: bool = False):
     `winograd.direct_conv3x3`: x (N, H, W, Cin) float32 or bfloat16, kernel (3, 3, Cin, Cout)
     HWIO, bias (Cout,) or None; returns (N, H, W, Cout) in x's dtype (bf16 in, f32 accumulate).
     Jits, differentiates (oneDNN backward-data and backward-weights), vmaps (one call per
-    vmapped element). Raises RuntimeError when the custom call cannot be built here."""
+    vmapped element). Raises RuntimeError when the custom call cannot be built here, ValueError
+    for a dtype this CPU's oneDNN cannot run (bf16 below AVX512_CORE: `supports`)."""
     reason = unavailable()
     if reason:
         raise RuntimeError(f"the oneDNN conv is unavailable: {reason}")
@@ -194,6 +240,9 @@ def conv3x3(x, kernel, bias=None, relu: bool = False):
                          f"matching Cin, found input {tuple(x.shape)}, kernel {tuple(kernel.shape)}")
     if x.dtype not in DTYPES:
         raise ValueError(f"the oneDNN conv computes in float32 or bfloat16, found {x.dtype}")
+    if not supports(x.dtype):
+        raise ValueError(f"the oneDNN {x.dtype} conv needs AVX512_CORE, which this CPU lacks "
+                         f"({describe_cpu()}); use conv_impl='auto' or 'direct', or float32")
     if bias is None:
         bias = jnp.zeros(kernel.shape[-1:], x.dtype)
     return _conv(x, kernel.astype(x.dtype), bias.astype(x.dtype), relu)

@@ -10,6 +10,7 @@
 // `relu` (forward only) fuses max(y, 0) as a oneDNN post-op.
 // Primitives are built once per (kind, shape, dtype, relu) and cached: building one costs
 // milliseconds (JIT code generation), running one is the convolution itself.
+#include <sstream>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -154,7 +155,13 @@ ffi::Error conv(Kind kind, const ffi::AnyBuffer& act, int64_t cin, int64_t cout,
   try {
     return run(plan_for(kind, d[0], d[1], d[2], cin, cout, dt, relu), kind, x, wei, bias, y);
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN conv ") + names[kind] + ": " + e.what());
+    // A refusal names what was asked and on which ISA, not only oneDNN's own words.
+    std::ostringstream msg;
+    msg << "oneDNN refused the " << names[kind] << " conv of NHWC (" << d[0] << ", " << d[1] << ", "
+        << d[2] << ", " << cin << ") -> " << cout << " channels in "
+        << (dt == memory::data_type::bf16 ? "bfloat16" : "float32") << " on oneDNN ISA 0x" << std::hex
+        << static_cast<int>(dnnl::get_effective_cpu_isa()) << " (dnnl_cpu_isa_t): " << e.what();
+    return ffi::Error::Internal(msg.str());
   }
 }
 
