@@ -12,8 +12,8 @@ preprocessing inside each framework's step):
   infer150 / infer224  conv base forward, batch 32
   finetune             train step, block5 + the book's head trainable, RMSprop, 150x150, batch 20
   frozen               train step, head only trainable, 150x150, batch 20
-  pipeline             vggjax.data decode+resize (tf.data) + vggjax.augmentation on a folder
-  memory               peak RSS of vggjax.features.extract for a growing number of images
+  pipeline             vggjax.train.data decode+resize (tf.data) + vggjax.train.augmentation on a folder
+  memory               peak RSS of vggjax.train.feature_cache.extract for a growing number of images
 Writes benchmarks/results.json and benchmarks/results.md. See benchmarks/README.md.
 """
 from __future__ import annotations
@@ -78,7 +78,8 @@ class JaxWorker:
     def setup(self, kind, size, batch, trainable=None, lr=None):
         import jax.numpy as jnp
         import numpy as np
-        from vggjax import classifier, features, freezing, model, training
+        from vggjax.train import classifier, feature_cache as features, freezing, loop as training
+        from vggjax.model import vgg as model
         base = model.create("vgg16", include_top=False, conv_impl=self.impl,
                             dtype=self.dtype or jnp.float32)
         key = self.jax.random.PRNGKey(0)
@@ -156,10 +157,10 @@ class TorchWorker:
         torch = self.torch
         nn = torch.nn
         torch.manual_seed(0)
-        from vggjax.testing import CFGS, make_layers  # torchvision's layout, one copy
+        from vggjax.testing.reference import CFGS, make_layers  # torchvision's layout, one copy
 
         features = make_layers(CFGS["D"], batch_norm=False)
-        from vggjax.preprocessing import CAFFE_MEAN_BGR  # one source for the caffe mean
+        from vggjax.weights.preprocessing import CAFFE_MEAN_BGR  # one source for the caffe mean
 
         mean = torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
         images, labels = synthetic_batch(size, batch)
@@ -311,7 +312,7 @@ def pipeline_main(n_per_class: int) -> None:
     """Child: decode + resize + augment epochs over `n_per_class` * 2 images; JSON out."""
     sys.path.insert(0, str(ROOT))
     import jax
-    from vggjax import augmentation, data
+    from vggjax.train import augmentation, data
     root, how = image_folder(n_per_class)
     try:
         split = data.load_split(root, "train", 150, 20, shuffle=True)
@@ -339,11 +340,12 @@ def _epochs(split, aug, config) -> float:
 
 
 def memory_main(n_per_class: int) -> None:
-    """Child: vggjax.features.extract over 2 * n_per_class images at 150x150; peak RSS out."""
+    """Child: vggjax.train.feature_cache.extract over 2 * n_per_class images at 150x150; peak RSS out."""
     sys.path.insert(0, str(ROOT))
     import jax
     import jax.numpy as jnp
-    from vggjax import data, features, model
+    from vggjax.train import data, feature_cache as features
+    from vggjax.model import vgg as model
     root, how = image_folder(n_per_class)
     base = model.create("vgg16", include_top=False, conv_impl="auto")
     variables = base.init(jax.random.PRNGKey(0), jnp.zeros((1, 150, 150, 3)))
@@ -400,7 +402,7 @@ def book_hours(rates: dict) -> float | None:
 
 def cpu_line() -> str:
     """The CPU model and the flags that decide the fast paths (AMX, AVX512-BF16, AVX-512, AVX2)."""
-    from vggjax.onednn import cpu_flags
+    from vggjax.model.onednn import cpu_flags
     flags = cpu_flags()
     model = next((l.partition(":")[2].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                   if l.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
@@ -472,7 +474,7 @@ def main(argv=None) -> None:
     if "memory" in tasks:
         sizes = (20, 40, 80) if a.quick else (100, 200, 400)
         mem = results["memory"] = [child("memory", n, env) for n in sizes]
-        log("\nfeature extraction to disk (vggjax.features.extract, 150x150, auto conv):")
+        log("\nfeature extraction to disk (vggjax.train.feature_cache.extract, 150x150, auto conv):")
         for m in mem:
             log(f"  {m['images']:5d} images: peak RSS {m['peak_rss_mb']:7.0f} MB "
                 f"(features on disk {m['features_mb']:.0f} MB, {m['img_s']:.1f} img/s)")

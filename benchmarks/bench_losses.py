@@ -11,7 +11,7 @@ Reported: median img/s over the rounds and ratios to lpips at the same precision
 
 `--photos N` also compares both on N real photo pairs from ../shared/data (cats_and_dogs_small,
 consecutive test images, centre crops): max abs difference to lpips, and bf16 vs fp32 relative.
-lpips is imported with a stand-in `torchvision.models` (vggjax.testing.import_lpips).
+lpips is imported with a stand-in `torchvision.models` (vggjax.testing.reference.import_lpips).
 Writes benchmarks/results_losses.md.
 """
 from __future__ import annotations
@@ -54,14 +54,14 @@ def make_step(name: str, trunk_dir: Path, n: int, size: int):
     if framework == "vggjax":
         import jax
         import jax.numpy as jnp
-        from vggjax import losses
+        from vggjax.losses import perceptual as losses
 
         lp = losses.LPIPS.load(trunk_dir, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
         grad = jax.jit(jax.grad(lambda lp, a, b: jnp.sum(lp(a, b)), argnums=1))
         a, b = jnp.asarray(x0), jnp.asarray(x1)
         return lambda: grad(lp, a, b).block_until_ready()
     import torch
-    from vggjax.testing import reference_lpips, write_lpips_trunk
+    from vggjax.testing.reference import reference_lpips, write_lpips_trunk
 
     torch.set_num_threads(os.cpu_count() or 1)
     net = reference_lpips(write_lpips_trunk(trunk_dir.parent, seed=0)[0])
@@ -121,8 +121,8 @@ def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> s
     import numpy as np
     from PIL import Image
 
-    from vggjax.testing import reference_lpips, run_lpips, write_lpips_trunk
-    from vggjax import losses
+    from vggjax.testing.reference import reference_lpips, run_lpips, write_lpips_trunk
+    from vggjax.losses import perceptual as losses
 
     files = sorted((data / "cats").glob("*.jpg"))[:n_pairs + 1]
     if len(files) < n_pairs + 1:
@@ -165,7 +165,7 @@ def main(argv=None) -> None:
         f"average at start {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         _paths()
-        from vggjax.testing import write_lpips_trunk
+        from vggjax.testing.reference import write_lpips_trunk
 
         _, trunk_dir = write_lpips_trunk(Path(tmp), seed=0)
         res = bench(trunk_dir, a.rounds, a.batch, a.size, log)

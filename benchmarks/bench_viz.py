@@ -1,9 +1,9 @@
-"""vggjax.viz vs the references on the same VGG16 weights, interleaved in one run.
+"""vggjax.viz.convnet vs the references on the same VGG16 weights, interleaved in one run.
 
     python benchmarks/bench_viz.py [--rounds 5] [--filter-rounds 2] [--skip-filters]
 
 1. Grad-CAM, batch 16 at 224x224, fp32, each image's top class (pre-softmax score):
-   vggjax.viz.grad_cam vs pytorch-grad-cam's GradCAM on PyTorch, target layer block5_conv3
+   vggjax.viz.convnet.grad_cam vs pytorch-grad-cam's GradCAM on PyTorch, target layer block5_conv3
    after its ReLU (torchvision `features[29]`, the book's layer; pytorch-grad-cam's own VGG
    default is the last max-pool). pytorch-grad-cam also upsamples its maps to 224x224 (cv2),
    vggjax returns them at 14x14. Before timing, all three methods are checked against
@@ -13,7 +13,7 @@
    a filter, as Keras' `iterate` function in the book).
 
 Needs: torch (CPU), `pip install --no-deps grad-cam ttach` plus opencv-python-headless and
-scikit-learn (its imports); torchvision is replaced by vggjax.testing's stand-in (PyPI
+scikit-learn (its imports); torchvision is replaced by vggjax.testing.reference's stand-in (PyPI
 torchvision does not import beside this torch). Writes
 benchmarks/results_viz.md.
 """
@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import vggjax  # noqa: E402
-from vggjax import testing, viz  # noqa: E402
+from vggjax.testing import reference as testing
+from vggjax.viz import convnet as viz  # noqa: E402
 
 
 def same_weights(tmp: Path):
@@ -182,7 +183,7 @@ def main(argv=None) -> None:
 
     testing.install_torchvision_standin()
     load = os.getloadavg()[0]
-    log(f"# vggjax.viz benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
+    log(f"# vggjax.viz.convnet benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at start {load:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         net, pt = same_weights(Path(tmp))

@@ -23,7 +23,7 @@ from bench import DATA, ROOT  # the benchmark's photos (run from benchmarks/ as 
 
 sys.path.insert(0, str(ROOT))
 import vggjax  # noqa: E402
-from vggjax.preprocessing import preprocess_input  # noqa: E402
+from vggjax.weights.preprocessing import preprocess_input  # noqa: E402
 
 
 def photos(root: Path, limit: int):

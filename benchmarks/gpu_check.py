@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import classifier, freezing, model, training
-from vggjax.preprocessing import CAFFE_MEAN_BGR, preprocess_input
+from vggjax.train import classifier, freezing, loop as training
+
+from vggjax.model import vgg as model
+from vggjax.weights.preprocessing import CAFFE_MEAN_BGR, preprocess_input
 
 
 
@@ -78,7 +80,7 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
 def torch_rows(size, infer_batch, train_batch, min_seconds, device):
     import torch
     nn = torch.nn
-    from vggjax.testing import CFGS, make_layers  # torchvision's layout, one copy
+    from vggjax.testing.reference import CFGS, make_layers  # torchvision's layout, one copy
 
     feats = make_layers(CFGS["D"], batch_norm=False).to(device, memory_format=torch.channels_last)
     mean = torch.tensor(CAFFE_MEAN_BGR, device=device).view(1, 3, 1, 1)

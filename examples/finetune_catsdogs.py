@@ -9,7 +9,7 @@
 A full run with the real Keras ImageNet weights on the book's 2000/1000/1000 images should
 approach those numbers. Every phase evaluates on the test split, writes history.json,
 results.json and curves.png in --workdir, exports its classifier to --workdir/export/<phase>
-(`vggjax.classifier.load_classifier` / `predict`), and resumes where it stopped if interrupted.
+(`vggjax.train.classifier.load_classifier` / `predict`), and resumes where it stopped if interrupted.
 Defaults are the 1st edition's: 150x150, batch 20, RMSprop 2e-5 (heads) and 1e-5 (block5),
 30 / 30 / 100 epochs, the ImageDataGenerator augmentation; `--preprocess rescale` feeds x/255
 to the caffe-style weights as the book did.
@@ -17,7 +17,7 @@ to the caffe-style weights as the book did.
     python examples/finetune_catsdogs.py --data ../shared/data/cats_and_dogs_small
     python examples/finetune_catsdogs.py --smoke     # generated images, random weights, < 3 min
 
-The logic lives in vggjax.workflow (the flags are its Config's fields); this file only parses
+The logic lives in vggjax.train.workflow (the flags are its Config's fields); this file only parses
 arguments (intentionally kept short).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax import parallel, smoke, workflow
+from vggjax.train import parallel, synthetic as smoke, workflow
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
 

@@ -11,7 +11,7 @@ Writes --out/step_NNNNN.png every --save-every steps, final.png and loss.png.
         --weights ~/.cache/vggjax/converted/keras_vgg19_notop --out runs/style
     python examples/style_transfer.py --smoke     # generated images, random VGG19 weights, < 1 min
 
-The logic lives in vggjax.style_transfer; this file only parses arguments (intentionally kept short).
+The logic lives in vggjax.losses.style_transfer; this file only parses arguments (intentionally kept short).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax import smoke, style_transfer
+from vggjax.train import synthetic as smoke
+
+from vggjax.losses import style_transfer
 
 SMOKE = dict(size=64, steps=10, save_every=5)
 

@@ -4,7 +4,7 @@
     python examples/visualize_convnet.py --smoke --out /tmp/viz     # offline, random weights
 
 DIR: weights converted with --include-top (Grad-CAM needs the classifier; without it the
-overlay is skipped). Intentionally kept short: the logic lives in vggjax.viz.
+overlay is skipped). Intentionally kept short: the logic lives in vggjax.viz.convnet.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax import images, viz
+from vggjax.utils import images
+
+from vggjax.viz import convnet as viz
 
 ACTIVATION_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block3_conv1")
 FILTER_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1")

@@ -1,5 +1,5 @@
 """DLwP 1st ed. 8.3's neural-style-transfer loss as the book writes it, on a Keras VGG19: the
-reference for vggjax.losses' style-transfer presets (Keras 3 ops in place of the removed
+reference for vggjax.losses.perceptual' style-transfer presets (Keras 3 ops in place of the removed
 `keras.backend` functions, one-for-one)."""
 from __future__ import annotations
 

@@ -52,6 +52,6 @@ def subprocess_env(tmp_path):
 
 def pytest_report_header(config):
     """The CPU kind of this run (the fast paths depend on it), in pytest's header."""
-    from vggjax import onednn
+    from vggjax.model import onednn
 
     return f"vggjax CPU: {onednn.describe_cpu()}"

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 import vggjax
-from vggjax.trees import unflatten
+from vggjax.utils.trees import unflatten
 from vggjax.weights.keras import write_legacy_h5
 from vggjax.weights.spec import expected_shapes
 

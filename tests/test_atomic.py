@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vggjax import atomic
+from vggjax.utils import atomic
 
 
 def write_dir(final, marker="vggjax.json", **kwargs):
@@ -82,7 +82,7 @@ def test_temporaries_of_a_killed_process_are_removed_by_the_next_writer(tmp_path
 def test_a_signal_while_writing_leaves_nothing_behind(tmp_path, sig, subprocess_env):
     script = textwrap.dedent(f"""
         import time
-        from vggjax import atomic
+        from vggjax.utils import atomic
         with atomic.writing({str(tmp_path / "out")!r}, directory=True, marker="m") as tmp:
             tmp.mkdir()
             (tmp / "part").write_bytes(b"x")

@@ -1,4 +1,4 @@
-"""vggjax.augmentation: one bilinear warp per image, checked against NumPy, SciPy and Keras' own ImageDataGenerator."""
+"""vggjax.train.augmentation: one bilinear warp per image, checked against NumPy, SciPy and Keras' own ImageDataGenerator."""
 import dataclasses
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from vggjax import augmentation as aug
+from vggjax.train import augmentation as aug
 
 B, S = 6, 32
 # Jitted once here: op-by-op dispatch of the warp costs more compile time than one jit.
@@ -126,7 +126,7 @@ def test_a_batch_sharded_over_devices_is_augmented_in_place(subprocess_env):
         import re
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from vggjax import augmentation as aug
+        from vggjax.train import augmentation as aug
         mesh = Mesh(np.array(jax.devices()), ("data",))
         x = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), np.uint8)
         run = jax.jit(aug.augment, static_argnums=2)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax import classifier
-from vggjax.classifier import Classifier, Head, init_classifier
-from vggjax.trees import digest, flatten
+from vggjax.train import classifier
+from vggjax.train.classifier import Classifier, Head, init_classifier
+from vggjax.utils.trees import digest, flatten
 
 SIZE = 32
 

@@ -1,11 +1,11 @@
-"""vggjax.data on a real image folder (JPEG/PNG files written with PIL) and on mocked tfds cats_vs_dogs."""
+"""vggjax.train.data on a real image folder (JPEG/PNG files written with PIL) and on mocked tfds cats_vs_dogs."""
 import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vggjax import data
+from vggjax.train import data
 
 SIZE, BATCH = 16, 4
 CLASSES = ("cats", "dogs")

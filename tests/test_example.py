@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from helpers import REPO, run_script, script_env
-from vggjax import classifier, data, report, smoke
-from vggjax.trees import flatten
+from vggjax.train import classifier, data, report, synthetic as smoke
+from vggjax.utils.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
 SIZE, EPOCHS = smoke.SETTINGS["image_size"], smoke.SETTINGS["epochs"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax import data, features, smoke
-from vggjax.trees import digest
+from vggjax.train import data, feature_cache as features, synthetic as smoke
+from vggjax.utils.trees import digest
 
 SIZE, BATCH = 32, 4
 MODE = "caffe"

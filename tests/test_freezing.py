@@ -6,9 +6,9 @@ import optax
 import pytest
 
 import vggjax
-from vggjax import freezing, training
-from vggjax.classifier import Head, init_classifier
-from vggjax.trees import flatten
+from vggjax.train import freezing, loop as training
+from vggjax.train.classifier import Head, init_classifier
+from vggjax.utils.trees import flatten
 
 
 @pytest.fixture(scope="module")

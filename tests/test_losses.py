@@ -1,7 +1,7 @@
-"""vggjax.losses: LPIPS against the `lpips` package itself, finite gradients, feature/style/TV losses
+"""vggjax.losses.perceptual: LPIPS against the `lpips` package itself, finite gradients, feature/style/TV losses
 against NumPy, and the book's style-transfer presets against the book's Keras code.
 
-The LPIPS reference is lpips's own code (vggjax.testing.reference_lpips) on a seeded random VGG16 in
+The LPIPS reference is lpips's own code (vggjax.testing.reference.reference_lpips) on a seeded random VGG16 in
 torchvision's layout, written as a .pth and converted with vggjax.convert_file, with the lin
 weights of lpips's wheel; images are crops of JPEG files the tests write and read back.
 Run with `pytest -s` to see the measured differences.
@@ -20,8 +20,9 @@ from PIL import Image, ImageFilter
 
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
-from vggjax.testing import import_lpips, reference_lpips, run_lpips, write_lpips_trunk
-from vggjax import losses, parallel
+from vggjax.testing.reference import import_lpips, reference_lpips, run_lpips, write_lpips_trunk
+from vggjax.losses import perceptual as losses
+from vggjax.train import parallel
 
 LPIPS_TOL = 1e-5
 CROP = 64

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model import adaptive_pool_matrix
-from vggjax.summary import summary_rows
+from vggjax.model.vgg import adaptive_pool_matrix
+from vggjax.model.summary import summary_rows
 
 
 def test_vgg16_notop_summary_matches_keras_rows():
@@ -43,7 +43,7 @@ def test_parameter_counts_match_published_models(arch, total):
 def test_keras_layer_names_are_the_parameter_names():
     model = vggjax.VGG19(include_top=True)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"]
-    assert list(params) == vggjax.model.conv_names((2, 2, 4, 4, 4)) + ["fc1", "fc2", "predictions"]
+    assert list(params) == vggjax.model.vgg.conv_names((2, 2, 4, 4, 4)) + ["fc1", "fc2", "predictions"]
     assert params["block3_conv4"]["kernel"].shape == (3, 3, 256, 256)
     assert params["fc1"]["kernel"].shape == (25088, 4096)
 

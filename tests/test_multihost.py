@@ -15,7 +15,7 @@ STEPS_BATCH = 4  # global batch; 10 images -> 3 steps, the last one short (paddi
 def train_one_epoch(folder: str, out: str) -> None:
     """Worker body: this process's shard of the folder's train split, one epoch of a VGG11
     classifier on the global mesh; process 0 writes the final parameters."""
-    from vggjax import parallel
+    from vggjax.train import parallel
 
     parallel.initialize_distributed()  # reads JAX_COORDINATOR_ADDRESS etc.; no-op for one process
     import jax
@@ -23,8 +23,8 @@ def train_one_epoch(folder: str, out: str) -> None:
 
     import vggjax
     from conftest import random_variables
-    from vggjax import data, freezing, training
-    from vggjax.classifier import Head, init_classifier
+    from vggjax.train import data, freezing, loop as training
+    from vggjax.train.classifier import Head, init_classifier
 
     split = data.load_split(folder, "train", 32, STEPS_BATCH, shuffle=True, seed=3)
     split = split.shard(jax.process_index(), jax.process_count())
@@ -40,7 +40,7 @@ def train_one_epoch(folder: str, out: str) -> None:
         state, metrics = step(state, parallel.shard_batch(batch, mesh))
         counts.append(int(metrics["count"]))
     if jax.process_index() == 0:
-        flat = vggjax.trees.flatten(jax.device_get(state.params))
+        flat = vggjax.utils.trees.flatten(jax.device_get(state.params))
         np.savez(out, **{k.replace("/", "."): v for k, v in flat.items()})
         with open(out + ".json", "w") as f:
             json.dump({"processes": jax.process_count(), "devices": jax.device_count(),

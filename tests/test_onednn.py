@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax import onednn, winograd
-from vggjax.preprocessing import preprocess_input
+from vggjax.model import onednn, winograd
+from vggjax.weights.preprocessing import preprocess_input
 from test_winograd import _data, _photos  # the same random convs and smooth photos
 
 pytestmark = pytest.mark.skipif(onednn.unavailable() is not None,
@@ -148,7 +148,7 @@ def test_an_isa_capped_process_reads_the_cap_and_names_refusals(subprocess_env):
     oneDNN itself refuses (the custom call reached directly) names the shape, dtype and ISA."""
     code = """
 import jax.numpy as jnp
-from vggjax import onednn, winograd
+from vggjax.model import onednn, winograd
 assert onednn.effective_isa() == "avx2", onednn.effective_isa()
 assert "capped by ONEDNN_MAX_CPU_ISA=AVX2" in onednn.describe_cpu()
 x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
@@ -176,7 +176,7 @@ def test_fallback_when_the_native_part_cannot_be_built(subprocess_env):
     why once, "onednn" asked for explicitly is a clear error."""
     code = """
 import warnings, jax.numpy as jnp, vggjax
-from vggjax import onednn, winograd
+from vggjax.model import onednn, winograd
 x, k = jnp.ones((1, 8, 8, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 8), jnp.bfloat16)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -203,7 +203,7 @@ def test_runs_under_a_data_parallel_mesh(subprocess_env):
     code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from vggjax import onednn
+from vggjax.model import onednn
 mesh = Mesh(np.array(jax.devices()), ("data",))
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.normal(size=(4, 8, 8, 16)), jnp.float32)
@@ -214,7 +214,7 @@ want = step(x, k)
 got = step(jax.device_put(x, NamedSharding(mesh, P("data"))), k)
 assert len(got[1][0].sharding.device_set) == 2
 # With two devices "auto" keeps the partitionable XLA convs.
-from vggjax import winograd
+from vggjax.model import winograd
 assert winograd.choose_impl((4, 16, 16, 64), 128, jnp.float32) == "winograd"
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from vggjax import parallel
+from vggjax.train import parallel
 
 
 def run_on_four_devices() -> dict:
@@ -19,8 +19,8 @@ def run_on_four_devices() -> dict:
 
     import vggjax
     from conftest import random_variables
-    from vggjax import augmentation, freezing, training
-    from vggjax.classifier import Head, init_classifier
+    from vggjax.train import augmentation, freezing, loop as training
+    from vggjax.train.classifier import Head, init_classifier
 
     assert jax.device_count() == 4, jax.devices()
     base = vggjax.VGG11(include_top=False)
@@ -47,8 +47,8 @@ def run_on_four_devices() -> dict:
     four_eval_metrics = four_eval(four_state, sharded)
 
     errors = {}
-    before = vggjax.trees.flatten(variables["params"])
-    one, four = vggjax.trees.flatten(one_state.params), vggjax.trees.flatten(four_state.params)
+    before = vggjax.utils.trees.flatten(variables["params"])
+    one, four = vggjax.utils.trees.flatten(one_state.params), vggjax.utils.trees.flatten(four_state.params)
     for path in one:
         d1, d4 = np.asarray(one[path]) - before[path], np.asarray(four[path]) - before[path]
         if np.abs(d1).max() > 0:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from vggjax import smoke, workflow
+from vggjax.train import synthetic as smoke, workflow
 
 
 def test_precision_is_validated(tmp_path):

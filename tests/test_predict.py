@@ -1,4 +1,4 @@
-"""tools/predict.py (vggjax.predict) against Keras' own predict, and on an exported classifier."""
+"""tools/predict.py (vggjax.viz.predict_files) against Keras' own predict, and on an exported classifier."""
 import json
 import subprocess
 import sys
@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 import vggjax
-from vggjax import classifier
-from vggjax.classifier import Head, init_classifier
-from vggjax.images import load_image
-from vggjax.preprocessing import imagenet_classes
+from vggjax.train import classifier
+from vggjax.train.classifier import Head, init_classifier
+from vggjax.utils.images import load_image
+from vggjax.weights.preprocessing import imagenet_classes
 from helpers import write_jpegs, write_vgg16
 
 TOOLS = Path(__file__).parents[1] / "tools"

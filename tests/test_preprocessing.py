@@ -47,7 +47,7 @@ def test_decode_predictions_keras_style():
 
 @pytest.mark.parametrize("mode", ["caffe", "torch", "rescale"])
 def test_deprocess_inverts_preprocess(images, mode):
-    from vggjax.preprocessing import deprocess_input
+    from vggjax.weights.preprocessing import deprocess_input
     x = vggjax.preprocess_input(images, mode)
     back = deprocess_input(x, mode)
     assert back.dtype == np.uint8 and back.shape == images.shape

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggjax import report
+from vggjax.train import report
 
 
 def _history(n, start=0.5):

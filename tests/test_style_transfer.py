@@ -1,4 +1,4 @@
-"""vggjax.style_transfer and examples/style_transfer.py: the book's optimisation from the content
+"""vggjax.losses.style_transfer and examples/style_transfer.py: the book's optimisation from the content
 image lowers the book's loss, whose start value equals the book's Keras code; files and flags.
 
 A seeded random VGG19 goes through a Keras legacy h5 file (the published layout), which Keras
@@ -14,7 +14,8 @@ from PIL import Image
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
 from helpers import REPO
-from vggjax import images, losses, style_transfer
+from vggjax.utils import images
+from vggjax.losses import perceptual as losses, style_transfer
 
 H, W = 48, 64
 

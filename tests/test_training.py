@@ -15,13 +15,13 @@ import optax
 import pytest
 
 import vggjax
-from vggjax import augmentation, freezing, training
-from vggjax.classifier import Head
-from vggjax.trees import flatten
+from vggjax.train import augmentation, freezing, loop as training
+from vggjax.train.classifier import Head
+from vggjax.utils.trees import flatten
 
 
 class ArraySplit:
-    """In-memory stand-in for `vggjax.data.Split` with the same batch contract: full-size
+    """In-memory stand-in for `vggjax.train.data.Split` with the same batch contract: full-size
     batches, the last one padded and masked, order a permutation seeded by (seed, epoch).
     `delay` seconds per batch stand for a slow input pipeline (gives the kill test its window)."""
 
@@ -111,10 +111,10 @@ def test_batch_metrics_ignore_padded_examples():
 
 
 def test_evaluate_sees_every_example_once_with_a_padded_last_batch(tmp_path):
-    """Real JPEGs through `vggjax.data`: 7 images in batches of 4 -> one padded batch."""
+    """Real JPEGs through `vggjax.train.data`: 7 images in batches of 4 -> one padded batch."""
     from PIL import Image
 
-    from vggjax import data
+    from vggjax.train import data
 
     rng = np.random.default_rng(0)
     for i in range(7):

@@ -1,12 +1,12 @@
-"""vggjax.viz against the book's own TF/Keras code (DLwP 1st ed. 5.4), on the same random weights."""
+"""vggjax.viz.convnet against the book's own TF/Keras code (DLwP 1st ed. 5.4), on the same random weights."""
 import warnings
 
 import numpy as np
 import pytest
 
 import vggjax
-from vggjax import images as image_io
-from vggjax import viz
+from vggjax.utils import images as image_io
+from vggjax.viz import convnet as viz
 from helpers import CAFFE_INPUT_RMS, write_jpegs, write_vgg16
 
 TOL = 1e-4  # Grad-CAM maps (in [0, 1] after the division by the max)
@@ -258,7 +258,7 @@ def test_activation_grid_standardises_each_channel_like_the_book():
 @pytest.fixture(scope="module")
 def torch_vgg11(tmp_path_factory):
     """A seeded torchvision-layout VGG11 (10 classes) and the same weights converted."""
-    from vggjax.testing import install_torchvision_standin, randomize, vgg
+    from vggjax.testing.reference import install_torchvision_standin, randomize, vgg
 
     install_torchvision_standin()  # before pytorch_grad_cam imports torchvision
     pytest.importorskip("pytorch_grad_cam", reason="pip install --no-deps grad-cam ttach "

@@ -6,7 +6,7 @@ import pytest
 import vggjax
 from helpers import CAFFE_INPUT_RMS, TOL, assert_parity, block_images as images
 from vggjax.weights.keras import read_keras_h5, write_legacy_h5
-from vggjax.model import BLOCK_SIZES, conv_names
+from vggjax.model.vgg import BLOCK_SIZES, conv_names
 from vggjax.weights import convert_file
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import vggjax
 from vggjax.weights import store
-from vggjax.trees import digest, flatten
+from vggjax.utils.trees import digest, flatten
 
 META = dict(arch="vgg11_bn", include_top=False, head="torch", preprocessing="torch")
 
@@ -27,7 +27,7 @@ class NotInstalled(m.PathFinder):  # sys.path as if those packages were not ther
     def find_spec(cls, name, path=None, target=None):
         return None if name.split(".")[0] in BLOCKED else m.PathFinder.find_spec(name, path, target)
 sys.meta_path[sys.meta_path.index(m.PathFinder)] = NotInstalled
-import numpy as np, vggjax, vggjax.weights.keras, vggjax.weights.download, vggjax.classifier
+import numpy as np, vggjax, vggjax.weights.keras, vggjax.weights.download, vggjax.train.classifier
 model = vggjax.create("vgg11", include_top=False)
 variables = model.init(__import__("jax").random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
 vggjax.weights.save({str(tmp_path / "w")!r}, variables, dict(arch="vgg11", include_top=False,
@@ -35,7 +35,7 @@ vggjax.weights.save({str(tmp_path / "w")!r}, variables, dict(arch="vgg11", inclu
 pt = vggjax.load({str(tmp_path / "w")!r})
 print(pt.model.apply(pt.variables, pt.preprocess(np.zeros((1, 32, 32, 3), np.uint8))).shape)
 try:
-    import vggjax.data
+    import vggjax.train.data
 except ImportError as err:
     print(err)
 """
@@ -199,7 +199,7 @@ def test_flipped_bytes_in_a_checkpoint_are_detected_on_load(saved_bn, tmp_path):
     (0.125, r"is corrupt: its arrays do not match the variables_sha256 recorded in vggjax.json"),
 ], ids=["nan", "one-changed-value"])
 def test_changed_arrays_are_refused_on_load(saved_bn, bn_variables, tmp_path, value, message):
-    from vggjax import checkpoint
+    from vggjax.train import checkpoint
 
     directory = tmp_path / "changed"
     shutil.copytree(saved_bn, directory)

@@ -1,6 +1,6 @@
 """torchvision/timm checkpoints -> vggjax: logit parity with torchvision's VGG, and refusal of bad files.
 
-The reference is vggjax/testing.py (torchvision's VGG module for module) with seeded
+The reference is vggjax/testing/reference.py (torchvision's VGG module for module) with seeded
 random weights, random biases and random BatchNorm running stats, in eval mode. The vgg16 and
 vgg16_bn files go through the real path: torch.save / safetensors on disk -> vggjax.convert_file
 -> vggjax.load. Run with `pytest -s` to see the measured errors.
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import vggjax
 from helpers import TOL, assert_parity, normal_images as images
-from vggjax.testing import random_vgg, save_timm_safetensors, vgg
+from vggjax.testing.reference import random_vgg, save_timm_safetensors, vgg
 from vggjax.weights.torch import feature_indices, from_state_dict, read_torch_file
 
 def torch_forward(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -290,7 +290,7 @@ read = [tw.read_torch_file({str(tmp_path)!r} + "/" + name, "vgg11")
         for name in ("notop.safetensors", "notop.pth", "legacy.pth")]
 for variables, include_top in read:
     assert not include_top and variables["params"]["block5_conv2"]["kernel"].shape == (3, 3, 512, 512)
-    for a, b in zip(*(vggjax.trees.flatten(v).values() for v in (read[0][0], variables))):
+    for a, b in zip(*(vggjax.utils.trees.flatten(v).values() for v in (read[0][0], variables))):
         np.testing.assert_array_equal(a, b)
 print("read", len(read))
 """

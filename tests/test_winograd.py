@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax import winograd
-from vggjax.preprocessing import preprocess_input
+from vggjax.model import winograd
+from vggjax.weights.preprocessing import preprocess_input
 
 # (N, H, W, Cin, Cout): VGG's odd sizes (37, 9, 75 -> partial tiles), sizes below one tile,
 # non-square images and channel counts that are not multiples of anything.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggjax import data, workflow
+from vggjax.train import data, workflow
 
 
 def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=workflow.SPLITS, size=40):

@@ -5,7 +5,7 @@
     python tools/predict.py cat.jpg --weights runs/catsdogs/export/finetune     # prints P(dog)
 
 Images are read and resized as keras.utils.load_img(target_size=(224, 224)) does (nearest by
-default). The logic lives in vggjax.predict; this file only parses arguments and prints.
+default). The logic lives in vggjax.viz.predict_files; this file only parses arguments and prints.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax import images, predict
+from vggjax.utils import images
+
+from vggjax.viz import predict_files as predict
 
 
 def positive_int(text: str) -> int:

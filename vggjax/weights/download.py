@@ -7,7 +7,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-from vggjax import atomic
+from vggjax.utils import atomic
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # (arch, include_top) -> (path under KERAS_URL, md5): keras/src/applications/vgg16.py, vgg19.py.

@@ -7,7 +7,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from vggjax.model import BLOCK_SIZES, TOP, conv_names
+from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names
 from vggjax.weights.spec import check_variables
 
 KERAS_ARCHS = ("vgg16", "vgg19")  # the only VGGs keras.applications publishes weights for

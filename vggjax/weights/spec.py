@@ -11,8 +11,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from vggjax.model import create
-from vggjax.trees import diff, flatten, non_finite
+from vggjax.model.vgg import create
+from vggjax.utils.trees import diff, flatten, non_finite
 
 
 def expected_shapes(arch: str, include_top: bool, num_classes: int = 1000) -> dict[str, tuple]:

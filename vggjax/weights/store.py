@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import atomic, checkpoint
-from vggjax.model import ARCHS, HEADS, TOP, VGG, create
-from vggjax.preprocessing import MODES, check_images, preprocess_input
-from vggjax.trees import digest, flatten
+from vggjax.utils import atomic
+
+from vggjax.train import checkpoint
+from vggjax.model.vgg import ARCHS, HEADS, TOP, VGG, create
+from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
+from vggjax.utils.trees import digest, flatten
 from vggjax.weights import download
 from vggjax.weights.keras import read_keras_h5
 from vggjax.weights.spec import check_variables

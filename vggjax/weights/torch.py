@@ -6,8 +6,8 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from vggjax.model import ARCHS, WIDTHS
-from vggjax.trees import diff, unflatten
+from vggjax.model.vgg import ARCHS, WIDTHS
+from vggjax.utils.trees import diff, unflatten
 from vggjax.weights.spec import check_variables, expected_shapes
 from vggjax.weights.torch_pickle import read_state_dict
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 
 import vggjax
-from vggjax.model import VGG
+from vggjax.model.vgg import VGG
 from vggjax.weights.torch_pickle import read_state_dict
 
 # lpips's VGG16 taps: torchvision features[0:4], [4:9], [9:16], [16:23], [23:30], each after a ReLU.

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import winograd
+from vggjax.model import winograd
 
 # Convolutions per block; every block doubles the width up to 512 and ends in a 2x2 max pool.
 BLOCK_SIZES = {
@@ -86,7 +86,7 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     # "winograd": fewer multiplies; "onednn": oneDNN's kernels (bf16 dot units); "auto": picks
-    # by device, dtype and CPU (vggjax.winograd.choose_impl)
+    # by device, dtype and CPU (vggjax.model.winograd.choose_impl)
     conv_impl: str = "direct"
 
     def layer_names(self) -> list[str]:

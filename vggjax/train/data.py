@@ -50,9 +50,9 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from vggjax.extras import require
+from vggjax.utils.extras import require
 
-tf = require("tensorflow", "vggjax.data (tf.data input pipelines)")
+tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
 
 try:
     tf.config.set_visible_devices([], "GPU")
@@ -60,7 +60,7 @@ except RuntimeError:
     # TF's devices were already initialised by the caller's own TF code; their choice stands.
     pass
 
-tfds = require("tensorflow_datasets", "vggjax.data")  # after hiding the GPUs
+tfds = require("tensorflow_datasets", "vggjax.train.data")  # after hiding the GPUs
 
 # Images per class in each split, in slicing order (the book's protocol: 2000/1000/1000).
 BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}

@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import atomic, weights
-from vggjax.model import VGG
-from vggjax.preprocessing import MODES, check_images, preprocess_input
-from vggjax.trees import diff, digest, flatten, non_finite, unflatten
+from vggjax import weights
+
+from vggjax.utils import atomic
+from vggjax.model.vgg import VGG
+from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
+from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
 
 BASE, HEAD, CLASSIFIER = "base", "head.safetensors", "classifier.json"
 

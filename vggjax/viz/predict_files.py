@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import vggjax
-from vggjax import images as image_io
-from vggjax import viz
-from vggjax.classifier import CLASSIFIER, load_classifier
+from vggjax.utils import images as image_io
+from vggjax.viz import convnet as viz
+from vggjax.train.classifier import CLASSIFIER, load_classifier
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
 

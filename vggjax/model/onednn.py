@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from vggjax import atomic
+from vggjax.utils import atomic
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -68,7 +68,7 @@ def _build() -> Path:
     if out.is_file():
         return out
     libdir = next(prefix.glob("lib*/libdnnl.so*")).parent
-    # Built beside its final name and renamed (vggjax.atomic): a concurrent or interrupted build
+    # Built beside its final name and renamed (vggjax.utils.atomic): a concurrent or interrupted build
     # never leaves a half-written library behind.
     with atomic.writing(out) as tmp:
         cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",

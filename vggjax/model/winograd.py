@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vggjax import onednn
+from vggjax.model import onednn
 
 # Lavin & Gray (2016), points 0, +-1 (F(2,3)) and 0, +-1, +-2 (F(4,3)). Each entry is
 # (B^T, G, A^T): input transform (a x a), kernel transform (a x 3), output transform (m x a),
@@ -188,7 +188,7 @@ def conv3x3(x, kernel, bias=None, tile: int = 4):
 
 def conv(x, kernel, bias=None, impl: str = "direct", relu: bool = False):
     """3x3 stride-1 SAME conv by `impl`: "direct" (XLA's conv), "winograd" (every layer: F(4,3)
-    from 32 pixels up, else F(2,3)), "onednn" (`vggjax.onednn`: oneDNN through an XLA custom
+    from 32 pixels up, else F(2,3)), "onednn" (`vggjax.model.onednn`: oneDNN through an XLA custom
     call; float32/bfloat16) or "auto" (`choose_impl`). Same contract as `conv3x3`; `relu`
     applies max(y, 0) after the bias (fused into oneDNN's kernel, saving a memory pass)."""
     if impl not in IMPLS:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vggjax import atomic
-from vggjax.extras import require
+from vggjax.utils import atomic
+from vggjax.utils.extras import require
 
 # Two classes that differ in colour, shape and texture at once, each drawn with random position,
 # size, brightness and pixel noise, so a random-weights conv base still separates them while the
@@ -81,7 +81,7 @@ def make_random_weights(directory: str | os.PathLike, arch: str = "vgg16", seed:
     import jax
 
     from vggjax import weights
-    from vggjax.model import MIN_SIZE, create
+    from vggjax.model.vgg import MIN_SIZE, create
     from vggjax.weights.keras import write_legacy_h5
 
     directory = Path(directory)

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vggjax import augmentation, checkpoint
-from vggjax.parallel import batch_sharding, replicated, shard_batch
-from vggjax.preprocessing import preprocess_input
+from vggjax.train import augmentation, checkpoint
+from vggjax.train.parallel import batch_sharding, replicated, shard_batch
+from vggjax.weights.preprocessing import preprocess_input
 
 @flax.struct.dataclass
 class TrainState:

@@ -1,6 +1,6 @@
 """Seeing inside a VGG (DLwP 1st ed. 5.4): Grad-CAM maps, filter patterns, activation grids.
 
-    from vggjax import viz
+    from vggjax.viz import convnet as viz
     cams = viz.grad_cam(model, variables, pre.preprocess(images))       # (N, 14, 14) in [0, 1]
     picture = viz.overlay(images[0], cams[0])                            # (H, W, 3) uint8
     tiles = viz.filter_pattern(model, variables, "block1_conv1", range(64), size=64)
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import images as image_io
-from vggjax.model import VGG
+from vggjax.utils import images as image_io
+from vggjax.model.vgg import VGG
 
 METHODS = ("gradcam", "gradcam++", "hirescam")
 SCORES = ("logits", "softmax")

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import atomic
-from vggjax.model import VGG, arch_name
-from vggjax.preprocessing import preprocess_input
-from vggjax.trees import digest
+from vggjax.utils import atomic
+from vggjax.model.vgg import VGG, arch_name
+from vggjax.weights.preprocessing import preprocess_input
+from vggjax.utils.trees import digest
 
 FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
 CACHE_VERSION = 2  # bump when the stored format or what goes into the key changes

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from vggjax import atomic
-from vggjax.extras import require
+from vggjax.utils import atomic
+from vggjax.utils.extras import require
 
 HISTORY, RESULTS, CURVES = "history.json", "results.json", "curves.png"
 

@@ -1,6 +1,6 @@
 """Neural style transfer as in "Deep Learning with Python" (1st ed. 8.3, 2nd ed. 12.3): a
 combination image, started from the content image, optimised with optax against the book's loss
-(vggjax.losses presets) on a VGG19 conv base."""
+(vggjax.losses.perceptual presets) on a VGG19 conv base."""
 from __future__ import annotations
 
 import functools
@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vggjax import atomic, images, losses
-from vggjax.extras import require
-from vggjax.model import MIN_SIZE, VGG
-from vggjax.preprocessing import deprocess_input
+from vggjax.utils import atomic, images
+
+from vggjax.losses import perceptual as losses
+from vggjax.utils.extras import require
+from vggjax.model.vgg import MIN_SIZE, VGG
+from vggjax.weights.preprocessing import deprocess_input
 
 # book1: each step is one L-BFGS iteration with its line search (the book ran scipy's L-BFGS for
 # 20 rounds of at most 20 evaluations); book2: the book's 4000 SGD steps.

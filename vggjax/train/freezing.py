@@ -6,7 +6,7 @@ from typing import Mapping, Sequence, Union
 
 import optax
 
-from vggjax.trees import flatten, unflatten
+from vggjax.utils.trees import flatten, unflatten
 
 TRAIN, FREEZE = "train", "freeze"
 Rules = Sequence[tuple[str, str]]

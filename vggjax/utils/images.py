@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vggjax import atomic
+from vggjax.utils import atomic
 
 # keras.utils.load_img's names for Pillow's resampling filters; its default is "nearest".
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")

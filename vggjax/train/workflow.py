@@ -1,6 +1,6 @@
 """The book's three transfer-learning phases as library functions, driven by one `Config`.
 
-- `features`: run the conv base once over every split (cached, `vggjax.features`), train a fresh
+- `features`: run the conv base once over every split (cached, `vggjax.train.feature_cache`), train a fresh
   `Head` on the stored features (no augmentation). Book: ~90% validation accuracy.
 - `frozen`: conv base frozen, fresh head, images augmented on the device (the 1st edition's
   ImageDataGenerator recipe by default). Book: ~90% when the base is truly frozen.
@@ -40,12 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax import atomic, augmentation, features, freezing, parallel, report, training
-from vggjax.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
+from vggjax.utils import atomic
+
+from vggjax.train import augmentation, feature_cache as features, freezing, parallel, report, loop as training
+from vggjax.train.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
-from vggjax.model import MIN_SIZE, TOP, create
-from vggjax.preprocessing import MODES
-from vggjax.trees import digest
+from vggjax.model.vgg import MIN_SIZE, TOP, create
+from vggjax.weights.preprocessing import MODES
+from vggjax.utils.trees import digest
 from vggjax.weights import download, store
 
 PHASES = ("features", "frozen", "finetune")
@@ -105,10 +107,10 @@ class Config:
     seed: int = _flag(0, "seeds the head's initialisation, shuffling, dropout and augmentation")
     checkpoint_every: int | None = _flag(100, "steps between mid-epoch checkpoints")
     tfds_data_dir: str | None = None
-    # Split each global batch over all devices (of every process: see vggjax.parallel for the
+    # Split each global batch over all devices (of every process: see vggjax.train.parallel for the
     # multi-host launch); batch_size is the global batch and must divide by the device count.
     data_parallel: bool = _flag(False, "split each batch over all devices, multi-host too (see "
-                                "vggjax.parallel); --batch-size is the global batch and must "
+                                "vggjax.train.parallel); --batch-size is the global batch and must "
                                 "divide by the device count")
     progress: bool = True
     # "auto": oneDNN on AVX-512 CPUs, else Winograd (~1e-6 relative rounding, 1.3-1.5x over
@@ -448,7 +450,7 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
     if n_proc > 1 and "features" in config.phases_to_run:
         raise ValueError("the features phase (one pass of the conv base, then a tiny head) runs "
                          "in a single process; run the frozen and finetune phases multi-host")
-    from vggjax import data  # TensorFlow: imported only when a run needs images
+    from vggjax.train import data  # TensorFlow: imported only when a run needs images
 
     if config.data != "tfds":
         data.check_image_folder(config.data, SPLITS)

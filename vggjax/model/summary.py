@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.model import VGG
+from vggjax.model.vgg import VGG
 
 
 def _layer_type(name: str) -> str:

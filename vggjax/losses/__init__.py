@@ -1,0 +1,1 @@
+"""Uses of a trained VGG as a loss: LPIPS, feature and style (Gram) losses (`perceptual`), and the book's neural style transfer."""
