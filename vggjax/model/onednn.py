@@ -49,9 +49,14 @@ def _onednn_prefix() -> Path | None:
     environment's own, where pip puts onednn-devel-cpu-gomp, or the system's)."""
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, "/usr", "/usr/local")):
         p = Path(prefix)
-        if (p / "include/oneapi/dnnl/dnnl.hpp").is_file() and any(p.glob("lib*/libdnnl.so*")):
+        if (p / "include/oneapi/dnnl/dnnl.hpp").is_file() and _libdnnl(p) is not None:
             return p
     return None
+
+
+def _libdnnl(prefix: Path) -> Path | None:
+    """oneDNN's shared library under an install prefix (lib/ or lib64/), None if absent."""
+    return next(prefix.glob("lib*/libdnnl.so*"), None)
 
 
 def _build() -> Path:
@@ -67,7 +72,7 @@ def _build() -> Path:
     out = cache_dir() / f"onednn_conv-{key}.so"
     if out.is_file():
         return out
-    libdir = next(prefix.glob("lib*/libdnnl.so*")).parent
+    libdir = _libdnnl(prefix).parent
     # Built beside its final name and renamed (vggjax.utils.atomic): a concurrent or interrupted build
     # never leaves a half-written library behind.
     with atomic.writing(out) as tmp:
@@ -132,7 +137,7 @@ def effective_isa() -> str | None:
     if prefix is None:
         return None
     try:
-        lib = ctypes.CDLL(str(next(prefix.glob("lib*/libdnnl.so*"))))
+        lib = ctypes.CDLL(str(_libdnnl(prefix)))
     except OSError:
         return None
     bits = lib.dnnl_get_effective_cpu_isa()
