@@ -35,6 +35,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     import vggjax
 
 from vggjax.train import parallel, synthetic as smoke, workflow
+from vggjax.utils import atomic
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
 
@@ -84,13 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                 check_tfds_reachable()
         config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
                                  **{**(smoke.SETTINGS if args.smoke else {}), **given, "data": data})
-        results = workflow.run(config, restart=args.restart)
+        with atomic.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable
+            results = workflow.run(config, restart=args.restart)
     except (workflow.MissingInputError, ValueError, OSError, ImportError) as err:  # flags, data, workdir, extras
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)
         print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return getattr(err, "status", 130)
     for phase, r in results.items():
         best = "none: no epoch trained" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
         print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {best})")

@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--content, --style and --weights are required (or --smoke)")
         style_transfer.check_inputs(args.content, args.style, args.out, **settings)
         pretrained = vggjax.load(args.weights)
-    except (ValueError, OSError) as err:
+        if args.smoke:
+            print(f"smoke run: generated images, RANDOM VGG19 weights in {args.weights}")
+        result = style_transfer.run(pretrained, args.content, args.style, args.out, **settings,
+                                    progress=sys.stderr.isatty())
+    except (ValueError, OSError) as err:  # flags, files, and a loss that became NaN
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.smoke:
-        print(f"smoke run: generated images, RANDOM VGG19 weights in {args.weights}")
-    result = style_transfer.run(pretrained, args.content, args.style, args.out, **settings,
-                                progress=sys.stderr.isatty())
     print(f"loss {result['losses'][0]:.4g} -> {result['losses'][-1]:.4g} in {settings['steps']} steps; "
           f"images and loss.png in {os.path.abspath(args.out)}")
     return 0

@@ -23,7 +23,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import images
+from vggjax.utils import atomic, images
 
 from vggjax.viz import convnet as viz
 
@@ -82,14 +82,20 @@ def main(argv=None) -> int:
             model, variables, preprocess, image_path = pre.model, pre.variables, pre.preprocess, args.image
             size, steps = 64, 40  # the book's sheets: 64-px patterns, 40 steps
         original = images.load_image(image_path)
+        # The book's layers where this arch has them (VGG11's block1 has one conv).
+        shown = [n for n in ACTIVATION_LAYERS if n in model.layer_names()]
+        written = [out / f"activations_{n}.png" for n in shown] + [
+            out / f"filters_{n}.png" for n in FILTER_LAYERS] + [out / "gradcam.png"] * model.include_top
+        for path in written:  # a PNG of the user's under one of these names is never replaced
+            atomic.check_target(path, directory=False)
     except (ValueError, OSError) as err:
         parser.error(str(err))
 
     # Activations of the first layers for the picture at the book's 150x150.
     x = preprocess(images.load_image(image_path, (150, 150))[None])
     base = model.clone(include_top=False)
-    acts = base.apply(variables, x, outputs=ACTIVATION_LAYERS)
-    for name in ACTIVATION_LAYERS:
+    acts = base.apply(variables, x, outputs=shown)
+    for name in shown:
         images.save_png(out / f"activations_{name}.png", viz.activation_grid(acts[name]))
 
     fast = model.clone(conv_impl="auto")  # the fastest conv on this CPU (oneDNN / Winograd)
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
         images.save_png(out / "gradcam.png", viz.overlay(original, cam))
     else:
         print("no classifier in these weights: Grad-CAM skipped")
-    print(f"wrote {len(list(out.glob('*.png')))} PNGs to {out} in {time.time() - start:.0f} s")
+    print(f"wrote {len(written)} PNGs to {out} in {time.time() - start:.0f} s")
     return 0
 
 

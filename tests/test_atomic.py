@@ -11,10 +11,10 @@ import pytest
 from vggjax.utils import atomic
 
 
-def write_dir(final, marker="vggjax.json", **kwargs):
-    with atomic.writing(final, directory=True, marker=marker, **kwargs) as tmp:
+def write_dir(final, **kwargs):
+    with atomic.writing(final, directory=True, **kwargs) as tmp:
         tmp.mkdir()
-        (tmp / marker).write_text("{}")
+        (tmp / "vggjax.json").write_text("{}")
         (tmp / "data.bin").write_bytes(b"new")
 
 
@@ -25,14 +25,14 @@ def test_a_directory_appears_complete_and_replaces_only_a_vggjax_one(tmp_path):
     with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True"):
         write_dir(out)
     write_dir(out, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old dir left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "out"]  # no temp or old dir left
 
 
 def test_overwrite_never_deletes_user_files_the_input_or_the_working_directory(tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    with pytest.raises(atomic.RefusedError, match=r"mine is not a vggjax output \(vggjax.json missing\)"):
+    with pytest.raises(atomic.RefusedError, match=r"mine holds files vggjax did not write \(mine/thesis.tex\)"):
         write_dir(mine, overwrite=True)
     # A vggjax output that holds the input file, or the working directory, is not replaced either.
     out = tmp_path / "out"
@@ -52,7 +52,8 @@ def test_a_symlink_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "link").symlink_to(real)
     with pytest.raises(atomic.RefusedError, match="link is a symbolic link"):
         write_dir(tmp_path / "link", overwrite=True)
-    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "link", "real"]
 
 
 def test_an_exception_removes_the_temporary_and_keeps_the_old_content(tmp_path):
@@ -63,7 +64,8 @@ def test_an_exception_removes_the_temporary_and_keeps_the_old_content(tmp_path):
         with atomic.writing(out) as tmp:
             tmp.write_text("half")
             raise RuntimeError("disk full")
-    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "out.json"]
 
 
 def test_temporaries_of_a_killed_process_are_removed_by_the_next_writer(tmp_path):
@@ -75,7 +77,7 @@ def test_temporaries_of_a_killed_process_are_removed_by_the_next_writer(tmp_path
     alive = tmp_path / f".out.tmp-{os.getpid()}-4567cdef"  # a writer of this very process: kept
     alive.mkdir()
     write_dir(tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, atomic.MANIFEST, "out"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -83,7 +85,7 @@ def test_a_signal_while_writing_leaves_nothing_behind(tmp_path, sig, subprocess_
     script = textwrap.dedent(f"""
         import time
         from vggjax.utils import atomic
-        with atomic.writing({str(tmp_path / "out")!r}, directory=True, marker="m") as tmp:
+        with atomic.writing({str(tmp_path / "out")!r}, directory=True) as tmp:
             tmp.mkdir()
             (tmp / "part").write_bytes(b"x")
             print("writing", flush=True)
@@ -97,3 +99,68 @@ def test_a_signal_while_writing_leaves_nothing_behind(tmp_path, sig, subprocess_
     assert proc.returncode != 0
     time.sleep(0.1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_what_vggjax_wrote_and_nobody_changed_is_replaced(tmp_path):
+    out = tmp_path / "out"
+    write_dir(out)
+    (out / "thesis.tex").write_text("years of work")  # a user's file put into a vggjax output
+    with pytest.raises(atomic.RefusedError, match=r"out holds files vggjax did not write \(out/thesis.tex\)"):
+        write_dir(out, overwrite=True)
+    (out / "thesis.tex").unlink()
+    (out / "data.bin").write_bytes(b"edited")  # same name, not the content vggjax wrote
+    with pytest.raises(atomic.RefusedError, match=r"out/data.bin"):
+        write_dir(out, overwrite=True)
+    assert (out / "data.bin").read_bytes() == b"edited"
+    # A single file: vggjax's own is replaced, a user's file of that name is not.
+    cam = tmp_path / "cat_cam.png"
+    cam.write_bytes(b"the user's")
+    with pytest.raises(atomic.RefusedError, match="cat_cam.png exists and vggjax did not write it"):
+        with atomic.writing(cam) as tmp:
+            tmp.write_bytes(b"vggjax's")
+    assert cam.read_bytes() == b"the user's"
+    cam.unlink()
+    for content in (b"first", b"second"):
+        with atomic.writing(cam) as tmp:
+            tmp.write_bytes(content)
+    assert cam.read_bytes() == b"second"
+
+
+def test_remove_owned_deletes_exactly_what_vggjax_wrote_or_nothing(tmp_path):
+    work = tmp_path / "work"
+    write_dir(work / "export" / "frozen")
+    with atomic.writing(work / "run.json") as tmp:
+        tmp.write_text("{}")
+    (work / "checkpoints" / "frozen" / "1").mkdir(parents=True)
+    (work / "checkpoints" / "frozen" / "1" / "state").write_bytes(b"orbax")
+    atomic.record(work / "checkpoints" / "frozen", orbax=True)
+    (work / "checkpoints" / "frozen" / "2.orbax-checkpoint-tmp-7").mkdir()  # an interrupted save
+    (work / "checkpoints" / "mymodel.pt").write_bytes(b"the user's")
+    targets = [work / "run.json", work / "export", work / "checkpoints", work / "absent"]
+    with pytest.raises(atomic.RefusedError, match=r"checkpoints holds files vggjax did not write "
+                                                   r"\(checkpoints/mymodel.pt\); refusing to delete it"):
+        atomic.remove_owned(targets)
+    assert (work / "run.json").is_file() and (work / "export" / "frozen" / "data.bin").is_file()
+    (work / "checkpoints" / "mymodel.pt").unlink()
+    atomic.remove_owned(targets)
+    assert list(work.iterdir()) == []
+
+
+def test_a_locked_directory_refuses_a_second_process_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from vggjax.utils import atomic
+        with atomic.locked({str(tmp_path)!r}, "--workdir w"):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(atomic.BusyError, match=rf"--workdir w is in use by another vggjax run \(pid {holder.pid}\)"):
+            with atomic.locked(tmp_path, "--workdir w"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with atomic.locked(tmp_path, "--workdir w"):  # a killed holder leaves no stale lock
+        pass

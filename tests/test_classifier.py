@@ -9,6 +9,7 @@ import vggjax
 from vggjax.train import classifier
 from vggjax.train.classifier import Classifier, Head, init_classifier
 from vggjax.utils.trees import digest, flatten
+from vggjax.utils import atomic
 
 SIZE = 32
 
@@ -107,7 +108,7 @@ def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     clf, meta = trained
     images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
     classifier.export(tmp_path / "export", clf, meta, info={"phase": "finetune"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "export"]
 
     # The base is a weights directory vggjax.load reads: same Keras names, same meta except
     # the preprocessing the classifier was trained with, and the trained values.
@@ -134,7 +135,7 @@ def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     # Exporting again (overwrite) replaces the directory as a whole.
     classifier.export(tmp_path / "export", clf, meta, info={"phase": "frozen"}, overwrite=True)
     assert classifier.load_classifier(tmp_path / "export").meta["phase"] == "frozen"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "export"]
 
 
 def test_predict_names_the_expected_image_shape(trained):

@@ -13,6 +13,7 @@ import pytest
 import vggjax
 from helpers import REPO, run_script
 from vggjax.weights.keras import write_legacy_h5
+from vggjax.utils import atomic
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_weights.py"
 # The CLI's main(), in-process, for the cases not worth a subprocess.
@@ -83,7 +84,7 @@ def test_cli_refuses_to_overwrite_without_flag(notop_h5, tmp_path, capsys):
     assert convert_weights.main(args) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
     assert convert_weights.main(args + ["--overwrite"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notop_h5.name, "out"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notop_h5.name, "out", atomic.MANIFEST])
 
 
 def convert_args(h5, out, *extra):
@@ -95,11 +96,12 @@ def test_overwrite_keeps_user_folders_the_input_and_the_working_directory(notop_
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
+    (mine / "vggjax.json").write_text("{}")  # a vggjax name proves nothing: content does
     cases = [
-        (mine, tmp_path, r"mine is not a vggjax output \(vggjax.json missing\), so --overwrite will not "
-                         r"delete it"),
-        (notop_h5.parent, tmp_path, r"is not a vggjax output"),
-        (".", mine, r"is not a vggjax output"),
+        (mine, tmp_path, r"mine holds files vggjax did not write \(mine/notes.txt, mine/vggjax.json\), "
+                         r"so --overwrite will not delete it"),
+        (notop_h5.parent, tmp_path, r"contains .*; refusing to replace it"),  # the cwd and the input
+        (".", mine, r"mine contains .*mine; refusing to replace it"),
     ]
     for output, cwd, pattern in cases:
         result = run_cli(subprocess_env, *convert_args(notop_h5, output, "--overwrite"), cwd=cwd)
@@ -107,15 +109,19 @@ def test_overwrite_keeps_user_folders_the_input_and_the_working_directory(notop_
         assert re.fullmatch(rf"error: .*{pattern}.*\n", result.stderr), result.stderr
     assert (mine / "notes.txt").read_text() == "mine" and notop_h5.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mine", notop_h5.name])
-    # The input's own folder, once a vggjax output, is still refused: it holds the input.
-    (tmp_path / "vggjax.json").write_text("{}")
-    result = run_cli(subprocess_env, *convert_args(notop_h5, tmp_path, "--overwrite"))
-    assert result.returncode == 1 and notop_h5.is_file()
-    assert re.fullmatch(r"error: .* contains .*notop.h5; refusing to replace it.*\n", result.stderr)
-    (mine / "vggjax.json").write_text("{}")  # and so is the working directory
-    result = run_cli(subprocess_env, *convert_args(notop_h5, ".", "--overwrite"), cwd=mine)
-    assert result.returncode == 1 and (mine / "notes.txt").is_file()
-    assert re.fullmatch(r"error: .*mine contains .*; refusing to replace it.*\n", result.stderr)
+
+
+def test_overwrite_refuses_a_vggjax_output_the_user_added_a_file_to(notop_h5, tmp_path, subprocess_env):
+    out = tmp_path / "out" / "mixed"
+    assert run_cli(subprocess_env, *convert_args(notop_h5, out)).returncode == 0
+    (out / "thesis.tex").write_text("years of work")
+    result = run_cli(subprocess_env, *convert_args(notop_h5, out, "--overwrite"))
+    assert result.returncode == 1 and re.fullmatch(
+        r"error: .*mixed holds files vggjax did not write \(mixed/thesis.tex\), so --overwrite will "
+        r"not delete it; choose another output directory\n", result.stderr), result.stderr
+    assert (out / "thesis.tex").read_text() == "years of work" and (out / "vggjax.json").is_file()
+    (out / "thesis.tex").unlink()
+    assert run_cli(subprocess_env, *convert_args(notop_h5, out, "--overwrite")).returncode == 0
 
 
 def test_a_symlinked_output_and_a_directory_input_are_refused_before_work(notop_h5, tmp_path,
@@ -131,23 +137,23 @@ def test_a_symlinked_output_and_a_directory_input_are_refused_before_work(notop_
                                                    r"weights file .*\n", result.stderr)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "kill-9"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "kill-9"])
 def test_an_interrupted_conversion_leaves_nothing_after_the_next_run(notop_h5, tmp_path, subprocess_env, sig):
     out = tmp_path / "converted" / "out"
     out.parent.mkdir()
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *convert_args(notop_h5, out)], env=subprocess_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list(out.parent.glob(".out.tmp-*")):  # the writer has started
+    while not list(out.parent.glob(".out.tmp-*/*")):  # Orbax has begun writing the checkpoint
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.005)
     proc.send_signal(sig)
     proc.wait(timeout=60)
-    if sig == signal.SIGINT:
-        assert proc.returncode == 130 and list(out.parent.iterdir()) == []
+    if sig != signal.SIGKILL:  # even while Orbax's threads write: no abort, no traceback
+        assert proc.returncode == 128 + sig and list(out.parent.iterdir()) == []
         assert proc.stderr.read() == "error: interrupted; nothing was written\n"
     else:  # kill -9 cannot clean up: the next conversion beside it does
         assert [p.name.startswith(".out.tmp-") for p in out.parent.iterdir()] == [True]
         result = run_cli(subprocess_env, *convert_args(notop_h5, out))
         assert result.returncode == 0, result.stderr
-        assert [p.name for p in out.parent.iterdir()] == ["out"]
+        assert sorted(p.name for p in out.parent.iterdir()) == [atomic.MANIFEST, "out"]

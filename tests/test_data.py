@@ -183,3 +183,19 @@ def test_tfds_slicing_gives_the_books_balanced_disjoint_splits():
     assert batch["image"].shape == (20, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
     with pytest.raises(ValueError, match="unknown split 'valid'"):
         data.load_split("tfds", "valid", SIZE, 20, shuffle=False)
+
+
+def test_predict_reads_a_16_bit_png_as_training_does(tmp_path):
+    """Pillow's own convert clips 16-bit grayscale to white; both readers must scale it alike."""
+    import tensorflow as tf
+
+    from vggjax.utils.images import load_image
+
+    ramp = np.linspace(0, 65535, 40 * 48).reshape(40, 48).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # really 16 bits on disk
+    trained = np.asarray(data._decode(tf.constant(path.read_bytes())))
+    assert trained.shape == (40, 48, 3) and trained.max() > 250 and trained.min() == 0
+    np.testing.assert_array_equal(load_image(path), trained)

@@ -223,3 +223,17 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tiny, tmp_path):
     proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
                  str(tmp_path / "file" / "run"), "--image-size", "32"], script_env(tmp_path), timeout=120)
     assert re.fullmatch(r"error: cannot use --workdir .*file/run: Not a directory", _error(proc))
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_holder(tiny, tmp_path):
+    from vggjax.utils import atomic
+
+    data, weights = tiny
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with atomic.locked(workdir, "held by this test"):  # this process plays the first run
+        proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
+                     str(workdir), "--image-size", "32"], script_env(tmp_path), timeout=120)
+    assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} is in use by another vggjax run "
+                        rf"\(pid {os.getpid()}\); wait for it to finish or choose another one", _error(proc))
+    assert sorted(p.name for p in workdir.iterdir()) == [atomic.LOCK]

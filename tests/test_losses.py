@@ -22,6 +22,7 @@ import vggjax
 from book_style_transfer import book_loss, keras_vgg19
 from vggjax.testing.reference import import_lpips, reference_lpips, run_lpips, write_lpips_trunk
 from vggjax.losses import perceptual as losses
+from vggjax.utils import checks
 from vggjax.train import parallel
 
 LPIPS_TOL = 1e-5
@@ -149,7 +150,14 @@ def test_input_range_is_checked(trunk, pairs):
     with pytest.raises(ValueError, match="one shape"):
         lp(x0, x1[:, :32])
     with pytest.raises(ValueError, match=r"found \[-128"):
-        losses.check_range(np.array([-128.0, 127.0]), -1, 1, "found")
+        checks.check_range(np.array([-128.0, 127.0]), -1, 1, "found")
+    nan = np.array(x0)
+    nan[0, 3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^LPIPS x0 holds NaN or Inf$"):
+        lp(nan, x1)
+    with pytest.raises(ValueError, match=r"LPIPS x0 expects NHWC RGB images \(N, H, W, 3\), found shape "
+                                         r"\(\d+, 3, \d+, \d+\); it looks like NCHW"):
+        lp(np.asarray(x0).transpose(0, 3, 1, 2), np.asarray(x1).transpose(0, 3, 1, 2))
     jax.jit(lambda a, b: lp(a, b))(x0 * 255, x1)  # traced: nothing to check, by design
 
 

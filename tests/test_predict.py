@@ -1,5 +1,6 @@
 """tools/predict.py (vggjax.viz.predict_files) against Keras' own predict, and on an exported classifier."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,24 @@ def test_exported_classifier_prints_p_dog_and_writes_a_cam(exported, capsys, tmp
     assert capsys.readouterr().out.splitlines()[1] == f"  P(dogs) = {p_dog[0]:.4f}"
 
 
+def test_a_cam_file_the_user_made_survives_and_vggjax_s_own_is_replaced(exported, capsys, tmp_path):
+    _, directory = exported
+    paths = write_jpegs(tmp_path, [(40, 40), (48, 40)], seed=5)
+    cams = tmp_path / "cams"
+    args = [*map(str, paths), "--weights", str(directory), "--cam", str(cams)]
+    assert tool.main(args) == 0  # vggjax's own CAMs: a second run replaces them
+    first = {p.name: p.read_bytes() for p in cams.glob("*.png")}
+    assert len(first) == 2 and tool.main(args) == 0
+    capsys.readouterr()
+    user = cams / f"{paths[1].stem}_cam.png"
+    user.write_bytes(b"the user's drawing")
+    assert tool.main(args) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: .*{user.name} exists and vggjax did not write it .*\n", err), err
+    assert user.read_bytes() == b"the user's drawing"
+    assert (cams / f"{paths[0].stem}_cam.png").read_bytes() == first[f"{paths[0].stem}_cam.png"]
+
+
 def test_the_script_skips_unreadable_files_and_fails_when_none_is_readable(
         exported, subprocess_env, tmp_path):
     _, directory = exported
@@ -148,3 +167,17 @@ def test_the_script_skips_unreadable_files_and_fails_when_none_is_readable(
     assert "skipped" in ok.stderr and "truncated.png" in ok.stderr
     none = run(bad, tmp_path / "missing.jpg")
     assert none.returncode != 0 and "truncated.png" in none.stderr and "missing.jpg" in none.stderr
+
+
+def test_a_decompression_bomb_is_one_line_and_the_other_images_are_classified(exported, tmp_path,
+                                                                               monkeypatch, capsys):
+    from PIL import Image as PILImage
+
+    _, directory = exported
+    good, bomb = write_jpegs(tmp_path, [(40, 40), (120, 100)], seed=7)
+    # Pillow's own limit, lowered so that a small file trips it (its real check, not a stand-in).
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 40 * 40)
+    assert tool.main([str(bomb), str(good), "--weights", str(directory)]) == 0
+    out, err = capsys.readouterr()
+    assert re.fullmatch(rf"skipped {re.escape(str(bomb))}: too large to decode safely \(.*\)\n", err), err
+    assert str(good) in out and "P(dogs)" in out

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from vggjax.train import report
+from vggjax.utils import atomic
 
 
 def _history(n, start=0.5):
@@ -20,7 +21,7 @@ def test_update_json_accumulates_phases_and_leaves_no_temporaries(tmp_path):
     assert json.loads(path.read_text()) == content == {"features": _history(2), "frozen": _history(3)}
     report.update_json(path, "features", _history(1))  # a rerun replaces only its own phase
     assert json.loads(path.read_text())["features"] == _history(1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [report.HISTORY]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, report.HISTORY]
 
 
 def test_curves_png_has_one_column_per_phase(tmp_path):

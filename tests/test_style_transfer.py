@@ -7,6 +7,7 @@ itself and vggjax.convert_file both read; content and style are JPEG files writt
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,6 +17,7 @@ from book_style_transfer import book_loss, keras_vgg19
 from helpers import REPO
 from vggjax.utils import images
 from vggjax.losses import perceptual as losses, style_transfer
+from vggjax.utils import atomic
 
 H, W = 48, 64
 
@@ -65,6 +67,26 @@ def test_sgd_preset_lowers_the_book2_loss(setup):
     assert history[-1] < history[0]
 
 
+def test_a_loss_that_becomes_nan_stops_with_one_line(setup):
+    _, _, pretrained, d = setup
+    content, style = inputs(pretrained, d)
+    huge = jax.tree.map(lambda a: a * 1e20, pretrained.variables)  # finite weights, overflowing features
+    with pytest.raises(ValueError, match=r"^style transfer: the loss is (nan|inf) at step 0; "):
+        list(style_transfer.optimise(pretrained.model, huge, content, style, "book2", steps=3))
+
+
+def test_example_leaves_a_users_final_png_alone(setup, tmp_path, capsys):
+    _, _, _, d = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "final.png").write_bytes(b"the user's picture")
+    rc = load_example().main(["--content", str(d / "content.jpg"), "--style", str(d / "style.jpg"),
+                              "--weights", str(d / "weights"), "--out", str(out), "--steps", "1"])
+    assert rc == 2 and "final.png exists and vggjax did not write it" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["final.png"]
+    assert (out / "final.png").read_bytes() == b"the user's picture"
+
+
 def load_example():
     spec = importlib.util.spec_from_file_location("style_transfer_example",
                                                   os.path.join(REPO, "examples", "style_transfer.py"))
@@ -80,8 +102,8 @@ def test_example_writes_images_and_loss_curve(setup, tmp_path, capsys):
                               "--weights", str(d / "weights"), "--size", str(H), "--steps", "3",
                               "--save-every", "2", "--out", str(out)])
     assert rc == 0, capsys.readouterr()
-    assert sorted(os.listdir(out)) == ["final.png", "loss.png", "step_00000.png", "step_00002.png",
-                                       "step_00003.png"]
+    assert sorted(os.listdir(out)) == [atomic.MANIFEST, "final.png", "loss.png", "step_00000.png",
+                                       "step_00002.png", "step_00003.png"]
     assert Image.open(out / "final.png").size == (W, H)
     assert Image.open(out / "loss.png").format == "PNG"
     first = np.asarray(Image.open(out / "step_00000.png"), np.int16)  # the content image itself
@@ -94,7 +116,7 @@ def test_example_writes_images_and_loss_curve(setup, tmp_path, capsys):
     (["--steps", "0"], "steps must be a positive integer, found 0"),
     (["--save-every", "0"], "save_every must be a positive integer, found 0"),
     (["--size", "16"], "height must be an integer >= 32, found 16"),
-    (["--content", "missing.jpg"], "missing.jpg: cannot read the image"),
+    (["--content", "missing.jpg"], "missing.jpg: not a readable image"),
 ])
 def test_example_refuses_bad_flags_before_any_work(setup, tmp_path, capsys, args, message):
     _, _, _, d = setup

@@ -173,6 +173,37 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     assert not np.array_equal(tuned.params["bn"]["scale"], state.params["bn"]["scale"])
 
 
+def test_a_flipped_byte_in_the_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
+    _, state, train_step, eval_step, train, val = tiny_run()
+    args = dict(epochs=3, workdir=tmp_path, phase="tiny", identity=identity(RULES), progress=False)
+    final, history = training.fit(state, train_step, eval_step, train, val, **args)
+    latest = tmp_path / "tiny" / "18"
+    victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    lines = []
+    again, history_again = training.fit(tiny_run()[1], train_step, eval_step, train, val, log=lines.append, **args)
+    assert re.fullmatch(r"checkpoint 18 in .*tiny is damaged \(its files differ from what was written\); "
+                        r"set aside as damaged-18, trying the previous one", lines[0]), lines
+    assert "resuming at epoch 3" in lines[1] and (tmp_path / "tiny" / "damaged-18").is_dir()
+    assert history_again == history  # epoch 3 trained again from epoch 2's checkpoint: bit-exact
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(final.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_nan_training_loss_stops_the_phase_before_it_is_saved(tmp_path):
+    model, state, _, eval_step, train, val = tiny_run()
+    tx = freezing.make_optimizer(optax.sgd(1e30), state.params, "all")  # diverges at the first step
+    state = training.TrainState.create(state.variables(), tx, seed=3)
+    train_step = training.make_train_step(model, tx, preprocess_mode="caffe")
+    with pytest.raises(ValueError, match=r"^phase diverge epoch 1: the training loss is (nan|inf); lower "
+                                         r"the learning rate"):
+        training.fit(state, train_step, eval_step, train, val, epochs=2, workdir=tmp_path,
+                     phase="diverge", identity=identity("all"), progress=False)
+    assert not [p for p in (tmp_path / "diverge").iterdir() if p.name.isdigit()]  # nothing saved
+
+
 def test_head_on_cached_features_in_bf16():
     features = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 512))
     batch = {"features": features, "label": np.arange(8, dtype=np.int32) % 2, "mask": np.ones(8, bool)}

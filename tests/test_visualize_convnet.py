@@ -34,3 +34,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         assert "Traceback" not in proc.stderr
     assert mine.read_text() == "my notes"
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_vgg11_weights_get_vgg11_layers_and_a_users_png_is_never_replaced(tmp_path):
+    from helpers import random_variables, write_jpegs
+    from vggjax import weights
+
+    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    weights.save(tmp_path / "vgg11", random_variables("vgg11", False, seed=0, input_rms=70.0), meta)
+    image = write_jpegs(tmp_path, [(60, 80)])[0]
+    out = tmp_path / "viz"
+    out.mkdir()
+    # VGG11's block1 has one conv: no activations_block1_conv2.png is written, so that user file is
+    # no obstacle; filters_block4_conv1.png would be written, so the user's one stops the run.
+    for name in ("activations_block1_conv2.png", "filters_block4_conv1.png"):
+        (out / name).write_bytes(b"the user's")
+    proc = run_script(SCRIPT, "--weights", tmp_path / "vgg11", "--image", image, "--out", out,
+                      env=script_env(tmp_path), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "filters_block4_conv1.png exists and vggjax did not write it" in proc.stderr.splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["activations_block1_conv2.png", "filters_block4_conv1.png"]
+    assert all(p.read_bytes() == b"the user's" for p in out.iterdir())

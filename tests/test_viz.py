@@ -200,6 +200,17 @@ def test_grad_cam_refuses_bad_arguments(small, kwargs, pattern):
         viz.grad_cam(model, variables, x, **({"layer": "block5_conv2"} | kwargs))
 
 
+def test_grad_cam_refuses_nan_and_warns_on_raw_pixels(small):
+    model, variables, x = small
+    nan = np.array(x)
+    nan[1, 5, 6, 2] = np.nan
+    with pytest.raises(ValueError, match=r"^grad_cam holds NaN or Inf$"):
+        viz.grad_cam(model, variables, nan, layer="block5_conv2")
+    raw = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with pytest.warns(UserWarning, match=r"grad_cam got uint8 images: it expects preprocessed floats"):
+        viz.grad_cam(model, variables, raw, layer="block5_conv2")
+
+
 def test_grad_cam_needs_a_classifier(small):
     _, variables, x = small
     with pytest.raises(ValueError, match="include_top=False"):

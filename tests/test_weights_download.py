@@ -9,6 +9,7 @@ import pytest
 
 from vggjax.weights import download
 from vggjax.weights.download import DownloadError
+from vggjax.utils import atomic
 
 
 def keras_application_source(arch):
@@ -66,7 +67,7 @@ def test_download_keeps_a_file_whose_checksum_matches(served, tmp_path, algorith
     dest = download.download(url, tmp_path / "cache" / "w.pth", algorithm, expected)
     assert dest.read_bytes() == payload
     assert download.file_digest(dest, algorithm) == digest
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["w.pth"]  # no .part left
+    assert sorted(p.name for p in dest.parent.iterdir()) == [atomic.MANIFEST, "w.pth"]  # no .part left
 
 
 def test_download_refuses_a_checksum_mismatch_and_deletes_it(served, tmp_path):

@@ -224,6 +224,8 @@ MALFORMED = {
                    r"params/block3_conv2/kernel: contains NaN or Inf"),
     "inf bias": (lambda p: _poisoned(p, "block4_conv1", "bias", np.inf), None, False,
                  r"params/block4_conv1/bias: contains NaN or Inf"),
+    "int kernel": (lambda p: _edited(p, "block2_conv2", kernel=p["block2_conv2"]["kernel"].astype(np.int32)),
+                   None, False, r"holds non-float weights, expected floats: layer 'block2_conv2' weight 0 \(int32\)"),
     "layer without bias": (lambda p: p, _drop_bias, False,
                            r"layer 'block2_conv1' holds 1 weight\(s\) of shapes \[\(3, 3, 64, 128\)\]; "
                            r"expected one kernel and one bias"),

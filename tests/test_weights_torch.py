@@ -171,6 +171,23 @@ def test_wrong_shape_is_named(vgg11_base):
         from_state_dict(state, "vgg11", "my.pth")
 
 
+def test_integer_weights_are_refused_not_cast(vgg11_base, tmp_path):
+    """An int .pth, and a safetensors file whose header relabels float bytes as int32: both refused."""
+    ints = {k: (v * 100).astype(np.int64) for k, v in vgg11_base.items()}
+    torch.save({k: torch.from_numpy(v) for k, v in ints.items()}, tmp_path / "ints.pth")
+    with pytest.raises(ValueError, match=r"ints.pth holds non-float weights, expected floats: "
+                                         r"features.0.weight \(int64\), .* and 12 more"):
+        read_torch_file(tmp_path / "ints.pth", "vgg11")
+    save_file({k: torch.from_numpy(v) for k, v in vgg11_base.items()}, str(tmp_path / "w.safetensors"))
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].replace(b'"F32"', b'"I32"')
+    (tmp_path / "relabelled.safetensors").write_bytes(raw[:8] + header + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"relabelled.safetensors holds non-float weights.*\(int32\)"):
+        vggjax.convert_file("timm", "vgg11", tmp_path / "relabelled.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def head(layout: str, num_classes: int) -> dict[str, np.ndarray]:
     """Zero classifier tensors as torchvision or timm store them."""
     if layout == "timm":

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from vggjax.train import data, workflow
+from vggjax.utils import atomic
 
 
 def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=workflow.SPLITS, size=40):
@@ -32,10 +33,22 @@ def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=workflow.SP
     (dict(epochs=dict.fromkeys(workflow.PHASES, -1)), r"epochs \(--epochs\) must be an integer >= 0"),
     (dict(learning_rates=dict.fromkeys(workflow.PHASES, 0.0)), r"learning_rates must be > 0"),
     (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
+    (dict(seed=99999999999999999999), r"seed \(--seed\) must be an integer in \[0, 2\*\*32\), found 9999"),
+    (dict(batch_size=100000), r"batch_size \(--batch-size\) 100000 at image_size \(--image-size\) 150 needs at "
+                              r"least \d+\.\d GiB for its first conv layer alone, more than the \d+\.\d GiB here"),
+    (dict(image_size=5000, batch_size=64), r"batch_size \(--batch-size\) 64 at image_size \(--image-size\) 5000"),
 ], ids=lambda v: str(v)[:30])
 def test_config_refuses_values_that_mean_nothing(changes, message):
     with pytest.raises(ValueError, match=message):
         workflow.Config(weights="w", workdir="r", **changes)
+
+
+def test_paths_expand_the_home_directory_as_a_shell_would():
+    import os
+
+    config = workflow.Config(weights="~/weights", workdir="~/runs/a", data="~/cats")
+    assert (config.weights, config.workdir, config.data) == tuple(
+        os.path.join(os.path.expanduser("~"), p) for p in ("weights", "runs/a", "cats"))
 
 
 def test_zero_epochs_is_a_valid_evaluate_only_config():
@@ -106,8 +119,23 @@ def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_output
     with pytest.raises(workflow.RunMismatchError, match=r"holds another run: data \("):
         workflow.claim_workdir(workdir, identity(tmp_path))
     workflow.claim_workdir(workdir, other_weights, restart=True, log=lambda line: None)
-    assert sorted(p.name for p in workdir.iterdir()) == ["my_notes.txt", workflow.RUN]
+    assert sorted(p.name for p in workdir.iterdir()) == [atomic.MANIFEST, "my_notes.txt", workflow.RUN]
     assert json.loads((workdir / workflow.RUN).read_text()) == other_weights
+
+
+def test_restart_refuses_before_deleting_anything_when_the_user_s_files_are_among_the_outputs(tmp_path):
+    workdir = tmp_path / "run"
+    workflow.claim_workdir(workdir, identity(tmp_path))
+    (workdir / "checkpoints").mkdir()
+    (workdir / "checkpoints" / "mymodel.pt").write_bytes(b"the user's model")
+    (workdir / "export").mkdir()
+    (workdir / "export" / "report.pdf").write_bytes(b"the user's report")
+    (workdir / "config.json").write_text("{}")  # the user's own, under a name vggjax also writes
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    with pytest.raises(atomic.RefusedError, match=r"holds files vggjax did not write .*refusing to delete"):
+        workflow.claim_workdir(workdir, identity(tmp_path, seed=1), restart=True, log=lambda line: None)
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+    assert (workdir / "checkpoints" / "mymodel.pt").read_bytes() == b"the user's model"
 
 
 def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):

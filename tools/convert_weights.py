@@ -19,6 +19,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     import vggjax
 
 from vggjax import weights
+from vggjax.utils import atomic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
     try:
-        meta = weights.convert_file(args.source, args.arch, args.input, output,
-                                       include_top=args.include_top, overwrite=args.overwrite)
+        with atomic.sigterm_interrupts():  # SIGTERM ends like Ctrl-C: one line, nothing written
+            meta = weights.convert_file(args.source, args.arch, args.input, output,
+                                        include_top=args.include_top, overwrite=args.overwrite)
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)
         print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return getattr(err, "status", 130)
     top = "with" if meta["include_top"] else "without"
     print(f"converted {args.source} {args.arch} ({top} top) to {os.path.abspath(output)}")
     return 0

@@ -22,6 +22,7 @@ from flax import struct
 
 import vggjax
 from vggjax.model.vgg import VGG
+from vggjax.utils.checks import check_finite, check_nhwc, check_range, warn_if_raw
 from vggjax.weights.torch_pickle import read_state_dict
 
 # lpips's VGG16 taps: torchvision features[0:4], [4:9], [9:16], [16:23], [23:30], each after a ReLU.
@@ -33,21 +34,6 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 LPIPS_VERSIONS = ("0.1", "0.0")
 NORM_EPS = 1e-10  # lpips.normalize_tensor's eps
 STYLE_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1")
-
-
-def check_range(x, low: float, high: float, what: str, hint: str = "") -> None:
-    """Raise ValueError if the concrete array `x` lies far outside [low, high].
-
-    "Far" is by more than half the range's width, which catches 0..255 images passed where
-    [-1, 1] or [0, 1] is expected but lets generator outputs overshoot a little. Inside
-    `jax.jit` (traced values) nothing can be checked and nothing is.
-    """
-    if isinstance(x, jax.core.Tracer):
-        return
-    slack = (high - low) / 2
-    lo, hi = float(jnp.min(x)), float(jnp.max(x))  # works on sharded arrays too
-    if lo < low - slack or hi > high + slack:
-        raise ValueError(f"{what} expects values in [{low:g}, {high:g}], found [{lo:g}, {hi:g}]{hint}")
 
 
 def _unit(f: jnp.ndarray) -> jnp.ndarray:
@@ -123,6 +109,7 @@ class LPIPS:
         """
         low = 0.0 if normalize else -1.0
         for name, x in (("x0", x0), ("x1", x1)):
+            check_nhwc(x, f"LPIPS {name}")
             check_range(x, low, 1.0, f"LPIPS {name}{' (normalize=True)' if normalize else ''}",
                         "; for 0..255 images pass x / 127.5 - 1, or x / 255 with normalize=True")
         if np.shape(x0) != np.shape(x1):
@@ -192,6 +179,10 @@ def feature_loss(model: VGG, variables: Mapping, x, y, layers: Sequence[str] = (
         raise ValueError(f"kind must be 'mse' or 'l1', found {kind!r}")
     if np.shape(x) != np.shape(y):
         raise ValueError(f"feature_loss compares images of one shape, found {np.shape(x)} and {np.shape(y)}")
+    for name, images in (("x", x), ("y", y)):
+        check_nhwc(images, f"feature_loss {name}")
+        check_finite(images, f"feature_loss {name}")
+        warn_if_raw(images, f"feature_loss {name}")
     weights = _layer_weights(layers, weights)
     fx, fy = taps(model, variables, x, layers), taps(model, variables, y, layers)
     total = 0.0

@@ -4,6 +4,7 @@ combination image, started from the content image, optimised with optax against 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -74,14 +75,19 @@ def check_inputs(content_path, style_path, out_dir, preset: str = "book1", steps
     checked = check_settings(preset, steps, height, save_every)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"output {out_dir} exists and is not a directory")
-    Image = _pil()
+    for path in outputs(out_dir, checked["steps"], checked["save_every"]):
+        atomic.check_target(path, directory=False)  # a user's final.png is never replaced
     for path in (content_path, style_path):
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except (OSError, Image.UnidentifiedImageError) as e:  # missing, unreadable, not an image
-            raise ValueError(f"{path}: cannot read the image ({e})") from None
+        images.load_image(path)  # ValueError naming the file: missing, unreadable, a bomb
     return dict(checked, size=image_size(content_path, height))
+
+
+def outputs(out_dir, steps: int, save_every: int) -> list[Path]:
+    """The files `run` writes into `out_dir`: step_NNNNN.png (every `save_every` steps and the
+    last), final.png, loss.png."""
+    out_dir = Path(out_dir)
+    shown = sorted({*range(0, steps + 1, save_every), steps})
+    return [out_dir / f"step_{i:05d}.png" for i in shown] + [out_dir / "final.png", out_dir / "loss.png"]
 
 
 def optimise(model: VGG, variables: Mapping, content, style, preset: str = "book1",
@@ -96,6 +102,10 @@ def optimise(model: VGG, variables: Mapping, content, style, preset: str = "book
     state = optimizer(preset).init(x)
     for i in range(steps):
         new_x, state, value = _step(model, preset, x, state, variables, targets)
+        if not math.isfinite(value):  # NaN in, NaN forever: stop, do not draw nonsense
+            raise ValueError(f"style transfer: the loss is {float(value)} at step {i}; the weights or "
+                             "the images hold values the loss cannot use (check the weights with "
+                             "vggjax.load, and that the images are ordinary photos)")
         yield i, x, float(value)
         x = new_x
     yield steps, x, float(_loss(model, preset, x, variables, targets))
@@ -140,7 +150,7 @@ def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", st
     for i, x, value in optimise(pretrained.model, pretrained.variables, content, style, preset, steps):
         history.append(value)
         if i % save_every == 0 or i == steps:
-            images.save_png(out_dir / f"step_{i:05d}.png", deprocess_input(x, mode)[0])
+            images.save_png(out_dir / f"step_{i:05d}.png", deprocess_input(x, mode)[0])  # = outputs()
         if i < steps:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.model.vgg import VGG
+from vggjax.model.vgg import VGG, WIDTHS
 
 
 def _layer_type(name: str) -> str:
@@ -56,3 +56,11 @@ def summary(model: VGG, input_shape: Sequence[int], print_fn: Callable[[str], No
     if print_fn is not None:
         print_fn(text)
     return text
+
+
+
+def min_forward_bytes(image_size: int, itemsize: int = 4) -> int:
+    """The least memory one image's forward pass through any VGG needs at image_size x
+    image_size: its input and block1_conv1's 64-channel output, which exist at once. A lower
+    bound, so a batch refused by it can never run."""
+    return image_size * image_size * (3 + WIDTHS[0]) * itemsize

@@ -2,10 +2,13 @@
 and the training checkpoint manager (latest + best epoch, state plus JSON metadata)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+
+from vggjax.utils import atomic
 
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}
 
@@ -23,7 +26,7 @@ def save_tree(path: Path, tree: Mapping) -> None:
     makes the caller delete it.
     """
     ocp = _ocp()
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    with atomic.signals_deferred(), ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         ckptr.save(path, args=ocp.args.StandardSave(dict(tree)))
 
 
@@ -60,8 +63,15 @@ def manager(directory: Path, monitor: str, create: bool = True):
 def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
     """Save `state` (a pytree) and `meta` (JSON) as checkpoint `step` with `metrics` for ranking."""
     ocp = _ocp()
-    mngr.save(step, metrics=dict(metrics), force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+    # Waited for, then recorded as vggjax's (atomic.record): a later --restart may then delete
+    # exactly these files. Orbax writes in the background otherwise; the state is small next to
+    # an epoch's work. Ctrl-C waits for the write (atomic.signals_deferred): no abort, no half step.
+    with atomic.signals_deferred():
+        mngr.save(step, metrics=dict(metrics), force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+        mngr.wait_until_finished()
+    if jax.process_index() == 0:
+        atomic.record(str(mngr.directory), orbax=True)
 
 
 def read_meta(mngr, step: int) -> dict:
@@ -78,6 +88,47 @@ def restore(mngr, step: int, template: Any) -> tuple[Any, dict]:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta)
+
+
+def restore_latest(mngr, template: Any, check_meta: Callable[[dict], None],
+                   log: Callable[[str], Any] = print) -> tuple[Any, dict] | None:
+    """(state, meta) of the newest intact checkpoint, or None when there is no checkpoint.
+
+    `check_meta(meta)` runs on the metadata before the arrays are read (it raises to refuse
+    another run's checkpoint). A checkpoint whose files differ from the digests recorded when
+    it was written, or that Orbax cannot read, is set aside as `damaged-<step>` (not deleted:
+    vggjax cannot prove a changed file is still its own) with one log line, and the previous one
+    is tried. ValueError naming the directory when every checkpoint is damaged.
+    """
+    directory = Path(str(mngr.directory))
+    differ = {Path(rel).parts[0] for rel in atomic.changed(directory) or ()}
+    for step in sorted(mngr.all_steps(), reverse=True):
+        reason = "its files differ from what was written" if str(step) in differ else None
+        if reason is None:
+            try:
+                meta = read_meta(mngr, step)
+            except Exception as err:  # Orbax and TensorStore raise many types for damaged files
+                reason = _first_line(err)
+        if reason is None:
+            check_meta(meta)
+            try:
+                return restore(mngr, step, template)
+            except Exception as err:
+                reason = _first_line(err)
+        aside = directory / f"{atomic.DAMAGED}{step}"
+        os.replace(directory / str(step), aside)
+        mngr.reload()
+        log(f"checkpoint {step} in {directory} is damaged ({reason}); set aside as {aside.name}, "
+            "trying the previous one")
+    if any(directory.glob(f"{atomic.DAMAGED}*")):
+        raise ValueError(f"every checkpoint in {directory} is damaged (set aside as damaged-<step>); "
+                         f"remove {directory} to train this phase from the start")
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
 def step_of(mngr, which: str | int, monitor: str, where: str) -> int:

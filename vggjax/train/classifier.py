@@ -156,7 +156,7 @@ def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_met
               "class_names": list(classifier.class_names), "base": BASE, **dict(info or {})}
 
     config["head_sha256"] = digest(params["head"])
-    with atomic.writing(directory, directory=True, marker=CLASSIFIER, overwrite=overwrite) as tmp:
+    with atomic.writing(directory, directory=True, overwrite=overwrite) as tmp:
         tmp.mkdir()
         weights.save(tmp / BASE, jax.device_get(base_variables), meta)
         save_file({k: np.asarray(v) for k, v in flatten(params["head"]).items()}, str(tmp / HEAD))
@@ -174,7 +174,7 @@ def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None
     """
     from safetensors.numpy import load_file
 
-    directory = Path(directory).absolute()
+    directory = Path(directory).expanduser().absolute()
     where = directory / CLASSIFIER
     if not where.is_file():
         raise FileNotFoundError(f"{directory} is not an exported classifier: {CLASSIFIER} is missing")

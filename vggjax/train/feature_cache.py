@@ -165,7 +165,7 @@ def extract(model: VGG, variables: Mapping, splits: Mapping[str, Any], cache_dir
 
 def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -> None:
     """Run `step` over `split` in file order into `final`, via a temp dir renamed at the end."""
-    with atomic.writing(final, directory=True, marker=INFO, overwrite=True) as tmp:
+    with atomic.writing(final, directory=True, overwrite=True) as tmp:
         tmp.mkdir()
         n = split.num_examples
         features, labels, done = None, np.empty((n,), np.int32), 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -179,6 +180,15 @@ def _totals(loss_sum: float = 0.0, correct: int = 0, count: int = 0) -> dict:
     return {"loss_sum": jnp.float32(loss_sum), "correct": jnp.int32(correct), "count": jnp.int32(count)}
 
 
+def _finite(train: dict, where: str, directory: Path) -> dict:
+    """`train` if its loss is finite; else ValueError before this epoch's state is saved (a NaN
+    loss stays NaN: every later epoch would be nonsense)."""
+    if not math.isfinite(train["loss"]):
+        raise ValueError(f"{where}: the training loss is {train['loss']}; lower the learning rate "
+                         f"or check the inputs. The checkpoints before this epoch are kept in {directory}")
+    return train
+
+
 def _means(totals) -> dict:
     t = jax.device_get(totals)
     n = int(t["count"])
@@ -246,15 +256,15 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
     mngr = checkpoint.manager(directory, monitor)
     try:
         step, epoch, done, history, totals = 0, 0, 0, [], _totals()
-        if (latest := mngr.latest_step()) is not None:
-            # The metadata first: another run's state may not even fit the template.
-            meta = checkpoint.read_meta(mngr, latest)
+        def same_run(meta):  # the metadata first: another run's state may not even fit the template
             differs = {k: (meta.get(k), v) for k, v in identity.items() if meta.get(k) != v}
             if differs:
                 raise ValueError(f"{directory} holds a checkpoint of another run: "
                                  + "; ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in differs.items())
                                  + ". Use another workdir or phase name.")
-            state, meta = checkpoint.restore(mngr, latest, state)
+
+        if (restored := checkpoint.restore_latest(mngr, state, same_run, log)) is not None:
+            state, meta = restored
             history = list(meta["history"])
             step, epoch, done = meta["step"], meta["epoch"], meta["batches_done"]
             totals = _totals(**meta["epoch_totals"])
@@ -284,7 +294,8 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
                         save({})
             if done < spe:
                 raise ValueError(f"train split gave {done} batches in epoch {epoch + 1}, expected {spe}")
-            train, val = _means(totals), evaluate(state, eval_step, val_split, mesh)
+            train = _finite(_means(totals), f"phase {phase} epoch {epoch + 1}", directory)
+            val = evaluate(state, eval_step, val_split, mesh)
             record = {"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
                       "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
             history.append(record)

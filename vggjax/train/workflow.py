@@ -29,6 +29,7 @@ here, once), `config_arguments` reads them back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,6 +47,7 @@ from vggjax.train import augmentation, feature_cache as features, freezing, para
 from vggjax.train.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
 from vggjax.model.vgg import MIN_SIZE, TOP, create
+from vggjax.model.summary import min_forward_bytes
 from vggjax.weights.preprocessing import MODES
 from vggjax.utils.trees import digest
 from vggjax.weights import download, store
@@ -123,6 +125,10 @@ class Config:
 
     def __post_init__(self):
         """Every value checked before any work: ValueError naming each bad field (and its flag)."""
+        for name in ("weights", "workdir", "data", "tfds_data_dir"):  # "~/runs" as a shell would
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                object.__setattr__(self, name, os.path.expanduser(value))
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
             raise ValueError(f"unknown phase(s) {unknown or list(self.phases)}; expected some of {PHASES}")
@@ -147,7 +153,7 @@ class Config:
              self.steps_per_epoch)
         need(integer(self.checkpoint_every, 0, True), "checkpoint_every",
              "an integer >= 0 (0: at epoch ends only) or None", self.checkpoint_every)
-        need(integer(self.seed, 0), "seed", "an integer >= 0", self.seed)
+        need(integer(self.seed, 0) and self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
         need(integer(self.head_units, 1), "head_units", "an integer >= 1", self.head_units)
         need(isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1,
              "dropout_rate", "in [0, 1)", self.dropout_rate)
@@ -160,8 +166,21 @@ class Config:
              f"None or one of {sorted(MODES)}", self.preprocess)
         need(isinstance(self.data, str) and self.data != "", "data", "'tfds' or a folder", self.data)
         need(self.precision in PRECISIONS, "precision", f"one of {sorted(PRECISIONS)}", self.precision)
+        if not problems:
+            self._check_memory(problems)
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _check_memory(self, problems: list) -> None:
+        """Refuse a batch that cannot fit: even its first conv layer's activations (a lower bound
+        of any phase's need) exceed the memory of the devices that would hold them."""
+        need = self.batch_size * min_forward_bytes(self.image_size, 2 if self.precision == "bf16" else 4)
+        have = (parallel.memory_bytes() * jax.process_count() if self.data_parallel
+                else parallel.memory_bytes(jax.local_devices()[:1]))
+        if need > have:
+            problems.append(f"batch_size (--batch-size) {self.batch_size} at image_size (--image-size) "
+                            f"{self.image_size} needs at least {need / 2**30:.1f} GiB for its first conv "
+                            f"layer alone, more than the {have / 2**30:.1f} GiB here; lower either")
 
     @property
     def compute_dtype(self):
@@ -399,15 +418,11 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
     """Make `workdir` this run's: resume only when its run.json is `identity`.
 
     A workdir of another run (or of a run without run.json) raises RunMismatchError naming what
-    differs, unless `restart`, which deletes that run's outputs (`RUN_OUTPUTS`, nothing else).
-    OSError (one line) when the workdir cannot be created or written.
+    differs, unless `restart`, which deletes that run's outputs: what vggjax wrote there,
+    proven by the manifests (`atomic.remove_owned`); a user's file among them is refused before
+    anything is deleted. OSError (one line) when the workdir cannot be created or written.
     """
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        if not os.access(workdir, os.W_OK | os.X_OK):
-            raise PermissionError(f"--workdir {workdir} is not writable")
-    except OSError as err:
-        raise OSError(f"cannot use --workdir {workdir}: {err.strerror or err}") from None
+    make_workdir(workdir)
     path = workdir / RUN
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is None and any((workdir / name).exists() for name in RUN_OUTPUTS[1:]):
@@ -424,11 +439,20 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
     if jax.process_index() != 0:  # multi-host: every process checks, one writes
         return
     if restart:
-        log(f"--restart: discarding the run in {workdir}")
-        for name in RUN_OUTPUTS:
-            atomic.remove(workdir / name)
+        atomic.remove_owned([workdir / name for name in RUN_OUTPUTS])
+        log(f"--restart: discarded the run in {workdir}")
     with atomic.writing(path) as tmp:
         tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+
+
+def make_workdir(workdir: Path) -> None:
+    """Create `workdir`; OSError (one line) when it cannot be created or written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise PermissionError(f"--workdir {workdir} is not writable")
+    except OSError as err:
+        raise OSError(f"cannot use --workdir {workdir}: {err.strerror or err}") from None
 
 
 def _short(value) -> str:
@@ -459,7 +483,21 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
     sha = weights.meta.get("variables_sha256") or digest(weights.variables)
     identity = run_identity(config, weights.meta, sha, mode)
     workdir = Path(config.workdir).absolute()
-    claim_workdir(workdir, identity, restart, log)
+    make_workdir(workdir)
+    # One run at a time in a workdir (process 0 of a multi-host job stands for the job).
+    lock = (atomic.locked(workdir, f"--workdir {workdir}") if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        claim_workdir(workdir, identity, restart, log)
+        return _run(config, weights, mode, identity, workdir, log)
+
+
+def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path,
+         log: Callable[[str], Any]) -> dict:
+    """`run` after the checks, in the claimed and locked workdir."""
+    from vggjax.train import data
+
+    n_proc = jax.process_count()
     if jax.process_index() == 0:
         with atomic.writing(workdir / "config.json") as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")

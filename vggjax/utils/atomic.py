@@ -1,19 +1,27 @@
 """Writing a file or a directory so that it appears complete or not at all, replacing only what
 vggjax itself wrote, and leaving no temporaries behind (not even after kill -9, by the next run).
 
-    with atomic.writing(out_dir, directory=True, marker="vggjax.json", overwrite=overwrite,
-                        protect=[input_file]) as tmp:
+    with atomic.writing(out_dir, directory=True, overwrite=overwrite, protect=[input_file]) as tmp:
         tmp.mkdir(); ...            # write everything under tmp
     # here out_dir is the new content, fsynced; on any exception, Ctrl-C or SIGTERM, tmp is gone
 
 The temporary is `.<name>.tmp-<pid>-<random>` beside the target; a replaced directory is first
 moved to `.<name>.old-<pid>-<random>`. Both carry the writer's pid, so a later `writing` beside
 the same target deletes those whose process is dead.
+
+What vggjax wrote is proven by content, never by a name: every completed write is recorded in
+`.vggjax-manifest.json` beside it (each file's size, mtime and sha256). A target is replaced,
+and `remove_owned` deletes, only what that record still matches; a user's file put into (or
+edited in) a vggjax output makes the whole output foreign to vggjax.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -23,20 +31,27 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 _KINDS = ("tmp", "old")
+MANIFEST = ".vggjax-manifest.json"
+LOCK = ".vggjax-lock"
+# Orbax's own temporaries of an interrupted save (`<step>.orbax-checkpoint-tmp-<n>`) have no
+# finished content to digest; inside a directory recorded as an Orbax manager's they are its own.
+DAMAGED = "damaged-"  # prefix of a checkpoint step set aside as unreadable
+_ORBAX_TMP = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
 
 class RefusedError(FileExistsError):
     """The target exists and is not something vggjax may replace (user files, a link, the cwd)."""
 
 
-def check_target(final: str | os.PathLike, *, directory: bool, marker: str | None = None,
-                 overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> Path:
+def check_target(final: str | os.PathLike, *, directory: bool, overwrite: bool = False,
+                 protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Raise RefusedError (one line, naming the path) unless `final` may be (re)written; return it absolute.
 
-    Absent targets and empty directories may always be written. A file target may replace a
-    file. A non-empty directory is replaced only with `overwrite`, and only when it holds
-    `marker` (what vggjax writes into every directory it owns) and holds neither the working
-    directory nor any `protect` path (e.g. the input file). A symbolic link is never replaced.
+    Absent targets and empty directories may always be written. An existing file is replaced
+    only when vggjax wrote it and it is unchanged since (its manifest record matches). A
+    non-empty directory is replaced only with `overwrite`, only when every file in it is one
+    vggjax wrote, unchanged, and when it holds neither the working directory nor any `protect`
+    path (e.g. the input file). A symbolic link is never replaced.
     """
     final = Path(os.path.abspath(final))
     if final.is_symlink():
@@ -47,6 +62,9 @@ def check_target(final: str | os.PathLike, *, directory: bool, marker: str | Non
     if not directory:
         if final.is_dir():
             raise RefusedError(f"{final} is a directory, expected a file")
+        if foreign(final):
+            raise RefusedError(f"{final} exists and vggjax did not write it (or it changed "
+                               "since); refusing to replace it: move it away or choose another name")
         return final
     if not final.is_dir():
         raise RefusedError(f"{final} exists and is not a directory")
@@ -55,47 +73,210 @@ def check_target(final: str | os.PathLike, *, directory: bool, marker: str | Non
     if not overwrite:
         raise RefusedError(f"{final} already exists and is not empty; pass overwrite=True "
                            "(--overwrite) to replace it")
-    if marker is None or not (final / marker).is_file():
-        raise RefusedError(f"{final} is not a vggjax output ({marker or 'no marker'} missing), so "
-                           "--overwrite will not delete it; choose another output directory")
     real = final.resolve()
     for path in (Path.cwd(), *map(Path, protect)):
         inside = Path(os.path.abspath(path)).resolve()
         if inside == real or real in inside.parents:
             raise RefusedError(f"{final} contains {path}; refusing to replace it: choose another "
                                "output directory")
+    if others := foreign(final):
+        raise RefusedError(f"{final} holds files vggjax did not write ({_listing(final, others)}), "
+                           "so --overwrite will not delete it; choose another output directory")
     return final
 
 
 @contextlib.contextmanager
-def writing(final: str | os.PathLike, *, directory: bool = False, marker: str | None = None,
-            overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: bool = False,
+            protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary path beside `final` to write a file (or, `directory=True`, a directory) at.
 
     On normal exit its content is fsynced and renamed to `final` (a replaced directory is moved
-    aside first and deleted after); on an exception, KeyboardInterrupt or SIGTERM it is deleted
-    and `final` is left as it was. `check_target` rules decide what may be replaced; they are
-    checked before the block runs and again just before the rename.
+    aside first and deleted after) and recorded in the manifest; on an exception,
+    KeyboardInterrupt or SIGTERM it is deleted and `final` is left as it was. `check_target`
+    rules decide what may be replaced; they are checked before the block runs and again just
+    before the rename.
     """
     protect = list(protect)
-    final = check_target(final, directory=directory, marker=marker, overwrite=overwrite,
-                         protect=protect)
+    final = check_target(final, directory=directory, overwrite=overwrite, protect=protect)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
     tmp = _sibling(final, "tmp")
-    with _sigterm_raises():
+    with sigterm_interrupts():
         try:
             yield tmp
             if not tmp.exists():
                 raise RuntimeError(f"nothing was written for {final}")
             _fsync_tree(tmp)
-            check_target(final, directory=directory, marker=marker, overwrite=overwrite,
-                         protect=protect)
+            check_target(final, directory=directory, overwrite=overwrite, protect=protect)
             _replace(tmp, final)
             _fsync(final.parent)
+            record(final)
         except BaseException:
             remove(tmp)
             raise
+
+
+class BusyError(RefusedError):
+    """Another live process holds the lock of a directory vggjax was asked to use."""
+
+
+@contextlib.contextmanager
+def locked(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` (its `.vggjax-lock`, which names the holder's pid)
+    for the block; BusyError naming that pid when another process holds it. The lock dies with
+    its process, so a killed run never leaves a stale lock."""
+    path = Path(directory) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise BusyError(f"{what} is in use by another vggjax run (pid {holder}); wait for it "
+                            "to finish or choose another one") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def record(path: str | os.PathLike, orbax: bool = False) -> None:
+    """Record `path` (a file, or a directory with everything under it) as vggjax's, in the
+    manifest beside it. `orbax`: a CheckpointManager's directory, whose interrupted-save
+    temporaries are also its own. Digests are reused for files whose size and mtime did not
+    change, so recording a checkpoint directory after each save hashes only the new step."""
+    path = Path(os.path.abspath(path))
+    with _manifest(path.parent) as entries:
+        known = entries.get(path.name, {}).get("files", {})
+        files = {}
+        for rel, file in _files(path):
+            if orbax and rel.startswith(DAMAGED):
+                continue  # set aside by checkpoint.restore_latest: no longer provably vggjax's
+            st = file.stat()
+            old = known.get(rel)
+            same = old is not None and old[:2] == [st.st_size, st.st_mtime_ns]
+            files[rel] = old if same else [st.st_size, st.st_mtime_ns, _sha256(file)]
+        entries[path.name] = {"files": files, "orbax": orbax}
+
+
+def foreign(path: str | os.PathLike) -> list[str]:
+    """The files under `path` (relative; "" for `path` itself) that vggjax did not write or
+    that changed since: all of them when `path` has no manifest record."""
+    path = Path(os.path.abspath(path))
+    entry = _read_manifest(path.parent).get(path.name)
+    found = []
+    for rel, file in _files(path):
+        if entry is None:
+            found.append(rel)
+        elif entry["orbax"] and _ORBAX_TMP.match(Path(rel).parts[0] if rel else ""):
+            continue
+        elif (old := entry["files"].get(rel)) is None or old[0] != file.stat().st_size \
+                or old[2] != _sha256(file):
+            found.append(rel)
+    return found
+
+
+def changed(path: str | os.PathLike) -> list[str] | None:
+    """The files under `path` (relative) whose content differs from what vggjax recorded writing
+    (a flipped byte, a truncation), or that vanished; None when `path` has no record to compare."""
+    path = Path(os.path.abspath(path))
+    entry = _read_manifest(path.parent).get(path.name)
+    if entry is None:
+        return None
+    out = []
+    for rel, (size, _, sha) in sorted(entry["files"].items()):
+        file = path / rel if rel else path
+        if not file.is_file() or file.stat().st_size != size or _sha256(file) != sha:
+            out.append(rel)
+    return out
+
+
+def remove_owned(paths: Iterable[str | os.PathLike]) -> None:
+    """Delete `paths` (files or directories) if they are vggjax's: recorded and unchanged, or
+    directories holding only such outputs. Checks all of them before deleting any; RefusedError
+    naming the foreign files otherwise."""
+    paths = [Path(os.path.abspath(p)) for p in paths if os.path.lexists(p)]
+    for path in paths:
+        if others := _foreign_tree(path):
+            raise RefusedError(f"{path} holds files vggjax did not write ({_listing(path, others)}); "
+                               "refusing to delete it: move them away first")
+    for path in paths:
+        _remove_tree(path)
+
+
+def _foreign_tree(path: Path) -> list[str]:
+    """`foreign`, where a directory without a record of its own may hold recorded outputs."""
+    if path.name == MANIFEST:
+        return []
+    if path.name in _read_manifest(path.parent) or not path.is_dir() or path.is_symlink():
+        return foreign(path)
+    return [f"{child.name}/{rel}".rstrip("/") for child in sorted(path.iterdir())
+            for rel in _foreign_tree(child)]
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and path.name not in _read_manifest(path.parent):
+        for child in path.iterdir():
+            if child.name != MANIFEST:
+                _remove_tree(child)
+        remove(path / MANIFEST)
+    remove(path)
+    with _manifest(path.parent) as entries:
+        entries.pop(path.name, None)
+
+
+def _listing(root: Path, rels: list[str], shown: int = 4) -> str:
+    names = [os.path.join(root.name, rel) if rel else root.name for rel in rels]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _files(path: Path) -> Iterator[tuple[str, Path]]:
+    if not path.is_dir():
+        yield "", path
+        return
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            yield os.path.relpath(os.path.join(root, name), path), Path(root) / name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}  # absent, or damaged: then nothing there is provably vggjax's
+
+
+@contextlib.contextmanager
+def _manifest(directory: Path) -> Iterator[dict]:
+    """The manifest of `directory` to update in place: under an exclusive lock (concurrent
+    writers beside each other), rewritten through a temp file and rename."""
+    if not directory.is_dir():
+        yield {}
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        entries = _read_manifest(directory)
+        yield entries
+        entries = {k: v for k, v in entries.items() if os.path.lexists(directory / k)}
+        if not entries:
+            (directory / MANIFEST).unlink(missing_ok=True)
+            return
+        tmp = _sibling(directory / MANIFEST, "tmp")
+        tmp.write_text(json.dumps(entries, sort_keys=True))
+        os.replace(tmp, directory / MANIFEST)
+    finally:
+        os.close(fd)
 
 
 def remove(path: Path) -> None:
@@ -175,9 +356,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, as an exception that cleanup code sees like Ctrl-C; `status` is the
+    exit status a command reports for it (130 or 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Within the block, SIGTERM raises SystemExit (exit status 143) so the cleanup above runs;
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises Interrupted (exit status 143) so the cleanup above runs;
     Ctrl-C already raises KeyboardInterrupt. Signal handlers live in the main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -185,7 +375,7 @@ def _sigterm_raises() -> Iterator[None]:
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Interrupted(signum)
 
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, handler)
@@ -194,3 +384,26 @@ def _sigterm_raises() -> Iterator[None]:
     finally:
         if previous == signal.SIG_DFL:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive within the block take effect when it ends (Interrupted).
+
+    For writes done by other threads (Orbax, TensorStore): interrupting the main thread while
+    they run lets Python exit under them ("terminate called", SIGABRT, thread tracebacks) and
+    leaves their files behind. A few seconds' delay is the price of a clean exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise Interrupted(pending[0])

@@ -24,10 +24,12 @@ def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = No
 
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, found {interpolation!r}")
+    path = os.path.expanduser(path)
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB") if img.mode != "RGB" else img
-            img.load()
+            img = _rgb8(img)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path}: too large to decode safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
     if target_size is not None:
@@ -35,6 +37,19 @@ def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = No
         if img.size != width_height:
             img = img.resize(width_height, getattr(Image.Resampling, interpolation.upper()))
     return np.asarray(img, np.uint8)
+
+
+def _rgb8(img):
+    """An 8-bit RGB Pillow image of `img`, as the training pipeline's decoder sees it: 16-bit
+    grayscale scaled to 8 bits by its high byte (Pillow's own convert clips it to 255 instead)."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        high = (np.asarray(img, np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(high).convert("RGB")
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    img.load()
+    return img
 
 
 def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.utils import images as image_io
+from vggjax.utils import checks, images as image_io
 from vggjax.model.vgg import VGG
 
 METHODS = ("gradcam", "gradcam++", "hirescam")
@@ -75,9 +75,11 @@ def grad_cam(model: nn.Module, variables, images, target=None, layer: str = BOOK
         if layer not in convs:
             raise ValueError(f"layer {layer!r} is not a conv layer of this {vgg.block_sizes} VGG; "
                              f"expected one of {convs}")
+    if np.ndim(images) != 4:
+        raise ValueError(f"grad_cam expects a batch of images (N, H, W, 3), found shape {np.shape(images)}")
+    checks.check_finite(images, "grad_cam")
+    checks.warn_if_raw(images, "grad_cam")
     images = jnp.asarray(images, jnp.float32)
-    if images.ndim != 4:
-        raise ValueError(f"grad_cam expects a batch of images (N, H, W, 3), found shape {images.shape}")
     if target is not None:
         target = np.broadcast_to(np.asarray(target), (images.shape[0],))
         if not np.issubdtype(target.dtype, np.integer):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import vggjax
-from vggjax.utils import images as image_io
+from vggjax.utils import atomic, images as image_io
 from vggjax.viz import convnet as viz
 from vggjax.train.classifier import CLASSIFIER, load_classifier
 
@@ -56,7 +56,7 @@ class Predictor:
 def load_predictor(directory: str | os.PathLike) -> Predictor:
     """A `Predictor` from converted weights with their top (`vggjax.load`) or from an exported
     cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json)."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if (directory / CLASSIFIER).is_file():
         clf = load_classifier(directory)
         return Predictor(model=clf.model, variables=clf.variables,
@@ -87,15 +87,19 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
 
     Each image is read and resized as `keras.utils.load_img(target_size=(S, S),
     interpolation=...)` does. With `cam_dir`, a Grad-CAM overlay of the top class at the
-    file's own size is written to cam_dir/<stem>_cam.png.
+    file's own size is written to cam_dir/<stem>_cam.png; all those paths are checked before
+    any work (`atomic.RefusedError` if one is a file vggjax did not write).
     """
     if not 1 <= top <= predictor.num_classes:
         raise ValueError(f"top must lie in [1, {predictor.num_classes}], found {top}")
     if interpolation not in image_io.INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {image_io.INTERPOLATIONS}, found {interpolation!r}")
     size = (predictor.image_size, predictor.image_size)
-    records, used = [], set()
-    for path in paths:
+    cams = _cam_paths(paths, Path(cam_dir)) if cam_dir is not None else None
+    for cam in cams or ():
+        atomic.check_target(cam, directory=False)
+    records = []
+    for i, path in enumerate(paths):
         try:
             pixels = image_io.load_image(path, size, interpolation)[None]
         except ValueError as err:
@@ -111,18 +115,23 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
             best = [{"index": int(i), "name": predictor.class_names[i], "probability": float(probs[i])}
                     for i in order]
         record = {"file": str(path), "top": best}
-        if cam_dir is not None:
-            record["cam"] = str(_write_cam(predictor, path, pixels, Path(cam_dir), used))
+        if cams is not None:
+            original = image_io.load_image(path)  # the overlay is drawn at the file's own size
+            overlay = viz.overlay(original, predictor.grad_cam(pixels)[0])
+            record["cam"] = str(image_io.save_png(cams[i], overlay))
         records.append(record)
     return records
 
 
-def _write_cam(predictor: Predictor, path, pixels, cam_dir: Path, used: set) -> Path:
-    original = image_io.load_image(path)  # the overlay is drawn at the file's own size
-    stem = Path(path).stem
-    name, k = f"{stem}_cam.png", 1
-    while name in used:  # two inputs with one stem (from different folders)
-        k += 1
-        name = f"{stem}_{k}_cam.png"
-    used.add(name)
-    return image_io.save_png(cam_dir / name, viz.overlay(original, predictor.grad_cam(pixels)[0]))
+def _cam_paths(paths: Sequence[str | os.PathLike], cam_dir: Path) -> list[Path]:
+    """cam_dir/<stem>_cam.png per input; <stem>_2_cam.png, ... for inputs sharing a stem."""
+    used, out = set(), []
+    for path in paths:
+        stem = Path(path).stem
+        name, k = f"{stem}_cam.png", 1
+        while name in used:  # two inputs with one stem (from different folders)
+            k += 1
+            name = f"{stem}_{k}_cam.png"
+        used.add(name)
+        out.append(cam_dir / name)
+    return out

@@ -8,7 +8,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names
-from vggjax.weights.spec import check_variables
+from vggjax.weights.spec import check_floats, check_variables
 
 KERAS_ARCHS = ("vgg16", "vgg19")  # the only VGGs keras.applications publishes weights for
 LAYER_RE = re.compile(r"block(\d+)_conv(\d+)")
@@ -136,9 +136,7 @@ def _kernel_and_bias(path: str, layer: str, arrays: list[np.ndarray]) -> dict[st
         shapes = [a.shape for a in arrays]
         raise ValueError(f"{path}: layer {layer!r} holds {len(arrays)} weight(s) of shapes "
                          f"{shapes}; expected one kernel and one bias")
-    for a in arrays:
-        if not np.issubdtype(a.dtype, np.floating):
-            raise ValueError(f"{path}: layer {layer!r} holds {a.dtype} weights, expected floats")
+    check_floats({f"layer {layer!r} weight {i}": a for i, a in enumerate(arrays)}, path)
     return {"kernel": kernels[0].astype(np.float32, copy=False),
             "bias": biases[0].astype(np.float32, copy=False)}
 

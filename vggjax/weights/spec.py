@@ -15,6 +15,17 @@ from vggjax.model.vgg import create
 from vggjax.utils.trees import diff, flatten, non_finite
 
 
+def check_floats(arrays: Mapping[str, object], source: str) -> None:
+    """Raise ValueError naming `source` and each array whose dtype is not floating point: an
+    integer or boolean tensor in a weights file cannot be weights (a relabelled or wrong file),
+    and casting it to float would hide that."""
+    bad = [f"{name} ({getattr(a, 'dtype', type(a).__name__)})" for name, a in arrays.items()
+           if not jnp.issubdtype(getattr(a, "dtype", None) or jnp.asarray(a).dtype, jnp.floating)]
+    if bad:
+        raise ValueError(f"{source} holds non-float weights, expected floats: " + ", ".join(bad[:4])
+                         + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+
+
 def expected_shapes(arch: str, include_top: bool, num_classes: int = 1000) -> dict[str, tuple]:
     """{"params/block1_conv1/kernel": (3, 3, 3, 64), ...} for an arch, computed without any FLOPs."""
     model = create(arch, include_top=include_top, num_classes=num_classes, head="torch")

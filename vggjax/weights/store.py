@@ -90,10 +90,11 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     if source not in SOURCES:
         raise ValueError(f"unknown weights source {source!r}; expected one of {sorted(SOURCES)}")
     create(arch)  # unknown arch: fail before any download
-    output_dir = Path(output_dir) if output_dir is not None else default_output_dir(
+    output_dir = Path(output_dir).expanduser() if output_dir is not None else default_output_dir(
         source, arch, include_top)
+    input_path = os.path.expanduser(input_path) if input_path is not None else None
     protect = [input_path] if input_path is not None else []
-    atomic.check_target(output_dir, directory=True, marker=METADATA, overwrite=overwrite,
+    atomic.check_target(output_dir, directory=True, overwrite=overwrite,
                         protect=protect)  # before any download or reading
     if input_path is None:
         input_path = download.fetch(source, arch, include_top)
@@ -134,7 +135,7 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
     check_variables(variables, meta["arch"], meta["include_top"], source=f"variables for {directory}",
                     num_classes=meta["num_classes"])
     meta["variables_sha256"] = digest(variables)
-    with atomic.writing(directory, directory=True, marker=METADATA, overwrite=overwrite,
+    with atomic.writing(directory, directory=True, overwrite=overwrite,
                         protect=protect) as tmp:
         tmp.mkdir()
         checkpoint.save_tree(tmp / CHECKPOINT, variables)
@@ -149,7 +150,7 @@ def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
     The arrays must have the recorded `variables_sha256` (a changed byte is refused; about 0.1 s
     per 100 MB, `verify=False` skips it) and be finite, with the shapes of `meta["arch"]`.
     """
-    directory = Path(directory).absolute()
+    directory = Path(directory).expanduser().absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory")
     meta = _read_meta(directory)

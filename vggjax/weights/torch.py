@@ -8,7 +8,7 @@ import numpy as np
 
 from vggjax.model.vgg import ARCHS, WIDTHS
 from vggjax.utils.trees import diff, unflatten
-from vggjax.weights.spec import check_variables, expected_shapes
+from vggjax.weights.spec import check_floats, check_variables, expected_shapes
 from vggjax.weights.torch_pickle import read_state_dict
 
 POOLED = (7, 7, WIDTHS[-1])  # torch's AdaptiveAvgPool2d((7, 7)) output that fc1 reads, as H, W, C
@@ -138,6 +138,7 @@ def from_state_dict(state: Mapping[str, np.ndarray], arch: str, source: str) -> 
             None, arch) else ""
         raise ValueError(f"{source} is not a {top or 'torchvision/timm'} {arch} state dict{hint}: "
                          + "; ".join(problems))
+    check_floats({key: state[key] for key in plan}, source)
     flat = {path: np.ascontiguousarray(LAYOUTS[layout].to_keras(np.asarray(state[key], np.float32)))
             for key, (path, layout) in plan.items()}
     variables = unflatten(flat)
