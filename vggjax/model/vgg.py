@@ -164,7 +164,7 @@ class VGG(nn.Module):
                     x = nn.relu(x)
                 if taps(name, x):
                     return x
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+            x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
             if taps(f"block{b}_pool", x):
                 return x
         return x

@@ -164,7 +164,7 @@ def layer_gradient(model: nn.Module, variables, images, layer: str, fn):
             seen["act"], x = act, act if delta is None else act + delta
             x = jax.nn.relu(x) if preact else x
             if x.shape != args[0].shape:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
             if x.shape != args[0].shape:
                 raise RuntimeError(f"cannot follow {layer!r} to the next layer: {x.shape} vs "
                                    f"{args[0].shape}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ import vggjax
 from vggjax.utils import atomic, images as image_io
 from vggjax.viz import convnet as viz
 from vggjax.train.classifier import CLASSIFIER, load_classifier
+from vggjax.weights.preprocessing import check_images
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
 
@@ -24,53 +25,66 @@ class Predictor:
 
     model: object  # a flax module whose output is class logits (one logit for a binary head)
     variables: dict
-    preprocess: Callable  # uint8 pixels -> model input
+    preprocessing: str  # the preprocess_input mode, applied inside `serve`
     image_size: int
     class_names: tuple[str, ...] | None  # None: the 1000 ImageNet classes (decode_predictions)
-    cam_layer: str  # the last conv layer: where Grad-CAM looks
+    cam_layer: str | None  # the last conv layer: where Grad-CAM looks
 
     def __post_init__(self):
-        model = self.model
+        object.__setattr__(self, "_serve", jax.jit(self.serve))
 
-        def probabilities(variables, x):
-            logits = model.apply(variables, x).astype(jnp.float32)
-            return jax.nn.sigmoid(logits) if logits.shape[-1] == 1 else jax.nn.softmax(logits)
-
-        object.__setattr__(self, "_probabilities", jax.jit(probabilities))
+    def serve(self, variables, pixels) -> jax.Array:
+        """(N, K) float32 class probabilities of uint8 pixels (N, S, S, 3): preprocessing, the
+        model, softmax (a binary head's one logit l: (1 - sigmoid(l), sigmoid(l))). Traceable:
+        `probabilities` runs it jitted and `vggjax.export` ships it."""
+        logits = self.model.apply(variables, vggjax.preprocess_input(pixels, self.preprocessing))
+        logits = logits.astype(jnp.float32)
+        if logits.shape[-1] == 1:
+            p = jax.nn.sigmoid(logits)
+            return jnp.concatenate([1 - p, p], axis=-1)
+        return jax.nn.softmax(logits)
 
     @property
     def num_classes(self) -> int:
         return 1000 if self.class_names is None else len(self.class_names)
 
     def probabilities(self, pixels) -> np.ndarray:
-        """(N, num_classes) float32 probabilities (a binary head: (1 - p, p))."""
-        p = np.asarray(self._probabilities(self.variables, self.preprocess(pixels)))
-        return np.concatenate([1 - p, p], axis=1) if p.shape[1] == 1 else p
+        """(N, num_classes) float32 probabilities (a binary head: (1 - p, p)) of RGB pixels
+        (uint8 or floats in 0..255; others refused, `preprocessing.check_images`)."""
+        return np.asarray(self._serve(self.variables, check_images(pixels)))
 
     def grad_cam(self, pixels) -> np.ndarray:
         """(N, h, w) Grad-CAM maps (the paper's: pre-softmax score) of each image's top class."""
-        return np.asarray(viz.grad_cam(self.model, self.variables, self.preprocess(pixels),
-                                       layer=self.cam_layer))
+        x = vggjax.preprocess_input(pixels, self.preprocessing)
+        return np.asarray(viz.grad_cam(self.model, self.variables, x, layer=self.cam_layer))
 
 
-def load_predictor(directory: str | os.PathLike) -> Predictor:
+def load_predictor(directory: str | os.PathLike, conv_impl: str | None = None):
     """A `Predictor` from converted weights with their top (`vggjax.load`) or from an exported
-    cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json)."""
+    cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json); for an
+    artifact of `tools/export.py` (its manifest.json), the artifact itself (`vggjax.export.artifact`,
+    no Grad-CAM). `conv_impl`: the base's conv (None: as loaded)."""
     directory = Path(directory).expanduser()
+    from vggjax.export import artifact  # lazy: export imports this module
+
+    if artifact.is_artifact(directory):
+        return artifact.load(directory)
     if (directory / CLASSIFIER).is_file():
         clf = load_classifier(directory)
-        return Predictor(model=clf.model, variables=clf.variables,
-                         preprocess=lambda x: vggjax.preprocess_input(x, clf.preprocessing),
+        model = clf.model if conv_impl is None else clf.model.clone(
+            base=clf.model.base.clone(conv_impl=conv_impl))
+        return Predictor(model=model, variables=clf.variables, preprocessing=clf.preprocessing,
                          image_size=clf.image_size, class_names=tuple(clf.class_names),
                          cam_layer=_last_conv(clf.model.base))
     pretrained = vggjax.load(directory)
     if not pretrained.meta["include_top"]:
         raise ValueError(f"{directory} holds a conv base without classifier: convert the weights "
                          "with --include-top to predict classes")
-    model = pretrained.model.clone(classifier_activation=None)
+    model = pretrained.model.clone(classifier_activation=None,
+                                   **({} if conv_impl is None else {"conv_impl": conv_impl}))
     n = pretrained.meta["num_classes"]
-    return Predictor(model=model, variables=pretrained.variables, preprocess=pretrained.preprocess,
-                     image_size=IMAGENET_SIZE,
+    return Predictor(model=model, variables=pretrained.variables,
+                     preprocessing=pretrained.meta["preprocessing"], image_size=IMAGENET_SIZE,
                      class_names=None if n == 1000 else tuple(f"class {i}" for i in range(n)),
                      cam_layer=_last_conv(model))
 
@@ -95,6 +109,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
     if interpolation not in image_io.INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {image_io.INTERPOLATIONS}, found {interpolation!r}")
     size = (predictor.image_size, predictor.image_size)
+    if cam_dir is not None and predictor.cam_layer is None:
+        raise ValueError("Grad-CAM needs the model's gradients, which an exported artifact does not "
+                         "carry: pass the directory it was exported from to use --cam")
     cams = _cam_paths(paths, Path(cam_dir)) if cam_dir is not None else None
     for cam in cams or ():
         atomic.check_target(cam, directory=False)

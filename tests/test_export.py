@@ -1,0 +1,195 @@
+"""tools/export.py: each artifact (jax, savedmodel, onnx) run by its own runtime equals vggjax on real
+JPEGs, for batches of 1 and 7; the jax one runs without vggjax/flax/orbax; refusals are one line."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import vggjax
+from helpers import random_variables, write_jpegs
+from vggjax.export import artifact
+from vggjax.train import classifier
+from vggjax.train.classifier import Head, init_classifier
+from vggjax.utils import atomic
+from vggjax.utils.images import load_image
+
+TOOLS = Path(__file__).parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+import export as tool  # noqa: E402  tools/export.py
+import predict  # noqa: E402  tools/predict.py
+
+SIZE = 32
+FORMATS = sorted(artifact.FORMATS)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """An exported cats-vs-dogs classifier (VGG11 base at 32x32, the workflow's export layout), the
+    object it came from, and 7 real JPEGs of other sizes read as the classifier's input."""
+    tmp = tmp_path_factory.mktemp("export")
+    base = random_variables("vgg11", include_top=False, seed=4, input_rms=1.0)
+    model, variables = init_classifier(base, vggjax.VGG11(include_top=False), Head(units=8), SIZE,
+                                       jax.random.PRNGKey(0))
+    clf = classifier.TrainedClassifier(model=model, variables=variables, preprocessing="caffe",
+                                       image_size=SIZE, class_names=("cats", "dogs"))
+    directory = tmp / "finetune"
+    classifier.export(directory, clf, dict(arch="vgg11", source="keras", include_top=False,
+                                           head="keras", preprocessing="caffe"))
+    paths = write_jpegs(tmp, [(40 + 7 * k, 50 - 3 * k) for k in range(7)], seed=8)
+    pixels = np.stack([load_image(p, (SIZE, SIZE)) for p in paths])
+    return clf, directory, paths, pixels
+
+
+@pytest.fixture(scope="module")
+def artifacts(source, tmp_path_factory):
+    """{format: artifact directory}, each written by tools/export.py."""
+    _, directory, _, _ = source
+    out = tmp_path_factory.mktemp("artifacts")
+    for fmt in FORMATS:
+        assert tool.main([str(directory), "--format", fmt, "--output", str(out / fmt)]) == 0
+    return {fmt: out / fmt for fmt in FORMATS}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_artifact_predicts_like_the_classifier_for_batches_of_1_and_7(source, artifacts, fmt):
+    clf, _, _, pixels = source
+    want = classifier.predict(clf, pixels)  # P(dogs), (7,)
+    art = artifact.load(artifacts[fmt])
+    for batch in (pixels, pixels[:1]):
+        out = art.outputs(batch)
+        assert out["probabilities"].shape == (len(batch), 2) and out["class_ids"].dtype == np.int32
+        np.testing.assert_allclose(out["probabilities"][:, 1], want[:len(batch)], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out["class_ids"], (want[:len(batch)] > 0.5).astype(np.int32))
+    manifest = json.loads((artifacts[fmt] / artifact.MANIFEST).read_text())
+    assert manifest["input"] == {"dtype": "uint8", "shape": [None, SIZE, SIZE, 3], "layout": "NHWC",
+                                 "values": "RGB 0..255", "preprocessing": "caffe, inside the artifact"}
+    assert manifest["class_names"] == ["cats", "dogs"] and manifest["kind"] == "classifier"
+    assert "no custom calls" in manifest["conv"] and manifest["vggjax_version"] == vggjax.__version__
+
+
+def _run_without_vggjax(script: str, env) -> dict:
+    """Run `script` in a fresh Python where importing vggjax, flax or orbax fails."""
+    guard = "import sys\nfor m in ('vggjax', 'flax', 'orbax', 'orbax.checkpoint'):\n    sys.modules[m] = None\n"
+    proc = subprocess.run([sys.executable, "-c", guard + textwrap.dedent(script)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_jax_artifact_runs_with_jax_alone(source, artifacts, tmp_path, subprocess_env):
+    clf, _, _, pixels = source
+    np.save(tmp_path / "x.npy", pixels)
+    got = _run_without_vggjax(f"""
+        import json, jax, numpy as np
+        exported = jax.export.deserialize(open({str(artifacts['jax'] / 'model.jaxexport')!r}, 'rb').read())
+        p, ids = exported.call(np.load({str(tmp_path / 'x.npy')!r}))
+        print(json.dumps({{"p": np.asarray(p)[:, 1].tolist(), "platforms": list(exported.platforms)}}))
+    """, subprocess_env)
+    np.testing.assert_allclose(got["p"], classifier.predict(clf, pixels), atol=1e-5, rtol=0)
+    assert got["platforms"] == ["cpu", "cuda", "tpu"]
+
+
+def test_the_savedmodel_runs_under_tensorflow_without_vggjax(source, artifacts, tmp_path, subprocess_env):
+    clf, _, _, pixels = source
+    np.save(tmp_path / "x.npy", pixels)
+    got = _run_without_vggjax(f"""
+        import json, numpy as np, tensorflow as tf
+        serve = tf.saved_model.load({str(artifacts['savedmodel'])!r}).signatures["serving_default"]
+        out = serve(images=tf.constant(np.load({str(tmp_path / 'x.npy')!r})))
+        print(json.dumps({{"p": out["probabilities"].numpy()[:, 1].tolist(), "ids": out["class_ids"].numpy().tolist()}}))
+    """, subprocess_env)
+    want = classifier.predict(clf, pixels)
+    np.testing.assert_allclose(got["p"], want, atol=1e-5, rtol=0)
+    assert got["ids"] == (want > 0.5).astype(int).tolist()
+
+
+def test_the_onnx_file_passes_the_checker_with_a_dynamic_batch(artifacts):
+    import onnx
+
+    model = onnx.load(str(artifacts["onnx"] / "model.onnx"))
+    onnx.checker.check_model(model)
+    (images,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in images.type.tensor_type.shape.dim]
+    assert images.name == "images" and dims == ["batch", SIZE, SIZE, 3]
+    assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in model.graph.output] == ["probabilities", "class_ids"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_predict_runs_the_artifact_and_prints_what_the_source_gives(source, artifacts, fmt, capsys):
+    _, directory, paths, _ = source
+    files = [str(p) for p in paths[:3]]
+    assert predict.main([*files, "--weights", str(directory)]) == 0
+    want = capsys.readouterr().out
+    assert predict.main([*files, "--weights", str(artifacts[fmt])]) == 0
+    assert capsys.readouterr().out == want and "P(dogs)" in want
+    assert predict.main([*files, "--weights", str(artifacts[fmt]), "--cam", "cams"]) == 1
+    assert "Grad-CAM needs the model's gradients" in capsys.readouterr().err
+
+
+def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
+    variables = random_variables("vgg11", include_top=False, seed=2, input_rms=70.0)
+    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    vggjax.weights.save(tmp_path / "w", variables, meta)
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    want = vggjax.VGG11(include_top=False).apply(variables, vggjax.preprocess_input(pixels, "caffe"))
+    artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=64)
+    got = artifact.load(tmp_path / "features").outputs(pixels)["features"]
+    assert got.shape == (3, 2, 2, 512)
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(np.abs(want).max()), rtol=0)
+    artifact.export(tmp_path / "w", "jax", tmp_path / "bf16", image_size=64, precision="bf16")
+    half = artifact.load(tmp_path / "bf16").outputs(pixels)["features"]
+    assert (tmp_path / "bf16" / "model.jaxexport").stat().st_size < 0.6 * (
+        tmp_path / "features" / "model.jaxexport").stat().st_size
+    np.testing.assert_allclose(half, want, atol=0.05 * float(np.abs(want).max()), rtol=0)
+
+
+def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, capsys):
+    _, directory, _, _ = source
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    cases = [
+        ([str(tmp_path), "--format", "jax", "--output", str(tmp_path / "a")],
+         "is neither an exported classifier (classifier.json) nor converted weights (vggjax.json)"),
+        ([str(directory), "--format", "jax", "--output", str(mine), "--overwrite"],
+         "mine holds files vggjax did not write (mine/notes.txt)"),
+        ([str(directory), "--format", "onnx", "--output", str(tmp_path / "b"), "--precision", "bf16"],
+         "the onnx format carries precision fp32, found 'bf16'"),
+        ([str(directory), "--format", "jax", "--output", str(tmp_path / "c"), "--image-size", "64"],
+         "classifies 32x32 images (its top fixes the size); found --image-size 64"),
+        ([str(directory), "--format", "jax", "--output", str(artifacts["jax"])],
+         "already exists and is not empty; pass overwrite=True (--overwrite)"),
+    ]
+    for argv, message in cases:
+        assert tool.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (mine / "notes.txt").is_file()
+    with pytest.raises(SystemExit):
+        tool.main([str(directory), "--format", "tflite", "--output", str(tmp_path / "d")])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+    # --overwrite replaces a vggjax export (and only that).
+    assert tool.main([str(directory), "--format", "jax", "--output", str(artifacts["jax"]), "--overwrite"]) == 0
+
+
+@pytest.mark.slow  # 3 x 528 MB of VGG16 with top
+def test_vgg16_with_top_in_every_format_equals_the_model(tmp_path):
+    from helpers import write_vgg16
+
+    _, _, converted = write_vgg16(tmp_path, seed=5, logit_scale=3.0)
+    pretrained = vggjax.load(converted)
+    pixels = np.random.default_rng(1).integers(0, 256, (7, 224, 224, 3), dtype=np.uint8)
+    want = np.asarray(pretrained.model.apply(pretrained.variables, pretrained.preprocess(pixels)))
+    for fmt in FORMATS:
+        artifact.export(converted, fmt, tmp_path / fmt)
+        art = artifact.load(tmp_path / fmt)
+        for batch in (pixels, pixels[:1]):
+            np.testing.assert_allclose(art.probabilities(batch), want[:len(batch)], atol=1e-5, rtol=0)
+        atomic.remove_owned([tmp_path / fmt])

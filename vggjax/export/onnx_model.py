@@ -1,0 +1,40 @@
+"""The `onnx` format: model.onnx by jax2onnx, run by onnxruntime (and through it TensorRT, the web)."""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from vggjax.utils.extras import require
+
+FILE = "model.onnx"
+OPSET = 23  # jax2onnx's default; onnxruntime >= 1.24 runs it
+# onnxruntime's CPU provider has no bfloat16 convolution: an fp16/bf16 ONNX would not run there.
+PRECISIONS = ("fp32",)
+
+
+def write(serving, directory: Path) -> dict:
+    """`serving` with its weights as initializers, batch dimension dynamic ("batch"), checked by
+    onnx.checker; returns the manifest's format fields."""
+    # jax2onnx logs a traceback for each optional plugin whose library is absent (dm_pix, ...).
+    logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+    to_onnx = require("jax2onnx", "the onnx export").to_onnx
+    onnx = require("onnx", "the onnx export")
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, serving.image_size, serving.image_size, 3), jnp.uint8)
+    model = to_onnx(functools.partial(serving.fn, serving.params), inputs=[spec], opset=OPSET,
+                    model_name="vggjax", input_names=["images"], output_names=list(serving.outputs))
+    onnx.save(model, str(directory / FILE))
+    onnx.checker.check_model(str(directory / FILE))
+    return {"file": FILE, "opset": OPSET, "input_name": "images",
+            "run_with": "onnxruntime.InferenceSession(file).run(None, {'images': images})"}
+
+
+def runner(directory: Path, manifest: dict):
+    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by onnxruntime on CPU."""
+    ort = require("onnxruntime", "running an onnx export")
+    session = ort.InferenceSession(str(directory / FILE), providers=["CPUExecutionProvider"])
+    return lambda images: tuple(session.run(None, {"images": images}))

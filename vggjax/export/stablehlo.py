@@ -1,0 +1,33 @@
+"""The `jax` format: serialized StableHLO (`jax.export`), runnable with jax alone."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FILE = "model.jaxexport"
+# Lowered for each, so one artifact serves CPU, NVIDIA GPU and TPU hosts.
+PLATFORMS = ("cpu", "cuda", "tpu")
+PRECISIONS = ("fp32", "bf16")
+
+
+def write(serving, directory: Path) -> dict:
+    """`serving` with its weights as constants, batch dimension symbolic, into directory/FILE;
+    returns the manifest's format fields. jax.export refuses custom calls (e.g. oneDNN's)."""
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, serving.image_size, serving.image_size, 3), jnp.uint8)
+    fn = jax.jit(functools.partial(serving.fn, serving.params))
+    exported = jax.export.export(fn, platforms=PLATFORMS)(spec)
+    (directory / FILE).write_bytes(exported.serialize())
+    return {"file": FILE, "platforms": list(exported.platforms),
+            "calling_convention_version": exported.calling_convention_version,
+            "run_with": "jax.export.deserialize(open(file, 'rb').read()).call(images)"}
+
+
+def runner(directory: Path, manifest: dict):
+    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by the artifact alone."""
+    exported = jax.export.deserialize(bytearray((directory / FILE).read_bytes()))
+    return lambda images: tuple(np.asarray(o) for o in exported.call(images))
