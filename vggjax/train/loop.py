@@ -246,8 +246,6 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
     Returns (final state, history): one dict per epoch with epoch, loss, accuracy, val_loss,
     val_accuracy.
     """
-    from tqdm import tqdm
-
     if jax.process_index() != 0:  # one log and one progress bar per job, not per host
         log, progress = (lambda line: None), False
     spe = steps_per_epoch or train_split.steps_per_epoch
@@ -255,56 +253,86 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
     directory = Path(workdir).absolute() / phase
     mngr = checkpoint.manager(directory, monitor)
     try:
-        step, epoch, done, history, totals = 0, 0, 0, [], _totals()
-        def same_run(meta):  # the metadata first: another run's state may not even fit the template
-            differs = {k: (meta.get(k), v) for k, v in identity.items() if meta.get(k) != v}
-            if differs:
-                raise ValueError(f"{directory} holds a checkpoint of another run: "
-                                 + "; ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in differs.items())
-                                 + ". Use another workdir or phase name.")
+        state, at = _resume(mngr, state, identity, directory, log)
+        if at.epoch >= epochs:
+            log(f"phase {phase}: already finished ({at.epoch} epochs) in {directory}; not retraining")
+            return state, at.history
+        if at.step:
+            log(f"phase {phase}: resuming at epoch {at.epoch + 1}, batch {at.done} (step {at.step}) from {directory}")
 
-        if (restored := checkpoint.restore_latest(mngr, state, same_run, log)) is not None:
-            state, meta = restored
-            history = list(meta["history"])
-            step, epoch, done = meta["step"], meta["epoch"], meta["batches_done"]
-            totals = _totals(**meta["epoch_totals"])
-            if epoch >= epochs:
-                log(f"phase {phase}: already finished ({epoch} epochs) in {directory}; not retraining")
-                return state, history
-            log(f"phase {phase}: resuming at epoch {epoch + 1}, batch {done} (step {step}) from {directory}")
+        def save(state, metrics):
+            checkpoint.save(mngr, at.step, state, at.meta(identity), metrics)
 
-        def save(metrics):
-            t = jax.device_get(totals)
-            meta = {**identity, "step": step, "epoch": epoch, "batches_done": done,
-                    "history": list(history),  # a copy: the save may be written after the next append
-                    "epoch_totals": {"loss_sum": float(t["loss_sum"]), "correct": int(t["correct"]),
-                                     "count": int(t["count"])}}
-            checkpoint.save(mngr, step, state, meta, metrics)
-
-        while epoch < epochs:
-            batches = itertools.islice(train_split.batches(epoch, skip=done), spe - done)
-            with tqdm(total=spe, initial=done, desc=f"{phase} {epoch + 1}/{epochs}", disable=not progress,
-                      leave=False) as bar:
-                for batch in batches:
-                    state, metrics = train_step(state, shard_batch(batch, mesh) if mesh else batch)
-                    totals = _accumulate(totals, metrics)
-                    step, done = step + 1, done + 1
-                    bar.update()
-                    if checkpoint_every and step % checkpoint_every == 0 and done < spe:
-                        save({})
-            if done < spe:
-                raise ValueError(f"train split gave {done} batches in epoch {epoch + 1}, expected {spe}")
-            train = _finite(_means(totals), f"phase {phase} epoch {epoch + 1}", directory)
+        while at.epoch < epochs:
+            bar = dict(desc=f"{phase} {at.epoch + 1}/{epochs}", disable=not progress)
+            state = _train_epoch(state, at, train_step, train_split, spe, mesh, checkpoint_every, save, bar)
+            train = _finite(_means(at.totals), f"phase {phase} epoch {at.epoch + 1}", directory)
             val = evaluate(state, eval_step, val_split, mesh)
-            record = {"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
+            record = {"epoch": at.epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
                       "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-            history.append(record)
-            log(f"phase {phase} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
+            at.history.append(record)
+            log(f"phase {phase} epoch {at.epoch + 1}/{epochs}: loss {record['loss']:.4f} "
                 f"accuracy {record['accuracy']:.4f} val_loss {record['val_loss']:.4f} "
                 f"val_accuracy {record['val_accuracy']:.4f}")
-            epoch, done, totals = epoch + 1, 0, _totals()
-            save({k: v for k, v in record.items() if k != "epoch"})
+            at.epoch, at.done, at.totals = at.epoch + 1, 0, _totals()
+            save(state, {k: v for k, v in record.items() if k != "epoch"})
         mngr.wait_until_finished()
     finally:
         mngr.close()
-    return state, history
+    return state, at.history
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where a phase stands besides its state: what each checkpoint's metadata records."""
+
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    done: int = 0  # batches done in the current epoch
+    history: list = dataclasses.field(default_factory=list)
+    totals: dict = dataclasses.field(default_factory=lambda: _totals())
+
+    def meta(self, identity: Mapping) -> dict:
+        t = jax.device_get(self.totals)
+        return {**identity, "step": self.step, "epoch": self.epoch, "batches_done": self.done,
+                "history": list(self.history),  # a copy: the save may be written after the next append
+                "epoch_totals": {"loss_sum": float(t["loss_sum"]), "correct": int(t["correct"]),
+                                 "count": int(t["count"])}}
+
+
+def _resume(mngr, state, identity: Mapping, directory: Path, log) -> tuple[Any, _Position]:
+    """(state, position) of the newest intact checkpoint (`checkpoint.restore_latest`), or the
+    fresh `state` at step 0. Another run's checkpoint: ValueError naming what differs."""
+    def same_run(meta):  # the metadata first: another run's state may not even fit the template
+        differs = {k: (meta.get(k), v) for k, v in identity.items() if meta.get(k) != v}
+        if differs:
+            raise ValueError(f"{directory} holds a checkpoint of another run: "
+                             + "; ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in differs.items())
+                             + ". Use another workdir or phase name.")
+
+    restored = checkpoint.restore_latest(mngr, state, same_run, log)
+    if restored is None:
+        return state, _Position()
+    state, meta = restored
+    return state, _Position(meta["step"], meta["epoch"], meta["batches_done"], list(meta["history"]),
+                            _totals(**meta["epoch_totals"]))
+
+
+def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, checkpoint_every,
+                 save: Callable, bar: dict):
+    """The rest of epoch `at.epoch` from batch `at.done`, advancing `at`; a mid-epoch checkpoint
+    every `checkpoint_every` steps. ValueError when the split runs out of batches."""
+    from tqdm import tqdm
+
+    batches = itertools.islice(train_split.batches(at.epoch, skip=at.done), spe - at.done)
+    with tqdm(total=spe, initial=at.done, leave=False, **bar) as progress:
+        for batch in batches:
+            state, metrics = train_step(state, shard_batch(batch, mesh) if mesh else batch)
+            at.totals = _accumulate(at.totals, metrics)
+            at.step, at.done = at.step + 1, at.done + 1
+            progress.update()
+            if checkpoint_every and at.step % checkpoint_every == 0 and at.done < spe:
+                save(state, {})
+    if at.done < spe:
+        raise ValueError(f"train split gave {at.done} batches in epoch {at.epoch + 1}, expected {spe}")
+    return state
