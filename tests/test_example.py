@@ -145,15 +145,17 @@ def test_without_weights_or_network_it_stops_at_once_saying_what_to_provide(tmp_
     assert time.time() - start < 60
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], r"batch_size \(--batch-size\) must be an integer >= 1, found 0"),
-    (["--epochs", "-1"], r"epochs \(--epochs\) must be an integer >= 0 .*found -1"),
-    (["--image-size", "31"], r"image_size \(--image-size\) must be an integer >= 32 .*found 31"),
-    (["--steps-per-epoch", "-1"], r"steps_per_epoch \(--steps-per-epoch\) must be .*found -1"),
-], ids=["batch-0", "epochs-minus-1", "size-31", "steps-minus-1"])
-def test_bad_flag_values_stop_before_any_work(tmp_path, flags, message):
+def test_bad_flag_values_stop_before_any_work(tmp_path):
+    """Every bad value named in the one error line (one run: the same check, four flags)."""
+    flags = ["--batch-size", "0", "--epochs", "-1", "--image-size", "31", "--steps-per-epoch", "-1"]
     proc = _run(["--smoke", "--workdir", str(tmp_path / "run"), *flags], script_env(tmp_path), timeout=120)
-    assert re.fullmatch(rf"error: {message}", _error(proc))
+    line = _error(proc)
+    assert line.startswith("error: ") and line.count("; ") >= 3, line
+    for message in (r"batch_size \(--batch-size\) must be an integer >= 1, found 0",
+                    r"epochs \(--epochs\) must be an integer >= 0 .*found -1",
+                    r"image_size \(--image-size\) must be an integer >= 32 .*found 31",
+                    r"steps_per_epoch \(--steps-per-epoch\) must be .*found -1"):
+        assert re.search(message, line), (message, line)
     assert not (tmp_path / "run").exists()
 
 
@@ -188,12 +190,12 @@ def test_a_workdir_is_resumed_only_by_the_same_run_and_epochs_0_only_evaluates(t
     again = _run([*args, "--epochs", "0"], env)
     assert again.returncode == 0 and "phase features: already reported" in again.stdout, again.stderr
     # Other image sizes, data or seeds are refused the same way (tests/test_workflow.py).
-    for change, named in [(["--weights", str(weights / "weights1")], "weights_sha256"),
-                          (["--batch-size", "2"], "batch_size (4 there, 2 now)")]:
-        proc = _run([*args, "--epochs", "0", *change], env, timeout=120)
-        assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} holds another run: .*"
-                            rf"{re.escape(named)}.*; use another --workdir, or --restart to discard "
-                            r"that run", _error(proc))
+    # Other weights and another batch size, in one run: both named in the one refusal.
+    proc = _run([*args, "--epochs", "0", "--weights", str(weights / "weights1"), "--batch-size", "2"],
+                env, timeout=120)
+    assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} holds another run: "
+                        r"batch_size \(4 there, 2 now\), .*weights_sha256 .*; use another --workdir, or "
+                        r"--restart to discard that run", _error(proc))
     assert json.loads((workdir / report.RESULTS).read_text())["features"] == result  # untouched
 
 
