@@ -110,6 +110,14 @@ def init_classifier(base_variables: Mapping, base_model: VGG, head: Head,
     return Classifier(base=base_model, head=head), jax.tree.map(jnp.asarray, variables)
 
 
+def class_logits(logits: jax.Array) -> jax.Array:
+    """float32 (N, K) logits of a classifier's output: a binary head's one logit l becomes
+    (-l/2, l/2), whose softmax is (1 - sigmoid(l), sigmoid(l)). Predicting, exporting and
+    Grad-CAM all go through this, so a binary head is two classes everywhere."""
+    logits = logits.astype(jnp.float32)
+    return jnp.concatenate([-logits / 2, logits / 2], axis=-1) if logits.shape[-1] == 1 else logits
+
+
 @dataclasses.dataclass(eq=False)
 class TrainedClassifier:
     """A headless VGG base plus a head, ready to classify raw images (see `predict`)."""
@@ -125,8 +133,9 @@ class TrainedClassifier:
         model, mode = self.model, self.preprocessing
 
         def probabilities(variables, images):
-            logits = model.apply(variables, preprocess_input(images, mode)).astype(jnp.float32)
-            return jax.nn.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else jax.nn.softmax(logits)
+            logits = model.apply(variables, preprocess_input(images, mode))
+            p = jax.nn.softmax(class_logits(logits))
+            return p[:, 1] if logits.shape[-1] == 1 else p  # binary: P(class_names[1]), (N,)
 
         # One jitted function per classifier: every `predict` call after the first reuses it.
         self.probabilities = jax.jit(probabilities)

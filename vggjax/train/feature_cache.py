@@ -35,7 +35,7 @@ from vggjax.weights.preprocessing import preprocess_input
 from vggjax.utils.trees import digest
 
 FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
-CACHE_VERSION = 2  # bump when the stored format or what goes into the key changes
+CACHE_VERSION = 3  # bump when the stored format or what goes into the key changes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -128,6 +128,8 @@ def cache_key(model: VGG, weights_id: str, split, preprocess_mode: str,
                                           digest_size=16).hexdigest(),
         "image_size": split.image_size,
         "preprocessing": preprocess_mode,
+        # Which decoder and filter made the pixels (tf.data and Grain may differ by a step).
+        "pipeline": [getattr(split, "pipeline", "tfdata"), getattr(split, "interpolation", "bilinear")],
     }
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20], description

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,8 @@ import numpy as np
 
 from vggjax.utils import atomic
 
+from vggjax.train import splits as splits_lib
+from vggjax.train.splits import PIPELINES
 from vggjax.train import augmentation, feature_cache as features, freezing, parallel, report, loop as training
 from vggjax.train.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
@@ -122,6 +125,10 @@ class Config:
     # optimizer state and loss; on CPUs with AVX512-BF16/AMX "auto" then runs oneDNN's bf16 conv.
     precision: str = _flag("fp32", "bf16: bfloat16 compute, fp32 parameters, optimizer state and "
                            "loss (fast on AVX512-BF16/AMX CPUs)", str, choices=sorted(PRECISIONS))
+    # Which module decodes the images: tf.data (the train extra) or Grain (the grain extra, no
+    # TensorFlow; image folders only). Part of the run's identity: the decoders may differ by a step.
+    pipeline: str = _flag("tfdata", "input pipeline: tfdata (TensorFlow) or grain (no TensorFlow; "
+                          "image folders)", str, choices=sorted(PIPELINES))
 
     def __post_init__(self):
         """Every value checked before any work: ValueError naming each bad field (and its flag)."""
@@ -166,6 +173,9 @@ class Config:
              f"None or one of {sorted(MODES)}", self.preprocess)
         need(isinstance(self.data, str) and self.data != "", "data", "'tfds' or a folder", self.data)
         need(self.precision in PRECISIONS, "precision", f"one of {sorted(PRECISIONS)}", self.precision)
+        need(self.pipeline in PIPELINES, "pipeline", f"one of {sorted(PIPELINES)}", self.pipeline)
+        need(self.pipeline != "grain" or self.data != "tfds", "data",
+             "an image folder with --pipeline grain (tfds cats_vs_dogs needs tfdata)", self.data)
         if not problems:
             self._check_memory(problems)
         if problems:
@@ -455,6 +465,17 @@ def make_workdir(workdir: Path) -> None:
         raise OSError(f"cannot use --workdir {workdir}: {err.strerror or err}") from None
 
 
+def _split_loader(config: Config) -> Callable:
+    """`load_split` of the run's pipeline; TensorFlow is imported only for tfdata."""
+    if config.pipeline == "grain":
+        from vggjax.train import grain_data
+
+        return grain_data.load_split
+    from vggjax.train import data
+
+    return functools.partial(data.load_split, data_dir=config.tfds_data_dir)
+
+
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True) if value is not None else "absent"
     return text if len(text) <= 40 else text[:16] + "..."
@@ -474,10 +495,8 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
     if n_proc > 1 and "features" in config.phases_to_run:
         raise ValueError("the features phase (one pass of the conv base, then a tiny head) runs "
                          "in a single process; run the frozen and finetune phases multi-host")
-    from vggjax.train import data  # TensorFlow: imported only when a run needs images
-
     if config.data != "tfds":
-        data.check_image_folder(config.data, SPLITS)
+        splits_lib.check_image_folder(config.data, SPLITS)
     weights = store.load(config.weights)
     mode = config.preprocess or weights.meta["preprocessing"]
     sha = weights.meta.get("variables_sha256") or digest(weights.variables)
@@ -495,8 +514,7 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
 def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path,
          log: Callable[[str], Any]) -> dict:
     """`run` after the checks, in the claimed and locked workdir."""
-    from vggjax.train import data
-
+    load_split = _split_loader(config)
     n_proc = jax.process_count()
     if jax.process_index() == 0:
         with atomic.writing(workdir / "config.json") as tmp:
@@ -504,9 +522,8 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
     base_model, base_variables = conv_base(weights, config.conv_impl)
 
     # One input pipeline per process, each reading its rows of every global batch.
-    splits = {name: data.load_split(config.data, name, config.image_size, config.batch_size,
-                                    shuffle=name == "train", seed=config.seed,
-                                    data_dir=config.tfds_data_dir).shard(jax.process_index(), n_proc)
+    splits = {name: load_split(config.data, name, config.image_size, config.batch_size,
+                               shuffle=name == "train", seed=config.seed).shard(jax.process_index(), n_proc)
               for name in SPLITS}
     mesh = parallel.make_mesh() if config.data_parallel else None
     log(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in splits.items())

@@ -19,6 +19,7 @@ import numpy as np
 
 from vggjax.utils import checks, images as image_io
 from vggjax.model.vgg import VGG
+from vggjax.train.classifier import class_logits
 
 METHODS = ("gradcam", "gradcam++", "hirescam")
 SCORES = ("logits", "softmax")
@@ -101,9 +102,7 @@ def grad_cam(model: nn.Module, variables, images, target=None, layer: str = BOOK
 @functools.partial(jax.jit, static_argnames=("model", "layer", "score", "method", "mean"))
 def _grad_cam(model, variables, images, target, *, layer, score, method, mean):
     def class_score(logits):
-        logits = logits.astype(jnp.float32)
-        if logits.shape[-1] == 1:
-            logits = jnp.concatenate([-logits / 2, logits / 2], axis=-1)
+        logits = class_logits(logits)
         t = jnp.argmax(logits, axis=-1) if target is None else target
         values = jax.nn.softmax(logits, axis=-1) if score == "softmax" else logits
         # Images are independent, so the gradient of the sum is each image's own gradient.

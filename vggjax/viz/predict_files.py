@@ -13,7 +13,7 @@ import numpy as np
 import vggjax
 from vggjax.utils import atomic, images as image_io
 from vggjax.viz import convnet as viz
-from vggjax.train.classifier import CLASSIFIER, load_classifier
+from vggjax.train.classifier import CLASSIFIER, class_logits, load_classifier
 from vggjax.weights.preprocessing import check_images
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
@@ -38,11 +38,7 @@ class Predictor:
         model, softmax (a binary head's one logit l: (1 - sigmoid(l), sigmoid(l))). Traceable:
         `probabilities` runs it jitted and `vggjax.export` ships it."""
         logits = self.model.apply(variables, vggjax.preprocess_input(pixels, self.preprocessing))
-        logits = logits.astype(jnp.float32)
-        if logits.shape[-1] == 1:
-            p = jax.nn.sigmoid(logits)
-            return jnp.concatenate([1 - p, p], axis=-1)
-        return jax.nn.softmax(logits)
+        return jax.nn.softmax(class_logits(logits))
 
     @property
     def num_classes(self) -> int:

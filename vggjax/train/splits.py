@@ -1,0 +1,185 @@
+"""What a split of an image dataset is, whatever decodes it: `Split` (order, sharding, padded
+static-shape batches), the book's layout checks and ImageFolder's listing rule. No TensorFlow
+here: `vggjax.train.data` (tf.data) and `vggjax.train.grain_data` (Grain) decode the batches;
+see `vggjax.train.data` for the batch contract.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import math
+import os
+import warnings
+from typing import Iterator
+
+import numpy as np
+
+# The module that decodes a Split's batches, per pipeline (Config.pipeline, --pipeline).
+PIPELINES = {"tfdata": "vggjax.train.data", "grain": "vggjax.train.grain_data"}
+# Images per class in each split, in slicing order (the book's protocol: 2000/1000/1000).
+BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}
+# What tfds.folder_dataset.ImageFolder lists (its _SUPPORTED_IMAGE_FORMAT); anything else is ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# How many skipped files the warning names before summarising the rest.
+_NAMED_IN_WARNING = 20
+
+
+class SkippedFilesWarning(UserWarning):
+    """Some images could not be read or decoded and were left out of a split."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """One split of an image-classification dataset, ready to batch; see the module docstring."""
+
+    name: str
+    class_names: tuple[str, ...]
+    image_size: int
+    batch_size: int
+    shuffle: bool
+    seed: int
+    labels: np.ndarray  # int32 (num_examples,)
+    names: tuple[str, ...]  # file path (folder) or image/filename (tfds) of each example
+    skipped: tuple[str, ...]  # files left out because they could not be decoded
+    # Per example: a file path (from_files) or the encoded image bytes.
+    encoded: tuple = dataclasses.field(repr=False)
+    from_files: bool = True
+    # Multi-host: this process reads rows [index*B/count, (index+1)*B/count) of every global batch.
+    shard_index: int = 0
+    shard_count: int = 1
+    pipeline: str = "tfdata"  # which module decodes the batches (PIPELINES)
+    interpolation: str = "bilinear"  # resizing filter ("nearest": grain only)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch, the last one padded: ceil(num_examples / batch_size)."""
+        return math.ceil(self.num_examples / self.batch_size)
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows this process yields per batch: batch_size / shard_count."""
+        return self.batch_size // self.shard_count
+
+    def shard(self, index: int, count: int) -> "Split":
+        """This split as process `index` of `count` reads it (one input pipeline per process).
+
+        Every process walks the same global order and yields its own `batch_size / count` rows
+        of each global batch, so all processes take the same number of steps and each example
+        is seen by exactly one of them. ValueError unless `count` divides `batch_size`.
+        """
+        if count < 1 or not 0 <= index < count or self.batch_size % count:
+            raise ValueError(f"cannot shard split {self.name!r} (batch size {self.batch_size}) "
+                             f"as part {index} of {count}: the batch size must divide by the "
+                             "process count")
+        return dataclasses.replace(self, shard_index=index, shard_count=count)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example indices of `epoch`, int64 (num_examples,): a permutation seeded by
+        (seed, epoch) when shuffling, else 0..N-1."""
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the batches of `epoch` from batch `skip` on (skipped images are never decoded).
+
+        Each batch: {"image": uint8 (L, S, S, 3), "label": int32 (L,), "mask": bool (L,)} with
+        L = `local_batch_size` (= batch_size unless sharded).
+        """
+        if not 0 <= skip <= self.steps_per_epoch:
+            raise ValueError(f"skip={skip} is outside 0..{self.steps_per_epoch} "
+                             f"(the batches per epoch of split {self.name!r})")
+        order = self.order(epoch)
+        rows = [order[b * self.batch_size:(b + 1) * self.batch_size]
+                [self.shard_index * self.local_batch_size:][:self.local_batch_size]
+                for b in range(skip, self.steps_per_epoch)]
+        idx = np.concatenate(rows) if rows else np.zeros((0,), np.int64)
+        if idx.size == 0:
+            # Every process must take the same steps: a shard with no rows left pads them all.
+            return iter([self._empty_batch()] * len(rows))
+        # Only the epoch's last global batch can be short; a shard may then own none of its rows.
+        missing = len(rows) - math.ceil(idx.size / self.local_batch_size)
+        backend = importlib.import_module(PIPELINES[self.pipeline])
+        return itertools.chain(backend.decode(self, idx), [self._empty_batch()] * missing)
+
+    def _empty_batch(self) -> dict[str, np.ndarray]:
+        """A batch of padding only (mask all False), for a shard with no rows left."""
+        n, s = self.local_batch_size, self.image_size
+        return {"image": np.zeros((n, s, s, 3), np.uint8), "label": np.zeros((n,), np.int32),
+                "mask": np.zeros((n,), bool)}
+
+
+def check_image_folder(root: str, splits=("train", "validation", "test")) -> dict[str, dict[str, int]]:
+    """{split: {class: number of images}} of `root/<split>/<class>/*`, checked before any decoding.
+
+    ValueError naming the folder when a split is missing or empty, has fewer than 2 classes, a
+    class folder holds no image, or the class names differ between splits (`Cats` vs `cats`
+    would otherwise become extra classes). Files ImageFolder ignores (formats other than
+    .jpg/.jpeg/.png, nested folders, files beside the class folders) are counted in one
+    `SkippedFilesWarning`.
+    """
+    counts, ignored = {}, []
+    for split in splits:
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise ValueError(f"{split_dir}: no such folder (expected {root}/<split>/<class>/*.jpg)")
+        classes = {}
+        for entry in sorted(os.listdir(split_dir)):
+            class_dir = os.path.join(split_dir, entry)
+            if not os.path.isdir(class_dir):
+                ignored.append(class_dir)
+                continue
+            files = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir))]
+            images = [f for f in files if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+            ignored += [f for f in files if f not in images]
+            classes[entry] = len(images)
+        if not classes:
+            raise ValueError(f"{split_dir} is empty: expected one folder of images per class")
+        if len(classes) < 2:
+            raise ValueError(f"{split_dir} has one class folder ({next(iter(classes))}); a classifier "
+                             "needs at least 2")
+        if empty := [c for c, n in classes.items() if n == 0]:
+            raise ValueError(f"{split_dir}: class folder(s) {empty} hold no .jpg/.jpeg/.png image")
+        counts[split] = classes
+    first = splits[0]
+    for split in splits[1:]:
+        if sorted(counts[split]) != sorted(counts[first]):
+            raise ValueError(f"the splits have different classes: {os.path.join(root, first)} has "
+                             f"{sorted(counts[first])}, {os.path.join(root, split)} has "
+                             f"{sorted(counts[split])}; every split needs the same class folders")
+    if ignored:
+        warnings.warn(f"{root}: ignored {len(ignored)} file(s) or folder(s) that are not .jpg/.jpeg/"
+                      f".png images directly inside a class folder: {named(ignored)}",
+                      SkippedFilesWarning, stacklevel=2)
+    return counts
+
+
+def named(paths) -> str:
+    """The first paths of a warning, then how many more."""
+    more = len(paths) - _NAMED_IN_WARNING
+    return ", ".join(paths[:_NAMED_IN_WARNING]) + (f" and {more} more" if more > 0 else "")
+
+
+def list_folder(root: str, split: str) -> tuple[list[str], list[str], list[int]]:
+    """(class_names, paths, labels) of root/split by ImageFolder's rule: class names the sorted
+    folder names, files with a .jpg/.jpeg/.png suffix (any case) in sorted order. ValueError
+    naming the folder when it is missing or holds no class folder."""
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise ValueError(f"{split_dir}: no such folder (expected {root}/<split>/<class>/*.jpg)")
+    class_names = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if not class_names:
+        raise ValueError(f"{split_dir} is empty: expected one folder of images per class")
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        for file_name in sorted(os.listdir(class_dir)):
+            if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(class_dir, file_name))
+                labels.append(label)
+    return class_names, paths, labels
