@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     try:
-        workflow.Config(weights="", workdir=args.workdir, **given)  # every flag value, before any work
+        # Every flag value, before any work (--smoke makes its own image folder: not tfds).
+        workflow.Config(weights="", workdir=args.workdir, **{"data": "smoke" if args.smoke else "tfds", **given})
         if args.smoke:
             data, weights = smoke.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=given.get("seed", 0))
             print(f"smoke run: generated images in {data}, RANDOM VGG16 weights in {weights}; the "

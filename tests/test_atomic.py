@@ -43,6 +43,12 @@ def test_overwrite_never_deletes_user_files_the_input_or_the_working_directory(t
     monkeypatch.chdir(out)
     with pytest.raises(atomic.RefusedError, match="refusing to replace it"):
         write_dir(".", overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # --output . in an empty working directory: never renamed over
+    with pytest.raises(atomic.RefusedError, match="empty contains .*empty; refusing to replace it"):
+        write_dir(".")
+    assert empty.is_dir() and list(empty.iterdir()) == []
     assert (mine / "thesis.tex").read_text() == "years of work" and (out / "input.h5").is_file()
 
 

@@ -68,17 +68,17 @@ def check_target(final: str | os.PathLike, *, directory: bool, overwrite: bool =
         return final
     if not final.is_dir():
         raise RefusedError(f"{final} exists and is not a directory")
-    if not any(final.iterdir()):
-        return final
-    if not overwrite:
-        raise RefusedError(f"{final} already exists and is not empty; pass overwrite=True "
-                           "(--overwrite) to replace it")
-    real = final.resolve()
+    real = final.resolve()  # even an empty working directory is never renamed over
     for path in (Path.cwd(), *map(Path, protect)):
         inside = Path(os.path.abspath(path)).resolve()
         if inside == real or real in inside.parents:
             raise RefusedError(f"{final} contains {path}; refusing to replace it: choose another "
                                "output directory")
+    if not any(final.iterdir()):
+        return final
+    if not overwrite:
+        raise RefusedError(f"{final} already exists and is not empty; pass overwrite=True "
+                           "(--overwrite) to replace it")
     if others := foreign(final):
         raise RefusedError(f"{final} holds files vggjax did not write ({_listing(final, others)}), "
                            "so --overwrite will not delete it; choose another output directory")
