@@ -97,14 +97,14 @@ def _load(path: str, size: int, interpolation: str) -> np.ndarray:
 
     if interpolation == "nearest":
         return load_image(path, (size, size), "nearest")
-    image = load_image(path)
-    return np.clip(np.round(resize_bilinear(image, size, size)), 0, 255).astype(np.uint8)
+    resized = resize_bilinear(load_image(path), size, size)
+    return np.clip(np.rint(resized, out=resized), 0, 255, out=resized).astype(np.uint8)  # tf.round: half to even
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """float32 (height, width, C) of an (H, W, C) image as TensorFlow's bilinear resize computes
     it (half-pixel centers, no antialiasing, edges clamped), in its order of float32 operations."""
-    src = image.astype(np.float32)
+    image = np.asarray(image)
 
     def taps(n_out: int, n_in: int):
         scale = np.float32(n_in / n_out)
@@ -115,9 +115,17 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
         hi = np.clip(np.ceil(x), 0, n_in - 1).astype(np.int64)
         return lo, hi, lerp
 
-    y0, y1, ly = taps(height, src.shape[0])
-    x0, x1, lx = taps(width, src.shape[1])
+    y0, y1, ly = taps(height, image.shape[0])
+    x0, x1, lx = taps(width, image.shape[1])
     lx = lx[None, :, None]
-    top = src[y0][:, x0] + (src[y0][:, x1] - src[y0][:, x0]) * lx
-    bottom = src[y1][:, x0] + (src[y1][:, x1] - src[y1][:, x0]) * lx
-    return top + (bottom - top) * ly[:, None, None]
+    # Only the rows and columns the output reads are converted to float32 (the same values).
+    r0, r1 = image[y0].astype(np.float32), image[y1].astype(np.float32)
+    top, bottom = np.take(r0, x0, axis=1), np.take(r1, x0, axis=1)  # the left taps, then
+    right = np.take(r0, x1, axis=1)                                 # a + (b - a) * t in place
+    top += np.multiply(np.subtract(right, top, out=right), lx, out=right)
+    right = np.take(r1, x1, axis=1)
+    bottom += np.multiply(np.subtract(right, bottom, out=right), lx, out=right)
+    bottom -= top
+    bottom *= ly[:, None, None]
+    top += bottom
+    return top
