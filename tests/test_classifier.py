@@ -98,7 +98,7 @@ def trained(make_variables):
                                        Head(units=8, dropout_rate=0.5), SIZE, jax.random.PRNGKey(0))
     variables = jax.tree.map(lambda x: x * 1.01, variables)  # the exported base differs from the input
     meta = dict(arch="vgg11", source="torchvision", source_sha256="0" * 64, include_top=False,
-                head="torch", preprocessing="torch", classifier_activation=None, num_classes=1000)
+                top_input="torch", preprocessing="torch", classifier_activation=None, num_classes=1000)
     clf = classifier.TrainedClassifier(model=model, variables=variables, preprocessing="rescale",
                                    image_size=SIZE, class_names=("cats", "dogs"))
     return clf, meta

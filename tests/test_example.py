@@ -167,7 +167,7 @@ def tiny(tmp_path_factory):
     from vggjax import weights
 
     tmp = tmp_path_factory.mktemp("tiny")
-    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    meta = dict(arch="vgg11", include_top=False, top_input="torch", preprocessing="caffe")
     for seed in (0, 1):
         weights.save(tmp / f"weights{seed}", random_variables("vgg11", False, seed=seed, input_rms=70.0), meta)
     return write_folder(tmp / "data", per_class=4), tmp

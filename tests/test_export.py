@@ -40,7 +40,7 @@ def source(tmp_path_factory):
                                        image_size=SIZE, class_names=("cats", "dogs"))
     directory = tmp / "finetune"
     classifier.export(directory, clf, dict(arch="vgg11", source="keras", include_top=False,
-                                           head="keras", preprocessing="caffe"))
+                                           top_input="keras", preprocessing="caffe"))
     paths = write_jpegs(tmp, [(40 + 7 * k, 50 - 3 * k) for k in range(7)], seed=8)
     pixels = np.stack([load_image(p, (SIZE, SIZE)) for p in paths])
     return clf, directory, paths, pixels
@@ -135,7 +135,7 @@ def test_predict_runs_the_artifact_and_prints_what_the_source_gives(source, arti
 
 def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
     variables = random_variables("vgg11", include_top=False, seed=2, input_rms=70.0)
-    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    meta = dict(arch="vgg11", include_top=False, top_input="torch", preprocessing="caffe")
     vggjax.weights.save(tmp_path / "w", variables, meta)
     pixels = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     want = vggjax.VGG11(include_top=False).apply(variables, vggjax.preprocess_input(pixels, "caffe"))

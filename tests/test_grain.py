@@ -101,7 +101,7 @@ def test_the_workflow_runs_with_tensorflow_blocked(tmp_path):
     from vggjax import weights
 
     write_folder(tmp_path / "data", per_class=4)
-    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    meta = dict(arch="vgg11", include_top=False, top_input="torch", preprocessing="caffe")
     weights.save(tmp_path / "w", random_variables("vgg11", False, seed=0, input_rms=70.0), meta)
     script = textwrap.dedent(f"""
         import runpy, sys

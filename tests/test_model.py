@@ -109,14 +109,14 @@ def test_keras_head_needs_224():
 
 
 def test_torch_head_runs_at_any_size():
-    model = vggjax.VGG11(head="torch", num_classes=10, classifier_activation=None)
+    model = vggjax.VGG11(top_input="torch", num_classes=10, classifier_activation=None)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     out = jax.eval_shape(model.apply, variables, jnp.zeros((1, 64, 96, 3)))
     assert out.shape == (1, 10)
 
 
 def test_softmax_head_outputs_probabilities():
-    model = vggjax.VGG11(head="torch", num_classes=7)
+    model = vggjax.VGG11(top_input="torch", num_classes=7)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
     probs = model.apply(variables, x)

@@ -95,7 +95,7 @@ def test_vgg16_features_and_logits_parity(make_variables):
     taps = ("block5_pool", "predictions")
 
     def run(**kw):
-        model = vggjax.create("vgg16", head="torch", classifier_activation=None, **kw)
+        model = vggjax.create("vgg16", top_input="torch", classifier_activation=None, **kw)
         return jax.jit(lambda v, x: model.apply(v, x, outputs=taps))(variables, x)
 
     want = run()

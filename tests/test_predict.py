@@ -111,7 +111,7 @@ def exported(make_variables, tmp_path_factory):
                                        32, jax.random.PRNGKey(0))
     clf = classifier.TrainedClassifier(model=model, variables=variables, preprocessing="rescale",
                                    image_size=32, class_names=("cats", "dogs"))
-    meta = dict(arch="vgg11", source="keras", include_top=False, head="keras",
+    meta = dict(arch="vgg11", source="keras", include_top=False, top_input="keras",
                 preprocessing="caffe")
     directory = tmp_path_factory.mktemp("export") / "finetune"
     classifier.export(directory, clf, meta)

@@ -40,7 +40,7 @@ def test_vgg11_weights_get_vgg11_layers_and_a_users_png_is_never_replaced(tmp_pa
     from helpers import random_variables, write_jpegs
     from vggjax import weights
 
-    meta = dict(arch="vgg11", include_top=False, head="torch", preprocessing="caffe")
+    meta = dict(arch="vgg11", include_top=False, top_input="torch", preprocessing="caffe")
     weights.save(tmp_path / "vgg11", random_variables("vgg11", False, seed=0, input_rms=70.0), meta)
     image = write_jpegs(tmp_path, [(60, 80)])[0]
     out = tmp_path / "viz"

@@ -158,7 +158,7 @@ def small():
     """VGG11 with torchvision's head (any size), Flax-initialised, and 2 images at 32x32."""
     import jax
 
-    model = vggjax.VGG11(head="torch", classifier_activation=None)
+    model = vggjax.VGG11(top_input="torch", classifier_activation=None)
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     return model, model.init(jax.random.key(1), x), x
 
@@ -317,7 +317,7 @@ def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer):
     import jax
     import jax.numpy as jnp
 
-    model = vggjax.create(arch, head="torch", classifier_activation=None, num_classes=10)
+    model = vggjax.create(arch, top_input="torch", classifier_activation=None, num_classes=10)
     variables = dict(make_variables(arch, include_top=True, seed=7))
     variables["params"] = dict(variables["params"], predictions={
         "kernel": variables["params"]["predictions"]["kernel"][:, :10],

@@ -14,7 +14,7 @@ from vggjax.weights import store
 from vggjax.utils import atomic
 from vggjax.utils.trees import digest, flatten
 
-META = dict(arch="vgg11_bn", include_top=False, head="torch", preprocessing="torch")
+META = dict(arch="vgg11_bn", include_top=False, top_input="torch", preprocessing="torch")
 
 
 def test_core_install_converts_loads_and_runs_without_tensorflow_or_torch(subprocess_env, tmp_path):
@@ -32,7 +32,7 @@ import numpy as np, vggjax, vggjax.weights.keras, vggjax.weights.download, vggja
 model = vggjax.create("vgg11", include_top=False)
 variables = model.init(__import__("jax").random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
 vggjax.weights.save({str(tmp_path / "w")!r}, variables, dict(arch="vgg11", include_top=False,
-                    head="torch", preprocessing="torch"))
+                    top_input="torch", preprocessing="torch"))
 pt = vggjax.load({str(tmp_path / "w")!r})
 print(pt.model.apply(pt.variables, pt.preprocess(np.zeros((1, 32, 32, 3), np.uint8))).shape)
 try:
@@ -87,7 +87,7 @@ def test_loaded_bn_model_computes_what_the_saved_one_did(bn_variables, saved_bn)
     x = pt.preprocess(images)
     want = vggjax.create("vgg11_bn", include_top=False).apply(bn_variables, x)
     np.testing.assert_array_equal(pt.model.apply(pt.variables, x), want)
-    assert pt.model.batch_norm and not pt.model.include_top and pt.model.head == "torch"
+    assert pt.model.batch_norm and not pt.model.include_top and pt.model.top_input == "torch"
 
 
 def test_plain_vgg_has_no_batch_stats(make_variables, tmp_path):
@@ -120,7 +120,7 @@ def test_save_refuses_to_overwrite_unless_asked(bn_variables, tmp_path):
      r"variables for .*missing \['params/block3_conv2/bias', 'params/block3_conv2/kernel'\]"),
     (lambda v, m: ({"params": v["params"]}, m), r"missing \['batch_stats/block1_conv1_bn/mean'"),
     (lambda v, m: (v, {**m, "preprocessing": "tf"}), r"preprocessing must be one of"),
-    (lambda v, m: (v, {k: x for k, x in m.items() if k != "head"}), r"lacks \['head'\]"),
+    (lambda v, m: (v, {k: x for k, x in m.items() if k != "top_input"}), r"lacks \['top_input'\]"),
     (lambda v, m: (v, {**m, "arch": "vgg11"}), r"does not hold vgg11 weights"),
 ])
 def test_save_rejects_bad_input_and_writes_nothing(bn_variables, tmp_path, edit, pattern):
@@ -148,6 +148,18 @@ def test_a_write_that_fails_midway_leaves_the_old_dir_and_no_temp(bn_variables, 
     assert vggjax.load(directory).meta["epochs"] == 3  # the previous checkpoint, intact
 
 
+def test_a_vggjax_json_with_the_old_head_key_still_loads(bn_variables, tmp_path):
+    """`head` (keras/torch) was renamed `top_input` (the book's new classifier is the head); a
+    directory written before the rename loads as the same model."""
+    store.save(tmp_path / "w", bn_variables, META)
+    meta = json.loads((tmp_path / "w" / "vggjax.json").read_text())
+    meta["head"] = meta.pop("top_input")
+    (tmp_path / "w" / "vggjax.json").write_text(json.dumps(meta))
+    old = vggjax.load(tmp_path / "w")
+    assert old.meta["top_input"] == META["top_input"] and "head" not in old.meta
+    assert old.model.top_input == META["top_input"]
+
+
 def _write_json(text):
     return lambda d: (d / "vggjax.json").write_text(text)
 
@@ -163,8 +175,8 @@ def _edit_meta(**changes):
     (lambda d: (d / "vggjax.json").unlink(), r"is not a vggjax checkpoint: vggjax.json is missing"),
     (_write_json("{not json"), r"vggjax.json is corrupt"),
     (_write_json("[1, 2]"), r"vggjax.json must be a JSON object"),
-    (_write_json('{"arch": "vgg11_bn"}'), r"vggjax.json lacks \['include_top', 'head', 'preprocessing'\]"),
-    (_edit_meta(head="tf", include_top="yes"), r"include_top must be true or false.*head must be one of"),
+    (_write_json('{"arch": "vgg11_bn"}'), r"vggjax.json lacks \['include_top', 'top_input', 'preprocessing'\]"),
+    (_edit_meta(top_input="tf", include_top="yes"), r"include_top must be true or false.*top_input must be one of"),
     (_edit_meta(arch="vgg13_bn"), r"does not hold vgg13_bn weights without top: missing \["),
     (_edit_meta(include_top=True), r"does not hold vgg11_bn weights with top: missing \['params/fc1/bias'"),
     (lambda d: shutil.rmtree(d / "checkpoint"), r"checkpoint/ is missing"),

@@ -61,7 +61,7 @@ def vgg16(tmp_path_factory):
 
 def test_vgg16_pth_logits_match_torchvision(vgg16):
     model, _, pretrained = vgg16
-    assert pretrained.meta["head"] == "torch" and pretrained.meta["preprocessing"] == "torch"
+    assert pretrained.meta["top_input"] == "torch" and pretrained.meta["preprocessing"] == "torch"
     for size in (224, 160):  # 160: 5x5 features, overlapping adaptive-pool bins up to 7x7
         x = images(2, size, seed=size)
         assert_parity(f"vgg16 .pth -> convert_file -> load, logits {size}x{size}",
@@ -117,7 +117,7 @@ def test_from_state_dict_logits_match_torchvision(arch, size):
                                              arch, source=f"{arch} state dict")
     assert include_top
     x = images(1, size, seed=5)
-    ours = vggjax.create(arch, head="torch", classifier_activation=None).apply(variables, x)
+    ours = vggjax.create(arch, top_input="torch", classifier_activation=None).apply(variables, x)
     assert_parity(f"{arch} from_state_dict, logits {size}x{size}", ours, torch_forward(model, x))
 
 

@@ -19,7 +19,7 @@ BLOCK_SIZES = {
     "vgg19": (2, 2, 4, 4, 4),
 }
 WIDTHS = (64, 128, 256, 512, 512)
-HEADS = ("keras", "torch")
+TOP_INPUTS = ("keras", "torch")  # how the top sees block5: Keras flattens, torchvision pools to 7x7
 TOP = ("fc1", "fc2", "predictions")  # the ImageNet classifier's layers (include_top)
 POOLINGS = (None, "avg", "max")
 MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
@@ -81,7 +81,7 @@ class VGG(nn.Module):
     pooling: str | None = None
     num_classes: int = 1000
     classifier_activation: str | None = "softmax"
-    head: str = "keras"  # "keras": flatten, 224x224 only; "torch": adaptive 7x7 average pool, any size
+    top_input: str = "keras"  # "keras": flatten, 224x224 only; "torch": adaptive 7x7 average pool, any size
     dropout_rate: float = 0.0  # torchvision's head trains with 0.5; Keras' has no dropout
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -115,14 +115,14 @@ class VGG(nn.Module):
             raise ValueError(f"VGG expects 3 channels (RGB, NHWC), found {c} in shape {tuple(shape)}")
         if h < MIN_SIZE or w < MIN_SIZE:
             raise ValueError(f"VGG expects images of at least {MIN_SIZE}x{MIN_SIZE}, found {h}x{w}")
-        if self.include_top and self.head == "keras" and (h, w) != (224, 224):
+        if self.include_top and self.top_input == "keras" and (h, w) != (224, 224):
             raise ValueError(
-                f"the Keras head (flatten -> fc1) expects 224x224 inputs, found {h}x{w}; "
-                "use include_top=False or head='torch' for other sizes")
+                f"the Keras top (flatten -> fc1) expects 224x224 inputs, found {h}x{w}; "
+                "use include_top=False or top_input='torch' for other sizes")
 
     def _check_config(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, found {self.head!r}")
+        if self.top_input not in TOP_INPUTS:
+            raise ValueError(f"top_input must be one of {TOP_INPUTS}, found {self.top_input!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, found {self.pooling!r}")
         if self.classifier_activation not in ("softmax", None):
@@ -138,7 +138,7 @@ class VGG(nn.Module):
         if taps.done:
             return taps.values
         if self.include_top:
-            x = self.forward_head(x, train, taps)
+            x = self.forward_top(x, train, taps)
         elif self.pooling:
             x = jnp.mean(x, axis=(1, 2)) if self.pooling == "avg" else jnp.max(x, axis=(1, 2))
             taps(f"global_{self.pooling}_pool", x)
@@ -169,9 +169,9 @@ class VGG(nn.Module):
                 return x
         return x
 
-    def forward_head(self, x, train: bool, taps: "_Taps"):
+    def forward_top(self, x, train: bool, taps: "_Taps"):
         """The ImageNet classifier: conv features -> (N, num_classes) probabilities or logits."""
-        if self.head == "torch" and x.shape[1:3] != (7, 7):
+        if self.top_input == "torch" and x.shape[1:3] != (7, 7):
             ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], 7), x.dtype)
             pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], 7), x.dtype)
             x = jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)

@@ -143,7 +143,7 @@ def layer_gradient(model: nn.Module, variables, images, layer: str, fn):
         seen: dict = {}
 
         def intercept(next_fun, args, kwargs, context):
-            if "fed" in seen or context.method_name not in ("__call__", "forward_head"):
+            if "fed" in seen or context.method_name not in ("__call__", "forward_top"):
                 return next_fun(*args, **kwargs)
             if context.module.name in (conv, f"{conv}_bn"):  # the conv, then its BatchNorm
                 module = context.module

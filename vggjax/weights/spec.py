@@ -28,7 +28,7 @@ def check_floats(arrays: Mapping[str, object], source: str) -> None:
 
 def expected_shapes(arch: str, include_top: bool, num_classes: int = 1000) -> dict[str, tuple]:
     """{"params/block1_conv1/kernel": (3, 3, 3, 64), ...} for an arch, computed without any FLOPs."""
-    model = create(arch, include_top=include_top, num_classes=num_classes, head="torch")
+    model = create(arch, include_top=include_top, num_classes=num_classes, top_input="torch")
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
     return {path: tuple(leaf.shape) for path, leaf in flatten(variables).items()}
 

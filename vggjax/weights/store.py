@@ -14,7 +14,7 @@ import numpy as np
 from vggjax.utils import atomic
 
 from vggjax.train import checkpoint
-from vggjax.model.vgg import ARCHS, HEADS, TOP, VGG, create
+from vggjax.model.vgg import ARCHS, TOP, TOP_INPUTS, VGG, create
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
 from vggjax.utils.trees import digest, flatten
 from vggjax.weights import download
@@ -25,11 +25,11 @@ METADATA = "vggjax.json"
 CHECKPOINT = "checkpoint"
 # What the weights of each source expect around them; stored with every converted checkpoint.
 SOURCES = {
-    "keras": dict(head="keras", preprocessing="caffe", classifier_activation="softmax"),
-    "torchvision": dict(head="torch", preprocessing="torch", classifier_activation=None),
-    "timm": dict(head="torch", preprocessing="torch", classifier_activation=None),
+    "keras": dict(top_input="keras", preprocessing="caffe", classifier_activation="softmax"),
+    "torchvision": dict(top_input="torch", preprocessing="torch", classifier_activation=None),
+    "timm": dict(top_input="torch", preprocessing="torch", classifier_activation=None),
 }
-REQUIRED_META = ("arch", "include_top", "head", "preprocessing")
+REQUIRED_META = ("arch", "include_top", "top_input", "preprocessing")
 NUM_CLASSES = 1000
 
 
@@ -167,7 +167,7 @@ def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
     if verify and recorded is not None and digest(variables) != recorded:
         raise ValueError(f"{directory} is corrupt: its arrays do not match the variables_sha256 "
                          f"recorded in {METADATA}; convert or save the weights again")
-    model = create(meta["arch"], include_top=meta["include_top"], head=meta["head"],
+    model = create(meta["arch"], include_top=meta["include_top"], top_input=meta["top_input"],
                    classifier_activation=meta["classifier_activation"],
                    num_classes=meta["num_classes"])
     variables = jax.tree.map(jnp.asarray, variables)
@@ -181,11 +181,13 @@ def _complete_meta(meta: Mapping, where: str) -> dict:
 
     if not isinstance(meta, Mapping):
         raise ValueError(f"{where} must be a JSON object, found {type(meta).__name__}")
+    meta = dict(meta)
+    if "head" in meta and "top_input" not in meta:  # vggjax.json before 0.1's rename of the key
+        meta["top_input"] = meta.pop("head")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"{where} lacks {missing} (needs {list(REQUIRED_META)})")
-    meta = dict(meta)
-    meta.setdefault("classifier_activation", "softmax" if meta["head"] == "keras" else None)
+    meta.setdefault("classifier_activation", "softmax" if meta["top_input"] == "keras" else None)
 
     def one_of(value, allowed) -> bool:  # JSON may hold lists or objects, which are unhashable
         return isinstance(value, (str, type(None))) and value in allowed
@@ -197,8 +199,8 @@ def _complete_meta(meta: Mapping, where: str) -> dict:
         problems.append(f"arch {meta['arch']!r} is not one of {sorted(ARCHS)}")
     if not isinstance(meta["include_top"], bool):
         problems.append(f"include_top must be true or false, found {meta['include_top']!r}")
-    if not one_of(meta["head"], HEADS):
-        problems.append(f"head must be one of {HEADS}, found {meta['head']!r}")
+    if not one_of(meta["top_input"], TOP_INPUTS):
+        problems.append(f"top_input must be one of {TOP_INPUTS}, found {meta['top_input']!r}")
     if not one_of(meta["preprocessing"], MODES):
         problems.append(f"preprocessing must be one of {sorted(MODES)}, found {meta['preprocessing']!r}")
     if not one_of(meta["classifier_activation"], ("softmax", None)):
