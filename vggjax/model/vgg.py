@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vggjax.model import winograd
+from vggjax.utils.trees import flatten
 
 # Convolutions per block; every block doubles the width up to 512 and ends in a 2x2 max pool.
 BLOCK_SIZES = {
@@ -25,6 +26,19 @@ POOLINGS = (None, "avg", "max")
 MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
 
 
+# He-normal over fan-out, as torchvision initialises VGG convs (used only for random weights).
+CONV_KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (Flax counts the other way: 0.9).
+BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
+FC_UNITS, TOP_GRID = 4096, 7  # fc1/fc2 width; the top reads a 7x7x512 grid
+
+
+def conv3x3(x, kernel, bias, impl: str, relu: bool, dtype):
+    """The conv both faces (Linen, NNX) compute: promote to `dtype`, then `winograd.conv`."""
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    return winograd.conv(x, kernel, bias, impl, relu=relu)
+
+
 class Conv3x3(nn.Module):
     """3x3 stride-1 SAME conv with nn.Conv's parameters ("kernel" HWIO, "bias"), so weights
     load alike whichever algorithm `impl` ("direct", "winograd", "onednn", "auto") computes it
@@ -35,15 +49,14 @@ class Conv3x3(nn.Module):
     relu: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    kernel_init: Any = CONV_KERNEL_INIT
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return winograd.conv(x, kernel, bias, self.impl, relu=self.relu)
+        return conv3x3(x, kernel, bias, self.impl, self.relu, self.dtype)
 
 
 def conv_names(block_sizes: Sequence[int]) -> list[str]:
@@ -131,66 +144,100 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, outputs: Sequence[str] | None = None):
-        self._check_config()
-        self.check_input(x.shape)
-        taps = _Taps(outputs, self.layer_names())
-        x = self.forward_features(jnp.asarray(x, self.dtype), train, taps)
-        if taps.done:
-            return taps.values
-        if self.include_top:
-            x = self.forward_top(x, train, taps)
-        elif self.pooling:
-            x = jnp.mean(x, axis=(1, 2)) if self.pooling == "avg" else jnp.max(x, axis=(1, 2))
-            taps(f"global_{self.pooling}_pool", x)
-        return taps.values if taps.wanted else x
-
-    def forward_features(self, x, train: bool, taps: "_Taps"):
-        """The conv base: (N, H, W, 3) -> (N, H/32, W/32, 512); stops early once `taps` is full."""
-        for b, (n, width) in enumerate(zip(self.block_sizes, WIDTHS), 1):
-            for i in range(1, n + 1):
-                name = f"block{b}_conv{i}"
-                # The ReLU goes into the conv unless BatchNorm or a `_preact` tap sits between.
-                fuse = not self.batch_norm and f"{name}_preact" not in taps.wanted
-                x = Conv3x3(width, self.conv_impl, fuse, name=name, dtype=self.dtype,
-                            param_dtype=self.param_dtype)(x)
-                if not fuse:
-                    if self.batch_norm:
-                        # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
-                        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                         name=f"{name}_bn", dtype=self.dtype,
-                                         param_dtype=self.param_dtype)(x)
-                    if taps(f"{name}_preact", x):
-                        return x
-                    x = nn.relu(x)
-                if taps(name, x):
-                    return x
-            x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
-            if taps(f"block{b}_pool", x):
-                return x
-        return x
+        return forward(self, _LinenLayers(self, train), x, outputs)
 
     def forward_top(self, x, train: bool, taps: "_Taps"):
-        """The ImageNet classifier: conv features -> (N, num_classes) probabilities or logits."""
-        if self.top_input == "torch" and x.shape[1:3] != (7, 7):
-            ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], 7), x.dtype)
-            pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], 7), x.dtype)
-            x = jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
-        # H, W, C flatten order: the Keras layout, and the one the converter gives torch's fc1.
-        x = x.reshape(x.shape[0], -1)
-        if taps("flatten", x):
-            return x
-        for name in ("fc1", "fc2"):
-            x = nn.relu(nn.Dense(4096, name=name, dtype=self.dtype, param_dtype=self.param_dtype)(x))
-            if self.dropout_rate:
-                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        """The ImageNet classifier as a method of its own, so Grad-CAM's method interception
+        (vggjax.viz.convnet.layer_gradient) sees where the conv base ends."""
+        return top(self, _LinenLayers(self, train), x, taps)
+
+
+def forward(config: VGG, layers, x, outputs: Sequence[str] | None):
+    """The one VGG forward pass, for both faces: `config` (a Linen VGG, bound or not) holds the
+    options, `layers` runs the named layers (`_LinenLayers` here, vggjax.nnx's own there).
+    x: (N, H, W, 3) preprocessed floats -> see VGG's docstring for the outputs."""
+    config._check_config()
+    config.check_input(x.shape)
+    taps = _Taps(outputs, config.layer_names())
+    x = features(config, layers, jnp.asarray(x, config.dtype), taps)
+    if taps.done:
+        return taps.values
+    if config.include_top:
+        x = layers.top(x, taps)
+    elif config.pooling:
+        x = jnp.mean(x, axis=(1, 2)) if config.pooling == "avg" else jnp.max(x, axis=(1, 2))
+        taps(f"global_{config.pooling}_pool", x)
+    return taps.values if taps.wanted else x
+
+
+def features(config: VGG, layers, x, taps: "_Taps"):
+    """The conv base: (N, H, W, 3) -> (N, H/32, W/32, 512); stops early once `taps` is full."""
+    for b, (n, width) in enumerate(zip(config.block_sizes, WIDTHS), 1):
+        for i in range(1, n + 1):
+            name = f"block{b}_conv{i}"
+            # The ReLU goes into the conv unless BatchNorm or a `_preact` tap sits between.
+            fuse = not config.batch_norm and f"{name}_preact" not in taps.wanted
+            x = layers.conv(name, width, fuse, x)
+            if not fuse:
+                if config.batch_norm:
+                    x = layers.batch_norm(f"{name}_bn", x)
+                if taps(f"{name}_preact", x):
+                    return x
+                x = nn.relu(x)
             if taps(name, x):
                 return x
-        x = nn.Dense(self.num_classes, name="predictions", dtype=self.dtype,
-                     param_dtype=self.param_dtype)(x)
-        if self.classifier_activation == "softmax":
-            x = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
-        taps("predictions", x)
+        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+        if taps(f"block{b}_pool", x):
+            return x
+    return x
+
+
+def top(config: VGG, layers, x, taps: "_Taps"):
+    """The ImageNet classifier: conv features -> (N, num_classes) probabilities or logits."""
+    if config.top_input == "torch" and x.shape[1:3] != (TOP_GRID, TOP_GRID):
+        ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], TOP_GRID), x.dtype)
+        pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], TOP_GRID), x.dtype)
+        x = jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+    # H, W, C flatten order: the Keras layout, and the one the converter gives torch's fc1.
+    x = x.reshape(x.shape[0], -1)
+    if taps("flatten", x):
         return x
+    for name in ("fc1", "fc2"):
+        x = nn.relu(layers.dense(name, FC_UNITS, x))
+        if config.dropout_rate:
+            x = layers.dropout(x)
+        if taps(name, x):
+            return x
+    x = layers.dense("predictions", config.num_classes, x)
+    if config.classifier_activation == "softmax":
+        x = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
+    taps("predictions", x)
+    return x
+
+
+class _LinenLayers:
+    """The layers of `forward` as Linen submodules, created inside VGG's compact call (so their
+    parameters carry the Keras names)."""
+
+    def __init__(self, module: VGG, train: bool):
+        self.m, self.train = module, train
+        self.dtypes = dict(dtype=module.dtype, param_dtype=module.param_dtype)
+
+    def conv(self, name, width, relu, x):
+        return Conv3x3(width, self.m.conv_impl, relu, name=name, **self.dtypes)(x)
+
+    def batch_norm(self, name, x):
+        return nn.BatchNorm(use_running_average=not self.train, momentum=BN_MOMENTUM,
+                            epsilon=BN_EPSILON, name=name, **self.dtypes)(x)
+
+    def dense(self, name, units, x):
+        return nn.Dense(units, name=name, **self.dtypes)(x)
+
+    def dropout(self, x):
+        return nn.Dropout(self.m.dropout_rate, deterministic=not self.train)(x)
+
+    def top(self, x, taps):
+        return self.m.forward_top(x, self.train, taps)
 
 
 class _Taps:
@@ -234,6 +281,14 @@ def create(arch: str, **kwargs) -> VGG:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     return VGG(**ARCHS[arch], **kwargs)
+
+
+def variable_shapes(config: VGG) -> dict[str, tuple]:
+    """{"params/block1_conv1/kernel": (3, 3, 3, 64), ...}: every variable of `config`, by
+    tracing its init at 224x224 without computing anything."""
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(config.init, jax.random.PRNGKey(0), images)
+    return {path: tuple(leaf.shape) for path, leaf in flatten(variables).items()}
 
 
 def arch_name(model: VGG) -> str:

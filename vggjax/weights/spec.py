@@ -11,8 +11,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from vggjax.model.vgg import create
-from vggjax.utils.trees import diff, flatten, non_finite
+from vggjax.model.vgg import create, variable_shapes
+from vggjax.utils.trees import diff, non_finite
 
 
 def check_floats(arrays: Mapping[str, object], source: str) -> None:
@@ -28,9 +28,7 @@ def check_floats(arrays: Mapping[str, object], source: str) -> None:
 
 def expected_shapes(arch: str, include_top: bool, num_classes: int = 1000) -> dict[str, tuple]:
     """{"params/block1_conv1/kernel": (3, 3, 3, 64), ...} for an arch, computed without any FLOPs."""
-    model = create(arch, include_top=include_top, num_classes=num_classes, top_input="torch")
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
-    return {path: tuple(leaf.shape) for path, leaf in flatten(variables).items()}
+    return variable_shapes(create(arch, include_top=include_top, num_classes=num_classes))
 
 
 def check_variables(variables: Mapping, arch: str, include_top: bool, source: str,
