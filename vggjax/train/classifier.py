@@ -53,13 +53,31 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
-        # Keras Dense defaults (glorot_uniform kernel, zero bias), so the head starts as the book's.
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=nn.initializers.glorot_uniform())
-        x = nn.relu(nn.Dense(self.units, name="hidden", **dense)(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_outputs, name="logits", **dense)(x)
+        return head_forward(self, _LinenHeadLayers(self, train), x)
+
+
+# Keras Dense defaults (glorot_uniform kernel, zero bias), so the head starts as the book's.
+HEAD_KERNEL_INIT = nn.initializers.glorot_uniform()
+
+
+def head_forward(config: Head, layers, x):
+    """The head's one forward pass, for both faces (Linen here, vggjax.nnx there): `layers`
+    runs "hidden", the dropout and "logits". x: (N, ...) features -> (N, num_outputs) logits."""
+    x = jnp.asarray(x, config.dtype).reshape(x.shape[0], -1)
+    x = nn.relu(layers.dense("hidden", config.units, x))
+    return layers.dense("logits", config.num_outputs, layers.dropout(x))
+
+
+class _LinenHeadLayers:
+    def __init__(self, module: Head, train: bool):
+        self.m, self.train = module, train
+
+    def dense(self, name, units, x):
+        return nn.Dense(units, name=name, dtype=self.m.dtype, param_dtype=self.m.param_dtype,
+                        kernel_init=HEAD_KERNEL_INIT)(x)
+
+    def dropout(self, x):
+        return nn.Dropout(self.m.dropout_rate, deterministic=not self.train)(x)
 
 
 class Classifier(nn.Module):

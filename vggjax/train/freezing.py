@@ -40,6 +40,13 @@ def resolve(spec: Spec) -> list[tuple[str, str]]:
     return rules
 
 
+def matcher(spec: Spec):
+    """path -> "train" | "freeze" | None: the action of the first rule of `spec` whose regex fully
+    matches the '/'-joined path (None when none does)."""
+    rules = [(re.compile(pattern), action) for pattern, action in resolve(spec)]
+    return lambda path: next((a for pattern, a in rules if pattern.fullmatch(path)), None)
+
+
 def labels(params: Mapping, spec: Spec) -> dict:
     """Pytree like `params` with "train" or "freeze" at each leaf.
 
@@ -47,10 +54,10 @@ def labels(params: Mapping, spec: Spec) -> dict:
     '/'-joined path, e.g. "base/block5_conv1/kernel"). ValueError naming the parameters that
     no rule matches.
     """
-    rules = [(re.compile(pattern), action) for pattern, action in resolve(spec)]
+    action_of = matcher(spec)
     out, unmatched = {}, []
     for path in flatten(params):
-        action = next((a for pattern, a in rules if pattern.fullmatch(path)), None)
+        action = action_of(path)
         if action is None:
             unmatched.append(path)
         out[path] = action

@@ -5,6 +5,7 @@ import functools
 import json
 from importlib import resources
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,6 +66,17 @@ def check_images(images, assume_range: str | None = None) -> np.ndarray:
         raise ValueError(f"float images range over {lo:.3g}..{hi:.3g}: they look scaled to 0..1, "
                          "expected 0..255; multiply by 255 (or pass assume_range='0..255')")
     return images
+
+
+def prepare_images(images, mode: str):
+    """Raw RGB NHWC images (uint8 or float 0..255) -> float32 input for weights of `mode`.
+
+    Concrete arrays are checked first (`check_images`: 0..1 floats, uint16, NaN are refused);
+    inside jit, where values are unknown, only the mapping is applied.
+    """
+    if not isinstance(images, jax.core.Tracer):
+        images = check_images(images)
+    return preprocess_input(images, mode)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from vggjax.utils import atomic
 
 from vggjax.train import checkpoint
 from vggjax.model.vgg import ARCHS, TOP, TOP_INPUTS, VGG, create
-from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
+from vggjax.weights.preprocessing import MODES, prepare_images
 from vggjax.utils.trees import digest, flatten
 from vggjax.weights import download
 from vggjax.weights.keras import read_keras_h5
@@ -52,14 +52,9 @@ class Pretrained:
         return out
 
     def preprocess(self, images):
-        """RGB NHWC images (uint8 or float 0..255) -> float32 input in the weights' convention.
-
-        Concrete arrays are checked first (`check_images`: 0..1 floats, uint16, NaN are refused);
-        inside jit, where values are unknown, only the mapping is applied.
-        """
-        if not isinstance(images, jax.core.Tracer):
-            images = check_images(images)
-        return preprocess_input(images, self.meta["preprocessing"])
+        """RGB NHWC images (uint8 or float 0..255) -> float32 input in the weights' convention
+        (`preprocessing.prepare_images`: concrete images are checked first)."""
+        return prepare_images(images, self.meta["preprocessing"])
 
 
 def default_output_dir(source: str, arch: str, include_top: bool) -> Path:

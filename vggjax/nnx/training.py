@@ -1,0 +1,96 @@
+"""Training an NNX VGG or Classifier: the workflow's freeze specs as an `nnx.Optimizer` filter,
+its trainable report, and jitted train / eval steps with the workflow's loss, inputs and metrics."""
+from __future__ import annotations
+
+from typing import Callable
+
+from flax import nnx
+
+from vggjax.train import freezing
+from vggjax.train import loop
+from vggjax.train.loop import _inputs, batch_metrics
+
+GROUPS = ("block1", "block2", "block3", "block4", "block5", "fc1", "fc2", "predictions", "head")
+
+
+def trainable(*spec) -> Callable:
+    """`wrt=` filter of the parameters to train: group names ("block5", "head", "fc2", ...; a
+    parameter's group as the trainable report names it) or one freeze spec of the workflow (a
+    preset such as "block5+head", or (regex, "train"|"freeze") rules over '/'-joined paths).
+
+        nnx.Optimizer(model, optax.rmsprop(1e-5), wrt=trainable("block5", "head"))
+
+    Everything else is frozen: nnx.Optimizer keeps no state for it and never changes it.
+    """
+    if len(spec) == 1 and not isinstance(spec[0], str) or spec and spec[0] in freezing.PRESETS:
+        if len(spec) != 1:
+            raise ValueError(f"pass one freeze preset or rule list, found {spec!r}")
+        action_of = freezing.matcher(spec[0])
+
+        def trains(path: str) -> bool:
+            if (action := action_of(path)) is None:
+                raise ValueError(f"no freeze rule matches parameter {path}; add a rule for it "
+                                 "(e.g. a final ('.*', 'freeze'))")
+            return action == freezing.TRAIN
+    else:
+        if unknown := [g for g in spec if g not in GROUPS]:
+            raise ValueError(f"unknown group(s) {unknown}: expected names from {list(GROUPS)} or "
+                             f"one preset of {sorted(freezing.PRESETS)}")
+        groups = set(spec)
+
+        def trains(path: str) -> bool:
+            return freezing.group_name(path) in groups
+
+    return lambda path, value: isinstance(value, nnx.Param) and trains("/".join(map(str, path)))
+
+
+def trainable_report(model: nnx.Module, wrt) -> str:
+    """The workflow's log line: trainable / total parameters overall and per block and head."""
+    from vggjax.nnx.model import variables
+    from vggjax.utils.trees import flatten, unflatten
+    params = variables(model)["params"]
+    train = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, wrt))}
+    labels = {path: freezing.TRAIN if path in train else freezing.FREEZE for path in flatten(params)}
+    return freezing.trainable_report(params, unflatten(labels))
+
+
+def make_train_step(*, augment=None, preprocess_mode: str | None = None) -> Callable:
+    """`train_step(model, optimizer, batch, key) -> metrics`, jitted with nnx.jit; updates the
+    model and optimizer in place. The model must be in train mode (`model.train()`).
+
+    batch: {"image": (B, H, W, 3) uint8 or 0..255 floats, "label": int32 (B,), "mask": bool
+    (B,)}; `key` draws the augmentation (`augment`, a vggjax.train.augmentation config), the
+    images then go through `preprocess_input(preprocess_mode)`; the loss and metrics are the
+    workflow's (`batch_metrics`: masked means, "count" of real examples).
+    """
+    @nnx.jit
+    def train_step(model, optimizer, batch, key):
+        x = _inputs(batch["image"], key, augment, preprocess_mode, None)
+
+        def loss_fn(model):
+            metrics = batch_metrics(model(x), batch["label"], batch["mask"])
+            return metrics["loss"], metrics
+
+        grads, metrics = nnx.grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)(model)
+        optimizer.update(model, grads)
+        return metrics
+
+    return train_step
+
+
+def make_eval_step(*, preprocess_mode: str | None = None) -> Callable:
+    """`eval_step(model, batch) -> metrics` (call `model.eval()` first); batch and metrics as
+    in `make_train_step`."""
+    @nnx.jit
+    def eval_step(model, batch):
+        x = _inputs(batch["image"], None, None, preprocess_mode, None)
+        return batch_metrics(model(x), batch["label"], batch["mask"])
+
+    return eval_step
+
+
+def evaluate(model: nnx.Module, eval_step: Callable, split) -> dict:
+    """{"loss", "accuracy", "count"} over every example of `split` once, in eval mode (the
+    workflow's `loop.evaluate`, with the NNX model where the train state goes)."""
+    model.eval()
+    return loop.evaluate(model, eval_step, split)
