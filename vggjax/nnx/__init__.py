@@ -10,6 +10,6 @@ The architecture lives once, in the Linen modules (`model.config` is the Linen t
 from vggjax.nnx.model import (ARCHS, VGG, VGG11, VGG11_BN, VGG13, VGG13_BN, VGG16, VGG16_BN,
                               VGG19, VGG19_BN, Classifier, Conv3x3, Head, create, from_linen,
                               set_variables, to_linen, variables)
-from vggjax.nnx.training import (evaluate, make_eval_step, make_train_step, trainable,
-                                 trainable_report)
+from vggjax.nnx.training import (book_classifier, book_splits, evaluate, fit, make_eval_step,
+                                 make_train_step, trainable, trainable_report)
 from vggjax.nnx.weights import load, restore, save

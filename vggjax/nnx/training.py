@@ -2,8 +2,11 @@
 its trainable report, and jitted train / eval steps with the workflow's loss, inputs and metrics."""
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from vggjax.train import freezing
@@ -94,3 +97,50 @@ def evaluate(model: nnx.Module, eval_step: Callable, split) -> dict:
     workflow's `loop.evaluate`, with the NNX model where the train state goes)."""
     model.eval()
     return loop.evaluate(model, eval_step, split)
+
+
+def fit(model: nnx.Module, optimizer: nnx.Optimizer, train_step: Callable, eval_step: Callable,
+        train_split, val_split, *, epochs: int, key: jax.Array, where: str = "training",
+        log: Callable[[str], Any] = print) -> list[dict]:
+    """`epochs` passes over `train_split` (step k draws its augmentation from fold_in(key, k)),
+    each followed by `evaluate` on `val_split`; returns one {"epoch", "loss", "accuracy",
+    "val_loss", "val_accuracy"} per epoch. A NaN training loss stops it with ValueError."""
+    history, step = [], 0
+    for epoch in range(epochs):
+        model.train()
+        totals = loop._totals()
+        for batch in train_split.batches(epoch):
+            totals = loop._accumulate(totals, train_step(model, optimizer, batch, jax.random.fold_in(key, step)))
+            step += 1
+        train = loop._finite(loop._means(totals), f"{where}, epoch {epoch + 1}")
+        val = evaluate(model, eval_step, val_split)
+        history.append({"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
+                        "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        log(f"{where} epoch {epoch + 1}/{epochs}: loss {train['loss']:.4f} acc {train['accuracy']:.3f}"
+            f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}")
+    return history
+
+
+def book_splits(data: str, image_size: int, batch_size: int, pipeline: str = "tfdata",
+                seed: int = 0) -> dict:
+    """{"train" (shuffled), "validation", "test"}: the workflow's `Split`s of an image folder
+    (DIR/<split>/<class>/*.jpg) or "tfds", decoded by `pipeline` ("tfdata" or "grain")."""
+    from vggjax.train import splits
+    if data != "tfds":
+        splits.check_image_folder(data)
+    load_split = splits.loader(pipeline)
+    return {name: load_split(data, name, image_size, batch_size, shuffle=name == "train", seed=seed)
+            for name in ("train", "validation", "test")}
+
+
+def book_classifier(base, image_size: int, num_classes: int = 2, units: int = 256,
+                    dropout_rate: float = 0.5, seed: int = 0):
+    """NNX Classifier: the headless `base` (an NNX VGG) under a fresh book head (Dense(units)
+    relu, dropout, one logit for two classes), sized for `image_size` inputs."""
+    from vggjax.nnx.model import Classifier, Head, variables
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    base.config.check_input(images.shape)
+    features = jax.eval_shape(base.config.apply, variables(base), images)
+    head = Head(math.prod(features.shape[1:]), units=units, dropout_rate=dropout_rate,
+                num_outputs=1 if num_classes == 2 else num_classes, rngs=nnx.Rngs(seed))
+    return Classifier(base, head)

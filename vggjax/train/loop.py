@@ -180,12 +180,13 @@ def _totals(loss_sum: float = 0.0, correct: int = 0, count: int = 0) -> dict:
     return {"loss_sum": jnp.float32(loss_sum), "correct": jnp.int32(correct), "count": jnp.int32(count)}
 
 
-def _finite(train: dict, where: str, directory: Path) -> dict:
+def _finite(train: dict, where: str, directory: Path | None = None) -> dict:
     """`train` if its loss is finite; else ValueError before this epoch's state is saved (a NaN
     loss stays NaN: every later epoch would be nonsense)."""
     if not math.isfinite(train["loss"]):
+        kept = f". The checkpoints before this epoch are kept in {directory}" if directory else ""
         raise ValueError(f"{where}: the training loss is {train['loss']}; lower the learning rate "
-                         f"or check the inputs. The checkpoints before this epoch are kept in {directory}")
+                         f"or check the inputs{kept}")
     return train
 
 

@@ -6,6 +6,7 @@ see `vggjax.train.data` for the batch contract.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import itertools
 import math
@@ -112,6 +113,15 @@ class Split:
         n, s = self.local_batch_size, self.image_size
         return {"image": np.zeros((n, s, s, 3), np.uint8), "label": np.zeros((n,), np.int32),
                 "mask": np.zeros((n,), bool)}
+
+
+def loader(pipeline: str, tfds_data_dir: str | None = None):
+    """`load_split(source, split, image_size, batch_size, *, shuffle, seed)` of `pipeline`
+    ("tfdata" or "grain"); TensorFlow is imported only for tfdata."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {sorted(PIPELINES)}, found {pipeline!r}")
+    load_split = importlib.import_module(PIPELINES[pipeline]).load_split
+    return functools.partial(load_split, data_dir=tfds_data_dir) if pipeline == "tfdata" else load_split
 
 
 def check_image_folder(root: str, splits=("train", "validation", "test")) -> dict[str, dict[str, int]]:

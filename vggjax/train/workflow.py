@@ -465,17 +465,6 @@ def make_workdir(workdir: Path) -> None:
         raise OSError(f"cannot use --workdir {workdir}: {err.strerror or err}") from None
 
 
-def _split_loader(config: Config) -> Callable:
-    """`load_split` of the run's pipeline; TensorFlow is imported only for tfdata."""
-    if config.pipeline == "grain":
-        from vggjax.train import grain_data
-
-        return grain_data.load_split
-    from vggjax.train import data
-
-    return functools.partial(data.load_split, data_dir=config.tfds_data_dir)
-
-
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True) if value is not None else "absent"
     return text if len(text) <= 40 else text[:16] + "..."
@@ -514,7 +503,7 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
 def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path,
          log: Callable[[str], Any]) -> dict:
     """`run` after the checks, in the claimed and locked workdir."""
-    load_split = _split_loader(config)
+    load_split = splits_lib.loader(config.pipeline, config.tfds_data_dir)
     n_proc = jax.process_count()
     if jax.process_index() == 0:
         with atomic.writing(workdir / "config.json") as tmp:
