@@ -199,7 +199,7 @@ def set_variables(model: nnx.Module, linen_variables: Mapping) -> None:
     for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
         if collection in have:
             state = nnx.state(model, kind)
-            state.replace_by_pure_dict(jax.tree.map(jnp.asarray, have[collection]))
+            nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, have[collection]))
             nnx.update(model, state)
 
 
@@ -219,7 +219,7 @@ def from_linen(module, linen_variables: Mapping, preprocessing: str | None = Non
     model = nnx.eval_shape(build)  # shapes only: the values come from linen_variables
     set_variables(model, linen_variables)
     rngs = rngs or nnx.Rngs(0)
-    for _, layer in model.iter_modules():
+    for _, layer in nnx.iter_modules(model):
         if isinstance(layer, nnx.Dropout):  # its abstract key from eval_shape, made real
             layer.rngs = rngs[layer.rng_collection].fork()
     return model
