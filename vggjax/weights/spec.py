@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 
 from vggjax.model.vgg import create, variable_shapes
