@@ -223,3 +223,20 @@ print("OK")
     env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_processes_starting_together_build_once_and_both_load_it(tmp_path, subprocess_env):
+    """Two processes (pytest workers, data-parallel hosts) with one empty cache: the second waits
+    for the first's build instead of refusing its half-recorded library."""
+    builds = tmp_path / "builds.log"
+    cxx = tmp_path / "slow-g++"
+    cxx.write_text(f'#!/bin/sh\necho build >> {builds}\nsleep 2\nexec g++ "$@"\n')
+    cxx.chmod(0o755)
+    env = dict(subprocess_env, CXX=str(cxx), JAX_PLATFORMS="cpu")
+    code = "from vggjax.model import onednn; print('REASON', onednn.unavailable())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "REASON None" in out, out + err[-2000:]
+    assert builds.read_text().splitlines() == ["build"]

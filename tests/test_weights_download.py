@@ -95,4 +95,4 @@ def test_fetch_uses_the_cache_dir_from_the_environment(monkeypatch, tmp_path):
     cached.write_bytes(b"placed by a previous verified download")
     assert download.fetch("torchvision", "vgg11", include_top=True) == cached
     monkeypatch.delenv("VGGJAX_CACHE")
-    assert str(download.cache_dir()).endswith(".cache/vggjax")
+    assert str(cache_dir()).endswith(".cache/vggjax")

@@ -31,17 +31,13 @@ import jax
 import jax.numpy as jnp
 
 from vggjax.utils import atomic
+from vggjax.utils.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DTYPES = (jnp.float32, jnp.bfloat16)
 _TARGETS = {"vggjax_onednn_conv_fwd": "VggjaxConvFwd",
             "vggjax_onednn_conv_bwd_data": "VggjaxConvBwdData",
             "vggjax_onednn_conv_bwd_weights": "VggjaxConvBwdWeights"}
-
-
-def cache_dir() -> Path:
-    """Where the compiled custom call lives: $VGGJAX_CACHE or ~/.cache/vggjax."""
-    return Path(os.environ.get("VGGJAX_CACHE") or Path.home() / ".cache" / "vggjax") / "onednn"
 
 
 def _onednn_prefix() -> Path | None:
@@ -69,12 +65,22 @@ def _build() -> Path:
         raise RuntimeError('oneDNN headers/library not found: pip install "vggjax[onednn]"')
     version = (prefix / "include/oneapi/dnnl/dnnl_version.h").read_bytes()
     key = hashlib.sha256(SOURCE.read_bytes() + version + jax.__version__.encode()).hexdigest()[:16]
-    out = cache_dir() / f"onednn_conv-{key}.so"
+    out = cache_dir() / "onednn" / f"onednn_conv-{key}.so"
     if out.is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Processes starting together (pytest workers, data-parallel hosts) build once: the others
+    # wait for the lock, then find the library. Built beside its final name and renamed
+    # (vggjax.utils.atomic): an interrupted build never leaves a half-written library behind.
+    with atomic.locked(out.parent, "the oneDNN build cache", wait=True):
+        if not out.is_file():
+            _compile(prefix, out)
+    return out
+
+
+def _compile(prefix: Path, out: Path) -> None:
+    """g++ onednn_conv.cc against the oneDNN under `prefix` into the shared library `out`."""
     libdir = _libdnnl(prefix).parent
-    # Built beside its final name and renamed (vggjax.utils.atomic): a concurrent or interrupted build
-    # never leaves a half-written library behind.
     with atomic.writing(out) as tmp:
         cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
                f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
@@ -83,7 +89,6 @@ def _build() -> Path:
         if proc.returncode:
             raise RuntimeError(f"building the oneDNN conv failed ({cmd[0]}): "
                                f"{proc.stderr.strip().splitlines()[-1:]}")
-    return out
 
 
 @functools.cache

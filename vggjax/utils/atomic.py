@@ -121,15 +121,15 @@ class BusyError(RefusedError):
 
 
 @contextlib.contextmanager
-def locked(directory: str | os.PathLike, what: str) -> Iterator[None]:
+def locked(directory: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `directory` (its `.vggjax-lock`, which names the holder's pid)
-    for the block; BusyError naming that pid when another process holds it. The lock dies with
-    its process, so a killed run never leaves a stale lock."""
+    for the block; BusyError naming that pid when another process holds it, or with `wait`,
+    wait for it. The lock dies with its process, so a killed run never leaves a stale lock."""
     path = Path(directory) / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise BusyError(f"{what} is in use by another vggjax run (pid {holder}); wait for it "

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from vggjax.utils import atomic
+from vggjax.utils.cache import cache_dir
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # (arch, include_top) -> (path under KERAS_URL, md5): keras/src/applications/vgg16.py, vgg19.py.
@@ -77,11 +78,6 @@ def official_file(source: str, arch: str, include_top: bool) -> WeightFile:
             f"timm weights have no checksum pinned in vggjax, so they are not downloaded for you: "
             f"get model.safetensors from {TIMM_PAGE.format(arch=arch)} and pass it with --input FILE")
     raise ValueError(f"unknown weights source {source!r}; expected keras, torchvision or timm")
-
-
-def cache_dir() -> Path:
-    """$VGGJAX_CACHE, or ~/.cache/vggjax."""
-    return Path(os.environ.get("VGGJAX_CACHE") or Path.home() / ".cache" / "vggjax")
 
 
 def file_digest(path: str | os.PathLike, algorithm: str) -> str:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vggjax.utils import atomic
+from vggjax.utils.cache import cache_dir
 
 from vggjax.train import checkpoint
 from vggjax.model.vgg import ARCHS, TOP, TOP_INPUTS, VGG, create
@@ -59,7 +60,7 @@ class Pretrained:
 
 def default_output_dir(source: str, arch: str, include_top: bool) -> Path:
     """$VGGJAX_CACHE/converted/<source>_<arch>[_notop]."""
-    return download.cache_dir() / "converted" / f"{source}_{arch}{'' if include_top else '_notop'}"
+    return cache_dir() / "converted" / f"{source}_{arch}{'' if include_top else '_notop'}"
 
 
 def read_weights(source: str, arch: str, path: str | os.PathLike) -> tuple[dict, bool]:
