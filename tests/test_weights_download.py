@@ -10,6 +10,7 @@ import pytest
 from vggjax.weights import download
 from vggjax.weights.download import DownloadError
 from vggjax.utils import atomic
+from vggjax.utils.cache import cache_dir
 
 
 def keras_application_source(arch):
