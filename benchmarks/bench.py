@@ -49,7 +49,8 @@ STEP_TASKS = {
 # bf16 with fp32 parameters, optimizer state and loss: vggjax compute_dtype=bfloat16 (the
 # workflow's precision="bf16"), Keras mixed_bfloat16, torch autocast(bfloat16) + channels_last;
 # bf16 rows are compared with the bf16 peers.
-FRAMEWORKS = ("vggjax", "vggjax-direct", "keras", "torch", "vggjax-bf16", "keras-bf16", "torch-bf16")
+FRAMEWORKS = ("vggjax", "vggjax-direct", "keras", "keras-jax", "torch",
+              "vggjax-bf16", "keras-bf16", "keras-jax-bf16", "torch-bf16")
 # The book's run (Deep Learning with Python, ch. 5.3) at 150x150: 2000 training, 1000 validation
 # and 1000 test images; features: one conv-base pass over all three splits; frozen and
 # finetune: their epochs, each a training pass and a validation pass, and a test pass at the end.
@@ -102,18 +103,24 @@ class JaxWorker:
 
 
 class KerasWorker:
-    """keras.applications.VGG16(include_top=False, weights=None) + the book's head, Keras defaults
-    (on a CPU-only machine Keras compiles no XLA: TF's oneDNN kernels run)."""
+    """keras.applications.VGG16(include_top=False, weights=None) + the book's head, Keras defaults.
+    backend "tensorflow": on a CPU-only machine Keras compiles no XLA, TF's oneDNN kernels run;
+    "jax" (what a Keras reader moving to JAX tries first): Keras jit-compiles its steps with XLA."""
 
-    def __init__(self, bf16: bool = False):
-        import tensorflow as tf
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.threading.set_intra_op_parallelism_threads(THREADS)
-        tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+    def __init__(self, bf16: bool = False, backend: str = "tensorflow"):
+        os.environ["KERAS_BACKEND"] = backend  # read once, when keras is first imported
+        self.tf = None
+        if backend == "tensorflow":
+            import tensorflow as tf
+            tf.config.set_visible_devices([], "GPU")
+            tf.config.threading.set_intra_op_parallelism_threads(THREADS)
+            tf.config.threading.set_inter_op_parallelism_threads(THREADS)
+            self.tf = tf
         import keras
+        assert keras.backend.backend() == backend, keras.backend.backend()
         if bf16:
             keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        self.tf, self.keras = tf, keras
+        self.keras = keras
 
     def setup(self, kind, size, batch, trainable=None, lr=None):
         tf, keras = self.tf, self.keras
@@ -123,6 +130,11 @@ class KerasWorker:
         base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(size, size, 3))
         inputs = keras.Input((size, size, 3))
         x = keras.applications.vgg16.preprocess_input(inputs)  # caffe: RGB->BGR, minus mean
+        if kind == "infer" and tf is None:
+            net = keras.Model(inputs, base(x))
+            net.compile(jit_compile=True)
+            x_in = images.astype("float32")
+            return lambda: net.predict_on_batch(x_in)
         if kind == "infer":
             net = keras.Model(inputs, base(x))
             fn = tf.function(lambda t: net(tf.cast(t, tf.float32), training=False))
@@ -137,7 +149,9 @@ class KerasWorker:
         x = keras.layers.Dense(1)(x)
         net = keras.Model(inputs, keras.layers.Activation("sigmoid", dtype="float32")(x))
         net.compile(optimizer=keras.optimizers.RMSprop(lr), loss="binary_crossentropy")
-        x_in, y_in = tf.constant(images.astype("float32")), tf.constant(labels.astype("float32"))
+        x_in, y_in = images.astype("float32"), labels.astype("float32")
+        if tf is not None:
+            x_in, y_in = tf.constant(x_in), tf.constant(y_in)
         return lambda: net.train_on_batch(x_in, y_in)
 
 
@@ -205,6 +219,8 @@ def worker_main(name: str) -> None:
     base, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")
     if base.startswith("vggjax"):
         worker = JaxWorker(base.partition("-")[2] or "auto", bf16)
+    elif base == "keras-jax":
+        worker = KerasWorker(bf16, backend="jax")
     else:
         worker = {"keras": KerasWorker, "torch": TorchWorker}[base](bf16)
     out = os.fdopen(os.dup(1), "w")
@@ -377,10 +393,10 @@ def format_task(task: str, res: dict) -> str:
     lines = []
     for name, e in res.items():
         suffix = "-bf16" if name.endswith("-bf16") else ""  # bf16 rows against bf16 peers
-        keras, torch = (res.get(peer + suffix, {}).get("img_s") for peer in ("keras", "torch"))
-        vs = [f"{e['img_s'] / ref:5.2f}x" if ref else "   - " for ref in (keras, torch)]
+        refs = (res.get(peer + suffix, {}).get("img_s") for peer in PEERS)
+        vs = " | ".join(f"{e['img_s'] / ref:5.2f}x" if ref else "   - " for ref in refs)
         spread = f"{min(e['rounds']):6.2f}-{max(e['rounds']):6.2f}"
-        lines.append(f"| {task:9s} | {name:13s} | {e['img_s']:7.2f} | {spread} | {vs[0]} | {vs[1]} "
+        lines.append(f"| {task:9s} | {name:14s} | {e['img_s']:7.2f} | {spread} | {vs} "
                      f"| {e['img_cpu_s']:6.2f} | {e['compile_s']:6.1f} |")
     return "\n".join(lines)
 
@@ -411,9 +427,10 @@ def cpu_line() -> str:
     return f"CPU: {model}; {found}"
 
 
-HEADER = ("| task      | framework     |   img/s | rounds min-max | vs Keras | vs torch "
+PEERS = ("keras", "keras-jax", "torch")  # the ratio columns, each against the same-precision row
+HEADER = ("| task      | framework      |   img/s | rounds min-max | vs Keras/TF | vs Keras/JAX | vs torch "
           "| img/cpu-s | first-call extra s |\n"
-          "|-----------|---------------|---------|----------------|----------|----------"
+          "|-----------|----------------|---------|----------------|----------|----------|----------"
           "|-----------|--------------------|")
 
 
