@@ -139,6 +139,8 @@ def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
     vggjax.weights.save(tmp_path / "w", variables, meta)
     pixels = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     want = vggjax.VGG11(include_top=False).apply(variables, vggjax.preprocess_input(pixels, "caffe"))
+    with pytest.raises(ValueError, match="--image-size must be an integer >= 32, found 0"):
+        artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=0)  # not "default"
     artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=64)
     got = artifact.load(tmp_path / "features").outputs(pixels)["features"]
     assert got.shape == (3, 2, 2, 512)
