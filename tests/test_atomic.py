@@ -40,6 +40,9 @@ def test_overwrite_never_deletes_user_files_the_input_or_the_working_directory(t
     (out / "input.h5").write_bytes(b"weights")
     with pytest.raises(atomic.RefusedError, match=r"out contains .*input.h5; refusing to replace it"):
         write_dir(out, overwrite=True, protect=[out / "input.h5"])
+    with pytest.raises(atomic.RefusedError, match=r"out/new is inside the input .*out; vggjax does not write"):
+        write_dir(out / "new", protect=[out])  # an input directory is read, never written into
+    assert not (out / "new").exists()
     monkeypatch.chdir(out)
     with pytest.raises(atomic.RefusedError, match="refusing to replace it"):
         write_dir(".", overwrite=True)

@@ -139,6 +139,8 @@ def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
     vggjax.weights.save(tmp_path / "w", variables, meta)
     pixels = np.random.default_rng(3).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     want = vggjax.VGG11(include_top=False).apply(variables, vggjax.preprocess_input(pixels, "caffe"))
+    with pytest.raises(ValueError, match="--image-size must be an integer >= 32, found 0"):
+        artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=0)  # not "default"
     artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=64)
     got = artifact.load(tmp_path / "features").outputs(pixels)["features"]
     assert got.shape == (3, 2, 2, 512)
@@ -156,7 +158,7 @@ def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, ca
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     cases = [
-        ([str(tmp_path), "--format", "jax", "--output", str(tmp_path / "a")],
+        ([str(mine), "--format", "jax", "--output", str(tmp_path / "a")],
          "is neither an exported classifier (classifier.json) nor converted weights (vggjax.json)"),
         ([str(directory), "--format", "jax", "--output", str(mine), "--overwrite"],
          "mine holds files vggjax did not write (mine/notes.txt)"),
@@ -166,12 +168,15 @@ def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, ca
          "classifies 32x32 images (its top fixes the size); found --image-size 64"),
         ([str(directory), "--format", "jax", "--output", str(artifacts["jax"])],
          "already exists and is not empty; pass overwrite=True (--overwrite)"),
+        ([str(directory), "--format", "jax", "--output", str(directory / "inside")],
+         f"is inside the input {directory}; vggjax does not write into its input"),
     ]
     for argv, message in cases:
         assert tool.main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (mine / "notes.txt").is_file()
+    assert not (directory / "inside").exists() and atomic.foreign(directory) == []
     with pytest.raises(SystemExit):
         tool.main([str(directory), "--format", "tflite", "--output", str(tmp_path / "d")])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err

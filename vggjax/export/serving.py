@@ -77,7 +77,7 @@ def _classes(src: Path, precision: str, image_size: int | None) -> Serving:
 
 def _features(src: Path, precision: str, image_size: int | None) -> Serving:
     pretrained = vggjax.load(src)
-    size = image_size or IMAGENET_SIZE
+    size = IMAGENET_SIZE if image_size is None else image_size  # 0 is refused, never the default
     if type(size) is not int or size < MIN_SIZE:
         raise ValueError(f"--image-size must be an integer >= {MIN_SIZE}, found {image_size!r}")
     model, params = _in_precision(pretrained.model.clone(conv_impl=PORTABLE_CONV),

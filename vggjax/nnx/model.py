@@ -183,7 +183,7 @@ def variables(model: nnx.Module) -> dict:
 
 def to_linen(model: nnx.Module) -> tuple[Any, dict]:
     """(Linen module, variables) of an NNX VGG or Classifier: what LPIPS, the feature and style
-    losses and Grad-CAM take (`vggjax.losses.LPIPS(*vggjax.nnx.to_linen(model))`-style)."""
+    losses and Grad-CAM take (`vggjax.losses.perceptual.LPIPS(*vggjax.nnx.to_linen(model), lins)`)."""
     return model.config, variables(model)
 
 

@@ -51,12 +51,17 @@ def check_target(final: str | os.PathLike, *, directory: bool, overwrite: bool =
     only when vggjax wrote it and it is unchanged since (its manifest record matches). A
     non-empty directory is replaced only with `overwrite`, only when every file in it is one
     vggjax wrote, unchanged, and when it holds neither the working directory nor any `protect`
-    path (e.g. the input file). A symbolic link is never replaced.
+    path (e.g. the input file). A symbolic link is never replaced, and nothing is written inside
+    a `protect` directory (an input is read, never changed).
     """
     final = Path(os.path.abspath(final))
     if final.is_symlink():
         raise RefusedError(f"{final} is a symbolic link; vggjax does not replace links: "
                            "give the real path")
+    for path in protect:
+        if Path(os.path.abspath(path)).resolve() in final.resolve().parents:
+            raise RefusedError(f"{final} is inside the input {path}; vggjax does not write into its "
+                               "input: choose an output directory outside it")
     if not final.exists():
         return final
     if not directory:
