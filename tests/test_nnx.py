@@ -43,6 +43,24 @@ def test_every_arch_computes_what_linen_does(arch):
         assert isinstance(model.block1_conv1_bn.mean, nnx.BatchStat)
 
 
+@pytest.mark.parametrize("options", [dict(conv_impl="winograd", pooling="avg"),
+                                     dict(conv_impl="auto", pooling="max"),
+                                     dict(dtype=jax.numpy.bfloat16)], ids=["winograd-avg", "auto-max", "bf16"])
+def test_the_linen_keyword_arguments_compute_what_linen_does(options):
+    """`vnnx.create` takes the Linen arguments and computes what the Linen VGG built with them does;
+    vggjax.summary prints the same Keras table for both faces."""
+    linen = vggjax.create("vgg11", include_top=False, **options)
+    v = random_variables("vgg11", include_top=False, seed=11)
+    model = vnnx.create("vgg11", include_top=False, rngs=nnx.Rngs(0), **options)
+    vnnx.set_variables(model, v)
+    x = normal_images(2, 32, seed=12)
+    got, want = model(x), linen.apply(v, x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert_close(f"vgg11 {options}", got.astype(np.float32), want.astype(np.float32))
+    table = vggjax.summary(model, (32, 32, 3), print_fn=None)
+    assert table == vggjax.summary(linen, (32, 32, 3), print_fn=None) and "block5_conv2 (Conv2D)" in table
+
+
 @pytest.mark.parametrize("top_input,size", [("keras", 224), ("torch", 64)])
 def test_top_of_both_styles_computes_what_linen_does(top_input, size):
     linen = vggjax.create("vgg11", top_input=top_input, classifier_activation=None)

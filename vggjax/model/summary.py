@@ -43,8 +43,10 @@ def summary_rows(model: VGG, input_shape: Sequence[int]) -> list[tuple[str, str,
 
 
 def summary(model: VGG, input_shape: Sequence[int], print_fn: Callable[[str], None] | None = print) -> str:
-    """Print (and return) the Keras-style summary table of `model` at `input_shape` (H, W, 3)."""
-    rows = summary_rows(model, input_shape)
+    """Print (and return) the Keras-style summary table of `model` at `input_shape` (H, W, 3).
+    `model`: a VGG, or an NNX `vggjax.nnx.VGG` (the table of its Linen twin, `model.config`:
+    the same layers, shapes and counts)."""
+    rows = summary_rows(getattr(model, "config", model), input_shape)
     fmt = "{:<32}{:<28}{:>14}"
     rule = "=" * 74
     lines = [rule, fmt.format("Layer (type)", "Output Shape", "Param #"), rule,
