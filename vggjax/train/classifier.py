@@ -30,6 +30,7 @@ from vggjax import weights
 
 from vggjax.utils import atomic
 from vggjax.model.vgg import VGG
+from vggjax.train.splits import pad_batch
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
 from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
 
@@ -263,8 +264,6 @@ def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_siz
                          f"was trained at), found {images.shape}")
     out = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
-        padded[:len(chunk)] = chunk
-        out.append(np.asarray(classifier.probabilities(classifier.variables, padded))[:len(chunk)])
+        batch = pad_batch({"image": images[start:start + batch_size]}, batch_size)
+        out.append(np.asarray(classifier.probabilities(classifier.variables, batch["image"]))[batch["mask"]])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
