@@ -338,3 +338,19 @@ def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer, co
     want = jax.grad(lambda x: score(model.apply(variables, x)))(x)
     got = pull_back(grads)[0]
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
+
+
+def test_image_files_without_pillow_name_the_extra(subprocess_env):
+    """Pillow is an extra: vggjax.viz imports without it, and the image-file functions say what to install."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nsys.modules['PIL'] = None  # as if Pillow were not installed\n"
+              "import numpy as np\nfrom vggjax.viz import convnet as viz\n"
+              "try:\n    viz.overlay(np.zeros((8, 8, 3), np.uint8), np.ones((2, 2), np.float32))\n"
+              "except ImportError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("reading, resizing and writing image files needs PIL, which is not "
+                                  "installed: pip install 'vggjax[train]'")

@@ -67,7 +67,7 @@ def read_weights(source: str, arch: str, path: str | os.PathLike) -> tuple[dict,
     if source == "keras":
         return read_keras_h5(path, arch)
     if source in ("torchvision", "timm"):
-        from vggjax.weights.torch import read_torch_file  # imports torch or safetensors lazily
+        from vggjax.weights.torch import read_torch_file  # safetensors imported lazily; .pth needs no torch
         return read_torch_file(os.fspath(path), arch)
     raise ValueError(f"unknown weights source {source!r}; expected one of {sorted(SOURCES)}")
 
