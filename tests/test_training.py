@@ -1,4 +1,5 @@
 """The train/eval steps and the resumable fit loop: masking, checkpoints, best epoch, kill -9 and resume."""
+import dataclasses
 import json
 import os
 import re
@@ -17,31 +18,20 @@ import pytest
 import vggjax
 from vggjax.train import augmentation, freezing, loop as training
 from vggjax.train.classifier import Head
-from vggjax.utils.trees import flatten
+from vggjax.train.splits import ArraySplit, epoch_order
 
 
-class ArraySplit:
-    """In-memory stand-in for `vggjax.train.data.Split` with the same batch contract: full-size
-    batches, the last one padded and masked, order a permutation seeded by (seed, epoch).
-    `delay` seconds per batch stand for a slow input pipeline (gives the kill test its window)."""
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class SlowSplit(ArraySplit):
+    """The library's in-memory split, `delay` seconds per batch standing for a slow input
+    pipeline (gives the kill test its window)."""
 
-    def __init__(self, images, labels, batch_size, *, shuffle, seed=0, delay=0.0):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.shuffle, self.seed, self.delay = shuffle, seed, delay
-        self.num_examples = len(labels)
-        self.steps_per_epoch = -(-self.num_examples // batch_size)
-        self.class_names = ("cat", "dog")
+    delay: float = 0.0
 
     def batches(self, epoch=0, skip=0):
-        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-                 if self.shuffle else np.arange(self.num_examples))
-        for i in range(skip, self.steps_per_epoch):
+        for batch in super().batches(epoch, skip):
             time.sleep(self.delay)
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            pad = self.batch_size - len(idx)
-            yield {"image": np.concatenate([self.images[idx], np.zeros((pad, *self.images.shape[1:]), np.uint8)]),
-                   "label": np.concatenate([self.labels[idx], np.zeros(pad, np.int32)]),
-                   "mask": np.arange(self.batch_size) < len(idx)}
+            yield batch
 
 
 class TinyNet(nn.Module):
@@ -59,11 +49,12 @@ RULES = [(r"bn/.*", "freeze"), (r".*", "train")]  # BN scale/bias frozen, runnin
 
 
 def images(n, seed):
+    """{"image": uint8 (n, 16, 16, 3), "label": int32 (n,)}."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n).astype(np.int32)
     x = rng.integers(0, 200, (n, 16, 16, 3)).astype(np.uint8)
     x[labels == 1, :, :, 0] = 255  # something learnable: dogs are red
-    return x, labels
+    return {"image": x, "label": labels}
 
 
 def identity(spec, seed=3):
@@ -79,8 +70,9 @@ def tiny_run(delay=0.0):
     state = training.TrainState.create(variables, tx, seed=3)
     train_step = training.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
     eval_step = training.make_eval_step(model, preprocess_mode="caffe")
-    train = ArraySplit(*images(24, 1), 4, shuffle=True, seed=1, delay=delay)  # 6 steps per epoch
-    val = ArraySplit(*images(10, 2), 4, shuffle=False)  # last batch: 2 real, 2 padded
+    train = SlowSplit(name="train", arrays=images(24, 1), batch_size=4, shuffle=True, seed=1,
+                      delay=delay)  # 6 steps per epoch
+    val = SlowSplit(name="validation", arrays=images(10, 2), batch_size=4)  # last batch: 2 real, 2 padded
     return model, state, train_step, eval_step, train, val
 
 
@@ -108,6 +100,27 @@ def test_batch_metrics_ignore_padded_examples():
     assert np.isfinite(float(m["loss"])) and float(m["accuracy"]) == pytest.approx(2 / 3)
     empty = training.batch_metrics(binary, labels, np.zeros(4, bool))
     assert float(empty["loss"]) == 0 and int(empty["count"]) == 0
+
+
+def test_an_array_split_pads_the_last_batch_and_orders_by_seed_and_epoch(tmp_path):
+    """The library's in-memory split (the feature cache's, this file's): each example once per
+    epoch in `epoch_order`, a memmap read like an array, the last batch zero-padded and masked,
+    `skip` resuming mid-epoch, a skip past the epoch refused."""
+    data = images(10, 3)
+    np.save(tmp_path / "x.npy", data["image"])
+    split = ArraySplit(name="t", arrays=dict(data, image=np.load(tmp_path / "x.npy", mmap_mode="r")),
+                       batch_size=4, shuffle=True, seed=5)
+    batches = list(split.batches(1))
+    assert len(batches) == split.steps_per_epoch == 3
+    assert [int(b["mask"].sum()) for b in batches] == [4, 4, 2]
+    order = epoch_order(10, True, 5, 1)
+    assert not np.array_equal(order, epoch_order(10, True, 5, 2))
+    np.testing.assert_array_equal(np.concatenate([b["image"][b["mask"]] for b in batches]), data["image"][order])
+    np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in batches]), data["label"][order])
+    assert not batches[-1]["image"][2:].any() and batches[-1]["label"].dtype == np.int32
+    np.testing.assert_array_equal(next(split.batches(1, skip=2))["image"], batches[2]["image"])
+    with pytest.raises(ValueError, match=r"skip=4 is outside 0..3 \(the batches per epoch of split 't'\)"):
+        next(split.batches(1, skip=4))
 
 
 def test_evaluate_sees_every_example_once_with_a_padded_last_batch(tmp_path):

@@ -307,17 +307,25 @@ def test_methods_match_pytorch_grad_cam(torch_vgg11, method):
         assert_close(f"{method} at {layer} vs pytorch-grad-cam", ours, theirs, TOL)
 
 
-@pytest.mark.parametrize("arch, layer", [("vgg11", "block3_conv1"), ("vgg11", "block4_conv2_preact"),
-                                         ("vgg11_bn", "block5_conv2"), ("vgg11_bn", "block2_conv1_preact")])
-def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer):
+@pytest.mark.parametrize("arch, layer, conv_impl", [
+    ("vgg11", "block3_conv1", "direct"), ("vgg11", "block4_conv2_preact", "direct"),
+    ("vgg11_bn", "block5_conv2", "direct"), ("vgg11_bn", "block2_conv1_preact", "direct"),
+    ("vgg11", "block4_conv2_preact", "onednn"), ("vgg11", "block3_conv1", "onednn")])
+def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer, conv_impl):
     """dS/dx = (dA/dx)^T dS/dA: the gradient found at the layer, pulled back to the input,
-    equals plain autodiff of the score w.r.t. the input (BatchNorm and pre-ReLU taps too), and
-    A is the layer's output. (Where a ReLU output is 0 the pull-back cannot see dS/dA; the
-    parity tests against TF and pytorch-grad-cam cover those places.)"""
+    equals plain autodiff of the score w.r.t. the input (BatchNorm and pre-ReLU taps too, and
+    oneDNN's conv with its ReLU fused, which the model unfuses for a pre-ReLU tap), and A is
+    the layer's output. (Where a ReLU output is 0 the pull-back cannot see dS/dA; the parity
+    tests against TF and pytorch-grad-cam cover those places.)"""
     import jax
     import jax.numpy as jnp
 
-    model = vggjax.create(arch, top_input="torch", classifier_activation=None, num_classes=10)
+    from vggjax.model import onednn
+
+    if conv_impl == "onednn" and onednn.unavailable():
+        pytest.skip(f"oneDNN conv unavailable: {onednn.unavailable()}")
+    model = vggjax.create(arch, top_input="torch", classifier_activation=None, num_classes=10,
+                          conv_impl=conv_impl)
     variables = dict(make_variables(arch, include_top=True, seed=7))
     variables["params"] = dict(variables["params"], predictions={
         "kernel": variables["params"]["predictions"]["kernel"][:, :10],
@@ -330,3 +338,19 @@ def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer):
     want = jax.grad(lambda x: score(model.apply(variables, x)))(x)
     got = pull_back(grads)[0]
     assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
+
+
+def test_image_files_without_pillow_name_the_extra(subprocess_env):
+    """Pillow is an extra: vggjax.viz imports without it, and the image-file functions say what to install."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nsys.modules['PIL'] = None  # as if Pillow were not installed\n"
+              "import numpy as np\nfrom vggjax.viz import convnet as viz\n"
+              "try:\n    viz.overlay(np.zeros((8, 8, 3), np.uint8), np.ones((2, 2), np.float32))\n"
+              "except ImportError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("reading, resizing and writing image files needs PIL, which is not "
+                                  "installed: pip install 'vggjax[train]'")

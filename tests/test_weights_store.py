@@ -213,14 +213,14 @@ def test_flipped_bytes_in_a_checkpoint_are_detected_on_load(saved_bn, tmp_path):
     (0.125, r"is corrupt: its arrays do not match the variables_sha256 recorded in vggjax.json"),
 ], ids=["nan", "one-changed-value"])
 def test_changed_arrays_are_refused_on_load(saved_bn, bn_variables, tmp_path, value, message):
-    from vggjax.train import checkpoint
+    from vggjax.utils.orbax_tree import save_tree
 
     directory = tmp_path / "changed"
     shutil.copytree(saved_bn, directory)
     shutil.rmtree(directory / "checkpoint")
     bad = jax.tree.map(np.array, bn_variables)
     bad["params"]["block2_conv1"]["kernel"][0, 0, 0, 0] = value
-    checkpoint.save_tree(directory / "checkpoint", bad)
+    save_tree(directory / "checkpoint", bad)
     with pytest.raises(ValueError, match=message):
         vggjax.load(directory)
     if value == 0.125:

@@ -24,6 +24,9 @@ TOP_INPUTS = ("keras", "torch")  # how the top sees block5: Keras flattens, torc
 TOP = ("fc1", "fc2", "predictions")  # the ImageNet classifier's layers (include_top)
 POOLINGS = (None, "avg", "max")
 MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
+# The tap points (see `_LinenLayers.perturb`): each conv's output and pre-activation, as
+# {"taps": {"block5_conv3": ...}} in these collections of the VGG's scope.
+PERTURBATIONS, TAPPED, TAPS = "perturbations", "intermediates", "taps"
 
 
 # He-normal over fan-out, as torchvision initialises VGG convs (used only for random weights).
@@ -146,11 +149,6 @@ class VGG(nn.Module):
     def __call__(self, x, train: bool = False, outputs: Sequence[str] | None = None):
         return forward(self, _LinenLayers(self, train), x, outputs)
 
-    def forward_top(self, x, train: bool, taps: "_Taps"):
-        """The ImageNet classifier as a method of its own, so Grad-CAM's method interception
-        (vggjax.viz.convnet.layer_gradient) sees where the conv base ends."""
-        return top(self, _LinenLayers(self, train), x, taps)
-
 
 def forward(config: VGG, layers, x, outputs: Sequence[str] | None):
     """The one VGG forward pass, for both faces: `config` (a Linen VGG, bound or not) holds the
@@ -175,15 +173,19 @@ def features(config: VGG, layers, x, taps: "_Taps"):
     for b, (n, width) in enumerate(zip(config.block_sizes, WIDTHS), 1):
         for i in range(1, n + 1):
             name = f"block{b}_conv{i}"
-            # The ReLU goes into the conv unless BatchNorm or a `_preact` tap sits between.
-            fuse = not config.batch_norm and f"{name}_preact" not in taps.wanted
+            # The ReLU goes into the conv unless BatchNorm or a `_preact` output or perturbation
+            # sits between.
+            preact = f"{name}_preact"
+            fuse = not (config.batch_norm or preact in taps.wanted or layers.perturbed(preact))
             x = layers.conv(name, width, fuse, x)
             if not fuse:
                 if config.batch_norm:
                     x = layers.batch_norm(f"{name}_bn", x)
-                if taps(f"{name}_preact", x):
+                x = layers.perturb(preact, x)
+                if taps(preact, x):
                     return x
                 x = nn.relu(x)
+            x = layers.perturb(name, x)
             if taps(name, x):
                 return x
         x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
@@ -237,7 +239,33 @@ class _LinenLayers:
         return nn.Dropout(self.m.dropout_rate, deterministic=not self.train)(x)
 
     def top(self, x, taps):
-        return self.m.forward_top(x, self.train, taps)
+        return top(self.m, self, x, taps)
+
+    def perturbed(self, name: str) -> bool:
+        """Whether `perturb(name, ...)` changes anything in this pass: every tap point is
+        declared while the PERTURBATIONS collection is mutable (outside init), else only those
+        given a perturbation."""
+        m = self.m
+        declaring = m.is_mutable_collection(PERTURBATIONS) and not m.is_initializing()
+        return declaring or name in _tapped(m, PERTURBATIONS)
+
+    def perturb(self, name: str, x):
+        """x plus the perturbation given for `name` (a zero one declared in a declaring pass),
+        with x itself recorded in TAPPED when that collection is mutable: jax.grad with respect
+        to a zero perturbation is the gradient at this layer's output, with no second forward
+        pass (how vggjax.viz.convnet.layer_gradient takes it)."""
+        m = self.m
+        if not self.perturbed(name):
+            return x
+        if m.is_mutable_collection(PERTURBATIONS):
+            m.put_variable(PERTURBATIONS, TAPS, {**_tapped(m, PERTURBATIONS), name: jnp.zeros_like(x)})
+        if m.is_mutable_collection(TAPPED):
+            m.put_variable(TAPPED, TAPS, {**_tapped(m, TAPPED), name: x})
+        return x + _tapped(m, PERTURBATIONS)[name]
+
+
+def _tapped(module: nn.Module, collection: str) -> dict:
+    return dict(module.get_variable(collection, TAPS, {}))
 
 
 class _Taps:

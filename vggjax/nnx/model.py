@@ -101,6 +101,12 @@ class _Layers:
     def top(self, x, taps):
         return linen_vgg.top(self.m.config, self, x, taps)
 
+    def perturbed(self, name):  # no tap points: Grad-CAM runs on the Linen twin (to_linen)
+        return False
+
+    def perturb(self, name, x):
+        return x
+
 
 def _layer_shapes(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
     """{"block1_conv1": (3, 3, 3, 64), "block1_conv1_bn": (64,), "fc1": (25088, 4096), ...}:

@@ -27,17 +27,17 @@ def save(path: str | os.PathLike, model: nnx.Module, overwrite: bool = False) ->
     """Write the model's parameters and BatchNorm statistics as an Orbax checkpoint directory
     at `path`: complete or absent (`atomic.writing`); `overwrite` replaces only a checkpoint
     vggjax wrote there and nobody changed since. Returns the path."""
-    from vggjax.train import checkpoint
+    from vggjax.utils import orbax_tree
     from vggjax.utils import atomic
     path = Path(path).expanduser().absolute()
     with atomic.writing(path, directory=True, overwrite=overwrite) as tmp:
-        checkpoint.save_tree(tmp, variables(model))
+        orbax_tree.save_tree(tmp, variables(model))
     return path
 
 
 def restore(path: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     """Fill `model` (e.g. `nnx.eval_shape(lambda: VGG16(rngs=nnx.Rngs(0)))`) with the checkpoint
     at `path`, in place; ValueError naming the layers when it does not fit. Returns `model`."""
-    from vggjax.train import checkpoint
-    set_variables(model, checkpoint.restore_tree(Path(path).expanduser().absolute()))
+    from vggjax.utils import orbax_tree
+    set_variables(model, orbax_tree.restore_tree(Path(path).expanduser().absolute()))
     return model

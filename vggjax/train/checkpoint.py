@@ -1,5 +1,5 @@
-"""Orbax, in one place: a tree of arrays saved and restored synchronously (weights directories),
-and the training checkpoint manager (latest + best epoch, state plus JSON metadata)."""
+"""The training checkpoint manager (Orbax): latest + best epoch, state plus JSON metadata,
+damaged checkpoints set aside. A plain tree of arrays on disk is `vggjax.utils.orbax_tree`."""
 from __future__ import annotations
 
 import os
@@ -9,32 +9,9 @@ from typing import Any, Callable, Mapping
 import jax
 
 from vggjax.utils import atomic
+from vggjax.utils.orbax_tree import ocp as _ocp
 
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}
-
-
-def _ocp():
-    import orbax.checkpoint as ocp  # ~1 s to import: only when a checkpoint is touched
-
-    return ocp
-
-
-def save_tree(path: Path, tree: Mapping) -> None:
-    """Write a nested dict of arrays to `path` (a new directory) and return when it is on disk.
-
-    Synchronous on purpose: no writer thread can still be filling `path` when an interrupt
-    makes the caller delete it.
-    """
-    ocp = _ocp()
-    with atomic.signals_deferred(), ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-        ckptr.save(path, args=ocp.args.StandardSave(dict(tree)))
-
-
-def restore_tree(path: Path) -> dict:
-    """The nested dict of NumPy arrays saved at `path`, with the stored shapes and dtypes."""
-    ocp = _ocp()
-    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-        return ckptr.restore(path)
 
 
 def manager(directory: Path, monitor: str, create: bool = True):

@@ -16,6 +16,7 @@ Exported classifier layout (`export`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ from vggjax import weights
 
 from vggjax.utils import atomic
 from vggjax.model.vgg import VGG
+from vggjax.train.splits import pad_batch
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
 from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
 
@@ -136,6 +138,15 @@ def class_logits(logits: jax.Array) -> jax.Array:
     return jnp.concatenate([-logits / 2, logits / 2], axis=-1) if logits.shape[-1] == 1 else logits
 
 
+def class_probabilities(model: nn.Module, preprocessing: str, variables, pixels) -> jax.Array:
+    """The one "classify pixels" runner: uint8 or 0..255 float RGB (N, S, S, 3) -> float32
+    (N, K) probabilities: `preprocessing`, `model` (whose output is class logits), softmax of
+    `class_logits` (a binary head: (1 - sigmoid(l), sigmoid(l))). Traceable; `predict`, the
+    files tool's `Predictor` and the exported serving function all run it."""
+    logits = model.apply(variables, preprocess_input(pixels, preprocessing))
+    return jax.nn.softmax(class_logits(logits))
+
+
 @dataclasses.dataclass(eq=False)
 class TrainedClassifier:
     """A headless VGG base plus a head, ready to classify raw images (see `predict`)."""
@@ -148,15 +159,9 @@ class TrainedClassifier:
     meta: dict = dataclasses.field(default_factory=dict)  # classifier.json when loaded
 
     def __post_init__(self):
-        model, mode = self.model, self.preprocessing
-
-        def probabilities(variables, images):
-            logits = model.apply(variables, preprocess_input(images, mode))
-            p = jax.nn.softmax(class_logits(logits))
-            return p[:, 1] if logits.shape[-1] == 1 else p  # binary: P(class_names[1]), (N,)
-
-        # One jitted function per classifier: every `predict` call after the first reuses it.
-        self.probabilities = jax.jit(probabilities)
+        # One jitted (variables, pixels) -> (N, K) per classifier: every `predict` call after
+        # the first reuses it.
+        self.probabilities = jax.jit(functools.partial(class_probabilities, self.model, self.preprocessing))
 
 
 def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_meta: Mapping,
@@ -263,8 +268,8 @@ def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_siz
                          f"was trained at), found {images.shape}")
     out = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
-        padded[:len(chunk)] = chunk
-        out.append(np.asarray(classifier.probabilities(classifier.variables, padded))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        batch = pad_batch({"image": images[start:start + batch_size]}, batch_size)
+        out.append(np.asarray(classifier.probabilities(classifier.variables, batch["image"]))[batch["mask"]])
+    k = max(classifier.model.head.num_outputs, 2)
+    p = np.concatenate(out) if out else np.zeros((0, k), np.float32)
+    return p[:, 1] if classifier.model.head.num_outputs == 1 else p  # binary: P(class_names[1]), (N,)

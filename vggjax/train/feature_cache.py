@@ -5,7 +5,7 @@ keep the (N, h, w, 512) outputs, and train only a small head on them, with no au
 
     feats = extract(base_model, base_variables, {"train": train_split, ...}, cache_dir,
                     preprocess_mode="caffe")
-    for batch in feats["train"].batches(epoch):   # {"features", "label", "mask"}, like data.Split
+    for batch in feats["train"].batches(epoch):   # {"features", "label", "mask"}: a splits.Batches
         ...
 
 Cache layout: `cache_dir/<split name>-<key>/{features.npy, labels.npy, info.json}`, where the
@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ import numpy as np
 
 from vggjax.utils import atomic
 from vggjax.model.vgg import VGG, arch_name
+from vggjax.train.splits import ArraySplit
 from vggjax.weights.preprocessing import preprocess_input
 from vggjax.utils.trees import digest
 
@@ -38,59 +39,23 @@ FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
 CACHE_VERSION = 3  # bump when the stored format or what goes into the key changes
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class FeatureSplit:
-    """Cached conv features of a split, batched like `data.Split`.
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class FeatureSplit(ArraySplit):
+    """Cached conv features of a split as `Batches`: arrays {"features": float32 (N, h, w, c),
+    "label": int32 (N,)}, memory-mapped, in the split's unshuffled order; batches visit them in
+    the split's own `epoch_order` (same shuffle and seed), so a FeatureSplit made from a shuffled
+    train split shuffles the same way. Its batches: {"features", "label", "mask"}."""
 
-    `features` float32 (N, h, w, c) and `labels` int32 (N,) are memory-mapped, in the split's
-    unshuffled order; `batches` visits them in `split.order(epoch)` (the split's own seeded
-    shuffle), so a FeatureSplit made from a shuffled train split shuffles the same way.
-    """
-
-    split: Any  # the data.Split the features came from (its order, batch size and class names)
-    features: np.ndarray
-    labels: np.ndarray
     directory: Path
     reused: bool  # True when the cache already existed and no forward pass ran
 
     @property
-    def name(self) -> str:
-        return self.split.name
+    def features(self) -> np.ndarray:
+        return self.arrays["features"]
 
     @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.split.class_names
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.labels)
-
-    @property
-    def batch_size(self) -> int:
-        return self.split.batch_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.split.steps_per_epoch
-
-    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Yield {"features": float32 (B, h, w, c), "label": int32 (B,), "mask": bool (B,)} for
-        `epoch` from batch `skip` on; the last batch is zero-padded with mask False."""
-        if not 0 <= skip <= self.steps_per_epoch:
-            raise ValueError(f"skip={skip} is outside 0..{self.steps_per_epoch} "
-                             f"(the batches per epoch of split {self.name!r})")
-        order = self.split.order(epoch)
-        b = self.batch_size
-        for start in range(skip * b, self.num_examples, b):
-            idx = order[start:start + b]
-            n = len(idx)
-            features = np.zeros((b, *self.features.shape[1:]), np.float32)
-            labels = np.zeros((b,), np.int32)
-            # Sorted reads touch the memmap in file order; then put them back in epoch order.
-            rank = np.argsort(idx)
-            features[rank] = self.features[idx[rank]]
-            labels[:n] = self.labels[idx]
-            yield {"features": features, "label": labels, "mask": np.arange(b) < n}
+    def labels(self) -> np.ndarray:
+        return self.arrays["label"]
 
 
 def make_extract_step(model: VGG, preprocess_mode: str) -> Callable:
@@ -197,8 +162,9 @@ def _open(directory: Path, split, reused: bool) -> FeatureSplit:
     if len(labels) != split.num_examples or not np.array_equal(labels, split.labels):
         raise ValueError(f"{directory}: cached labels do not match split {split.name!r} "
                          f"({len(labels)} cached, {split.num_examples} in the split)")
-    return FeatureSplit(split=split, features=features, labels=labels, directory=directory,
-                        reused=reused)
+    return FeatureSplit(name=split.name, arrays={"features": features, "label": labels},
+                        batch_size=split.batch_size, class_names=split.class_names,
+                        shuffle=split.shuffle, seed=split.seed, directory=directory, reused=reused)
 
 
 def _stat(path: str) -> tuple[int, int]:

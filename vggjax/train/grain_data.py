@@ -23,7 +23,7 @@ import warnings
 
 import numpy as np
 
-from vggjax.train.splits import SkippedFilesWarning, Split, list_folder, named
+from vggjax.train.splits import SkippedFilesWarning, Split, list_folder, named, pad_batch
 from vggjax.utils.extras import require
 
 INTERPOLATIONS = ("bilinear", "nearest")
@@ -69,12 +69,8 @@ def decode(split: Split, idx: np.ndarray):
         return _load(split.encoded[i], size, split.interpolation), split.labels[i]
 
     def pad(rows):
-        n = len(rows)
-        image = np.zeros((local, size, size, 3), np.uint8)
-        label = np.zeros((local,), np.int32)
-        image[:n] = np.stack([r[0] for r in rows])
-        label[:n] = [r[1] for r in rows]
-        return {"image": image, "label": label, "mask": np.arange(local) < n}
+        return pad_batch({"image": np.stack([r[0] for r in rows]),
+                          "label": np.asarray([r[1] for r in rows], np.int32)}, local)
 
     ds = grain.MapDataset.source(list(idx)).map(example).batch(local, batch_fn=pad)
     options = grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=2 * local)

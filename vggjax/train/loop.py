@@ -16,6 +16,7 @@ import optax
 
 from vggjax.train import augmentation, checkpoint
 from vggjax.train.parallel import batch_sharding, replicated, shard_batch
+from vggjax.train.splits import Batches
 from vggjax.weights.preprocessing import preprocess_input
 
 @flax.struct.dataclass
@@ -196,7 +197,7 @@ def _means(totals) -> dict:
     return {"loss": float(t["loss_sum"]) / max(n, 1), "accuracy": int(t["correct"]) / max(n, 1), "count": n}
 
 
-def evaluate(state: TrainState, eval_step: Callable, split, mesh=None) -> dict:
+def evaluate(state: TrainState, eval_step: Callable, split: Batches, mesh=None) -> dict:
     """{"loss", "accuracy", "count"} over every example of `split` exactly once (padding masked)."""
     totals = _totals()
     for batch in split.batches(0):
@@ -229,7 +230,7 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
         progress: bool = True) -> tuple[TrainState, list[dict]]:
     """Train `epochs` epochs of one phase, resumable, with checkpoints under workdir/<phase>/.
 
-    train_split / val_split: objects with `.steps_per_epoch` and `.batches(epoch, skip=0)`
+    train_split / val_split: `splits.Batches` (a `Split`, an `ArraySplit`, cached features)
     yielding batch dicts (see `make_train_step`) in an order fixed by (their seed, epoch).
     Consumes `state` (its buffers are donated to `train_step`).
     Checkpoints: every `checkpoint_every` steps (None: epoch ends only) and at every epoch end,

@@ -1,7 +1,9 @@
-"""What a split of an image dataset is, whatever decodes it: `Split` (order, sharding, padded
-static-shape batches), the book's layout checks and ImageFolder's listing rule. No TensorFlow
-here: `vggjax.train.data` (tf.data) and `vggjax.train.grain_data` (Grain) decode the batches;
-see `vggjax.train.data` for the batch contract.
+"""What a split is, whatever decodes it: the `Batches` protocol the training loop, the feature
+cache and predict consume, its padded batches (`pad_batch`) and epoch order (`epoch_order`);
+`Split` (image files or tfds records: order, sharding, padded static-shape batches) and
+`ArraySplit` (arrays in memory); the book's layout checks and ImageFolder's listing rule. No
+TensorFlow here: `vggjax.train.data` (tf.data) and `vggjax.train.grain_data` (Grain) decode a
+`Split`'s batches.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import itertools
 import math
 import os
 import warnings
-from typing import Iterator
+from typing import Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -28,6 +30,84 @@ _NAMED_IN_WARNING = 20
 
 class SkippedFilesWarning(UserWarning):
     """Some images could not be read or decoded and were left out of a split."""
+
+
+class Batches(Protocol):
+    """A split as `fit`, `evaluate` and the feature cache consume it: `steps_per_epoch` batches
+    per epoch, each a dict of (batch_size, ...) arrays with "label" int32 and "mask" bool (False
+    on the padding rows of the last batch), in an order fixed by the epoch."""
+
+    name: str
+    class_names: tuple[str, ...]
+    batch_size: int
+    steps_per_epoch: int
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The batches of `epoch` from batch `skip` on."""
+
+
+def pad_batch(arrays: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """`arrays` ({key: (n, ...)}, n <= size) zero-padded to `size` rows, plus "mask" bool
+    (size,): True on the n real rows. The one padding rule of every split."""
+    n = len(next(iter(arrays.values())))
+    out = {}
+    for key, value in arrays.items():
+        out[key] = np.zeros((size, *value.shape[1:]), value.dtype)
+        out[key][:n] = value
+    return dict(out, mask=np.arange(size) < n)
+
+
+def epoch_order(num_examples: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """The example indices of `epoch`, int64 (num_examples,): a permutation seeded by
+    (seed, epoch) when shuffling, else 0..N-1. Every split's order, so cached features
+    shuffle exactly as the images they came from."""
+    if not shuffle:
+        return np.arange(num_examples)
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def check_skip(split: Batches, skip: int) -> None:
+    """ValueError unless 0 <= skip <= split.steps_per_epoch."""
+    if not 0 <= skip <= split.steps_per_epoch:
+        raise ValueError(f"skip={skip} is outside 0..{split.steps_per_epoch} "
+                         f"(the batches per epoch of split {split.name!r})")
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class ArraySplit:
+    """Arrays in memory (or memory-mapped) as `Batches`: `arrays` {key: (N, ...)} with a
+    "label" int32 (N,) entry, e.g. {"image": uint8 (N, S, S, 3), "label"} or cached
+    {"features", "label"}; batches in `epoch_order`, the last one padded (`pad_batch`)."""
+
+    name: str
+    arrays: Mapping[str, np.ndarray]
+    batch_size: int
+    class_names: tuple[str, ...] = ()
+    shuffle: bool = False
+    seed: int = 0
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.arrays["label"])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Yield {key: (batch_size, ...), "mask": bool (batch_size,)} for `epoch` from batch `skip` on."""
+        check_skip(self, skip)
+        order = epoch_order(self.num_examples, self.shuffle, self.seed, epoch)
+        b = self.batch_size
+        for start in range(skip * b, self.num_examples, b):
+            idx = order[start:start + b]
+            # Sorted reads touch a memmap in file order; `rank` puts them back in epoch order.
+            rank = np.argsort(idx)
+            rows = {}
+            for key, value in self.arrays.items():
+                rows[key] = np.empty((len(idx), *value.shape[1:]), value.dtype)
+                rows[key][rank] = value[idx[rank]]
+            yield pad_batch(rows, b)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,11 +160,8 @@ class Split:
         return dataclasses.replace(self, shard_index=index, shard_count=count)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The example indices of `epoch`, int64 (num_examples,): a permutation seeded by
-        (seed, epoch) when shuffling, else 0..N-1."""
-        if not self.shuffle:
-            return np.arange(self.num_examples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        """The example indices of `epoch` (`epoch_order`)."""
+        return epoch_order(self.num_examples, self.shuffle, self.seed, epoch)
 
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yield the batches of `epoch` from batch `skip` on (skipped images are never decoded).
@@ -92,9 +169,7 @@ class Split:
         Each batch: {"image": uint8 (L, S, S, 3), "label": int32 (L,), "mask": bool (L,)} with
         L = `local_batch_size` (= batch_size unless sharded).
         """
-        if not 0 <= skip <= self.steps_per_epoch:
-            raise ValueError(f"skip={skip} is outside 0..{self.steps_per_epoch} "
-                             f"(the batches per epoch of split {self.name!r})")
+        check_skip(self, skip)
         order = self.order(epoch)
         rows = [order[b * self.batch_size:(b + 1) * self.batch_size]
                 [self.shard_index * self.local_batch_size:][:self.local_batch_size]
@@ -110,9 +185,9 @@ class Split:
 
     def _empty_batch(self) -> dict[str, np.ndarray]:
         """A batch of padding only (mask all False), for a shard with no rows left."""
-        n, s = self.local_batch_size, self.image_size
-        return {"image": np.zeros((n, s, s, 3), np.uint8), "label": np.zeros((n,), np.int32),
-                "mask": np.zeros((n,), bool)}
+        s = self.image_size
+        return pad_batch({"image": np.zeros((0, s, s, 3), np.uint8),
+                          "label": np.zeros((0,), np.int32)}, self.local_batch_size)
 
 
 def loader(pipeline: str, tfds_data_dir: str | None = None):

@@ -117,8 +117,10 @@ class Config:
                                 "vggjax.train.parallel); --batch-size is the global batch and must "
                                 "divide by the device count")
     progress: bool = True
-    # "auto": oneDNN on AVX-512 CPUs, else Winograd (~1e-6 relative rounding, 1.3-1.5x over
-    # XLA's conv); the exact-parity default of VGG itself stays "direct" (see benchmarks/).
+    # "auto" (vggjax.model.winograd.choose_impl): on one CPU device, oneDNN where it suits the
+    # dtype (fp32 on AVX-512, bf16 on AVX512-BF16/AMX), else Winograd for fp32 convs wider than
+    # 64x64 (~1e-6 relative rounding, 1.3-1.5x over XLA's conv); on GPU/TPU or several devices,
+    # XLA's own conv. The exact-parity default of VGG itself stays "direct" (see benchmarks/).
     conv_impl: str = "auto"
     # "bf16": every phase (feature extraction too) computes in bfloat16 with fp32 parameters,
     # optimizer state and loss; on CPUs with AVX512-BF16/AMX "auto" then runs oneDNN's bf16 conv.

@@ -7,9 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from vggjax.utils import atomic
+from vggjax.utils.extras import require
 
 # keras.utils.load_img's names for Pillow's resampling filters; its default is "nearest".
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")
+
+
+def _pil():
+    """Pillow's Image module, or an ImportError naming the extra that installs it."""
+    return require("PIL.Image", "reading, resizing and writing image files")
 
 
 def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = None,
@@ -20,8 +26,7 @@ def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = No
     (height, width) with Pillow's `interpolation` filter only when its size differs. Raises
     ValueError naming the file when it cannot be decoded.
     """
-    from PIL import Image, UnidentifiedImageError
-
+    Image = _pil()
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, found {interpolation!r}")
     path = os.path.expanduser(path)
@@ -30,7 +35,7 @@ def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = No
             img = _rgb8(img)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path}: too large to decode safely ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (Image.UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
     if target_size is not None:
         width_height = (int(target_size[1]), int(target_size[0]))
@@ -42,8 +47,7 @@ def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = No
 def _rgb8(img):
     """An 8-bit RGB Pillow image of `img`, as the training pipeline's decoder sees it: 16-bit
     grayscale scaled to 8 bits by its high byte (Pillow's own convert clips it to 255 instead)."""
-    from PIL import Image
-
+    Image = _pil()
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         high = (np.asarray(img, np.uint32) >> 8).clip(0, 255).astype(np.uint8)
         return Image.fromarray(high).convert("RGB")
@@ -54,8 +58,7 @@ def _rgb8(img):
 
 def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear") -> np.ndarray:
     """`image` (H, W) float or (H, W, 3) uint8 resized to `size` (height, width) with Pillow."""
-    from PIL import Image
-
+    Image = _pil()
     image = np.asarray(image)
     pil = Image.fromarray(image.astype(np.float32) if image.ndim == 2 else image.astype(np.uint8))
     out = pil.resize((int(size[1]), int(size[0])), getattr(Image.Resampling, interpolation.upper()))
@@ -64,8 +67,7 @@ def resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bilin
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write an (H, W) or (H, W, 3) uint8 image to `path` as PNG, atomically; return the path."""
-    from PIL import Image
-
+    Image = _pil()
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"save_png expects (H, W) or (H, W, 3) uint8, found {image.shape} {image.dtype}")

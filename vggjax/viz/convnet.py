@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vggjax.utils import checks, images as image_io
-from vggjax.model.vgg import VGG
+from vggjax.model.vgg import PERTURBATIONS, TAPPED, TAPS, VGG
 from vggjax.train.classifier import class_logits
+from vggjax.utils.trees import flatten, unflatten
 
 METHODS = ("gradcam", "gradcam++", "hirescam")
 SCORES = ("logits", "softmax")
@@ -128,57 +128,29 @@ def _grad_cam(model, variables, images, target, *, layer, score, method, mean):
 def layer_gradient(model: nn.Module, variables, images, layer: str, fn):
     """(A, dS/dA): `layer`'s output A (N, h, w, C) and the gradient of S = fn(model output).
 
-    The gradient is taken at the layer's own output (after its ReLU for "blockN_convM"), not at
-    the conv before it, as TF's GradientTape does on a Keras layer's output. It is found by
-    feeding the next layer `A + 0` (max-pooled where the block ends) and differentiating with
-    respect to the added zeros; the model's code is untouched (Flax method interception).
+    `model` is a VGG or any Linen module holding one (e.g. the cats-vs-dogs `Classifier`).
+    The gradient is taken at the layer's own output (after its ReLU for "blockN_convM", before
+    it for "blockN_convM_preact"), as TF's GradientTape does on a Keras layer's output: the
+    VGG adds a zero perturbation there (its tap points, `vggjax.model.vgg.PERTURBATIONS`) and
+    S is differentiated with respect to it, in one forward and one backward pass.
     """
-    preact = layer.endswith("_preact")
-    conv = layer[:-len("_preact")] if preact else layer
-    if not (conv.startswith("block") and "_conv" in conv):
-        raise ValueError(f"Grad-CAM needs a conv layer ('blockN_convM' or 'blockN_convM_preact'), "
-                         f"found {layer!r}")
+    declared = jax.eval_shape(lambda: model.apply(variables, images, mutable=[PERTURBATIONS])[1])
+    points = flatten(declared[PERTURBATIONS])
+    wanted = [path for path in points if f"/{path}".endswith(f"/{TAPS}/{layer}")]
+    if len(wanted) != 1:
+        names = sorted({path.rsplit("/", 1)[1] for path in points})
+        raise ValueError(f"Grad-CAM needs a conv layer ('blockN_convM' or 'blockN_convM_preact') "
+                         f"of one VGG in the model, found {layer!r} {len(wanted)} times; "
+                         f"the layers: {names}")
+    (path,) = wanted
+    zeros = unflatten({path: jnp.zeros(points[path].shape, points[path].dtype)})
 
-    def run(delta):
-        seen: dict = {}
+    def run(perturbation):
+        out, state = model.apply({**variables, PERTURBATIONS: perturbation}, images, mutable=[TAPPED])
+        return fn(out), flatten(state[TAPPED])[path]
 
-        def intercept(next_fun, args, kwargs, context):
-            if "fed" in seen or context.method_name not in ("__call__", "forward_top"):
-                return next_fun(*args, **kwargs)
-            if context.module.name in (conv, f"{conv}_bn"):  # the conv, then its BatchNorm
-                module = context.module
-                if preact and getattr(module, "relu", False):
-                    # The conv fused its ReLU (conv_impl "onednn"): compute its pre-activation
-                    # unfused, with the same parameters.
-                    unfused = module.clone(parent=None, relu=False)
-                    seen["z"] = unfused.apply({"params": module.variables["params"]}, *args, **kwargs)
-                else:
-                    seen["z"] = next_fun(*args, **kwargs)
-                return seen["z"]
-            if "z" not in seen:
-                return next_fun(*args, **kwargs)
-            # The first module after the layer: its input is the layer's output (max-pooled
-            # when the block ends there). Rebuild that input from A + delta.
-            act = seen["z"] if preact else jax.nn.relu(seen["z"])
-            seen["act"], x = act, act if delta is None else act + delta
-            x = jax.nn.relu(x) if preact else x
-            if x.shape != args[0].shape:
-                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
-            if x.shape != args[0].shape:
-                raise RuntimeError(f"cannot follow {layer!r} to the next layer: {x.shape} vs "
-                                   f"{args[0].shape}")
-            seen["fed"] = True
-            return next_fun(x, *args[1:], **kwargs)
-
-        with nn.intercept_methods(intercept):
-            out = model.apply(variables, images)
-        if "act" not in seen:
-            raise ValueError(f"layer {layer!r} is not a conv layer followed by others in this model")
-        return fn(out), seen["act"]
-
-    act_shape = jax.eval_shape(lambda: run(None)[1])
-    grads, acts = jax.grad(run, has_aux=True)(jnp.zeros(act_shape.shape, act_shape.dtype))
-    return acts, grads
+    grads, acts = jax.grad(run, has_aux=True)(zeros)
+    return acts, flatten(grads)[path]
 
 
 def _logits_model(model: nn.Module) -> nn.Module:

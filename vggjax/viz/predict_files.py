@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import vggjax
 from vggjax.utils import atomic, images as image_io
 from vggjax.viz import convnet as viz
-from vggjax.train.classifier import CLASSIFIER, class_logits, load_classifier
+from vggjax.train.classifier import CLASSIFIER, class_probabilities, load_classifier
 from vggjax.weights.preprocessing import check_images
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
@@ -34,11 +33,10 @@ class Predictor:
         object.__setattr__(self, "_serve", jax.jit(self.serve))
 
     def serve(self, variables, pixels) -> jax.Array:
-        """(N, K) float32 class probabilities of uint8 pixels (N, S, S, 3): preprocessing, the
-        model, softmax (a binary head's one logit l: (1 - sigmoid(l), sigmoid(l))). Traceable:
-        `probabilities` runs it jitted and `vggjax.export` ships it."""
-        logits = self.model.apply(variables, vggjax.preprocess_input(pixels, self.preprocessing))
-        return jax.nn.softmax(class_logits(logits))
+        """(N, K) float32 class probabilities of uint8 pixels (N, S, S, 3)
+        (`classifier.class_probabilities`). Traceable: `probabilities` runs it jitted and
+        `vggjax.export` ships it."""
+        return class_probabilities(self.model, self.preprocessing, variables, pixels)
 
     @property
     def num_classes(self) -> int:

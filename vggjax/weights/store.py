@@ -13,8 +13,7 @@ import numpy as np
 
 from vggjax.utils import atomic
 from vggjax.utils.cache import cache_dir
-
-from vggjax.train import checkpoint
+from vggjax.utils.orbax_tree import restore_tree, save_tree
 from vggjax.model.vgg import ARCHS, TOP, TOP_INPUTS, VGG, create
 from vggjax.weights.preprocessing import MODES, prepare_images
 from vggjax.utils.trees import digest, flatten
@@ -68,7 +67,7 @@ def read_weights(source: str, arch: str, path: str | os.PathLike) -> tuple[dict,
     if source == "keras":
         return read_keras_h5(path, arch)
     if source in ("torchvision", "timm"):
-        from vggjax.weights.torch import read_torch_file  # imports torch or safetensors lazily
+        from vggjax.weights.torch import read_torch_file  # safetensors imported lazily; .pth needs no torch
         return read_torch_file(os.fspath(path), arch)
     raise ValueError(f"unknown weights source {source!r}; expected one of {sorted(SOURCES)}")
 
@@ -134,7 +133,7 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
     with atomic.writing(directory, directory=True, overwrite=overwrite,
                         protect=protect) as tmp:
         tmp.mkdir()
-        checkpoint.save_tree(tmp / CHECKPOINT, variables)
+        save_tree(tmp / CHECKPOINT, variables)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _verify_copy(tmp, variables, meta)
     return meta
@@ -153,7 +152,7 @@ def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
     if not (directory / CHECKPOINT).is_dir():
         raise ValueError(f"{directory} is not a vggjax checkpoint: {CHECKPOINT}/ is missing")
     try:
-        variables = checkpoint.restore_tree(directory / CHECKPOINT)
+        variables = restore_tree(directory / CHECKPOINT)
     except Exception as err:  # Orbax raises many types for a damaged checkpoint
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{directory / CHECKPOINT} is damaged and could not be restored: {first}") from err
@@ -226,7 +225,7 @@ def _read_meta(directory: Path) -> dict:
 
 def _verify_copy(tmp: Path, variables: dict, meta: dict) -> None:
     """Reload what was just written and demand it equals what was meant, bit for bit."""
-    want, have = flatten(variables), flatten(checkpoint.restore_tree(tmp / CHECKPOINT))
+    want, have = flatten(variables), flatten(restore_tree(tmp / CHECKPOINT))
     if set(want) != set(have):
         raise RuntimeError(f"checkpoint in {tmp} reloaded with different names: "
                            f"{sorted(set(want) ^ set(have))}")
