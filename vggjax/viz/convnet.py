@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vggjax.utils import checks, images as image_io
-from vggjax.model.vgg import VGG
+from vggjax.model.vgg import VGG, max_pool2x2
 from vggjax.train.classifier import class_logits
 
 METHODS = ("gradcam", "gradcam++", "hirescam")
@@ -163,7 +163,7 @@ def layer_gradient(model: nn.Module, variables, images, layer: str, fn):
             seen["act"], x = act, act if delta is None else act + delta
             x = jax.nn.relu(x) if preact else x
             if x.shape != args[0].shape:
-                x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+                x = max_pool2x2(x)
             if x.shape != args[0].shape:
                 raise RuntimeError(f"cannot follow {layer!r} to the next layer: {x.shape} vs "
                                    f"{args[0].shape}")
