@@ -1,11 +1,14 @@
 """The VGG module: architecture, Keras names, summary table, intermediate outputs, input checks."""
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model.vgg import adaptive_pool_matrix
+from vggjax.model.vgg import adaptive_pool_matrix, max_pool2x2
 from vggjax.model.summary import summary_rows
 
 
@@ -146,3 +149,27 @@ def test_bf16_compute_keeps_fp32_params(tiny):
 def test_unknown_arch():
     with pytest.raises(ValueError, match="vgg17"):
         vggjax.create("vgg17")
+
+
+@pytest.mark.parametrize("shape,dtype,ties", [
+    ((2, 8, 8, 3), jnp.float32, False), ((2, 7, 9, 3), jnp.float32, True),
+    ((1, 11, 6, 5), jnp.bfloat16, True), ((1, 6, 5, 4), jnp.bfloat16, False)])
+def test_max_pool2x2_equals_nn_max_pool_in_values_and_gradients(shape, dtype, ties):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    if ties:  # integers, and whole windows of zeros as after a ReLU: most windows tie
+        x = np.maximum(np.round(x), 0)
+    x = jnp.asarray(x, dtype)
+    ref = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+    g = jnp.asarray(np.random.default_rng(1).normal(size=ref(x).shape), dtype)
+
+    @jax.jit
+    def both(x, g):  # one compile, not one per eager op
+        (y_ref, vjp_ref), (y, vjp) = jax.vjp(ref, x), jax.vjp(max_pool2x2, x)
+        return y_ref, vjp_ref(g)[0], y, vjp(g)[0]
+
+    y_ref, dx_ref, y, dx = both(x, g)
+    assert y.dtype == dx.dtype == dtype and y.shape == y_ref.shape
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32))
+    if ties:  # each window's gradient lands on one element, whole (not shared among ties)
+        assert int((dx != 0).sum()) == int((g != 0).sum())

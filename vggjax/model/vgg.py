@@ -62,6 +62,44 @@ class Conv3x3(nn.Module):
         return conv3x3(x, kernel, bias, self.impl, self.relu, self.dtype)
 
 
+@jax.custom_jvp
+def _pool2x2(x):
+    n, h, w, c = x.shape
+    return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+@_pool2x2.defjvp
+def _pool2x2_jvp(primals, tangents):
+    # The tangent is linear in t through a one-hot mask of each window's first maximum, so
+    # reverse mode (its transpose) is one broadcast-and-select: no select-and-scatter, which
+    # XLA:CPU runs slowly.
+    (x,), (t,) = primals, tangents
+    y = _pool2x2(x)
+    n, h, w, c = x.shape
+    x6, t6 = (a.reshape(n, h // 2, 2, w // 2, 2, c) for a in (x, t))
+    # Corners compared with y as is (no broadcast of y to x's size); the first maximum in
+    # row-major window order takes the whole gradient (as XLA's select-and-scatter, TF and
+    # torch do), not a share split among ties.
+    e00, e01, e10 = (x6[:, :, i, :, j] == y for i, j in ((0, 0), (0, 1), (1, 0)))
+    first = jnp.where(e00, 0, jnp.where(e01, 1, jnp.where(e10, 2, 3))).astype(jnp.int8)
+    corner = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1)  # window row, -, column, -
+    onehot = first[:, :, None, :, None, :] == corner
+    return y, jnp.where(onehot, t6, jnp.zeros((), t.dtype)).sum(axis=(2, 4))
+
+
+def max_pool2x2(x):
+    """VGG's 2x2 stride-2 VALID max pool: (N, H, W, C) -> (N, H//2, W//2, C), any float dtype.
+
+    Equal to `nn.max_pool(x, (2, 2), strides=(2, 2))` in values and gradients: an odd last
+    row/column is dropped, a tied window sends its whole gradient to its first maximum in
+    row-major order. The gradient is a mask instead of XLA:CPU's slow select-and-scatter.
+    A window holding NaN pools to NaN and sends its gradient to its last element (XLA's
+    choice there depends on where the NaN sits).
+    """
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    return _pool2x2(x[:, :h, :w])
+
+
 def conv_names(block_sizes: Sequence[int]) -> list[str]:
     """Keras names of the conv layers in order: block1_conv1 ... block5_convN."""
     return [f"block{b}_conv{i}" for b, n in enumerate(block_sizes, 1) for i in range(1, n + 1)]
@@ -188,7 +226,7 @@ def features(config: VGG, layers, x, taps: "_Taps"):
             x = layers.perturb(name, x)
             if taps(name, x):
                 return x
-        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+        x = max_pool2x2(x)
         if taps(f"block{b}_pool", x):
             return x
     return x
