@@ -36,7 +36,7 @@ from vggjax.weights.preprocessing import preprocess_input
 from vggjax.utils.trees import digest
 
 FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
-CACHE_VERSION = 3  # bump when the stored format or what goes into the key changes
+CACHE_VERSION = 4  # bump when the stored format, what goes into the key or the pixels of a pipeline change
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)

@@ -1,23 +1,26 @@
-"""The input pipeline without TensorFlow: Grain over an image folder, decoding with Pillow.
+"""The input pipeline without TensorFlow: Grain over an image folder, decoding with simplejpeg/Pillow.
 
 Same contract as `vggjax.train.data` (a `splits.Split`: static-shape uint8 batches, the last one
 padded and masked, order a function of (seed, epoch), `batches(epoch, skip=k)` resuming
 bit-exactly, `shard` for multi-host): only the decoding differs. Files are listed by
-ImageFolder's rule (`splits.list_folder`), decoded once up front to skip unreadable ones (one
-`SkippedFilesWarning`), and at each epoch decoded, resized and batched by Grain worker threads;
-only file paths are kept in memory, plus Grain's bounded prefetch buffer.
+ImageFolder's rule (`splits.list_folder`), decoded once up front (by the decoder the epochs use)
+to skip unreadable ones (one `SkippedFilesWarning`), and at each epoch decoded, resized and
+batched by Grain worker threads, one batch per thread at a time, written straight into its
+array; only file paths are kept in memory, plus Grain's prefetch buffer (2 batches per thread).
 
-Resizing: "bilinear" computes what `tf.image.resize(method="bilinear")` (Keras'
-`image_dataset_from_directory`, and vggjax's tf.data pipeline) computes, in float32, then
-rounds half to even like `tf.round`; "nearest" is Pillow's nearest filter, what the book's 1st
-edition (`flow_from_directory`, `load_img`) used. JPEG decoding is Pillow's (libjpeg's accurate
-integer IDCT, as Keras' `load_img`); TensorFlow's `decode_image` uses the fast integer IDCT, so
-JPEG pixels differ from the tf.data pipeline's by up to a few uint8 steps (4 in the tests, about
-two thirds of the values by one or more); PNGs are identical.
+"bilinear" (the default) gives the pixels of Keras' `image_dataset_from_directory` and of
+vggjax's tf.data pipeline: JPEGs decode with simplejpeg, libjpeg-turbo with the fast integer IDCT
+and fancy upsampling, as `tf.io.decode_image` does (the same pixels), and the resize computes
+what `tf.image.resize(method="bilinear")` computes, in float32, then rounds half to even like
+`tf.round`. TurboJPEG cannot turn CMYK/YCCK JPEGs into RGB: those, damaged JPEGs (which Pillow
+then accepts or refuses) and the other formats decode with Pillow (PNGs identical to TF, CMYK
+within a uint8 step). "nearest" is the book's 1st edition (`flow_from_directory`, `load_img`):
+Pillow's decoding (libjpeg's accurate IDCT) and nearest filter, as `load_img`.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import warnings
 
@@ -42,9 +45,12 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, found {interpolation!r}")
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be positive, found {image_size}, {batch_size}")
+    if interpolation == "bilinear":
+        require("simplejpeg", "the grain input pipeline")  # before any work
     class_names, paths, labels = list_folder(source, split)
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
-        ok = np.array(list(pool.map(_decodable, paths)), bool)
+        ok = np.array(list(pool.map(functools.partial(_decodable, interpolation=interpolation), paths)),
+                      bool)
     where = os.path.join(source, split)
     skipped = tuple(p for p, good in zip(paths, ok) if not good)
     if skipped:
@@ -65,63 +71,108 @@ def decode(split: Split, idx: np.ndarray):
     grain = require("grain", "the grain input pipeline")
     size, local = split.image_size, split.local_batch_size
 
-    def example(i):
-        return _load(split.encoded[i], size, split.interpolation), split.labels[i]
+    def batch(rows):
+        image = np.empty((len(rows), size, size, 3), np.uint8)
+        for k, i in enumerate(rows):
+            _load(split.encoded[i], size, split.interpolation, image[k])
+        return pad_batch({"image": image, "label": split.labels[rows]}, local)
 
-    def pad(rows):
-        return pad_batch({"image": np.stack([r[0] for r in rows]),
-                          "label": np.asarray([r[1] for r in rows], np.int32)}, local)
-
-    ds = grain.MapDataset.source(list(idx)).map(example).batch(local, batch_fn=pad)
-    options = grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=2 * local)
+    # One Grain element per batch, each decoded straight into its array by one worker thread;
+    # the prefetch buffer (2 batches per thread) is all that is held.
+    chunks = [idx[k:k + local] for k in range(0, len(idx), local)]
+    ds = grain.MapDataset.source(chunks).map(batch)
+    options = grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=2 * THREADS)
     return iter(ds.to_iter_dataset(options))
 
 
-def _decodable(path: str) -> bool:
-    from vggjax.utils.images import load_image
-
+def _decodable(path: str, interpolation: str) -> bool:
     try:
-        load_image(path)
+        _decode(path, interpolation)
     except ValueError:
         return False
     return True
 
 
-def _load(path: str, size: int, interpolation: str) -> np.ndarray:
-    """uint8 (size, size, 3) of the image file at `path`, resized as the module docstring says."""
+def _decode(path: str, interpolation: str) -> np.ndarray:
+    """uint8 (H, W, 3) of the image file at `path` as the epochs decode it (module docstring):
+    JPEGs with libjpeg-turbo's fast IDCT for "bilinear", everything else (and "nearest") with
+    Pillow. ValueError naming the file when it cannot be decoded."""
+    from vggjax.utils.images import load_image
+
+    if interpolation == "bilinear":
+        simplejpeg = require("simplejpeg", "the grain input pipeline")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise ValueError(f"{path}: not a readable image ({err})") from None
+        if data[:2] == b"\xff\xd8":
+            try:
+                return simplejpeg.decode_jpeg(data, "RGB", fastdct=True, fastupsample=False)
+            except ValueError:
+                pass  # CMYK/YCCK, which TurboJPEG cannot turn into RGB, or damaged: Pillow decides
+    return load_image(path)
+
+
+def _load(path: str, size: int, interpolation: str, out: np.ndarray) -> None:
+    """Write the uint8 (size, size, 3) image of the file at `path`, resized as the module
+    docstring says, into `out`."""
     from vggjax.utils.images import load_image
 
     if interpolation == "nearest":
-        return load_image(path, (size, size), "nearest")
-    resized = resize_bilinear(load_image(path), size, size)
-    return np.clip(np.rint(resized, out=resized), 0, 255, out=resized).astype(np.uint8)  # tf.round: half to even
+        out[...] = load_image(path, (size, size), "nearest")
+        return
+    resized = resize_bilinear(_decode(path, interpolation), size, size)
+    # tf.round (half to even); a lerp of uint8 values stays within 0..255, so no clipping.
+    np.copyto(out, np.rint(resized, out=resized), casting="unsafe")
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """float32 (height, width, C) of an (H, W, C) image as TensorFlow's bilinear resize computes
-    it (half-pixel centers, no antialiasing, edges clamped), in its order of float32 operations."""
+    it (half-pixel centers, no antialiasing, edges clamped), in its order of float32 operations:
+    top = tl + (tr - tl) * x_lerp, bottom likewise, out = top + (bottom - top) * y_lerp."""
     image = np.asarray(image)
-
-    def taps(n_out: int, n_in: int):
-        scale = np.float32(n_in / n_out)
-        x = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
-        low = np.floor(x)
-        lerp = (x - low).astype(np.float32)
-        lo = np.clip(low, 0, n_in - 1).astype(np.int64)
-        hi = np.clip(np.ceil(x), 0, n_in - 1).astype(np.int64)
-        return lo, hi, lerp
-
-    y0, y1, ly = taps(height, image.shape[0])
-    x0, x1, lx = taps(width, image.shape[1])
-    lx = lx[None, :, None]
-    # Only the rows and columns the output reads are converted to float32 (the same values).
-    r0, r1 = image[y0].astype(np.float32), image[y1].astype(np.float32)
-    top, bottom = np.take(r0, x0, axis=1), np.take(r1, x0, axis=1)  # the left taps, then
-    right = np.take(r0, x1, axis=1)                                 # a + (b - a) * t in place
-    top += np.multiply(np.subtract(right, top, out=right), lx, out=right)
-    right = np.take(r1, x1, axis=1)
-    bottom += np.multiply(np.subtract(right, bottom, out=right), lx, out=right)
+    in_h, in_w, channels = image.shape
+    rows, top_row, bottom_row, y_lerp = _row_taps(height, in_h)
+    left, right, x_lerp = _column_taps(width, in_w, channels)
+    # top and bottom depend only on the input row: lerp each row the output reads once, along
+    # byte columns of the (rows, W * C) image (fancy indexing: numpy's fastest gather here).
+    src = image.reshape(in_h, in_w * channels)[rows]
+    lerped = src[:, left].astype(np.float32)
+    delta = src[:, right].astype(np.float32)
+    delta -= lerped
+    delta *= x_lerp
+    lerped += delta
+    top, bottom = lerped[top_row], lerped[bottom_row]
     bottom -= top
-    bottom *= ly[:, None, None]
+    bottom *= y_lerp[:, None]
     top += bottom
-    return top
+    return top.reshape(height, width, channels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _taps(n_out: int, n_in: int):
+    """(low, high, lerp) source taps of TF's half-pixel bilinear resize from n_in to n_out."""
+    scale = np.float32(n_in / n_out)
+    x = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    low = np.floor(x)
+    lerp = (x - low).astype(np.float32)
+    return (np.clip(low, 0, n_in - 1).astype(np.intp), np.clip(np.ceil(x), 0, n_in - 1).astype(np.intp),
+            lerp)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_taps(n_out: int, n_in: int):
+    """(rows read, position of each output row's top and bottom row among them, lerp)."""
+    low, high, lerp = _taps(n_out, n_in)
+    rows, where = np.unique(np.concatenate([low, high]), return_inverse=True)
+    return rows, where[:n_out], where[n_out:], lerp
+
+
+@functools.lru_cache(maxsize=1024)
+def _column_taps(n_out: int, n_in: int, channels: int):
+    """(left, right, lerp) per byte of an output row: the taps of `_taps` repeated per channel."""
+    low, high, lerp = _taps(n_out, n_in)
+    offsets = np.arange(channels)
+    return ((low[:, None] * channels + offsets).ravel(), (high[:, None] * channels + offsets).ravel(),
+            np.repeat(lerp, channels))
