@@ -116,8 +116,8 @@ def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
     return rows
 
 
-def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int = 64,
-                  steps: int = 40, n: int = 64) -> list[str]:
+def book_loop(pt, layer: str, size: int, steps: int, n: int):
+    """The book's per-filter TF loop on `pt`'s weights: a callable that draws the n-filter sheet."""
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -148,6 +148,12 @@ def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int =
             tiles.append(viz.deprocess_image(img[0]))
         return viz.grid(np.stack(tiles))
 
+    return book_sheet
+
+
+def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int = 64,
+                  steps: int = 40, n: int = 64) -> list[str]:
+    book_sheet = book_loop(pt, layer, size, steps, n)
     base = pt.model.clone(include_top=False)
 
     def ours(impl):
