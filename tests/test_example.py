@@ -239,3 +239,24 @@ def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_holder(tiny, tmp_p
     assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} is in use by another vggjax run "
                         rf"\(pid {os.getpid()}\); wait for it to finish or choose another one", _error(proc))
     assert sorted(p.name for p in workdir.iterdir()) == [atomic.LOCK]
+
+
+def test_a_full_disk_in_the_workdir_is_one_line_and_leaves_no_partial_file(tiny, tmp_path):
+    from helpers import run_on_small_disk
+
+    data, weights = tiny
+    workdir = tmp_path / "disk" / "run"
+    run = [sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0", "--workdir", workdir,
+           "--phases", "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain"]
+    cache, ckpt = run_on_small_disk(workdir.parent, [("24k", run), ("300k", run)], script_env(tmp_path))
+    # The feature cache is a memory map: without its blocks reserved, a full disk was a SIGBUS.
+    assert cache["rc"] == 2 and re.fullmatch(
+        rf"error: no space left on device while writing {re.escape(str(workdir))}/features_cache/"
+        r"train-\w+; nothing was written: free some space or choose another place\n", cache["stderr"])
+    # Orbax's writer threads: no asyncio or absl tracebacks, no half-written step.
+    assert ckpt["rc"] == 2 and ckpt["stderr"] == (
+        f"error: no space left on device while writing checkpoint 2 in {workdir}/checkpoints/features; "
+        "any checkpoints before it are intact: free some space and run the same command to resume\n")
+    for step in (cache, ckpt):
+        assert not [p for p in step["left"] if ".tmp" in p or "orbax-checkpoint-tmp" in p], step["left"]
+    assert "run/checkpoints/features" in ckpt["left"] and "run/features_cache" in cache["left"]

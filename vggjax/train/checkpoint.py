@@ -2,9 +2,12 @@
 and the training checkpoint manager (latest + best epoch, state plus JSON metadata)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 
@@ -19,6 +22,36 @@ def _ocp():
     return ocp
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Orbax's log records held back while a save runs: shown after it succeeds, dropped when it
+    fails (the exception raised says it once). Also dropped: the "Event loop is closed" reports
+    of TensorStore writes that finish after a failed save closed their loop (a full disk), for
+    the rest of the process once a save failed."""
+    absl, held = logging.getLogger("absl"), []
+    previous_hook = sys.unraisablehook
+
+    def hold(record):
+        held.append(record)
+        return False
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            previous_hook(unraisable)
+
+    absl.addFilter(hold)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        absl.removeFilter(hold)
+    # Only now: after a failed save, late writes keep reporting (the hook stays for the process).
+    sys.unraisablehook = previous_hook
+    for record in held:  # the save succeeded: its warnings are worth seeing
+        absl.handle(record)
+
+
 def save_tree(path: Path, tree: Mapping) -> None:
     """Write a nested dict of arrays to `path` (a new directory) and return when it is on disk.
 
@@ -26,7 +59,7 @@ def save_tree(path: Path, tree: Mapping) -> None:
     makes the caller delete it.
     """
     ocp = _ocp()
-    with atomic.signals_deferred(), ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+    with atomic.signals_deferred(), _quiet(), ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
         ckptr.save(path, args=ocp.args.StandardSave(dict(tree)))
 
 
@@ -66,12 +99,22 @@ def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
     # Waited for, then recorded as vggjax's (atomic.record): a later --restart may then delete
     # exactly these files. Orbax writes in the background otherwise; the state is small next to
     # an epoch's work. Ctrl-C waits for the write (atomic.signals_deferred): no abort, no half step.
-    with atomic.signals_deferred():
-        mngr.save(step, metrics=dict(metrics), force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
-        mngr.wait_until_finished()
+    directory = Path(str(mngr.directory))
+    try:
+        with atomic.signals_deferred(), _quiet():
+            mngr.save(step, metrics=dict(metrics), force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
+            mngr.wait_until_finished()
+    except Exception as err:
+        for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):  # the half-written step
+            atomic.remove(tmp)
+        full = atomic.no_space(err, f"checkpoint {step} in {directory}", "any checkpoints before it "
+                               "are intact: free some space and run the same command to resume")
+        if full is not None:
+            raise full from None
+        raise
     if jax.process_index() == 0:
-        atomic.record(str(mngr.directory), orbax=True)
+        atomic.record(directory, orbax=True)
 
 
 def read_meta(mngr, step: int) -> dict:

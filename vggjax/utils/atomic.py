@@ -17,6 +17,7 @@ edited in) a vggjax output makes the whole output foreign to vggjax.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -109,11 +110,42 @@ def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: boo
             _fsync_tree(tmp)
             check_target(final, directory=directory, overwrite=overwrite, protect=protect)
             _replace(tmp, final)
+            tmp = final  # from here, a failure (the manifest on a full disk) takes the output back
             _fsync(final.parent)
             record(final)
-        except BaseException:
+        except BaseException as err:
             remove(tmp)
+            full = no_space(err, final, "nothing was written: free some space or choose another place")
+            if full is not None:
+                raise full from None
             raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(err: BaseException, where: str | os.PathLike, outcome: str) -> OSError | None:
+    """A one-line OSError (errno ENOSPC or EDQUOT) for `err` when it says that the disk or the
+    quota is full, naming `where` and ending in `outcome` (what is left, what to do); else None.
+    Orbax and TensorStore raise ValueErrors whose text carries the OS code (os_error_code='28')."""
+    code = getattr(err, "errno", None)
+    if code not in _FULL and (found := re.search(r"os_error_code='(\d+)'", str(err))):
+        code = int(found.group(1))
+    if code not in _FULL:
+        return None
+    full = OSError(f"{os.strerror(code).lower()} while writing {where}; {outcome}")
+    full.errno = code
+    return full
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the disk blocks of the file at `path` (its current size) now, so that a full disk is
+    an OSError here rather than a SIGBUS later, when a memory map of the (sparse) file is written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 class BusyError(RefusedError):
@@ -273,8 +305,12 @@ def _manifest(directory: Path) -> Iterator[dict]:
             (directory / MANIFEST).unlink(missing_ok=True)
             return
         tmp = _sibling(directory / MANIFEST, "tmp")
-        tmp.write_text(json.dumps(entries, sort_keys=True))
-        os.replace(tmp, directory / MANIFEST)
+        try:
+            tmp.write_text(json.dumps(entries, sort_keys=True))
+            os.replace(tmp, directory / MANIFEST)
+        except BaseException:  # a full disk: the previous manifest stays, no temp beside it
+            tmp.unlink(missing_ok=True)
+            raise
     finally:
         os.close(fd)
 
