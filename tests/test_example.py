@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, run_script, script_env
+from helpers import REPO, run_on_small_disk, run_script, script_env
 from vggjax.train import classifier, data, report, synthetic as smoke
+from vggjax.utils import atomic
 from vggjax.utils.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
@@ -228,8 +229,6 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tiny, tmp_path):
 
 
 def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_holder(tiny, tmp_path):
-    from vggjax.utils import atomic
-
     data, weights = tiny
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -242,8 +241,6 @@ def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_holder(tiny, tmp_p
 
 
 def test_a_full_disk_in_the_workdir_is_one_line_and_leaves_no_partial_file(tiny, tmp_path):
-    from helpers import run_on_small_disk
-
     data, weights = tiny
     workdir = tmp_path / "disk" / "run"
     run = [sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0", "--workdir", workdir,
@@ -260,3 +257,23 @@ def test_a_full_disk_in_the_workdir_is_one_line_and_leaves_no_partial_file(tiny,
     for step in (cache, ckpt):
         assert not [p for p in step["left"] if ".tmp" in p or "orbax-checkpoint-tmp" in p], step["left"]
     assert "run/checkpoints/features" in ckpt["left"] and "run/features_cache" in cache["left"]
+
+
+def test_a_workdir_of_the_users_files_under_vggjax_s_names_survives_restart(tiny, tmp_path):
+    data, weights = tiny
+    workdir = tmp_path / "run"
+    mine = {"checkpoints/mymodel.pt": b"the user's model", "export/report.pdf": b"the user's report",
+            "config.json": b"{}"}  # what an older vggjax (no manifests) or the user left: no run.json
+    for rel, content in mine.items():
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_bytes(content)
+    args = ["--data", data, "--weights", weights / "weights0", "--workdir", workdir, "--phases",
+            "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain"]
+    for extra in ([], ["--restart"]):
+        proc = _run([*args, *extra], script_env(tmp_path), timeout=120)
+        assert _error(proc) == (
+            f"error: --workdir {workdir} holds outputs without run.json that vggjax did not write "
+            "(run/config.json, run/checkpoints/mymodel.pt, run/export/report.pdf): an older vggjax's "
+            "or your own; remove them by hand or use another --workdir")
+    assert {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()
+            and p.name != atomic.LOCK} == mine

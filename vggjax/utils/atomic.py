@@ -237,6 +237,15 @@ def remove_owned(paths: Iterable[str | os.PathLike]) -> None:
         _remove_tree(path)
 
 
+def unowned(root: str | os.PathLike, names: Iterable[str]) -> str | None:
+    """The files under `root`/<each of `names`> that vggjax cannot prove it wrote, as a short
+    listing ("run/config.json, run/checkpoints/mymodel.pt"), or None when there are none."""
+    root = Path(os.path.abspath(root))
+    found = [os.path.join(name, rel) if rel else name for name in names
+             if os.path.lexists(root / name) for rel in _foreign_tree(root / name)]
+    return _listing(root, found) if found else None
+
+
 def _foreign_tree(path: Path) -> list[str]:
     """`foreign`, where a directory without a record of its own may hold recorded outputs."""
     if path.name == MANIFEST:
