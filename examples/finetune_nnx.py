@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with atomic.sigterm_interrupts():
             return run(args)
-    except atomic.Interrupted as err:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)
         print("error: interrupted; the finished phases' checkpoints are kept", file=sys.stderr)
-        return err.status
+        return getattr(err, "status", 130)
     except (ValueError, OSError, atomic.RefusedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -85,4 +85,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    atomic.run_command(main, "the finished phases' checkpoints are kept")

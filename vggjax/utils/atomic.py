@@ -25,11 +25,12 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NoReturn
 
 _KINDS = ("tmp", "old")
 MANIFEST = ".vggjax-manifest.json"
@@ -452,3 +453,24 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
     if pending:
         raise Interrupted(pending[0])
+
+
+def run_command(main: Callable[[], int], interrupted: str) -> NoReturn:
+    """End the process with the status `main()` returns: a command's `__main__`.
+
+    Ctrl-C or SIGTERM that `main` leaves uncaught prints "error: interrupted; <interrupted>" (one
+    line) and gives status 130 / 143. After an interrupt the process ends without the
+    interpreter's shutdown (os._exit): an XLA compilation the interrupt cut short can crash that
+    (SIGSEGV) after the message. Files are complete or removed by then (`writing`).
+    """
+    try:
+        with sigterm_interrupts():
+            status = main()
+    except KeyboardInterrupt as err:
+        print(f"error: interrupted; {interrupted}", file=sys.stderr)
+        status = getattr(err, "status", 130)
+    if status in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
