@@ -128,10 +128,12 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 def no_space(err: BaseException, where: str | os.PathLike, outcome: str) -> OSError | None:
     """A one-line OSError (errno ENOSPC or EDQUOT) for `err` when it says that the disk or the
     quota is full, naming `where` and ending in `outcome` (what is left, what to do); else None.
-    Orbax and TensorStore raise ValueErrors whose text carries the OS code (os_error_code='28')."""
-    code = getattr(err, "errno", None)
-    if code not in _FULL and (found := re.search(r"os_error_code='(\d+)'", str(err))):
-        code = int(found.group(1))
+    Orbax and TensorStore raise ValueErrors whose text carries the OS code (os_error_code='28'),
+    TensorFlow errors whose text has the OS's words ("No space left on device")."""
+    code, text = getattr(err, "errno", None), str(err)
+    if code not in _FULL:  # TensorFlow's errors carry only the OS's words
+        found = re.search(r"os_error_code='(\d+)'", text)
+        code = int(found.group(1)) if found else next((c for c in _FULL if os.strerror(c) in text), None)
     if code not in _FULL:
         return None
     full = OSError(f"{os.strerror(code).lower()} while writing {where}; {outcome}")
