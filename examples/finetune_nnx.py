@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     elif not (args.weights and args.data):
         p.error("give --weights and --data (or --smoke)")
     try:
-        with atomic.sigterm_interrupts():
-            return run(args)
-    except atomic.Interrupted as err:
+        os.makedirs(args.workdir, exist_ok=True)
+        with atomic.sigterm_interrupts(), atomic.locked(args.workdir, f"--workdir {args.workdir}"):
+            return run(args)  # a second run into the same --workdir is refused, naming this one's pid
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)
         print("error: interrupted; the finished phases' checkpoints are kept", file=sys.stderr)
-        return err.status
+        return getattr(err, "status", 130)
     except (ValueError, OSError, atomic.RefusedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -85,4 +86,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    atomic.run_command(main, "the finished phases' checkpoints are kept")

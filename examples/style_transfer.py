@@ -28,6 +28,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 from vggjax.train import synthetic as smoke
 
 from vggjax.losses import style_transfer
+from vggjax.utils import atomic
 
 SMOKE = dict(size=64, steps=10, save_every=5)
 
@@ -73,4 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    atomic.run_command(main, "the files written so far are complete")

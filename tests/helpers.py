@@ -1,7 +1,9 @@
 """What several test files share: seeded random weights and images, a converted Keras VGG16 with
 JPEGs, the parity assertion, and running the repo's scripts as a user would (a subprocess with its
-own cache)."""
+own cache), on a disk that fills up."""
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -119,3 +121,48 @@ def write_jpegs(directory: Path, sizes, seed: int = 0) -> list[Path]:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+def _mounter(mount: Path) -> list[str]:
+    """The command prefix that runs a shell allowed to mount a tmpfs at `mount`: a private mount
+    namespace (`unshare -rm`, nothing outside sees it), or, as root without one, the plain shell
+    (the script unmounts). pytest.skip, naming why, where neither can."""
+    import pytest
+
+    probe = f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(mount))}"
+    why = "unshare is not installed"
+    if shutil.which("unshare"):
+        found = subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True, text=True)
+        if found.returncode == 0:
+            return ["unshare", "-rm"]
+        why = f"unshare -rm: {found.stderr.strip()}"
+    if os.geteuid() == 0 and subprocess.run(["sh", "-c", f"{probe} && umount {shlex.quote(str(mount))}"],
+                                            capture_output=True).returncode == 0:
+        return []
+    pytest.skip(f"cannot mount a small tmpfs to fill ({why}; and not root)")
+
+
+def run_on_small_disk(mount: Path, steps, env: dict, timeout: float = 300) -> list[dict]:
+    """Run each (size, argv) of `steps` in turn with a tmpfs of that size ("100k", "2m") at
+    `mount` (the size changed in place between steps, the files kept): a disk that really
+    fills up. Per step: {"rc", "stdout", "stderr", "left": the paths under `mount` after it}."""
+    mount.mkdir(parents=True, exist_ok=True)
+    results = mount.parent / f"{mount.name}-results"
+    results.mkdir()
+    prefix = _mounter(mount)
+    m, lines = shlex.quote(str(mount)), []
+    for i, (size, argv) in enumerate(steps):
+        out = shlex.quote(str(results / str(i)))
+        remount = f"mount -t tmpfs -o size={size} tmpfs {m}" if i == 0 else \
+            f"mount -o remount,size={size} {m}"
+        lines += [f"{remount} || exit 99", f"{shlex.join(map(str, argv))} >{out}.out 2>{out}.err",
+                  f"echo $? >{out}.rc", f"(cd {m} && find . -mindepth 1 | sort) >{out}.left"]
+    if not prefix:  # the plain shell's mount is the machine's: taken down however the script ends
+        lines.insert(0, f"trap 'umount {m}' EXIT")
+    proc = subprocess.run([*prefix, "sh", "-c", "\n".join(lines)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return [{"rc": int((results / f"{i}.rc").read_text()), "stdout": (results / f"{i}.out").read_text(),
+             "stderr": (results / f"{i}.err").read_text(),
+             "left": [p[2:] for p in (results / f"{i}.left").read_text().splitlines()]}
+            for i in range(len(steps))]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from helpers import REPO, run_script
+from helpers import REPO, run_on_small_disk, run_script
 from vggjax.weights.keras import write_legacy_h5
 from vggjax.utils import atomic
 
@@ -157,3 +157,19 @@ def test_an_interrupted_conversion_leaves_nothing_after_the_next_run(notop_h5, t
         result = run_cli(subprocess_env, *convert_args(notop_h5, out))
         assert result.returncode == 0, result.stderr
         assert sorted(p.name for p in out.parent.iterdir()) == [atomic.MANIFEST, "out"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_nor_harms_the_previous_output(notop_h5, tmp_path,
+                                                                               subprocess_env):
+    disk = tmp_path / "disk"
+    out = disk / "out"
+    convert = [sys.executable, SCRIPT, *convert_args(notop_h5, out)]
+    fresh, done, again = run_on_small_disk(disk, [
+        ("2m", convert), ("80m", convert), ("80m", [*convert, "--overwrite"])],
+        subprocess_env)  # 58 MB of weights: a second copy, before the first is replaced, does not fit
+    assert done["rc"] == 0 and done["left"][0] == atomic.MANIFEST, done["stderr"]
+    for failed, outcome in ((fresh, []), (again, done["left"])):  # the previous output as it was
+        assert failed["rc"] == 1 and failed["stderr"] == (
+            f"error: no space left on device while writing {out}; nothing was written: free some "
+            "space or choose another place\n")
+        assert failed["left"] == outcome

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, run_script, script_env
+from helpers import REPO, run_on_small_disk, run_script, script_env
 from vggjax.train import classifier, data, report, synthetic as smoke
+from vggjax.utils import atomic
 from vggjax.utils.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
@@ -228,8 +229,6 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tiny, tmp_path):
 
 
 def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_holder(tiny, tmp_path):
-    from vggjax.utils import atomic
-
     data, weights = tiny
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -239,3 +238,60 @@ def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_holder(tiny, tmp_p
     assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} is in use by another vggjax run "
                         rf"\(pid {os.getpid()}\); wait for it to finish or choose another one", _error(proc))
     assert sorted(p.name for p in workdir.iterdir()) == [atomic.LOCK]
+
+
+def test_a_full_disk_in_the_workdir_is_one_line_and_leaves_no_partial_file(tiny, tmp_path):
+    data, weights = tiny
+    workdir = tmp_path / "disk" / "run"
+    run = [sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0", "--workdir", workdir,
+           "--phases", "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain"]
+    cache, ckpt = run_on_small_disk(workdir.parent, [("24k", run), ("300k", run)], script_env(tmp_path))
+    # The feature cache is a memory map: without its blocks reserved, a full disk was a SIGBUS.
+    assert cache["rc"] == 2 and re.fullmatch(
+        rf"error: no space left on device while writing {re.escape(str(workdir))}/features_cache/"
+        r"train-\w+; nothing was written: free some space or choose another place\n", cache["stderr"])
+    # Orbax's writer threads: no asyncio or absl tracebacks, no half-written step.
+    assert ckpt["rc"] == 2 and ckpt["stderr"] == (
+        f"error: no space left on device while writing checkpoint 2 in {workdir}/checkpoints/features; "
+        "any checkpoints before it are intact: free some space and run the same command to resume\n")
+    for step in (cache, ckpt):
+        assert not [p for p in step["left"] if ".tmp" in p or "orbax-checkpoint-tmp" in p], step["left"]
+    assert "run/checkpoints/features" in ckpt["left"] and "run/features_cache" in cache["left"]
+
+
+def test_a_workdir_of_the_users_files_under_vggjax_s_names_survives_restart(tiny, tmp_path):
+    data, weights = tiny
+    workdir = tmp_path / "run"
+    mine = {"checkpoints/mymodel.pt": b"the user's model", "export/report.pdf": b"the user's report",
+            "config.json": b"{}"}  # what an older vggjax (no manifests) or the user left: no run.json
+    for rel, content in mine.items():
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_bytes(content)
+    args = ["--data", data, "--weights", weights / "weights0", "--workdir", workdir, "--phases",
+            "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain"]
+    for extra in ([], ["--restart"]):
+        proc = _run([*args, *extra], script_env(tmp_path), timeout=120)
+        assert _error(proc) == (
+            f"error: --workdir {workdir} holds outputs without run.json that vggjax did not write "
+            "(run/config.json, run/checkpoints/mymodel.pt, run/export/report.pdf): an older vggjax's "
+            "or your own; remove them by hand or use another --workdir")
+    assert {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()
+            and p.name != atomic.LOCK} == mine
+
+
+def test_sigterm_while_training_compiles_is_one_line_and_a_clean_exit(tiny, tmp_path):
+    """Python's shutdown under a cut-short XLA compilation could crash (SIGSEGV, exit -11) after
+    the message; now the process ends without it (atomic.run_command). The crash was not certain
+    at any one moment, so this run proves the message and status, not the crash's absence."""
+    sig = signal.SIGTERM  # Ctrl-C takes the same path: tests/test_convert_weights.py has both
+    data, weights = tiny
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0",
+                             "--workdir", tmp_path / "run", "--phases", "features", "--image-size", "32",
+                             "--batch-size", "4", "--pipeline", "grain"], env=script_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not proc.stdout.readline().startswith("phase features: trainable"):  # compiling its step now
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and err == "error: interrupted; run the same command again to resume\n"
+    assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp-" in p.name or "orbax-checkpoint-tmp" in p.name]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from helpers import random_variables, write_jpegs
+from helpers import random_variables, run_on_small_disk, write_jpegs
 from vggjax.export import artifact
 from vggjax.train import classifier
 from vggjax.train.classifier import Head, init_classifier
@@ -198,3 +198,13 @@ def test_vgg16_with_top_in_every_format_equals_the_model(tmp_path):
         for batch in (pixels, pixels[:1]):
             np.testing.assert_allclose(art.probabilities(batch), want[:len(batch)], atol=1e-5, rtol=0)
         atomic.remove_owned([tmp_path / fmt])
+
+
+def test_a_full_disk_is_one_line_even_from_tensorflow(source, tmp_path, subprocess_env):
+    _, directory, _, _ = source  # SavedModel's writer raises TensorFlow's own error: was a traceback
+    out = tmp_path / "disk" / "sm"
+    (full,) = run_on_small_disk(out.parent, [("1m", [sys.executable, TOOLS / "export.py", directory,
+                                                     "--format", "savedmodel", "--output", out])], subprocess_env)
+    assert full["rc"] == 1 and full["left"] == [] and full["stderr"].splitlines()[-1:] == [
+        f"error: no space left on device while writing {out}; nothing was written: free some space or "
+        "choose another place"] and "Traceback" not in full["stderr"], full["stderr"]

@@ -278,6 +278,23 @@ def test_feature_loss_equals_numpy(vgg11):
         losses.feature_loss(model, variables, x, y, ("block1_conv1",), kind="l2")
 
 
+def test_feature_and_style_losses_refuse_nan_and_nchw_and_warn_on_raw_pixels(vgg11):
+    model, variables, x, y = vgg11
+    nan = np.array(y)
+    nan[1, 2, 3, 0] = np.inf
+    layers = ("block1_conv1",)
+    for name, loss in (("feature_loss", losses.feature_loss), ("style_loss", losses.style_loss)):
+        with pytest.raises(ValueError, match=rf"^{name} \w+ holds NaN or Inf$"):
+            loss(model, variables, x, nan, layers)
+        with pytest.raises(ValueError, match=rf"^{name} x expects NHWC .* it looks like NCHW"):
+            loss(model, variables, x.transpose(0, 3, 1, 2), y.transpose(0, 3, 1, 2), layers)
+        raw = np.zeros(x.shape, np.uint8)
+        with pytest.warns(UserWarning, match=rf"{name} x got uint8 images: it expects preprocessed floats"):
+            loss(model, variables, raw, y, layers)
+    with pytest.raises(ValueError, match=r"^total_variation x holds NaN or Inf$"):
+        losses.total_variation(nan)
+
+
 def np_gram(f):
     n, h, w, c = f.shape
     m = f.transpose(0, 3, 1, 2).reshape(n, c, h * w)  # F: (C, h*w) per image

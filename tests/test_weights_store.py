@@ -1,5 +1,6 @@
 """vggjax checkpoints: save/load round trip, BatchNorm variables, atomic writes, clear load errors."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,10 @@ def test_changed_arrays_are_refused_on_load(saved_bn, bn_variables, tmp_path, va
 def test_load_of_a_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere: no such checkpoint directory"):
         vggjax.load(tmp_path / "nowhere")
+
+
+def test_paths_starting_with_a_tilde_are_the_home_directory(saved_bn, monkeypatch):
+    monkeypatch.setenv("HOME", str(saved_bn.parent))  # the README's vggjax.load("~/...")
+    assert vggjax.load(f"~/{saved_bn.name}").meta == vggjax.load(saved_bn).meta
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(saved_bn.parent))}/nowhere: no such"):
+        vggjax.load("~/nowhere")

@@ -179,10 +179,7 @@ def feature_loss(model: VGG, variables: Mapping, x, y, layers: Sequence[str] = (
         raise ValueError(f"kind must be 'mse' or 'l1', found {kind!r}")
     if np.shape(x) != np.shape(y):
         raise ValueError(f"feature_loss compares images of one shape, found {np.shape(x)} and {np.shape(y)}")
-    for name, images in (("x", x), ("y", y)):
-        check_nhwc(images, f"feature_loss {name}")
-        check_finite(images, f"feature_loss {name}")
-        warn_if_raw(images, f"feature_loss {name}")
+    _check_images("feature_loss", x=x, y=y)
     weights = _layer_weights(layers, weights)
     fx, fy = taps(model, variables, x, layers), taps(model, variables, y, layers)
     total = 0.0
@@ -190,6 +187,14 @@ def feature_loss(model: VGG, variables: Mapping, x, y, layers: Sequence[str] = (
         d = fx[name] - fy[name]
         total = total + w * jnp.mean(d * d if kind == "mse" else jnp.abs(d), axis=(1, 2, 3))
     return total
+
+
+def _check_images(what: str, **images) -> None:
+    """Each concrete batch of `images` NHWC and finite (ValueError), and not raw uint8 (a warning)."""
+    for name, x in images.items():
+        check_nhwc(x, f"{what} {name}")
+        check_finite(x, f"{what} {name}")
+        warn_if_raw(x, f"{what} {name}")
 
 
 def gram(f: jnp.ndarray) -> jnp.ndarray:
@@ -212,6 +217,7 @@ def style_loss(model: VGG, variables: Mapping, x, style, layers: Sequence[str] =
     """
     if normalization not in ("gatys", "book"):
         raise ValueError(f"normalization must be 'gatys' or 'book', found {normalization!r}")
+    _check_images("style_loss", x=x, style=style)
     weights = _layer_weights(layers, weights)
     fx, fs = taps(model, variables, x, layers), taps(model, variables, style, layers)
     total = 0.0
@@ -234,6 +240,7 @@ def total_variation(x, power: float = 1.25) -> jnp.ndarray:
     Returns float32 (N,). power >= 1 keeps the gradient finite where neighbours are equal."""
     if power < 1:
         raise ValueError(f"power must be >= 1 (smaller powers have infinite gradients), found {power}")
+    check_finite(x, "total_variation x")
     x = jnp.asarray(x, jnp.float32)
     a = (x[:, :-1, :-1] - x[:, 1:, :-1]) ** 2
     b = (x[:, :-1, :-1] - x[:, :-1, 1:]) ** 2

@@ -143,6 +143,7 @@ def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -
             if features is None:
                 features = np.lib.format.open_memmap(tmp / FEATURES, mode="w+", dtype=np.float32,
                                                      shape=(n, *out.shape[1:]))
+                atomic.reserve(tmp / FEATURES)  # a full disk: one OSError, not a SIGBUS
             features[done:done + count] = out[real]
             labels[done:done + count] = batch["label"][real]
             done += count

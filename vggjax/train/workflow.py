@@ -431,20 +431,26 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
     A workdir of another run (or of a run without run.json) raises RunMismatchError naming what
     differs, unless `restart`, which deletes that run's outputs: what vggjax wrote there,
     proven by the manifests (`atomic.remove_owned`); a user's file among them is refused before
-    anything is deleted. OSError (one line) when the workdir cannot be created or written.
+    anything is deleted. Outputs without run.json that no manifest proves vggjax's (an older
+    vggjax's, or the user's under vggjax's names) are refused even with `restart`. OSError (one line) when the workdir cannot be created or written.
     """
     make_workdir(workdir)
     path = workdir / RUN
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is None and any((workdir / name).exists() for name in RUN_OUTPUTS[1:]):
         old = {}  # outputs without an identity: made by an older vggjax, or damaged
+    if old == {} and (others := atomic.unowned(workdir, RUN_OUTPUTS)):
+        # An older vggjax wrote no manifests: --restart could not delete these either.
+        raise RunMismatchError(f"--workdir {workdir} holds outputs without {RUN} that vggjax did not "
+                               f"write ({others}): an older vggjax's or your own; remove them by hand "
+                               "or use another --workdir")
     if old is not None and old != identity:
         if not restart:
             differs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
             shown = ", ".join(f"{k} ({_short(old.get(k))} there, {_short(identity.get(k))} now)"
                               for k in differs[:6]) + (" ..." if len(differs) > 6 else "")
             if not old:
-                shown = f"outputs without {RUN} (written by an older vggjax)"
+                shown = f"vggjax's outputs without their {RUN}"
             raise RunMismatchError(f"--workdir {workdir} holds another run: {shown}; use another "
                                    "--workdir, or --restart to discard that run")
     if jax.process_index() != 0:  # multi-host: every process checks, one writes

@@ -17,6 +17,7 @@ edited in) a vggjax output makes the whole output foreign to vggjax.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -24,11 +25,12 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NoReturn
 
 _KINDS = ("tmp", "old")
 MANIFEST = ".vggjax-manifest.json"
@@ -114,11 +116,44 @@ def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: boo
             _fsync_tree(tmp)
             check_target(final, directory=directory, overwrite=overwrite, protect=protect)
             _replace(tmp, final)
+            tmp = final  # from here, a failure (the manifest on a full disk) takes the output back
             _fsync(final.parent)
             record(final)
-        except BaseException:
+        except BaseException as err:
             remove(tmp)
+            full = no_space(err, final, "nothing was written: free some space or choose another place")
+            if full is not None:
+                raise full from None
             raise
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(err: BaseException, where: str | os.PathLike, outcome: str) -> OSError | None:
+    """A one-line OSError (errno ENOSPC or EDQUOT) for `err` when it says that the disk or the
+    quota is full, naming `where` and ending in `outcome` (what is left, what to do); else None.
+    Orbax and TensorStore raise ValueErrors whose text carries the OS code (os_error_code='28'),
+    TensorFlow errors whose text has the OS's words ("No space left on device")."""
+    code, text = getattr(err, "errno", None), str(err)
+    if code not in _FULL:  # TensorFlow's errors carry only the OS's words
+        found = re.search(r"os_error_code='(\d+)'", text)
+        code = int(found.group(1)) if found else next((c for c in _FULL if os.strerror(c) in text), None)
+    if code not in _FULL:
+        return None
+    full = OSError(f"{os.strerror(code).lower()} while writing {where}; {outcome}")
+    full.errno = code
+    return full
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the disk blocks of the file at `path` (its current size) now, so that a full disk is
+    an OSError here rather than a SIGBUS later, when a memory map of the (sparse) file is written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 class BusyError(RefusedError):
@@ -210,6 +245,15 @@ def remove_owned(paths: Iterable[str | os.PathLike]) -> None:
         _remove_tree(path)
 
 
+def unowned(root: str | os.PathLike, names: Iterable[str]) -> str | None:
+    """The files under `root`/<each of `names`> that vggjax cannot prove it wrote, as a short
+    listing ("run/config.json, run/checkpoints/mymodel.pt"), or None when there are none."""
+    root = Path(os.path.abspath(root))
+    found = [os.path.join(name, rel) if rel else name for name in names
+             if os.path.lexists(root / name) for rel in _foreign_tree(root / name)]
+    return _listing(root, found) if found else None
+
+
 def _foreign_tree(path: Path) -> list[str]:
     """`foreign`, where a directory without a record of its own may hold recorded outputs."""
     if path.name == MANIFEST:
@@ -278,8 +322,12 @@ def _manifest(directory: Path) -> Iterator[dict]:
             (directory / MANIFEST).unlink(missing_ok=True)
             return
         tmp = _sibling(directory / MANIFEST, "tmp")
-        tmp.write_text(json.dumps(entries, sort_keys=True))
-        os.replace(tmp, directory / MANIFEST)
+        try:
+            tmp.write_text(json.dumps(entries, sort_keys=True))
+            os.replace(tmp, directory / MANIFEST)
+        except BaseException:  # a full disk: the previous manifest stays, no temp beside it
+            tmp.unlink(missing_ok=True)
+            raise
     finally:
         os.close(fd)
 
@@ -412,3 +460,24 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
     if pending:
         raise Interrupted(pending[0])
+
+
+def run_command(main: Callable[[], int], interrupted: str) -> NoReturn:
+    """End the process with the status `main()` returns: a command's `__main__`.
+
+    Ctrl-C or SIGTERM that `main` leaves uncaught prints "error: interrupted; <interrupted>" (one
+    line) and gives status 130 / 143. After an interrupt the process ends without the
+    interpreter's shutdown (os._exit): an XLA compilation the interrupt cut short can crash that
+    (SIGSEGV) after the message. Files are complete or removed by then (`writing`).
+    """
+    try:
+        with sigterm_interrupts():
+            status = main()
+    except KeyboardInterrupt as err:
+        print(f"error: interrupted; {interrupted}", file=sys.stderr)
+        status = getattr(err, "status", 130)
+    if status in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -3,8 +3,11 @@ directory's `checkpoint/` and an NNX checkpoint hold. Training checkpoints (a ma
 latest/best steps) are `vggjax.train.checkpoint`, built on the same lazy import."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from vggjax.utils import atomic
 
@@ -16,6 +19,36 @@ def ocp():
     return orbax.checkpoint
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Orbax's log records held back while a save runs: shown after it succeeds, dropped when it
+    fails (the exception raised says it once). Also dropped: the "Event loop is closed" reports
+    of TensorStore writes that finish after a failed save closed their loop (a full disk), for
+    the rest of the process once a save failed."""
+    absl, held = logging.getLogger("absl"), []
+    previous_hook = sys.unraisablehook
+
+    def hold(record):
+        held.append(record)
+        return False
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and "Event loop is closed" in str(unraisable.exc_value)):
+            previous_hook(unraisable)
+
+    absl.addFilter(hold)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        absl.removeFilter(hold)
+    # Only now: after a failed save, late writes keep reporting (the hook stays for the process).
+    sys.unraisablehook = previous_hook
+    for record in held:  # the save succeeded: its warnings are worth seeing
+        absl.handle(record)
+
+
 def save_tree(path: Path, tree: Mapping) -> None:
     """Write a nested dict of arrays to `path` (a new directory) and return when it is on disk.
 
@@ -23,7 +56,7 @@ def save_tree(path: Path, tree: Mapping) -> None:
     makes the caller delete it.
     """
     orbax = ocp()
-    with atomic.signals_deferred(), orbax.Checkpointer(orbax.StandardCheckpointHandler()) as ckptr:
+    with atomic.signals_deferred(), quiet(), orbax.Checkpointer(orbax.StandardCheckpointHandler()) as ckptr:
         ckptr.save(path, args=orbax.args.StandardSave(dict(tree)))
 
 
