@@ -1,5 +1,5 @@
 # Two commands on a machine with python3 and make:
-#   make demo   set up .venv (core + [train,onednn]) and run the example's --smoke job
+#   make demo   set up .venv (core + [grain,onednn]: no TensorFlow) and run the example's --smoke job
 #   make test   set up .venv (+ [torch,test,onednn] and the test-only references) and run pytest
 # Set-up is idempotent: a stamp named after the hash of what it installed from skips it next time.
 PYTHON ?= python3
@@ -15,7 +15,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo test setup-demo setup-test
 demo: setup-demo
-	$(PY) examples/finetune_catsdogs.py --smoke
+	$(PY) examples/finetune_catsdogs.py --smoke --pipeline grain
 
 # pytest's exit status is also left in $(VENV)/.pytest-status for .ci/run.
 test: setup-test
@@ -29,7 +29,7 @@ $(PY):
 	$(PIP) --upgrade pip
 
 $(VENV)/.stamp-demo-$(HASH): | $(PY)
-	$(PIP) -e ".[train,onednn]"
+	$(PIP) -e ".[grain,onednn]"
 	rm -f $(VENV)/.stamp-demo-* && touch $@
 
 $(VENV)/.stamp-test-$(HASH): | $(PY)

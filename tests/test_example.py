@@ -41,7 +41,7 @@ def smoke_run(tmp_path_factory):
     return tmp / "run", proc.stdout, time.time() - start
 
 
-@pytest.mark.slow  # `make demo` runs this very job
+@pytest.mark.slow  # the default (tf.data) smoke job; `make demo` runs it with --pipeline grain (test_grain.py)
 def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     workdir, stdout, seconds = smoke_run
     assert f"{SIZE}x{SIZE}" in stdout and "RANDOM VGG16 weights" in stdout

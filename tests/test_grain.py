@@ -118,7 +118,7 @@ def test_the_workflow_runs_with_tensorflow_blocked(tmp_path):
     assert (tmp_path / "run" / "export" / "features" / "classifier.json").is_file()
 
 
-@pytest.mark.slow  # the smoke job's three phases, twice
+@pytest.mark.slow  # the smoke job `make demo` runs (--pipeline grain), its three phases twice
 def test_the_smoke_workflow_and_its_resume_run_with_tensorflow_blocked(tmp_path):
     from helpers import script_env
 
