@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -355,6 +355,12 @@ def variable_shapes(config: VGG) -> dict[str, tuple]:
     images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     variables = jax.eval_shape(config.init, jax.random.PRNGKey(0), images)
     return {path: tuple(leaf.shape) for path, leaf in flatten(variables).items()}
+
+
+def without_top(params: Mapping) -> dict:
+    """`params` without the ImageNet classifier's layers (`TOP`): the headless VGG's params,
+    the same arrays (conv kernels (3, 3, in, out) and biases), not copies."""
+    return {name: value for name, value in params.items() if name not in TOP}
 
 
 def arch_name(model: VGG) -> str:
