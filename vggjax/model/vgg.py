@@ -363,9 +363,21 @@ def without_top(params: Mapping) -> dict:
     return {name: value for name, value in params.items() if name not in TOP}
 
 
+def find_arch(convs: Sequence[int] | int, batch_norm: bool = False) -> str | None:
+    """The ARCHS name ("vgg16", "vgg11_bn", ...) with these block sizes, or with this many conv
+    layers in all (an int: each VGG has its own count), and this BatchNorm use; None if none."""
+    total = np.ndim(convs) == 0
+    want = int(convs) if total else tuple(convs)
+    for name, cfg in ARCHS.items():
+        sizes = tuple(cfg["block_sizes"])
+        if (sum(sizes) if total else sizes) == want and cfg.get("batch_norm", False) == batch_norm:
+            return name
+    return None
+
+
 def arch_name(model: VGG) -> str:
     """Inverse of `create`: "vgg16", "vgg11_bn", ..."""
-    for name, cfg in ARCHS.items():
-        if tuple(cfg["block_sizes"]) == tuple(model.block_sizes) and cfg.get("batch_norm", False) == model.batch_norm:
-            return name
-    raise ValueError(f"block sizes {tuple(model.block_sizes)} are not a known VGG")
+    name = find_arch(model.block_sizes, model.batch_norm)
+    if name is None:
+        raise ValueError(f"block sizes {tuple(model.block_sizes)} are not a known VGG")
+    return name

@@ -7,7 +7,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names
+from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names, find_arch
 from vggjax.weights.spec import check_floats, check_variables
 
 KERAS_ARCHS = ("vgg16", "vgg19")  # the only VGGs keras.applications publishes weights for
@@ -36,10 +36,10 @@ def read_keras_h5(path: str | os.PathLike, arch: str) -> tuple[dict, bool]:
         check_variables(variables, arch, include_top, source=path)
     except ValueError as err:
         n_convs = sum(p["kernel"].ndim == 4 for p in params.values())
-        guess = [a for a in KERAS_ARCHS if sum(BLOCK_SIZES[a]) == n_convs and a != arch]
-        if guess:
-            raise ValueError(f"{err} (the file has {n_convs} conv layers, as {guess[0]} has: "
-                             f"convert it as {guess[0]})") from None
+        guess = find_arch(n_convs)
+        if guess in KERAS_ARCHS and guess != arch:
+            raise ValueError(f"{err} (the file has {n_convs} conv layers, as {guess} has: "
+                             f"convert it as {guess})") from None
         raise
     return variables, include_top
 
