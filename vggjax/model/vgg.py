@@ -357,6 +357,15 @@ def variable_shapes(config: VGG) -> dict[str, tuple]:
     return {path: tuple(leaf.shape) for path, leaf in flatten(variables).items()}
 
 
+def init_random(model: VGG, seed: int = 0) -> dict:
+    """Seeded random variables from `model`'s own Flax initialisers (convs He-normal over
+    fan-out, zero biases, BatchNorm 1/0): {"params": ..., ["batch_stats": ...]}, JAX arrays in
+    the param dtype (float32). The values do not depend on the input size, so the smallest the
+    model takes is used: 32x32, or 224x224 under the Keras top."""
+    size = TOP_GRID * MIN_SIZE if model.include_top and model.top_input == "keras" else MIN_SIZE
+    return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+
+
 def without_top(params: Mapping) -> dict:
     """`params` without the ImageNet classifier's layers (`TOP`): the headless VGG's params,
     the same arrays (conv kernels (3, 3, in, out) and biases), not copies."""
