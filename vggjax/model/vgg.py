@@ -363,7 +363,12 @@ def init_random(model: VGG, seed: int = 0) -> dict:
     the param dtype (float32). The values do not depend on the input size, so the smallest the
     model takes is used: 32x32, or 224x224 under the Keras top."""
     size = TOP_GRID * MIN_SIZE if model.include_top and model.top_input == "keras" else MIN_SIZE
-    return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+    return _jit_init(model, jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compilation per model, whatever the seed
+def _jit_init(model: VGG, key, x):
+    return model.init(key, x)
 
 
 def without_top(params: Mapping) -> dict:
