@@ -84,7 +84,7 @@ class JaxWorker:
         base = model.create("vgg16", include_top=False, conv_impl=self.impl,
                             dtype=self.dtype or jnp.float32)
         key = self.jax.random.PRNGKey(0)
-        base_vars = base.init(key, jnp.zeros((1, size, size, 3)))
+        base_vars = model.init_random(base, seed=0)
         images, labels = synthetic_batch(size, batch)
         if kind == "infer":
             step, x = features.make_extract_step(base, "caffe"), jnp.asarray(images)
@@ -358,13 +358,11 @@ def _epochs(split, aug, config) -> float:
 def memory_main(n_per_class: int) -> None:
     """Child: vggjax.train.feature_cache.extract over 2 * n_per_class images at 150x150; peak RSS out."""
     sys.path.insert(0, str(ROOT))
-    import jax
-    import jax.numpy as jnp
     from vggjax.train import data, feature_cache as features
     from vggjax.model import vgg as model
     root, how = image_folder(n_per_class)
     base = model.create("vgg16", include_top=False, conv_impl="auto")
-    variables = base.init(jax.random.PRNGKey(0), jnp.zeros((1, 150, 150, 3)))
+    variables = model.init_random(base)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     try:

@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 import vggjax  # noqa: E402
 import vggjax.nnx as vnnx  # noqa: E402
 from benchlog import Log  # noqa: E402
+from vggjax.model.vgg import init_random  # noqa: E402
 from vggjax.train import classifier, freezing, loop  # noqa: E402
 
 PHASES = {"frozen": ("head", ("head",)), "finetune": ("block5+head", ("block5", "head"))}
@@ -32,7 +33,7 @@ PHASES = {"frozen": ("head", ("head",)), "finetune": ("block5+head", ("block5", 
 
 def setup(batch: int):
     base = vggjax.create("vgg16", include_top=False, conv_impl="auto")
-    base_v = jax.jit(base.init)(jax.random.PRNGKey(0), np.zeros((1, 150, 150, 3), np.float32))
+    base_v = init_random(base)
     linen, v = classifier.init_classifier(base_v, base, classifier.Head(), 150, jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     data = {"image": rng.uniform(0, 255, (batch, 150, 150, 3)).astype(np.float32),

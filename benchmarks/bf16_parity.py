@@ -23,6 +23,7 @@ from bench import DATA, ROOT  # the benchmark's photos (run from benchmarks/ as 
 
 sys.path.insert(0, str(ROOT))
 import vggjax  # noqa: E402
+from vggjax.model.vgg import init_random  # noqa: E402
 from vggjax.weights.preprocessing import preprocess_input  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=str(DATA), help="cats_and_dogs_small folder")
     a = p.parse_args(argv)
     ref_model = vggjax.create("vgg16", classifier_activation=None)
-    variables = ref_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+    variables = init_random(ref_model)
     # Scale the classifier so logits spread over several units, as a trained model's do
     # (Flax's default init leaves them nearly equal, and top-1 would be a coin toss).
     params = dict(variables["params"])

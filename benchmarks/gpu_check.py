@@ -41,7 +41,7 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
     rows, notes = [], []
     x = images(infer_batch, size)
     base = model.create("vgg16", include_top=False)
-    variables = base.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    variables = model.init_random(base)
 
     def features(dtype, impl="direct", precision=None):
         m = base.clone(dtype=dtype, conv_impl=impl)

@@ -2,8 +2,8 @@
 
 The combination image starts from the content image and is optimised against the book's loss:
 content at block5_conv2, Gram-matrix style at block1_conv1 ... block5_conv1, total variation.
-  --preset book1: weights 0.025 / 1.0 / 1e-4, L-BFGS (optax.lbfgs), 200 iterations by default;
-  --preset book2: weights 2.5e-8 / 1e-6 / 1e-6, SGD at 100 * 0.96 ** (step / 100), 4000 steps.
+  --preset book1 (1st ed., L-BFGS) or book2 (2nd ed., SGD): the loss weights are
+  vggjax.losses.perceptual.PRESETS, the optimiser and default steps vggjax.losses.style_transfer.SCHEDULES.
 Writes --out/step_NNNNN.png every --save-every steps, final.png and loss.png.
 
     python tools/convert_weights.py --source keras --arch vgg19      # the book's weights
@@ -38,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--content", help="content image file")
     p.add_argument("--style", help="style reference image file")
     p.add_argument("--weights", metavar="DIR", help="converted VGG19 weights (tools/convert_weights.py)")
-    p.add_argument("--preset", default="book1", choices=sorted(style_transfer.DEFAULT_STEPS))
-    p.add_argument("--steps", type=int, help=f"default {style_transfer.DEFAULT_STEPS}")
+    schedules = style_transfer.SCHEDULES
+    p.add_argument("--preset", default="book1", choices=sorted(schedules))
+    p.add_argument("--steps", type=int, help=f"default { {k: s.steps for k, s in schedules.items()} }")
     p.add_argument("--size", type=int, help="image height in pixels, width by aspect ratio (default 400)")
-    p.add_argument("--save-every", type=int, help=f"default {style_transfer.DEFAULT_SAVE_EVERY}")
+    p.add_argument("--save-every", type=int,
+                   help=f"default { {k: s.save_every for k, s in schedules.items()} }")
     p.add_argument("--out", default="runs/style_transfer", help="output directory")
     p.add_argument("--smoke", action="store_true", help="instead of --content, --style, --weights: "
                    "generated images and random VGG19 weights converted from a Keras h5 file")

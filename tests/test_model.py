@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model.vgg import adaptive_pool_matrix, max_pool2x2
+from vggjax.model.vgg import (ARCHS, adaptive_pool_matrix, arch_name, find_arch, init_random,
+                              max_pool2x2)
 from vggjax.model.summary import summary_rows
 
 
@@ -144,6 +145,28 @@ def test_bf16_compute_keeps_fp32_params(tiny):
     assert jax.tree.leaves(variables)[0].dtype == jnp.float32
     ref = model.apply(variables, x)
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.05 * float(jnp.max(jnp.abs(ref))) + 1e-3
+
+
+def test_find_arch_names_each_vgg_by_its_block_sizes_or_conv_count():
+    for name, cfg in ARCHS.items():
+        sizes, bn = cfg["block_sizes"], cfg.get("batch_norm", False)
+        assert find_arch(sizes, bn) == find_arch(sum(sizes), bn) == arch_name(vggjax.create(name)) == name
+    # VGG16's 13 convs in another order are no VGG; nor is a count no VGG has.
+    assert find_arch((3, 3, 3, 2, 2)) is None and find_arch(14) is None
+    with pytest.raises(ValueError, match=r"block sizes \(3, 3, 3, 2, 2\) are not a known VGG"):
+        arch_name(vggjax.VGG(block_sizes=(3, 3, 3, 2, 2)))
+
+
+def test_init_random_is_the_model_s_own_seeded_init_at_any_input_size():
+    # A one-conv-a-block VGG with BatchNorm: the smallest to initialise, batch_stats included.
+    model = vggjax.VGG(block_sizes=(1, 1, 1, 1, 1), batch_norm=True, include_top=False)
+    got = init_random(model, seed=5)
+    # The input size does not change the values: the model's init at 64x64 gives the same.
+    want = jax.jit(model.init)(jax.random.PRNGKey(5), jnp.zeros((1, 64, 64, 3)))
+    assert set(got) == {"params", "batch_stats"}
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), got, want))
+    other = init_random(model, seed=6)["params"]["block1_conv1"]["kernel"]
+    assert not (other == got["params"]["block1_conv1"]["kernel"]).all()
 
 
 def test_unknown_arch():

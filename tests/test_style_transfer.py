@@ -126,3 +126,11 @@ def test_example_refuses_bad_flags_before_any_work(setup, tmp_path, capsys, args
     rc = load_example().main([x for kv in given.items() for x in kv])
     assert rc == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_preset_has_a_loss_and_a_schedule_and_others_are_refused():
+    assert style_transfer.SCHEDULES.keys() == losses.PRESETS.keys()
+    assert style_transfer.check_settings("book2")["steps"] == style_transfer.SCHEDULES["book2"].steps
+    with pytest.raises(ValueError, match=r"unknown style-transfer preset 'book3'; expected one of "
+                                         r"\['book1', 'book2'\]"):
+        style_transfer.check_settings("book3")

@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 
 import vggjax
-from vggjax.model.vgg import VGG
+from vggjax.model.vgg import VGG, without_top
 from vggjax.utils.checks import check_finite, check_nhwc, check_range, warn_if_raw
 from vggjax.weights.torch_pickle import read_state_dict
 
@@ -97,9 +97,8 @@ class LPIPS:
                 f"{trunk}: LPIPS-VGG's lin layers were calibrated on torchvision's vgg16; this "
                 f"checkpoint is {meta.get('source', '?')} {meta['arch']} expecting "
                 f"{meta['preprocessing']!r} inputs (convert it with --source torchvision --arch vgg16)")
-        params = {k: v for k, v in pretrained.params.items() if k.startswith("block")}
         return cls(model=vggjax.create("vgg16", include_top=False, dtype=dtype, conv_impl=conv_impl),
-                   variables={"params": params}, lins=lins, version=version)
+                   variables={"params": without_top(pretrained.params)}, lins=lins, version=version)
 
     def __call__(self, x0, x1, normalize: bool = False, spatial: bool = False) -> jnp.ndarray:
         """LPIPS distance between NHWC RGB images in [-1, 1] (`normalize=True`: [0, 1]).

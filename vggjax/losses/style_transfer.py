@@ -3,11 +3,12 @@ combination image, started from the content image, optimised with optax against 
 (vggjax.losses.perceptual presets) on a VGG19 conv base."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +22,39 @@ from vggjax.utils.extras import require
 from vggjax.model.vgg import MIN_SIZE, VGG
 from vggjax.weights.preprocessing import deprocess_input
 
-# book1: each step is one L-BFGS iteration with its line search (the book ran scipy's L-BFGS for
-# 20 rounds of at most 20 evaluations); book2: the book's 4000 SGD steps.
-DEFAULT_STEPS = {"book1": 200, "book2": 4000}
-DEFAULT_SAVE_EVERY = {"book1": 20, "book2": 100}
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How `run` optimises a preset's loss (`perceptual.PRESETS`, same name): the optimiser and
+    the defaults for steps and for save_every (the interval between step_NNNNN.png images)."""
+
+    make_optimizer: Callable[[], optax.GradientTransformation]
+    steps: int
+    save_every: int
+    line_search: bool  # L-BFGS: the value and gradient come from the optimiser's state
+
+
+SCHEDULES = {
+    # Each step is one L-BFGS iteration with its line search (the book ran scipy's L-BFGS for
+    # 20 rounds of at most 20 evaluations).
+    "book1": Schedule(optax.lbfgs, steps=200, save_every=20, line_search=True),
+    # The book's 4000 SGD steps at 100 * 0.96 ** (step / 100) (Keras' ExponentialDecay, no staircase).
+    "book2": Schedule(lambda: optax.sgd(optax.exponential_decay(100.0, transition_steps=100,
+                                                                decay_rate=0.96)),
+                      steps=4000, save_every=100, line_search=False),
+}
+
+
+def schedule(preset: str) -> Schedule:
+    """The `Schedule` of a preset name; ValueError naming the presets for any other name."""
+    if preset not in SCHEDULES:
+        raise ValueError(f"unknown style-transfer preset {preset!r}; expected one of {sorted(SCHEDULES)}")
+    return SCHEDULES[preset]
 
 
 def optimizer(preset: str) -> optax.GradientTransformation:
-    """The book's optimiser for a preset: L-BFGS (book1) or SGD with learning rate
-    100 * 0.96 ** (step / 100) (book2, Keras' ExponentialDecay without staircase)."""
-    if preset == "book1":
-        return optax.lbfgs()
-    if preset == "book2":
-        return optax.sgd(optax.exponential_decay(100.0, transition_steps=100, decay_rate=0.96))
-    raise ValueError(f"unknown style-transfer preset {preset!r}; expected one of {sorted(losses.PRESETS)}")
+    """The book's optimiser for a preset: L-BFGS (book1) or SGD with a decaying rate (book2)."""
+    return schedule(preset).make_optimizer()
 
 
 def image_size(path: str | os.PathLike, height: int) -> tuple[int, int]:
@@ -56,10 +76,9 @@ def check_settings(preset: str = "book1", steps: int | None = None, height: int 
                    save_every: int | None = None) -> dict:
     """Raise ValueError naming the first setting `run` cannot use; return {"preset", "steps",
     "height", "save_every"} with the preset's defaults filled in."""
-    if preset not in DEFAULT_STEPS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(DEFAULT_STEPS)}")
-    steps = DEFAULT_STEPS[preset] if steps is None else steps
-    save_every = DEFAULT_SAVE_EVERY[preset] if save_every is None else save_every
+    defaults = schedule(preset)
+    steps = defaults.steps if steps is None else steps
+    save_every = defaults.save_every if save_every is None else save_every
     for name, value in (("steps", steps), ("save_every", save_every)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, found {value!r}")
@@ -121,7 +140,7 @@ def _loss(model: VGG, preset: str, x, variables, targets):
 def _step(model: VGG, preset: str, x, state, variables, targets):
     opt = optimizer(preset)
     value_fn = functools.partial(_loss, model, preset, variables=variables, targets=targets)
-    if preset == "book1":  # L-BFGS: the line search's last value and gradient come from the state
+    if schedule(preset).line_search:  # the line search's last value and gradient are in the state
         value, grad = optax.value_and_grad_from_state(value_fn)(x, state=state)
         updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=value_fn)
     else:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -357,9 +357,41 @@ def variable_shapes(config: VGG) -> dict[str, tuple]:
     return {path: tuple(leaf.shape) for path, leaf in flatten(variables).items()}
 
 
+def init_random(model: VGG, seed: int = 0) -> dict:
+    """Seeded random variables from `model`'s own Flax initialisers (convs He-normal over
+    fan-out, zero biases, BatchNorm 1/0): {"params": ..., ["batch_stats": ...]}, JAX arrays in
+    the param dtype (float32). The values do not depend on the input size, so the smallest the
+    model takes is used: 32x32, or 224x224 under the Keras top."""
+    size = TOP_GRID * MIN_SIZE if model.include_top and model.top_input == "keras" else MIN_SIZE
+    return _jit_init(model, jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compilation per model, whatever the seed
+def _jit_init(model: VGG, key, x):
+    return model.init(key, x)
+
+
+def without_top(params: Mapping) -> dict:
+    """`params` without the ImageNet classifier's layers (`TOP`): the headless VGG's params,
+    the same arrays (conv kernels (3, 3, in, out) and biases), not copies."""
+    return {name: value for name, value in params.items() if name not in TOP}
+
+
+def find_arch(convs: Sequence[int] | int, batch_norm: bool = False) -> str | None:
+    """The ARCHS name ("vgg16", "vgg11_bn", ...) with these block sizes, or with this many conv
+    layers in all (an int: each VGG has its own count), and this BatchNorm use; None if none."""
+    total = np.ndim(convs) == 0
+    want = int(convs) if total else tuple(convs)
+    for name, cfg in ARCHS.items():
+        sizes = tuple(cfg["block_sizes"])
+        if (sum(sizes) if total else sizes) == want and cfg.get("batch_norm", False) == batch_norm:
+            return name
+    return None
+
+
 def arch_name(model: VGG) -> str:
     """Inverse of `create`: "vgg16", "vgg11_bn", ..."""
-    for name, cfg in ARCHS.items():
-        if tuple(cfg["block_sizes"]) == tuple(model.block_sizes) and cfg.get("batch_norm", False) == model.batch_norm:
-            return name
-    raise ValueError(f"block sizes {tuple(model.block_sizes)} are not a known VGG")
+    name = find_arch(model.block_sizes, model.batch_norm)
+    if name is None:
+        raise ValueError(f"block sizes {tuple(model.block_sizes)} are not a known VGG")
+    return name

@@ -81,15 +81,14 @@ def make_random_weights(directory: str | os.PathLike, arch: str = "vgg16", seed:
     import jax
 
     from vggjax import weights
-    from vggjax.model.vgg import MIN_SIZE, create
+    from vggjax.model.vgg import create, init_random
     from vggjax.weights.keras import write_legacy_h5
 
     directory = Path(directory)
     if (directory / weights.METADATA).is_file():
         return directory
     model = create(arch, include_top=False)
-    x = np.zeros((1, MIN_SIZE, MIN_SIZE, 3), np.float32)
-    params = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"])
+    params = jax.device_get(init_random(model, seed)["params"])
     h5 = directory.parent / f"random_{arch}_notop_seed{seed}.h5"
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -48,7 +48,7 @@ from vggjax.train.splits import PIPELINES
 from vggjax.train import augmentation, feature_cache as features, freezing, parallel, report, loop as training
 from vggjax.train.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
-from vggjax.model.vgg import MIN_SIZE, TOP, create
+from vggjax.model.vgg import MIN_SIZE, create, without_top
 from vggjax.model.summary import min_forward_bytes
 from vggjax.weights.preprocessing import MODES
 from vggjax.utils.trees import digest
@@ -381,7 +381,7 @@ def conv_base(weights: store.Pretrained, conv_impl: str = "direct"):
     """(headless VGG, its variables) of loaded weights; a checkpoint with a classifier loses it."""
     model = create(weights.meta["arch"], include_top=False, conv_impl=conv_impl)
     variables = dict(weights.variables)
-    variables["params"] = {k: v for k, v in variables["params"].items() if k not in TOP}
+    variables["params"] = without_top(variables["params"])
     return model, variables
 
 

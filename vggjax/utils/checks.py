@@ -10,6 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def traced(x) -> bool:
+    """True for a value traced by `jax.jit`/`grad`/`vmap`: its numbers are unknown, so no check
+    can look at them (the checks here, and `weights.preprocessing.prepare_images`, skip it)."""
+    return isinstance(x, jax.core.Tracer)
+
+
 def check_nhwc(x, what: str) -> None:
     """ValueError unless `x` is a batch of RGB images (N, H, W, 3): NCHW named as such."""
     shape = tuple(np.shape(x))
@@ -20,7 +26,7 @@ def check_nhwc(x, what: str) -> None:
 
 def check_finite(x, what: str) -> None:
     """ValueError when the concrete array `x` holds NaN or Inf."""
-    if isinstance(x, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+    if traced(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
         return
     if not bool(jnp.isfinite(x).all()):
         raise ValueError(f"{what} holds NaN or Inf")
@@ -32,7 +38,7 @@ def check_range(x, low: float, high: float, what: str, hint: str = "") -> None:
     "Far" is by more than half the range's width, which catches 0..255 images passed where
     [-1, 1] or [0, 1] is expected but lets generator outputs overshoot a little.
     """
-    if isinstance(x, jax.core.Tracer):
+    if traced(x):
         return
     check_finite(x, what)
     slack = (high - low) / 2
@@ -44,7 +50,7 @@ def check_range(x, low: float, high: float, what: str, hint: str = "") -> None:
 def warn_if_raw(x, what: str) -> None:
     """Warn when `x` has an integer dtype where preprocessed floats are expected (raw pixels
     that skipped `vggjax.preprocess_input`): the result would be of another input."""
-    if not isinstance(x, jax.core.Tracer) and jnp.issubdtype(jnp.result_type(x), jnp.integer):
+    if not traced(x) and jnp.issubdtype(jnp.result_type(x), jnp.integer):
         warnings.warn(f"{what} got {jnp.result_type(x)} images: it expects preprocessed floats "
                       "(vggjax.preprocess_input(images, mode)); the result is of raw pixels",
                       UserWarning, stacklevel=3)

@@ -22,6 +22,8 @@ KERAS_FILES = {
     ("vgg19", False): ("vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
                        "253f8cb515780f3b799900260a226db6"),
 }
+# The only VGGs keras.applications publishes weights for: ("vgg16", "vgg19").
+KERAS_ARCHS = tuple(dict.fromkeys(arch for arch, _ in KERAS_FILES))
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 # torchvision names each file with the first 8 hex digits of its sha256 (torch.hub checks them).
 TORCHVISION_FILES = {
@@ -55,6 +57,13 @@ class WeightFile:
         return self.url.rsplit("/", 1)[-1]
 
 
+def check_keras_arch(arch: str) -> None:
+    """ValueError unless Keras publishes weights for `arch` (KERAS_ARCHS)."""
+    if arch not in KERAS_ARCHS:
+        raise ValueError(f"Keras publishes VGG weights only for {' and '.join(KERAS_ARCHS)}, not "
+                         f"{arch!r}; use --source torchvision for the other VGGs")
+
+
 def official_file(source: str, arch: str, include_top: bool) -> WeightFile:
     """The official file for `source` ("keras", "torchvision") and `arch`.
 
@@ -62,9 +71,7 @@ def official_file(source: str, arch: str, include_top: bool) -> WeightFile:
     checksum pinned here, so it raises ValueError saying to pass the file with --input.
     """
     if source == "keras":
-        if (arch, include_top) not in KERAS_FILES:
-            raise ValueError(f"Keras publishes VGG weights only for vgg16 and vgg19, not {arch!r}; "
-                             "use --source torchvision for the other VGGs")
+        check_keras_arch(arch)
         name, md5 = KERAS_FILES[arch, include_top]
         return WeightFile(KERAS_URL + name, "md5", md5)
     if source == "torchvision":

@@ -7,10 +7,10 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names
+from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names, find_arch
+from vggjax.weights.download import KERAS_ARCHS, check_keras_arch
 from vggjax.weights.spec import check_floats, check_variables
 
-KERAS_ARCHS = ("vgg16", "vgg19")  # the only VGGs keras.applications publishes weights for
 LAYER_RE = re.compile(r"block(\d+)_conv(\d+)")
 
 
@@ -24,9 +24,7 @@ def read_keras_h5(path: str | os.PathLike, arch: str) -> tuple[dict, bool]:
     holds the classifier (fc1, fc2, predictions). Raises ValueError naming the file for anything
     that is not exactly `arch`'s weights.
     """
-    if arch not in KERAS_ARCHS:
-        raise ValueError(f"Keras publishes VGG weights only for {KERAS_ARCHS}, not {arch!r}; "
-                         "use --source torchvision for the other VGGs")
+    check_keras_arch(arch)
     path = os.fspath(path)
     layers = _read_layers(path, arch)
     params = {name: _kernel_and_bias(path, name, arrays) for name, arrays in layers.items()}
@@ -36,10 +34,10 @@ def read_keras_h5(path: str | os.PathLike, arch: str) -> tuple[dict, bool]:
         check_variables(variables, arch, include_top, source=path)
     except ValueError as err:
         n_convs = sum(p["kernel"].ndim == 4 for p in params.values())
-        guess = [a for a in KERAS_ARCHS if sum(BLOCK_SIZES[a]) == n_convs and a != arch]
-        if guess:
-            raise ValueError(f"{err} (the file has {n_convs} conv layers, as {guess[0]} has: "
-                             f"convert it as {guess[0]})") from None
+        guess = find_arch(n_convs)
+        if guess in KERAS_ARCHS and guess != arch:
+            raise ValueError(f"{err} (the file has {n_convs} conv layers, as {guess} has: "
+                             f"convert it as {guess})") from None
         raise
     return variables, include_top
 

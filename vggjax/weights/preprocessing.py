@@ -5,9 +5,10 @@ import functools
 import json
 from importlib import resources
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vggjax.utils.checks import traced
 
 # mode -> what the weights were trained on. Stored in each converted checkpoint's metadata.
 MODES = {
@@ -74,7 +75,7 @@ def prepare_images(images, mode: str):
     Concrete arrays are checked first (`check_images`: 0..1 floats, uint16, NaN are refused);
     inside jit, where values are unknown, only the mapping is applied.
     """
-    if not isinstance(images, jax.core.Tracer):
+    if not traced(images):
         images = check_images(images)
     return preprocess_input(images, mode)
 

@@ -14,7 +14,7 @@ import numpy as np
 from vggjax.utils import atomic
 from vggjax.utils.cache import cache_dir
 from vggjax.utils.orbax_tree import restore_tree, save_tree
-from vggjax.model.vgg import ARCHS, TOP, TOP_INPUTS, VGG, create
+from vggjax.model.vgg import ARCHS, TOP_INPUTS, VGG, create, without_top
 from vggjax.weights.preprocessing import MODES, prepare_images
 from vggjax.utils.trees import digest, flatten
 from vggjax.weights import download
@@ -102,8 +102,7 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
         raise ValueError(f"{input_path} holds no classifier (fc1, fc2, predictions): it is a "
                          f"'notop' file; convert it without --include-top, or use the full file")
     if has_top and not include_top:
-        variables = dict(variables, params={k: v for k, v in variables["params"].items()
-                                            if k not in TOP})
+        variables = dict(variables, params=without_top(variables["params"]))
     # A fine-tuned classifier (e.g. torchvision with 2 classes) keeps its own class count.
     num_classes = (int(variables["params"]["predictions"]["bias"].shape[0]) if include_top
                    else NUM_CLASSES)

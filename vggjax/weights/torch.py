@@ -6,7 +6,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from vggjax.model.vgg import ARCHS, WIDTHS
+from vggjax.model.vgg import ARCHS, WIDTHS, find_arch
 from vggjax.utils.trees import diff, unflatten
 from vggjax.weights.spec import check_floats, check_variables, expected_shapes
 from vggjax.weights.torch_pickle import read_state_dict
@@ -106,8 +106,7 @@ def _guess_arch(state: Mapping[str, object]) -> str | None:
     n_convs = sum(k.startswith("features.") and k.endswith(".weight") and np.ndim(v) == 4
                   for k, v in state.items())
     batch_norm = any(k.startswith("features.") and k.endswith(".running_mean") for k in state)
-    return next((arch for arch, cfg in ARCHS.items() if sum(cfg["block_sizes"]) == n_convs
-                 and cfg.get("batch_norm", False) == batch_norm), None)
+    return find_arch(n_convs, batch_norm)
 
 
 def from_state_dict(state: Mapping[str, np.ndarray], arch: str, source: str) -> tuple[dict, bool]:
