@@ -201,7 +201,8 @@ print("OK", jax.device_count())
 
 def test_finetune_nnx_smoke_trains_both_phases_and_saves_checkpoints(tmp_path):
     env = script_env(tmp_path)
-    args = ["--smoke", "--workdir", str(tmp_path / "run"), "--pipeline", "grain"]
+    # One epoch per phase (the smoke job's 2 + 2 add no code path): both phases train and save.
+    args = ["--smoke", "--workdir", str(tmp_path / "run"), "--pipeline", "grain", "--epochs", "1", "1"]
     proc = subprocess.run([sys.executable, f"{REPO}/examples/finetune_nnx.py", *args], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
