@@ -1,5 +1,7 @@
 """Shared fixtures: Keras on TensorFlow's CPU backend, seeded random VGG weights, a script environment."""
+import fcntl
 import os
+import shutil
 import tempfile
 
 # Before anything imports keras: the reference framework for the Keras parity tests.
@@ -8,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
-from helpers import random_variables, script_env
+from helpers import random_variables, script_env, write_vgg16
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,6 +44,29 @@ def keras():
 
     assert keras.backend.backend() == "tensorflow"
     return keras
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """A folder every xdist worker of this run sees (the parent of the workers' base temps; a
+    serial run's own base temp): artifacts built there once serve all test files."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def vgg16_with_top(shared_dir):
+    """(legacy h5, converted dir) of `helpers.write_vgg16(seed=5, logit_scale=3.0)`: 553 MB of
+    h5 plus its conversion, built once per run under a lock and only read by the tests."""
+    directory = shared_dir / "vgg16_with_top_seed5"
+    with open(shared_dir / "vgg16_with_top.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while one builds
+        if not (directory / "complete").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # what a worker killed mid-build left
+            directory.mkdir()
+            write_vgg16(directory, seed=5, logit_scale=3.0)
+            (directory / "complete").touch()
+    return directory / "vgg16_weights_tf_dim_ordering_tf_kernels.h5", directory / "converted"
 
 
 @pytest.fixture
