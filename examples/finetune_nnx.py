@@ -43,17 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/finetune_nnx")
     p.add_argument("--image-size", type=positive, default=150)
     p.add_argument("--batch-size", type=positive, default=20)
-    p.add_argument("--epochs", type=positive, nargs=2, default=(30, 100), metavar=("FROZEN", "FINETUNE"))
+    p.add_argument("--epochs", type=positive, nargs=2, metavar=("FROZEN", "FINETUNE"),
+                   help="epochs of the two phases (default 30 100; --smoke: 2 2)")
     p.add_argument("--pipeline", choices=("tfdata", "grain"), default="tfdata")
     p.add_argument("--smoke", action="store_true", help="generated images and random weights, "
-                   "48x48, 2 + 2 epochs, the smoke learning rates")
+                   "48x48, 2 + 2 epochs (or --epochs), the smoke learning rates")
     args = p.parse_args(argv)
     if args.smoke:
         args.data, args.weights = synthetic.inputs(os.path.join(args.workdir, "smoke_inputs"))
-        args.image_size, args.epochs = synthetic.SETTINGS["image_size"], (2, 2)
+        args.image_size, args.epochs = synthetic.SETTINGS["image_size"], args.epochs or (2, 2)
         args.learning_rates = synthetic.SETTINGS["learning_rates"]  # random weights learn slowly
     elif not (args.weights and args.data):
         p.error("give --weights and --data (or --smoke)")
+    args.epochs = args.epochs or (30, 100)
     try:
         os.makedirs(args.workdir, exist_ok=True)
         with atomic.sigterm_interrupts(), atomic.locked(args.workdir, f"--workdir {args.workdir}"):

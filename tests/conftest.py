@@ -1,5 +1,7 @@
 """Shared fixtures: Keras on TensorFlow's CPU backend, seeded random VGG weights, a script environment."""
+import fcntl
 import os
+import shutil
 import tempfile
 
 # Before anything imports keras: the reference framework for the Keras parity tests.
@@ -8,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
-from helpers import random_variables, script_env
+from helpers import random_variables, script_env, write_vgg16
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,6 +44,54 @@ def keras():
 
     assert keras.backend.backend() == "tensorflow"
     return keras
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """A folder every xdist worker of this run sees (the parent of the workers' base temps; a
+    serial run's own base temp): artifacts built there once serve all test files."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(directory, build):
+    """`build(directory)` by one process of this run; the others wait for it, then reuse the
+    directory (tests only read it). Returns `directory`."""
+    with open(f"{directory}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while one builds
+        if not (directory / "complete").exists():
+            shutil.rmtree(directory, ignore_errors=True)  # what a worker killed mid-build left
+            directory.mkdir()
+            build(directory)
+            (directory / "complete").touch()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def vgg16_with_top(shared_dir):
+    """(legacy h5, converted dir) of `helpers.write_vgg16(seed=5, logit_scale=3.0)`: 553 MB of
+    h5 plus its conversion, built once per run."""
+    directory = built_once(shared_dir / "vgg16_with_top_seed5",
+                           lambda d: write_vgg16(d, seed=5, logit_scale=3.0))
+    return directory / "vgg16_weights_tf_dim_ordering_tf_kernels.h5", directory / "converted"
+
+
+@pytest.fixture(scope="session")
+def torch_vgg16_files(shared_dir):
+    """`random_vgg("vgg16", seed=0)` as a torchvision .pth and as timm's model.safetensors, and
+    the .pth converted by vggjax (`converted`), built once per run: the folder holding them."""
+    def build(directory):
+        import vggjax
+        from vggjax.testing.reference import random_vgg, save_timm_safetensors
+        import torch
+
+        model = random_vgg("vgg16", seed=0)
+        torch.save(model.state_dict(), directory / "vgg16.pth")
+        save_timm_safetensors(model, directory / "model.safetensors")
+        vggjax.convert_file("torchvision", "vgg16", directory / "vgg16.pth", directory / "converted",
+                            include_top=True)
+
+    return built_once(shared_dir / "torch_vgg16_seed0", build)
 
 
 @pytest.fixture

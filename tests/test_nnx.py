@@ -13,7 +13,7 @@ from flax import nnx
 import vggjax
 import vggjax.nnx as vnnx
 from helpers import REPO, TOL, assert_parity, normal_images, random_variables, script_env
-from vggjax.testing.reference import random_vgg, save_timm_safetensors
+from vggjax.testing.reference import random_vgg
 from vggjax.train import classifier as linen_classifier, freezing, loop
 from vggjax.utils.trees import flatten
 
@@ -87,16 +87,16 @@ def test_linen_to_nnx_to_linen_is_exact_and_orbax_round_trips(tmp_path):
     assert "block5_conv2" in repr(model)  # nnx.display / repr name the layers as Keras does
 
 
-def test_load_reproduces_torchvision_and_timm_files(tmp_path):
-    ref = random_vgg("vgg11", seed=6)
-    torch.save(ref.state_dict(), tmp_path / "vgg11.pth")
-    save_timm_safetensors(ref, tmp_path / "model.safetensors")
+def test_load_reproduces_torchvision_and_timm_files(torch_vgg16_files, tmp_path):
+    ref = random_vgg("vgg16", seed=0)  # the weights of the files, written once per run
     x = normal_images(2, 64, seed=7)  # the torch top pools any size to 7x7
     with torch.no_grad():
         want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    for source, name in (("torchvision", "vgg11.pth"), ("timm", "model.safetensors")):
-        vggjax.convert_file(source, "vgg11", tmp_path / name, tmp_path / source, include_top=True)
-        model = vnnx.load(tmp_path / source)
+    # The .pth's convert_file(include_top=True) output is the fixture's; the timm file's, here.
+    vggjax.convert_file("timm", "vgg16", torch_vgg16_files / "model.safetensors", tmp_path / "timm",
+                        include_top=True)
+    for source, converted in (("torchvision", torch_vgg16_files / "converted"), ("timm", tmp_path / "timm")):
+        model = vnnx.load(converted)
         assert model.preprocessing == "torch"
         assert_parity(f"vggjax.nnx.load of a {source} file, logits", model(x), want, TOL)
 
@@ -220,7 +220,8 @@ print("OK", jax.device_count())
 
 def test_finetune_nnx_smoke_trains_both_phases_and_saves_checkpoints(tmp_path):
     env = script_env(tmp_path)
-    args = ["--smoke", "--workdir", str(tmp_path / "run"), "--pipeline", "grain"]
+    # One epoch per phase (the smoke job's 2 + 2 add no code path): both phases train and save.
+    args = ["--smoke", "--workdir", str(tmp_path / "run"), "--pipeline", "grain", "--epochs", "1", "1"]
     proc = subprocess.run([sys.executable, f"{REPO}/examples/finetune_nnx.py", *args], env=env,
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

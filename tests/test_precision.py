@@ -17,7 +17,11 @@ def test_precision_is_validated(tmp_path):
 
 
 def test_bf16_run_of_all_three_phases(tmp_path):
-    data, weights = smoke.inputs(tmp_path / "inputs")
+    # smoke.inputs' conv base with a quarter of its images: the 2 training steps of 20, one batch
+    # each to validate and test (every phase still extracts, trains, evaluates and exports).
+    data = str(smoke.make_image_folder(tmp_path / "inputs" / "data",
+                                       sizes={"train": 20, "validation": 10, "test": 10}))
+    weights = str(smoke.make_random_weights(tmp_path / "inputs" / "random_vgg16_notop"))
     config = workflow.Config(
         weights=weights, workdir=str(tmp_path / "run"), data=data, phases=("features", "finetune"),
         image_size=48, batch_size=20, epochs=dict.fromkeys(workflow.PHASES, 1),

@@ -15,7 +15,7 @@ from vggjax.train import classifier
 from vggjax.train.classifier import Head, init_classifier
 from vggjax.utils.images import load_image
 from vggjax.weights.preprocessing import imagenet_classes
-from helpers import write_jpegs, write_vgg16
+from helpers import write_jpegs
 
 TOOLS = Path(__file__).parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -23,11 +23,11 @@ import predict as tool  # noqa: E402  tools/predict.py
 
 
 @pytest.fixture(scope="module")
-def imagenet(keras, make_variables, tmp_path_factory):
+def imagenet(keras, vgg16_with_top, tmp_path_factory):
     """Converted VGG16 with top, Keras' model on the same h5, three image files of other sizes
     (one a grayscale PNG) and a corrupt one."""
     tmp = tmp_path_factory.mktemp("predict")
-    _, h5, converted = write_vgg16(tmp, seed=5, logit_scale=3.0)
+    h5, converted = vgg16_with_top
     model = keras.applications.VGG16(weights=None)
     model.load_weights(h5)
     paths = write_jpegs(tmp, [(300, 260), (180, 240)], seed=2)

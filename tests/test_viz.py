@@ -7,17 +7,17 @@ import pytest
 import vggjax
 from vggjax.utils import images as image_io
 from vggjax.viz import convnet as viz
-from helpers import CAFFE_INPUT_RMS, write_jpegs, write_vgg16
+from helpers import CAFFE_INPUT_RMS, write_jpegs
 
 TOL = 1e-4  # Grad-CAM maps (in [0, 1] after the division by the max)
 
 
 @pytest.fixture(scope="module")
-def book_vgg16(keras, make_variables, tmp_path_factory):
+def book_vgg16(keras, vgg16_with_top, tmp_path_factory):
     """Keras VGG16 with top reading the legacy h5, the same file converted, and two JPEGs
     loaded by Keras (224x224, nearest) and by vggjax."""
     tmp = tmp_path_factory.mktemp("book")
-    _, h5, converted = write_vgg16(tmp)
+    h5, converted = vgg16_with_top
     model = keras.applications.VGG16(weights=None)
     model.load_weights(h5)
     paths = write_jpegs(tmp, [(300, 260), (180, 240)], seed=1)

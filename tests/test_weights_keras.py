@@ -66,16 +66,16 @@ def converted(tmp_path, arch, path, include_top):
 
 
 @pytest.fixture(scope="module")
-def vgg16_full_h5(make_variables, tmp_path_factory):
-    """The published full VGG16 layout (Keras-1 names), written once: 553 MB of random weights."""
-    params = make_variables("vgg16", include_top=True, seed=0, input_rms=CAFFE_INPUT_RMS)["params"]
-    path = tmp_path_factory.mktemp("vgg16") / "vgg16_weights_tf_dim_ordering_tf_kernels.h5"
-    write_legacy_h5(params, path, names="keras1")
-    return params, path
+def vgg16_full_h5(make_variables, vgg16_with_top):
+    """The published full VGG16 layout (Keras-1 names, `helpers.write_vgg16`), its weights and
+    its conversion with top: 553 MB of random weights, written once per run for every file."""
+    params = make_variables("vgg16", include_top=True, seed=5, input_rms=CAFFE_INPUT_RMS,
+                            logit_scale=3.0)["params"]
+    return params, *vgg16_with_top
 
 
-def test_vgg16_legacy_h5_with_top_matches_keras(keras, vgg16_full_h5, tmp_path):
-    params, path = vgg16_full_h5
+def test_vgg16_legacy_h5_with_top_matches_keras(keras, vgg16_full_h5):
+    params, path, converted_with_top = vgg16_full_h5
     x = images(2, 224, seed=1)
     model = keras.applications.VGG16(weights=None)
     model.load_weights(path)  # Keras itself reads what write_legacy_h5 wrote...
@@ -83,7 +83,7 @@ def test_vgg16_legacy_h5_with_top_matches_keras(keras, vgg16_full_h5, tmp_path):
     want_probs, want_logits = keras_probs_and_logits(keras, model, x)
     del model
 
-    pt = converted(tmp_path, "vgg16", path, include_top=True)
+    pt = vggjax.load(converted_with_top)  # convert_file(path, include_top=True): write_vgg16
     assert pt.meta["preprocessing"] == "caffe" and pt.meta["classifier_activation"] == "softmax"
     probs, logits = jax_probs_and_logits(pt, x)
     assert_parity("vgg16 legacy h5 softmax", probs, want_probs)
@@ -91,7 +91,7 @@ def test_vgg16_legacy_h5_with_top_matches_keras(keras, vgg16_full_h5, tmp_path):
 
 
 def test_full_file_converted_without_top_keeps_only_the_conv_base(vgg16_full_h5, tmp_path):
-    params, path = vgg16_full_h5
+    params, path, _ = vgg16_full_h5
     pt = converted(tmp_path, "vgg16", path, include_top=False)
     assert not pt.meta["include_top"]
     assert sorted(pt.params) == sorted(conv_names(BLOCK_SIZES["vgg16"]))

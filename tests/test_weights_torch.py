@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import vggjax
 from helpers import TOL, assert_parity, normal_images as images
-from vggjax.testing.reference import random_vgg, save_timm_safetensors, vgg
+from vggjax.testing.reference import random_vgg, vgg
 from vggjax.weights.torch import feature_indices, from_state_dict, read_torch_file
 
 def torch_forward(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -48,15 +48,11 @@ def test_feature_indices_are_the_published_torchvision_keys():
 # --- parity: full models through convert_file + load ---------------------------------------
 
 @pytest.fixture(scope="module")
-def vgg16(tmp_path_factory):
+def vgg16(torch_vgg16_files):
     """Random-weight VGG16 as a torchvision .pth and as timm's model.safetensors, and the .pth
-    converted and loaded back."""
-    d = tmp_path_factory.mktemp("vgg16")
-    model = random_vgg("vgg16", seed=0)
-    torch.save(model.state_dict(), d / "vgg16.pth")
-    save_timm_safetensors(model, d / "model.safetensors")
-    vggjax.convert_file("torchvision", "vgg16", d / "vgg16.pth", d / "converted", include_top=True)
-    return model, d, vggjax.load(d / "converted")
+    converted and loaded back (conftest.torch_vgg16_files: written once per run)."""
+    d = torch_vgg16_files
+    return random_vgg("vgg16", seed=0), d, vggjax.load(d / "converted")
 
 
 def test_vgg16_pth_logits_match_torchvision(vgg16):
