@@ -1,7 +1,6 @@
 """tools/export.py: each artifact (jax, savedmodel, onnx) run by its own runtime equals vggjax on real
 JPEGs, for batches of 1 and 7; the jax one runs without vggjax/flax/orbax; refusals are one line."""
 import json
-import os
 import subprocess
 import sys
 import textwrap

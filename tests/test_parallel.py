@@ -14,7 +14,6 @@ def run_on_four_devices() -> dict:
     """Child process body (XLA_FLAGS gives 4 CPU devices): one train and one eval step on 1 device
     and on the 4-device mesh, from the same state and batch; returns what the parent checks."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     import vggjax

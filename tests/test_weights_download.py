@@ -67,7 +67,7 @@ def test_download_keeps_a_file_whose_checksum_matches(served, tmp_path, algorith
     expected = digest[:8] if algorithm == "sha256" else digest  # torchvision pins a prefix
     dest = download.download(url, tmp_path / "cache" / "w.pth", algorithm, expected)
     assert dest.read_bytes() == payload
-    assert download.file_digest(dest, algorithm) == digest
+    assert atomic.file_digest(dest, algorithm) == digest
     assert sorted(p.name for p in dest.parent.iterdir()) == [atomic.MANIFEST, "w.pth"]  # no .part left
 
 

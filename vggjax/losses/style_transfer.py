@@ -12,7 +12,6 @@ from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from vggjax.utils import atomic, images

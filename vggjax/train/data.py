@@ -42,14 +42,13 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import warnings
 from typing import Iterator, Mapping
 
 import numpy as np
 
 from vggjax.utils.extras import require
 from vggjax.train.splits import (BOOK_SPLITS, IMAGE_EXTENSIONS, SkippedFilesWarning, Split,  # noqa: F401
-                                 check_image_folder, named)
+                                 check_image_folder, decodable)
 
 tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
 
@@ -98,14 +97,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     else:
         class_names, encoded, labels, names = _folder_examples(source, split)
         from_files, where = True, os.path.join(source, split)
-    ok = _decodable(encoded, from_files)
-    skipped = tuple(n for n, good in zip(names, ok) if not good)
-    if skipped:
-        warnings.warn(f"{where}: skipped {len(skipped)} of {len(names)} files that could not be "
-                      f"read or decoded as images: {named(skipped)}", SkippedFilesWarning, stacklevel=2)
-    if not ok.any():
-        raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
-    keep = np.flatnonzero(ok)
+    keep, skipped = decodable(where, names, _decodable(encoded, from_files))
     return Split(name=split, class_names=tuple(class_names), image_size=image_size,
                  batch_size=batch_size, shuffle=shuffle, seed=seed,
                  labels=np.asarray(labels, np.int32)[keep],

@@ -22,11 +22,10 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
-import warnings
 
 import numpy as np
 
-from vggjax.train.splits import SkippedFilesWarning, Split, list_folder, named, pad_batch
+from vggjax.train.splits import Split, decodable, list_folder, pad_batch
 from vggjax.utils.extras import require
 
 INTERPOLATIONS = ("bilinear", "nearest")
@@ -51,14 +50,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
         ok = np.array(list(pool.map(functools.partial(_decodable, interpolation=interpolation), paths)),
                       bool)
-    where = os.path.join(source, split)
-    skipped = tuple(p for p, good in zip(paths, ok) if not good)
-    if skipped:
-        warnings.warn(f"{where}: skipped {len(skipped)} of {len(paths)} files that could not be "
-                      f"read or decoded as images: {named(skipped)}", SkippedFilesWarning, stacklevel=2)
-    if not ok.any():
-        raise ValueError(f"{where}: none of its {len(paths)} files could be decoded as an image")
-    keep = np.flatnonzero(ok)
+    keep, skipped = decodable(os.path.join(source, split), paths, ok)
     kept = tuple(paths[i] for i in keep)
     return Split(name=split, class_names=tuple(class_names), image_size=image_size,
                  batch_size=batch_size, shuffle=shuffle, seed=seed,

@@ -14,7 +14,7 @@ import itertools
 import math
 import os
 import warnings
-from typing import Iterator, Mapping, Protocol
+from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -242,6 +242,20 @@ def check_image_folder(root: str, splits=("train", "validation", "test")) -> dic
                       f".png images directly inside a class folder: {named(ignored)}",
                       SkippedFilesWarning, stacklevel=2)
     return counts
+
+
+def decodable(where: str, names: Sequence[str], ok) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(indices of the decodable examples, the names of the others) of a split listed at `where`,
+    `ok` a bool per name. The others are named in one SkippedFilesWarning; ValueError when no
+    example is decodable."""
+    ok = np.asarray(ok, bool)
+    skipped = tuple(n for n, good in zip(names, ok) if not good)
+    if skipped:
+        warnings.warn(f"{where}: skipped {len(skipped)} of {len(names)} files that could not be "
+                      f"read or decoded as images: {named(skipped)}", SkippedFilesWarning, stacklevel=3)
+    if not ok.any():
+        raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
+    return np.flatnonzero(ok), skipped
 
 
 def named(paths) -> str:

@@ -196,7 +196,7 @@ def record(path: str | os.PathLike, orbax: bool = False) -> None:
             st = file.stat()
             old = known.get(rel)
             same = old is not None and old[:2] == [st.st_size, st.st_mtime_ns]
-            files[rel] = old if same else [st.st_size, st.st_mtime_ns, _sha256(file)]
+            files[rel] = old if same else [st.st_size, st.st_mtime_ns, file_digest(file)]
         entries[path.name] = {"files": files, "orbax": orbax}
 
 
@@ -212,7 +212,7 @@ def foreign(path: str | os.PathLike) -> list[str]:
         elif entry["orbax"] and _ORBAX_TMP.match(Path(rel).parts[0] if rel else ""):
             continue
         elif (old := entry["files"].get(rel)) is None or old[0] != file.stat().st_size \
-                or old[2] != _sha256(file):
+                or old[2] != file_digest(file):
             found.append(rel)
     return found
 
@@ -227,7 +227,7 @@ def changed(path: str | os.PathLike) -> list[str] | None:
     out = []
     for rel, (size, _, sha) in sorted(entry["files"].items()):
         file = path / rel if rel else path
-        if not file.is_file() or file.stat().st_size != size or _sha256(file) != sha:
+        if not file.is_file() or file.stat().st_size != size or file_digest(file) != sha:
             out.append(rel)
     return out
 
@@ -290,8 +290,9 @@ def _files(path: Path) -> Iterator[tuple[str, Path]]:
             yield os.path.relpath(os.path.join(root, name), path), Path(root) / name
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -87,15 +87,6 @@ def official_file(source: str, arch: str, include_top: bool) -> WeightFile:
     raise ValueError(f"unknown weights source {source!r}; expected keras, torchvision or timm")
 
 
-def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def matches(digest: str, expected: str) -> bool:
     """True when `digest` is `expected` or starts with it (torchvision pins 8-hex prefixes)."""
     return len(expected) >= 8 and digest.lower().startswith(expected.lower())

@@ -108,7 +108,7 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
                    else NUM_CLASSES)
     check_variables(variables, arch, include_top, source=input_path, num_classes=num_classes)
     meta = dict(arch=arch, source=source, source_file=os.path.abspath(input_path),
-                source_sha256=download.file_digest(input_path, "sha256"),
+                source_sha256=atomic.file_digest(input_path),
                 include_top=include_top, **SOURCES[source], num_classes=num_classes)
     return save(output_dir, variables, meta, overwrite=overwrite, protect=[input_path])
 
