@@ -22,9 +22,9 @@ def ocp():
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Orbax's log records held back while a save runs: shown after it succeeds, dropped when it
-    fails (the exception raised says it once). Also dropped: the "Event loop is closed" reports
-    of TensorStore writes that finish after a failed save closed their loop (a full disk), for
-    the rest of the process once a save failed."""
+    fails (the exception raised says it once). Also dropped, for the rest of the process once a
+    save failed (a full disk): the "Event loop is closed" reports of TensorStore writes that
+    finish after the failed save closed their loop, and asyncio's unretrieved-exception logs."""
     absl, held = logging.getLogger("absl"), []
     previous_hook = sys.unraisablehook
 
@@ -41,12 +41,22 @@ def quiet() -> Iterator[None]:
     sys.unraisablehook = hook
     try:
         yield
+    except BaseException:
+        # The failed save's TensorStore futures are collected later, and asyncio logs each one's
+        # exception ("Future exception was never retrieved"): dropped for the process too.
+        logging.getLogger("asyncio").addFilter(_unretrieved)
+        raise
     finally:
         absl.removeFilter(hold)
     # Only now: after a failed save, late writes keep reporting (the hook stays for the process).
     sys.unraisablehook = previous_hook
     for record in held:  # the save succeeded: its warnings are worth seeing
         absl.handle(record)
+
+
+def _unretrieved(record: logging.LogRecord) -> bool:
+    """False for asyncio's reports of an exception nobody retrieved (a logging filter)."""
+    return "exception was never retrieved" not in record.getMessage()
 
 
 def save_tree(path: Path, tree: Mapping) -> None:
