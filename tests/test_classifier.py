@@ -122,15 +122,16 @@ def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     loaded = classifier.load_classifier(tmp_path / "export")
     assert loaded.class_names == ("cats", "dogs") and loaded.image_size == SIZE
     assert loaded.meta["phase"] == "finetune"
-    expected = jax.nn.sigmoid(clf.model.apply(clf.variables, images.astype(np.float32) / 255.0)[:, 0])
+    p_dogs = jax.nn.sigmoid(clf.model.apply(clf.variables, images.astype(np.float32) / 255.0)[:, 0])
+    expected = np.stack([1 - p_dogs, p_dogs], axis=-1)  # a binary head gives both columns
     in_memory = classifier.predict(clf, images)
     from_disk = classifier.predict(tmp_path / "export", images)
-    assert from_disk.shape == (5,) and from_disk.dtype == np.float32
+    assert from_disk.shape == (5, 2) and from_disk.dtype == np.float32
     np.testing.assert_array_equal(from_disk, in_memory)
     np.testing.assert_allclose(in_memory, expected, rtol=1e-5, atol=1e-6)
     # 3 batches of 2, the last one padded: the same probabilities.
     np.testing.assert_allclose(classifier.predict(loaded, images, batch_size=2), in_memory, rtol=1e-5, atol=1e-6)
-    assert 0.02 < np.std(in_memory)  # the images get different probabilities
+    assert 0.02 < np.std(in_memory[:, 1])  # the images get different probabilities
 
     # Exporting again (overwrite) replaces the directory as a whole.
     classifier.export(tmp_path / "export", clf, meta, info={"phase": "frozen"}, overwrite=True)
@@ -164,7 +165,8 @@ def test_predict_refuses_images_that_cannot_be_0_255_rgb(trained, images, messag
 def test_predict_takes_dark_float_images_when_told_and_refuses_bad_batch_sizes(trained):
     clf, _ = trained
     dark = np.full((2, SIZE, SIZE, 3), 0.5, np.float32)
-    want = np.asarray(jax.nn.sigmoid(clf.model.apply(clf.variables, dark / 255.0)[:, 0]))
+    p_dogs = np.asarray(jax.nn.sigmoid(clf.model.apply(clf.variables, dark / 255.0)[:, 0]))
+    want = np.stack([1 - p_dogs, p_dogs], axis=-1)
     np.testing.assert_allclose(classifier.predict(clf, dark, assume_range="0..255"), want,
                                rtol=1e-5, atol=1e-6)
     for bad in (0, -1, 2.5):

@@ -61,7 +61,7 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     test = data.load_split(str(workdir / "smoke_inputs" / "data"), "test", SIZE, 20, shuffle=False)
     images = np.concatenate([b["image"][b["mask"]] for b in test.batches(0)])
     clf = classifier.load_classifier(workdir / "export" / "finetune")
-    accuracy = np.mean((classifier.predict(clf, images) > 0.5) == (test.labels == 1))
+    accuracy = np.mean(classifier.predict(clf, images).argmax(-1) == test.labels)
     assert accuracy == pytest.approx(results["finetune"]["test_accuracy"])
     assert clf.class_names == smoke.CLASSES
     print(f"smoke run: {seconds:.0f} s, test accuracy "

@@ -124,7 +124,7 @@ def test_exported_classifier_prints_p_dog_and_writes_a_cam(exported, capsys, tmp
     records = run_json(capsys, [*map(str, paths), "--weights", str(directory),
                                 "--cam", str(tmp_path / "cams")])
     pixels = np.stack([load_image(p, (32, 32)) for p in paths])
-    p_dog = classifier.predict(clf, pixels)
+    p_dog = classifier.predict(clf, pixels)[:, 1]
     for r, want in zip(records, p_dog):
         assert r["top"][0]["name"] in ("cats", "dogs") and len(r["top"]) == 2
         got = {t["name"]: t["probability"] for t in r["top"]}

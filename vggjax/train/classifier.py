@@ -11,7 +11,7 @@ Exported classifier layout (`export`):
       classifier.json    head shape, image size, preprocessing, class names, phase
 
     clf = load_classifier(export_dir)
-    probabilities = predict(clf, images)   # images uint8 (N, S, S, 3) RGB at clf.image_size
+    probabilities = predict(clf, images)   # uint8 (N, S, S, 3) RGB at clf.image_size -> (N, K)
 """
 from __future__ import annotations
 
@@ -251,8 +251,9 @@ def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_siz
             assume_range: str | None = None) -> np.ndarray:
     """Class probabilities for RGB images (uint8 or float 0..255, (N, S, S, 3), S = image_size).
 
-    `classifier`: a `TrainedClassifier` or an export directory. Returns float32 (N,), the
-    probability of `class_names[1]`, for a binary head; (N, K) softmax probabilities otherwise.
+    `classifier`: a `TrainedClassifier` or an export directory. Returns float32 (N, K), one
+    column per `class_names` entry (a binary head too: (1 - p, p), p = sigmoid of its logit),
+    the same array the files tool and the exported artifacts give.
     Images go through in batches of `batch_size` (the last one padded, so one compilation).
     Images that cannot be 0..255 RGB (0..1 floats, uint16, NaN, ...) are refused with
     ValueError (`preprocessing.check_images`; `assume_range` as there).
@@ -271,5 +272,4 @@ def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_siz
         batch = pad_batch({"image": images[start:start + batch_size]}, batch_size)
         out.append(np.asarray(classifier.probabilities(classifier.variables, batch["image"]))[batch["mask"]])
     k = max(classifier.model.head.num_outputs, 2)
-    p = np.concatenate(out) if out else np.zeros((0, k), np.float32)
-    return p[:, 1] if classifier.model.head.num_outputs == 1 else p  # binary: P(class_names[1]), (N,)
+    return np.concatenate(out) if out else np.zeros((0, k), np.float32)

@@ -34,12 +34,13 @@ truncated, not an image) are skipped and reported in ONE `SkippedFilesWarning` n
 interpolation (as Keras' `image_dataset_from_directory`, no aspect-preserving crop), rounds to
 uint8 and prefetches. Images stay uint8 until the device does the float work.
 
-This is the only vggjax module that imports TensorFlow; it hides the GPUs from TF on import so
-that TF never claims memory JAX needs.
+This is the only vggjax module that imports TensorFlow. Importing it changes nothing global;
+`load_split`, the first TF work, hides the GPUs from TF so that TF never claims memory JAX needs.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from typing import Iterator, Mapping
@@ -51,14 +52,17 @@ from vggjax.train.splits import (BOOK_SPLITS, IMAGE_EXTENSIONS, SkippedFilesWarn
                                  check_image_folder, decodable)
 
 tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
+tfds = require("tensorflow_datasets", "vggjax.train.data")
 
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-    # TF's devices were already initialised by the caller's own TF code; their choice stands.
-    pass
 
-tfds = require("tensorflow_datasets", "vggjax.train.data")  # after hiding the GPUs
+@functools.cache
+def keep_tf_off_gpus() -> None:
+    """Hide the GPUs from TensorFlow before its first op: tf.data decodes on the CPU, and TF
+    would otherwise reserve most of each GPU's memory, which JAX needs. Once per process."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # TF's devices were already initialised by the caller's own TF code; their choice stands.
 
 def decode(split: Split, idx: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
     """The local batches of examples `idx` (in order), decoded and resized by tf.data, padded to
@@ -91,6 +95,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     """
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be positive, found {image_size}, {batch_size}")
+    keep_tf_off_gpus()
     if source == "tfds":
         class_names, encoded, labels, names = _tfds_examples(split, data_dir, per_class)
         from_files, where = False, f"tfds cats_vs_dogs[{split}]"

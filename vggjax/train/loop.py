@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from vggjax.train import augmentation, checkpoint
+from vggjax.train.classifier import class_logits
 from vggjax.train.parallel import batch_sharding, replicated, shard_batch
 from vggjax.train.splits import Batches
 from vggjax.weights.preprocessing import preprocess_input
@@ -68,18 +69,14 @@ def with_compute_dtype(module: nn.Module, dtype) -> nn.Module:
 def batch_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
     """Masked loss and accuracy of one batch: padded examples (mask False) count zero.
 
-    logits (B, 1): binary, sigmoid cross-entropy against labels in {0, 1}; logits (B, K), K > 1:
-    softmax cross-entropy against integer labels. Returns float32 "loss" and "accuracy" means over
-    the real examples (0 when there are none) and int32 "count" of them.
+    logits (B, K): softmax cross-entropy against integer labels; a binary head's (B, 1) goes
+    through `classifier.class_logits`, the rule predicting uses, which makes this its sigmoid
+    cross-entropy against labels in {0, 1} and "correct" mean logit > 0. Returns float32 "loss"
+    and "accuracy" means over the real examples (0 when there are none) and int32 "count" of them.
     """
-    logits = logits.astype(jnp.float32)
-    if logits.shape[-1] == 1:
-        logits = logits[:, 0]
-        losses = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
-        correct = (logits > 0) == (labels == 1)
-    else:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = jnp.argmax(logits, axis=-1) == labels
+    logits = class_logits(logits)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = jnp.argmax(logits, axis=-1) == labels
     count = jnp.sum(mask, dtype=jnp.int32)
     denominator = jnp.maximum(count, 1).astype(jnp.float32)
     return {"loss": jnp.sum(jnp.where(mask, losses, 0.0)) / denominator,
