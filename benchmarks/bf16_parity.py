@@ -45,6 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--data", default=str(DATA), help="cats_and_dogs_small folder")
+    p.add_argument("--runs", default="fp32 auto,bf16 auto,bf16 direct",
+                   help="comma-separated subset of: fp32 auto, bf16 auto, bf16 direct")
     a = p.parse_args(argv)
     ref_model = vggjax.create("vgg16", classifier_activation=None)
     variables = init_random(ref_model)
@@ -55,6 +57,10 @@ def main(argv=None) -> None:
     variables = {"params": params}
     runs = {"fp32 auto": {}, "bf16 auto": dict(dtype=jnp.bfloat16), "bf16 direct": dict(
         dtype=jnp.bfloat16, conv_impl="direct")}
+    wanted = [r.strip() for r in a.runs.split(",")]
+    if not wanted or set(wanted) - set(runs):
+        p.error(f"--runs: expected names from {list(runs)}, found {a.runs!r}")
+    runs = {name: runs[name] for name in wanted}
     fns = {"ref": jax.jit(lambda v, x: ref_model.apply(v, x))}
     for name, kw in runs.items():
         kw = {"conv_impl": "auto", **kw}

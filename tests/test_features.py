@@ -97,6 +97,11 @@ def test_second_run_reuses_the_cache_without_a_forward_pass(folder, base, tmp_pa
     assert len({f.directory for f in changed} | {first["test"].directory}) == 3
     assert not np.allclose(changed[0].features, first["test"].features)
 
+    # New pixels from the pipeline (a bump of splits.PIXELS): the old entry is not reused.
+    monkeypatch.setitem(features.PIXELS, "tfdata", features.PIXELS["tfdata"] + 1)
+    test_only = {"test": _splits(folder)["test"]}
+    assert not features.extract(model, variables, test_only, tmp_path, preprocess_mode=MODE)["test"].reused
+
 
 def test_a_failed_extraction_leaves_no_cache_and_dead_temporaries_are_removed(folder, base, tmp_path,
                                                                                monkeypatch):

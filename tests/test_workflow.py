@@ -115,6 +115,9 @@ def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_output
     other_weights = dict(first, weights_sha256="cd" * 32)
     with pytest.raises(workflow.RunMismatchError, match=r"weights_sha256"):
         workflow.claim_workdir(workdir, other_weights)
+    # A run begun before its pipeline's decoder changed (a bump of splits.PIXELS) is not continued.
+    with pytest.raises(workflow.RunMismatchError, match=r"holds another run: pixels \(1 there, 2 now\)"):
+        workflow.claim_workdir(workdir, dict(first, pixels=first["pixels"] + 1))
     (tmp_path / "data" / "test" / "cats" / "cats.0.jpg").write_bytes(b"other image")
     with pytest.raises(workflow.RunMismatchError, match=r"holds another run: data \("):
         workflow.claim_workdir(workdir, identity(tmp_path))

@@ -31,12 +31,12 @@ import numpy as np
 
 from vggjax.utils import atomic
 from vggjax.model.vgg import VGG, arch_name
-from vggjax.train.splits import ArraySplit
+from vggjax.train.splits import PIXELS, ArraySplit
 from vggjax.weights.preprocessing import preprocess_input
 from vggjax.utils.trees import digest
 
 FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
-CACHE_VERSION = 4  # bump when the stored format, what goes into the key or the pixels of a pipeline change
+CACHE_VERSION = 4  # bump when the stored format or what goes into the key change (pixels: splits.PIXELS)
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -78,6 +78,7 @@ def cache_key(model: VGG, weights_id: str, split, preprocess_mode: str,
         files = [[name, *_stat(name)] for name in split.names]
     else:
         files = list(split.names)
+    pipeline = getattr(split, "pipeline", "tfdata")
     description = {
         "version": CACHE_VERSION,
         "arch": arch_name(model),
@@ -94,7 +95,7 @@ def cache_key(model: VGG, weights_id: str, split, preprocess_mode: str,
         "image_size": split.image_size,
         "preprocessing": preprocess_mode,
         # Which decoder and filter made the pixels (tf.data and Grain may differ by a step).
-        "pipeline": [getattr(split, "pipeline", "tfdata"), getattr(split, "interpolation", "bilinear")],
+        "pipeline": [pipeline, getattr(split, "interpolation", "bilinear"), PIXELS[pipeline]],
     }
     text = json.dumps(description, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20], description

@@ -20,6 +20,10 @@ import numpy as np
 
 # The module that decodes a Split's batches, per pipeline (Config.pipeline, --pipeline).
 PIPELINES = {"tfdata": "vggjax.train.data", "grain": "vggjax.train.grain_data"}
+# The revision of the pixels each pipeline decodes: bump it when they change (a decoder or a
+# resize rule), so feature caches and resumed runs made with the old pixels are not reused.
+# grain 2: JPEGs through simplejpeg's fast IDCT (tf.data's pixels) instead of Pillow's.
+PIXELS = {"tfdata": 1, "grain": 2}
 # Images per class in each split, in slicing order (the book's protocol: 2000/1000/1000).
 BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}
 # What tfds.folder_dataset.ImageFolder lists (its _SUPPORTED_IMAGE_FORMAT); anything else is ignored.

@@ -44,7 +44,7 @@ import numpy as np
 from vggjax.utils import atomic
 
 from vggjax.train import splits as splits_lib
-from vggjax.train.splits import PIPELINES
+from vggjax.train.splits import PIPELINES, PIXELS
 from vggjax.train import augmentation, feature_cache as features, freezing, parallel, report, loop as training
 from vggjax.train.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
@@ -415,13 +415,14 @@ def data_fingerprint(data: str) -> str:
 def run_identity(config: Config, weights_meta: Mapping, weights_sha256: str, mode: str) -> dict:
     """What makes two runs the same run: weights digest, data fingerprint, every Config field
     that changes the computation (image size, batch size, seed, augmentation, ...), the
-    preprocessing mode and the vggjax version. Stored as workdir/run.json."""
+    preprocessing mode, the pipeline's pixel revision (`splits.PIXELS`) and the vggjax version. Stored as workdir/run.json."""
     from vggjax import __version__
 
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
     return json.loads(json.dumps({"weights_sha256": weights_sha256, "arch": weights_meta["arch"],
                                   "data": data_fingerprint(config.data), **fields,
-                                  "preprocess": mode, "vggjax_version": __version__}, default=str))
+                                  "preprocess": mode, "pixels": PIXELS[config.pipeline],
+                                  "vggjax_version": __version__}, default=str))
 
 
 def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
