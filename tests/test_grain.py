@@ -1,5 +1,6 @@
 """The Grain pipeline (no TensorFlow): the same batches as the tf.data one for the same seed, the same
 photo pixels, Keras' nearest resizing, shards, and the workflow with TensorFlow blocked."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,91 @@ def test_photo_pixels_are_tfdata_s_and_nearest_is_load_img(tmp_path):
     np.testing.assert_array_equal(c["image"], want)
 
 
+@pytest.fixture(scope="module")
+def cats_vs_dogs(tmp_path_factory):
+    """tfds cats_vs_dogs prepared by tfds' own builder code, in ArrayRecord (what
+    tfds.data_source reads) and TFRecord (what tfds.load reads), from a PetImages zip of 7 cat
+    and 6 dog JPEGs plus one file that is not a JFIF JPEG (its download swapped for that zip)."""
+    import io
+    import zipfile
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification import cats_vs_dogs as builder_module
+
+    root = tmp_path_factory.mktemp("tfds")
+    archive = root / "kagglecatsanddogs.zip"
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(archive, "w") as z:
+        for cls, count in (("Cat", 7), ("Dog", 6)):
+            for i in range(count):
+                buf = io.BytesIO()
+                size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+                Image.fromarray(rng.integers(0, 256, (*size, 3), np.uint8)).save(buf, "JPEG")
+                z.writestr(f"PetImages/{cls}/{i}.jpg", buf.getvalue())
+        z.writestr("PetImages/Cat/99.jpg", b"GIF89a, not a JPEG")
+    with mock.patch.object(builder_module, "_NUM_CORRUPT_IMAGES", 1), \
+            mock.patch.object(tfds.download.DownloadManager, "download", lambda self, url: archive):
+        for fmt in ("array_record", "tfrecord"):
+            tfds.builder("cats_vs_dogs", data_dir=root / fmt, file_format=fmt).download_and_prepare()
+    return root
+
+
+def test_tfds_cats_vs_dogs_through_data_source_gives_the_tfdata_batches(cats_vs_dogs):
+    per_class = {"train": 3, "validation": 1, "test": 2}
+    for split in per_class:
+        kw = dict(shuffle=split == "train", seed=1, per_class=per_class)
+        want = data.load_split("tfds", split, SIZE, 4, data_dir=str(cats_vs_dogs / "tfrecord"), **kw)
+        got = grain_data.load_split("tfds", split, SIZE, 4, data_dir=str(cats_vs_dogs / "array_record"), **kw)
+        assert isinstance(got.encoded, grain_data.Records)  # record numbers, no images held
+        assert got.names == want.names and got.class_names == want.class_names == ("cat", "dog")
+        assert sorted(got.names)[0].startswith("PetImages") and got.num_examples == 2 * per_class[split]
+        for epoch in (0, 1):
+            for a, b in zip(want.batches(epoch), got.batches(epoch), strict=True):
+                for key in ("label", "mask", "image"):  # the same decoder (libjpeg-turbo fast IDCT)
+                    np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match=r"cat.: 7, .dog.: 6\} images per class; split 'test' needs 7"):
+        grain_data.load_split("tfds", "test", SIZE, 4, shuffle=False, data_dir=str(cats_vs_dogs / "array_record"),
+                              per_class={"train": 5, "test": 2})
+
+
+# A Python where TensorFlow looks not installed, to both `import` and `importlib.util.find_spec`
+# (tfds and etils ask the latter): not merely a failing import.
+WITHOUT_TF = """
+import importlib.abc, importlib.util, sys
+def absent(name):
+    return name == "tensorflow" or name.startswith("tensorflow.")
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if absent(name):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if absent(name) else _find(name, package)
+"""
+
+
+def test_tfds_records_are_read_without_tensorflow(cats_vs_dogs, tmp_path):
+    from helpers import script_env
+
+    kw = dict(shuffle=True, seed=2, data_dir=str(cats_vs_dogs / "array_record"), per_class={"train": 4})
+    script = WITHOUT_TF + textwrap.dedent(f"""
+        import json
+        from vggjax.train import grain_data
+        split = grain_data.load_split("tfds", "train", {SIZE}, 3, **{kw!r})
+        batches = [{{"label": b["label"].tolist(), "sum": int(b["image"].sum())}} for b in split.batches(1)]
+        print(json.dumps({{"batches": batches, "names": split.names, "tf": "tensorflow" in sys.modules}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=script_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    here = grain_data.load_split("tfds", "train", SIZE, 3, **kw)
+    assert got["tf"] is False and tuple(got["names"]) == here.names
+    assert got["batches"] == [{"label": b["label"].tolist(), "sum": int(b["image"].sum())}
+                              for b in here.batches(1)]
+
+
 def test_two_shards_see_each_example_once_in_the_same_steps(folder):  # noqa: F811
     root, expected, _ = folder
     whole = grain_data.load_split(str(root), "train", SIZE, BATCH, shuffle=True, seed=5)
@@ -85,8 +171,9 @@ def test_two_shards_see_each_example_once_in_the_same_steps(folder):  # noqa: F8
 
 def test_bad_settings_are_one_line(folder):  # noqa: F811
     root, _, _ = folder
-    with pytest.raises(ValueError, match="the grain pipeline reads image folders"):
-        grain_data.load_split("tfds", "train", SIZE, BATCH, shuffle=False)
+    with pytest.raises(ValueError, match=r"^tfds cats_vs_dogs is not prepared in ArrayRecord under "
+                                         r"[^\n]*tfds build cats_vs_dogs --file_format=array_record`$"):
+        grain_data.load_split("tfds", "train", SIZE, BATCH, shuffle=False, data_dir=str(root / "none"))
     with pytest.raises(ValueError, match=r"interpolation must be one of \('bilinear', 'nearest'\)"):
         grain_data.load_split(str(root), "train", SIZE, BATCH, shuffle=False, interpolation="bicubic")
     with pytest.raises(ValueError, match=r"no_such/train: no such folder"):

@@ -39,17 +39,15 @@ This is the only vggjax module that imports TensorFlow. Importing it changes not
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import tempfile
 from typing import Iterator, Mapping
 
 import numpy as np
 
 from vggjax.utils.extras import require
 from vggjax.train.splits import (BOOK_SPLITS, IMAGE_EXTENSIONS, SkippedFilesWarning, Split,  # noqa: F401
-                                 check_image_folder, decodable)
+                                 check_image_folder, decodable, tfds_scratch, tfds_slice)
 
 tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
 tfds = require("tensorflow_datasets", "vggjax.train.data")
@@ -111,39 +109,25 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
 
 
 def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int]):
-    """The `split` slice of cats_vs_dogs' one `train` split: per class, ranks
-    [start, start + per_class[split]) in record order, where start sums the earlier splits."""
-    if split not in per_class:
+    """(class_names, encoded images, labels, image/filenames) of the `split` slice
+    (`splits.tfds_slice`) of cats_vs_dogs, read with tfds.load."""
+    if split not in per_class:  # before any download
         raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
-    splits = list(per_class)
-    start = sum(per_class[s] for s in splits[:splits.index(split)])
-    stop = start + per_class[split]
-    with _tfds_scratch():
+    with tfds_scratch():
         ds, info = tfds.load("cats_vs_dogs", split="train", shuffle_files=False, data_dir=data_dir,
                              with_info=True, decoders={"image": tfds.decode.SkipDecoding()})
     class_names = info.features["label"].names
-    seen = np.zeros(len(class_names), np.int64)
-    encoded, labels, names = [], [], []
-    for example in ds.as_numpy_iterator():
-        label = int(example["label"])
-        if start <= seen[label] < stop:
-            encoded.append(example["image"])
-            labels.append(label)
-            names.append(example["image/filename"].decode())
-        seen[label] += 1
-        if seen.min() >= stop:
-            break
-    else:
-        raise ValueError(f"tfds cats_vs_dogs 'train' has {dict(zip(class_names, seen.tolist()))} "
-                         f"images per class; split {split!r} needs {stop} of each")
-    return class_names, encoded, labels, names
+    examples = ((int(e["label"]), (e["image"], e["image/filename"].decode())) for e in ds.as_numpy_iterator())
+    chosen = tfds_slice(examples, split, class_names, per_class)
+    return (class_names, [e for _, (e, _) in chosen], [label for label, _ in chosen],
+            [name for _, (_, name) in chosen])
 
 
 def _folder_examples(root: str, split: str):
     """(class_names, paths, labels, paths as names) of `root/split`, as ImageFolder indexes it."""
     if not tf.io.gfile.isdir(root):
         raise ValueError(f"image folder {root!r} does not exist (expected {root}/<split>/<class>/*.jpg)")
-    with _tfds_scratch():
+    with tfds_scratch():
         builder = tfds.folder_dataset.ImageFolder(root)
     splits = builder.info.splits
     if split not in splits:
@@ -161,18 +145,6 @@ def _folder_examples(root: str, split: str):
         raise RuntimeError(f"{split_dir}: listed {len(paths)} images but ImageFolder counts "
                            f"{splits[split].num_examples}; its listing rule changed")
     return label.names, paths, labels, paths
-
-
-@contextlib.contextmanager
-def _tfds_scratch():
-    """Point `tempfile` at a directory removed afterwards: tfds' builder constructor makes a
-    `tmp*tfds` directory for metadata it would fetch from GCS and never removes it (one per call)."""
-    with tempfile.TemporaryDirectory(prefix="vggjax-tfds-") as scratch:
-        previous, tempfile.tempdir = tempfile.tempdir, scratch
-        try:
-            yield
-        finally:
-            tempfile.tempdir = previous
 
 
 def _subdirs(path: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""The input pipeline without TensorFlow: Grain over an image folder, decoding with simplejpeg/Pillow.
+"""The input pipeline without TensorFlow: Grain over an image folder or tfds' ArrayRecord
+cats_vs_dogs (`tfds.data_source`), decoding with simplejpeg/Pillow.
 
 Same contract as `vggjax.train.data` (a `splits.Split`: static-shape uint8 batches, the last one
 padded and masked, order a function of (seed, epoch), `batches(epoch, skip=k)` resuming
@@ -6,7 +7,8 @@ bit-exactly, `shard` for multi-host): only the decoding differs. Files are liste
 ImageFolder's rule (`splits.list_folder`), decoded once up front (by the decoder the epochs use)
 to skip unreadable ones (one `SkippedFilesWarning`), and at each epoch decoded, resized and
 batched by Grain worker threads, one batch per thread at a time, written straight into its
-array; only file paths are kept in memory, plus Grain's prefetch buffer (2 batches per thread).
+array; only file paths (or tfds record numbers) are kept in memory, plus Grain's prefetch buffer
+(2 batches per thread).
 
 "bilinear" (the default) gives the pixels of Keras' `image_dataset_from_directory` and of
 vggjax's tf.data pipeline: JPEGs decode with simplejpeg, libjpeg-turbo with the fast integer IDCT
@@ -19,13 +21,17 @@ Pillow's decoding (libjpeg's accurate IDCT) and nearest filter, as `load_img`.
 """
 from __future__ import annotations
 
+import collections.abc
 import concurrent.futures
 import functools
+import io
 import os
+from typing import Mapping
 
 import numpy as np
 
-from vggjax.train.splits import Split, decodable, list_folder, pad_batch
+from vggjax.train.splits import (BOOK_SPLITS, Split, decodable, list_folder, pad_batch, tfds_scratch,
+                                 tfds_slice)
 from vggjax.utils.extras import require
 
 INTERPOLATIONS = ("bilinear", "nearest")
@@ -33,29 +39,77 @@ THREADS = min(8, os.cpu_count() or 1)
 
 
 def load_split(source: str, split: str, image_size: int, batch_size: int, *, shuffle: bool,
-               seed: int = 0, interpolation: str = "bilinear") -> Split:
-    """One split of the image folder `source` (DIR/<split>/<class>/*.jpg) as a Grain-decoded
-    `Split`. ValueError for tfds (prepare an image folder instead), an unknown interpolation, a
-    missing folder or a split with no decodable image."""
-    if source == "tfds":
-        raise ValueError("the grain pipeline reads image folders (DIR/<split>/<class>/*.jpg); for "
-                         "tfds cats_vs_dogs use the tfdata pipeline")
+               seed: int = 0, interpolation: str = "bilinear", data_dir: str | None = None,
+               per_class: Mapping[str, int] = BOOK_SPLITS) -> Split:
+    """One split of the image folder `source` (DIR/<split>/<class>/*.jpg), or of tfds
+    cats_vs_dogs (`source="tfds"`, sliced as `splits.tfds_slice`, read with `tfds.data_source`
+    from `data_dir` where it is prepared in ArrayRecord), as a Grain-decoded `Split`.
+    ValueError for an unknown interpolation, a missing folder or dataset, or a split with no
+    decodable image."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, found {interpolation!r}")
     if image_size < 1 or batch_size < 1:
         raise ValueError(f"image_size and batch_size must be positive, found {image_size}, {batch_size}")
     if interpolation == "bilinear":
         require("simplejpeg", "the grain input pipeline")  # before any work
-    class_names, paths, labels = list_folder(source, split)
+    if source == "tfds":
+        class_names, encoded, labels, names = _tfds_records(split, data_dir, per_class)
+        where, from_files = f"tfds cats_vs_dogs[{split}]", False
+    else:
+        class_names, encoded, labels = list_folder(source, split)
+        names, where, from_files = encoded, os.path.join(source, split), True
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
-        ok = np.array(list(pool.map(functools.partial(_decodable, interpolation=interpolation), paths)),
+        ok = np.array(list(pool.map(functools.partial(_decodable, interpolation=interpolation), encoded)),
                       bool)
-    keep, skipped = decodable(os.path.join(source, split), paths, ok)
-    kept = tuple(paths[i] for i in keep)
+    keep, skipped = decodable(where, names, ok)
+    encoded = encoded.take(keep) if isinstance(encoded, Records) else tuple(encoded[i] for i in keep)
     return Split(name=split, class_names=tuple(class_names), image_size=image_size,
                  batch_size=batch_size, shuffle=shuffle, seed=seed,
-                 labels=np.asarray(labels, np.int32)[keep], names=kept, skipped=skipped,
-                 encoded=kept, from_files=True, pipeline="grain", interpolation=interpolation)
+                 labels=np.asarray(labels, np.int32)[keep], names=tuple(names[i] for i in keep),
+                 skipped=skipped, encoded=encoded, from_files=from_files, pipeline="grain",
+                 interpolation=interpolation)
+
+
+class Records(collections.abc.Sequence):
+    """The encoded images of records `rows` of a tfds data source, read when indexed: a split
+    holds record numbers, never the images (ArrayRecord reads are random access)."""
+
+    def __init__(self, source, rows):
+        self.source, self.rows = source, np.asarray(rows, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i) -> bytes:
+        return self.source[int(self.rows[i])]["image"]
+
+    def take(self, keep) -> "Records":
+        return Records(self.source, self.rows[keep])
+
+
+def _tfds_records(split: str, data_dir: str | None, per_class: Mapping[str, int]):
+    """(class_names, `Records`, labels, image/filenames) of the `split` slice of cats_vs_dogs."""
+    tfds = require("tensorflow_datasets", "the grain pipeline's tfds source")
+    if split not in per_class:  # before opening anything
+        raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
+    try:
+        with tfds_scratch():
+            source = tfds.data_source("cats_vs_dogs", split="train", data_dir=data_dir, download=False,
+                                      decoders={"image": tfds.decode.SkipDecoding()})
+    except ImportError:
+        raise
+    except Exception as err:  # tfds raises AssertionError, DatasetNotFoundError, ... when unprepared
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"tfds cats_vs_dogs is not prepared in ArrayRecord under "
+                         f"{data_dir or 'the tfds data_dir'} ({type(err).__name__}: {first}); prepare "
+                         "it with `tfds build cats_vs_dogs --file_format=array_record`") from None
+    class_names = source.dataset_info.features["label"].names
+    examples = ((int(source[i]["label"]), i) for i in range(len(source)))
+    chosen = tfds_slice(examples, split, class_names, per_class)
+    rows = [i for _, i in chosen]
+    names = [source[i]["image/filename"] for i in rows]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return class_names, Records(source, rows), [label for label, _ in chosen], names
 
 
 def decode(split: Split, idx: np.ndarray):
@@ -77,44 +131,49 @@ def decode(split: Split, idx: np.ndarray):
     return iter(ds.to_iter_dataset(options))
 
 
-def _decodable(path: str, interpolation: str) -> bool:
+def _decodable(item, interpolation: str) -> bool:
     try:
-        _decode(path, interpolation)
+        _decode(item, interpolation)
     except ValueError:
         return False
     return True
 
 
-def _decode(path: str, interpolation: str) -> np.ndarray:
-    """uint8 (H, W, 3) of the image file at `path` as the epochs decode it (module docstring):
-    JPEGs with libjpeg-turbo's fast IDCT for "bilinear", everything else (and "nearest") with
-    Pillow. ValueError naming the file when it cannot be decoded."""
+def _decode(item: str | bytes, interpolation: str) -> np.ndarray:
+    """uint8 (H, W, 3) of an image file's path or encoded bytes (`item`) as the epochs decode it
+    (module docstring): JPEGs with libjpeg-turbo's fast IDCT for "bilinear", everything else
+    (and "nearest") with Pillow. ValueError naming the file when it cannot be decoded."""
     from vggjax.utils.images import load_image
 
+    if isinstance(item, bytes):
+        item = io.BytesIO(item)
     if interpolation == "bilinear":
         simplejpeg = require("simplejpeg", "the grain input pipeline")
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            if isinstance(item, io.BytesIO):
+                data = item.getvalue()
+            else:
+                with open(item, "rb") as f:
+                    data = f.read()
         except OSError as err:
-            raise ValueError(f"{path}: not a readable image ({err})") from None
+            raise ValueError(f"{item}: not a readable image ({err})") from None
         if data[:2] == b"\xff\xd8":
             try:
                 return simplejpeg.decode_jpeg(data, "RGB", fastdct=True, fastupsample=False)
             except ValueError:
                 pass  # CMYK/YCCK, which TurboJPEG cannot turn into RGB, or damaged: Pillow decides
-    return load_image(path)
+    return load_image(item)
 
 
-def _load(path: str, size: int, interpolation: str, out: np.ndarray) -> None:
-    """Write the uint8 (size, size, 3) image of the file at `path`, resized as the module
-    docstring says, into `out`."""
+def _load(item: str | bytes, size: int, interpolation: str, out: np.ndarray) -> None:
+    """Write the uint8 (size, size, 3) image of a file's path or encoded bytes, resized as the
+    module docstring says, into `out`."""
     from vggjax.utils.images import load_image
 
     if interpolation == "nearest":
-        out[...] = load_image(path, (size, size), "nearest")
+        out[...] = load_image(io.BytesIO(item) if isinstance(item, bytes) else item, (size, size), "nearest")
         return
-    resized = resize_bilinear(_decode(path, interpolation), size, size)
+    resized = resize_bilinear(_decode(item, interpolation), size, size)
     # tf.round (half to even); a lerp of uint8 values stays within 0..255, so no clipping.
     np.copyto(out, np.rint(resized, out=resized), casting="unsafe")
 

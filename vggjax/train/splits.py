@@ -7,14 +7,16 @@ TensorFlow here: `vggjax.train.data` (tf.data) and `vggjax.train.grain_data` (Gr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import itertools
 import math
 import os
+import tempfile
 import warnings
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -200,7 +202,7 @@ def loader(pipeline: str, tfds_data_dir: str | None = None):
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {sorted(PIPELINES)}, found {pipeline!r}")
     load_split = importlib.import_module(PIPELINES[pipeline]).load_split
-    return functools.partial(load_split, data_dir=tfds_data_dir) if pipeline == "tfdata" else load_split
+    return functools.partial(load_split, data_dir=tfds_data_dir)
 
 
 def check_image_folder(root: str, splits=("train", "validation", "test")) -> dict[str, dict[str, int]]:
@@ -286,3 +288,38 @@ def list_folder(root: str, split: str) -> tuple[list[str], list[str], list[int]]
                 paths.append(os.path.join(class_dir, file_name))
                 labels.append(label)
     return class_names, paths, labels
+
+
+def tfds_slice(examples: Iterable[tuple[int, Any]], split: str, class_names: Sequence[str],
+               per_class: Mapping[str, int] = BOOK_SPLITS) -> list[tuple[int, Any]]:
+    """The (label, item) pairs of the `split` slice of tfds cats_vs_dogs' one `train` split, the
+    book's protocol: per class, ranks [start, start + per_class[split]) in record order, where
+    start sums the earlier splits' counts. `examples` yields (label, item) in record order and is
+    read only as far as needed. ValueError for an unknown split or too few examples."""
+    if split not in per_class:
+        raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
+    names = list(per_class)
+    start = sum(per_class[s] for s in names[:names.index(split)])
+    stop = start + per_class[split]
+    seen = np.zeros(len(class_names), np.int64)
+    chosen = []
+    for label, item in examples:
+        if start <= seen[label] < stop:
+            chosen.append((int(label), item))
+        seen[label] += 1
+        if seen.min() >= stop:
+            return chosen
+    raise ValueError(f"tfds cats_vs_dogs 'train' has {dict(zip(class_names, seen.tolist()))} "
+                     f"images per class; split {split!r} needs {stop} of each")
+
+
+@contextlib.contextmanager
+def tfds_scratch():
+    """Point `tempfile` at a directory removed afterwards: tfds' builder constructor makes a
+    `tmp*tfds` directory for metadata it would fetch from GCS and never removes it (one per call)."""
+    with tempfile.TemporaryDirectory(prefix="vggjax-tfds-") as scratch:
+        previous, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous

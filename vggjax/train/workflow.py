@@ -127,9 +127,10 @@ class Config:
     precision: str = _flag("fp32", "bf16: bfloat16 compute, fp32 parameters, optimizer state and "
                            "loss (fast on AVX512-BF16/AMX CPUs)", str, choices=sorted(PRECISIONS))
     # Which module decodes the images: tf.data (the train extra) or Grain (the grain extra, no
-    # TensorFlow; image folders only). Part of the run's identity: the decoders may differ by a step.
-    pipeline: str = _flag("tfdata", "input pipeline: tfdata (TensorFlow) or grain (no TensorFlow; "
-                          "image folders)", str, choices=sorted(PIPELINES))
+    # TensorFlow; tfds cats_vs_dogs through tfds.data_source, prepared in ArrayRecord). Part of
+    # the run's identity: the decoders may differ by a step.
+    pipeline: str = _flag("tfdata", "input pipeline: tfdata (TensorFlow) or grain (no TensorFlow)",
+                          str, choices=sorted(PIPELINES))
 
     def __post_init__(self):
         """Every value checked before any work: ValueError naming each bad field (and its flag)."""
@@ -175,8 +176,6 @@ class Config:
         need(isinstance(self.data, str) and self.data != "", "data", "'tfds' or a folder", self.data)
         need(self.precision in PRECISIONS, "precision", f"one of {sorted(PRECISIONS)}", self.precision)
         need(self.pipeline in PIPELINES, "pipeline", f"one of {sorted(PIPELINES)}", self.pipeline)
-        need(self.pipeline != "grain" or self.data != "tfds", "data",
-             "an image folder with --pipeline grain (tfds cats_vs_dogs needs tfdata)", self.data)
         if not problems:
             self._check_memory(problems)
         if problems:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -18,9 +19,10 @@ def _pil():
     return require("PIL.Image", "reading, resizing and writing image files")
 
 
-def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = None,
+def load_image(path: str | os.PathLike | BinaryIO, target_size: tuple[int, int] | None = None,
                interpolation: str = "nearest") -> np.ndarray:
-    """(H, W, 3) uint8 RGB pixels of an image file, as `keras.utils.load_img(path, target_size)`.
+    """(H, W, 3) uint8 RGB pixels of an image file (a path or an open binary file), as
+    `keras.utils.load_img(path, target_size)`.
 
     Like Keras: any mode is converted to RGB, and the image is resized to `target_size`
     (height, width) with Pillow's `interpolation` filter only when its size differs. Raises
@@ -29,7 +31,8 @@ def load_image(path: str | os.PathLike, target_size: tuple[int, int] | None = No
     Image = _pil()
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, found {interpolation!r}")
-    path = os.path.expanduser(path)
+    if isinstance(path, (str, os.PathLike)):
+        path = os.path.expanduser(path)
     try:
         with Image.open(path) as img:
             img = _rgb8(img)
