@@ -265,20 +265,28 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
         while at.epoch < epochs:
             bar = dict(desc=f"{phase} {at.epoch + 1}/{epochs}", disable=not progress)
             state = _train_epoch(state, at, train_step, train_split, spe, mesh, checkpoint_every, save, bar)
-            train = _finite(_means(at.totals), f"phase {phase} epoch {at.epoch + 1}", directory)
-            val = evaluate(state, eval_step, val_split, mesh)
-            record = {"epoch": at.epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
-                      "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-            at.history.append(record)
-            log(f"phase {phase} epoch {at.epoch + 1}/{epochs}: loss {record['loss']:.4f} "
-                f"accuracy {record['accuracy']:.4f} val_loss {record['val_loss']:.4f} "
-                f"val_accuracy {record['val_accuracy']:.4f}")
-            at.epoch, at.done, at.totals = at.epoch + 1, 0, _totals()
+            record = _end_epoch(state, at, eval_step, val_split, mesh, f"phase {phase} epoch {at.epoch + 1}",
+                                epochs, directory, log)
             save(state, {k: v for k, v in record.items() if k != "epoch"})
         mngr.wait_until_finished()
     finally:
         mngr.close()
     return state, at.history
+
+
+def _end_epoch(state, at, eval_step, val_split, mesh, what: str, epochs: int, directory: Path,
+               log) -> dict:
+    """Close the epoch `at` is in: its training means (refused if not finite), the validation
+    metrics, one history record (returned) and its log line; `at` moves to the next epoch."""
+    train = _finite(_means(at.totals), what, directory)
+    val = evaluate(state, eval_step, val_split, mesh)
+    record = {"epoch": at.epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
+              "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    at.history.append(record)
+    log(f"{what}/{epochs}: loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
+        f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f}")
+    at.epoch, at.done, at.totals = at.epoch + 1, 0, _totals()
+    return record
 
 
 @dataclasses.dataclass
