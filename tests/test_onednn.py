@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model import onednn, winograd
+from vggjax.model import conv, onednn
 from vggjax.weights.preprocessing import preprocess_input
 from test_winograd import _data, _photos  # the same random convs and smooth photos
 
@@ -27,7 +27,7 @@ def _rel_err(a, b):
 @pytest.mark.parametrize("shape", [(2, 9, 9, 5, 7), (1, 37, 18, 16, 32), (2, 1, 3, 3, 2)])
 def test_conv_matches_direct_conv(shape):
     x, kernel, bias = _data(*shape)
-    want = winograd.direct_conv3x3(x, kernel, bias)
+    want = conv.direct_conv3x3(x, kernel, bias)
     got = jax.jit(onednn.conv3x3)(x, kernel, bias)
     assert got.shape == want.shape and got.dtype == jnp.float32
     assert _rel_err(got, want) < 2e-6
@@ -53,7 +53,7 @@ def test_gradients_match_direct_conv(relu, shape):
     def loss(conv):
         return lambda x, k, b: jnp.sum(conv(x, k, b).astype(jnp.float32) * probe)
 
-    want = jax.grad(loss(lambda x, k, b: act(winograd.direct_conv3x3(x, k, b))), (0, 1, 2))(x, kernel, bias)
+    want = jax.grad(loss(lambda x, k, b: act(conv.direct_conv3x3(x, k, b))), (0, 1, 2))(x, kernel, bias)
     got = jax.jit(jax.grad(loss(lambda x, k, b: onednn.conv3x3(x, k, b, relu=relu)), (0, 1, 2)))(
         x, kernel, bias)
     for name, g, w in zip(("input", "kernel", "bias"), got, want):
@@ -72,13 +72,13 @@ def test_gradients_match_direct_conv(relu, shape):
 
 def test_vmap_and_rejects_bad_input():
     x, kernel, bias = _data(3, 8, 8, 4, 6)
-    want = winograd.direct_conv3x3(x, kernel, bias)
+    want = conv.direct_conv3x3(x, kernel, bias)
     got = jax.vmap(onednn.conv3x3, (0, None, None))(x[:, None], kernel, bias)[:, 0]
     assert _rel_err(got, want) < 2e-6
     # vmapped over the kernel too: one call per element.
     kernels = jnp.stack([kernel, 2 * kernel])
     got2 = jax.jit(jax.vmap(onednn.conv3x3, (None, 0, None)))(x, kernels, None)
-    assert _rel_err(got2[1], 2 * winograd.direct_conv3x3(x, kernel)) < 2e-6
+    assert _rel_err(got2[1], 2 * conv.direct_conv3x3(x, kernel)) < 2e-6
     with pytest.raises(ValueError, match="float32 or bfloat16, found float16"):
         onednn.conv3x3(x.astype(jnp.float16), kernel)
     with pytest.raises(ValueError, match=r"found input \(3, 8, 8, 4\), kernel \(3, 3, 5, 6\)"):
@@ -122,7 +122,7 @@ def test_auto_picks_onednn_where_it_suits_the_cpu(monkeypatch):
     isa = onednn.effective_isa()
     native_bf16 = isa in ("avx512_core_bf16", "avx512_core_fp16", "avx512_core_amx", "avx512_core_amx_fp16")
     for dtype, fast in ((jnp.bfloat16, native_bf16), (jnp.float32, isa.startswith("avx512"))):
-        jaxpr = str(jax.make_jaxpr(lambda x, k: winograd.conv(x, k, impl="auto"))(x.astype(dtype), kernel))
+        jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv(x, k, impl="auto"))(x.astype(dtype), kernel))
         assert ("vggjax_onednn_conv_fwd" in jaxpr) == fast, (dtype, isa)
         assert onednn.suits(dtype) == fast
     assert not onednn.suits(jnp.float16) and not onednn.supports(jnp.float16)
@@ -132,12 +132,12 @@ def test_auto_picks_onednn_where_it_suits_the_cpu(monkeypatch):
              "avx512_core_bf16": ("onednn", "onednn", True), "avx512_core_amx": ("onednn", "onednn", True)}
     for kind, (bf16_impl, fp32_impl, bf16_runs) in kinds.items():
         monkeypatch.setattr(onednn, "effective_isa", lambda: kind)
-        assert winograd.choose_impl(x.shape, 128, jnp.bfloat16) == bf16_impl, kind
-        assert winograd.choose_impl(x.shape, 128, jnp.float32) == fp32_impl, kind
+        assert conv.choose_impl(x.shape, 128, jnp.bfloat16) == bf16_impl, kind
+        assert conv.choose_impl(x.shape, 128, jnp.float32) == fp32_impl, kind
         assert onednn.supports(jnp.bfloat16) == bf16_runs and onednn.supports(jnp.float32), kind
     # An AVX2-only CPU: XLA's bf16 conv, Winograd in fp32 from block2 on, as before oneDNN.
     monkeypatch.setattr(onednn, "effective_isa", lambda: "avx2")
-    assert winograd.choose_impl((1, 16, 16, 3), 64, jnp.float32) == "direct"
+    assert conv.choose_impl((1, 16, 16, 3), 64, jnp.float32) == "direct"
     with pytest.raises(ValueError, match="bfloat16 conv needs AVX512_CORE.*oneDNN ISA avx2"):
         onednn.conv3x3(x.astype(jnp.bfloat16), kernel)
 
@@ -148,11 +148,11 @@ def test_an_isa_capped_process_reads_the_cap_and_names_refusals(subprocess_env):
     oneDNN itself refuses (the custom call reached directly) names the shape, dtype and ISA."""
     code = """
 import jax.numpy as jnp
-from vggjax.model import onednn, winograd
+from vggjax.model import conv, onednn
 assert onednn.effective_isa() == "avx2", onednn.effective_isa()
 assert "capped by ONEDNN_MAX_CPU_ISA=AVX2" in onednn.describe_cpu()
 x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
-assert winograd.choose_impl((1, 32, 32, 64), 64, jnp.bfloat16) == "direct"
+assert conv.choose_impl((1, 32, 32, 64), 64, jnp.bfloat16) == "direct"
 assert float(onednn.conv3x3(x, k)[0, 4, 4, 0]) == 36.0
 try:
     onednn.conv3x3(x.astype(jnp.bfloat16), k)
@@ -176,11 +176,11 @@ def test_fallback_when_the_native_part_cannot_be_built(subprocess_env):
     why once, "onednn" asked for explicitly is a clear error."""
     code = """
 import warnings, jax.numpy as jnp, vggjax
-from vggjax.model import onednn, winograd
+from vggjax.model import conv, onednn
 x, k = jnp.ones((1, 8, 8, 4), jnp.bfloat16), jnp.ones((3, 3, 4, 8), jnp.bfloat16)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    y = winograd.conv(x, k, impl="auto"); winograd.conv(x, k, impl="auto")
+    y = conv.conv(x, k, impl="auto"); conv.conv(x, k, impl="auto")
 assert float(y[0, 4, 4, 0]) == 36.0, y[0, 4, 4, 0]
 msgs = [str(w.message) for w in caught if "oneDNN" in str(w.message)]
 assert len(msgs) == (1 if onednn.suits(jnp.bfloat16) else 0), msgs
@@ -214,8 +214,8 @@ want = step(x, k)
 got = step(jax.device_put(x, NamedSharding(mesh, P("data"))), k)
 assert len(got[1][0].sharding.device_set) == 2
 # With two devices "auto" keeps the partitionable XLA convs.
-from vggjax.model import winograd
-assert winograd.choose_impl((4, 16, 16, 64), 128, jnp.float32) == "winograd"
+from vggjax.model import conv
+assert conv.choose_impl((4, 16, 16, 64), 128, jnp.float32) == "winograd"
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 print("OK")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model import winograd
+from vggjax.model import conv, winograd
 from vggjax.weights.preprocessing import preprocess_input
 
 # (N, H, W, Cin, Cout): VGG's odd sizes (37, 9, 75 -> partial tiles), sizes below one tile,
@@ -30,7 +30,7 @@ def _rel_err(a, b):
 def test_conv3x3_matches_direct_conv(shape, tile):
     x, kernel, bias = _data(*shape)
     got = jax.jit(winograd.conv3x3, static_argnames="tile")(x, kernel, bias, tile=tile)
-    want = winograd.direct_conv3x3(x, kernel, bias)
+    want = conv.direct_conv3x3(x, kernel, bias)
     assert got.shape == want.shape and got.dtype == jnp.float32
     # fp32 rounding only: F(4,3)'s transforms (coefficients up to 8) lose a few more bits.
     assert _rel_err(got, want) < (2e-6 if tile == 2 else 1e-5)
@@ -38,7 +38,7 @@ def test_conv3x3_matches_direct_conv(shape, tile):
 
 def test_conv3x3_without_bias_and_in_bfloat16():
     x, kernel, _ = _data(2, 12, 12, 8, 8)
-    want = winograd.direct_conv3x3(x, kernel)
+    want = conv.direct_conv3x3(x, kernel)
     assert _rel_err(winograd.conv3x3(x, kernel), want) < 1e-5
     got = winograd.conv3x3(x.astype(jnp.bfloat16), kernel)
     # Widened to float32 inside: only the bfloat16 input and output roundings remain.
@@ -55,7 +55,7 @@ def test_gradients_match_direct_conv(tile):
 
     got = jax.jit(jax.grad(loss(lambda x, k, b: winograd.conv3x3(x, k, b, tile=tile)),
                            argnums=(0, 1, 2)))(x, kernel, bias)
-    want = jax.grad(loss(winograd.direct_conv3x3), argnums=(0, 1, 2))(x, kernel, bias)
+    want = jax.grad(loss(conv.direct_conv3x3), argnums=(0, 1, 2))(x, kernel, bias)
     for name, g, w in zip(("input", "kernel", "bias"), got, want):
         assert g.shape == w.shape, name
         assert _rel_err(g, w) < 1e-5, name
@@ -68,7 +68,7 @@ def test_rejects_bad_tile_and_kernel():
     with pytest.raises(ValueError, match=r"\(3, 3, Cin, Cout\).*found input \(1, 8, 8, 4\), kernel \(3, 3, 5, 4\)"):
         winograd.conv3x3(x, jnp.zeros((3, 3, 5, 4)))
     with pytest.raises(ValueError, match="conv impl must be one of"):
-        winograd.conv(x, kernel, impl="fft")
+        conv.conv(x, kernel, impl="fft")
 
 
 def test_auto_policy_keeps_block1_direct_and_picks_tiles():
@@ -104,7 +104,7 @@ def test_vgg16_conv_base_parity(impl):
 def test_conv_impl_keeps_parameter_names_and_shapes():
     """Weights converted for one implementation load into the other unchanged."""
     shapes = {}
-    for impl in winograd.IMPLS:
+    for impl in conv.IMPLS:
         model = vggjax.create("vgg11", include_top=False, conv_impl=impl)
         params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
         shapes[impl] = jax.tree.map(lambda a: a.shape, params)

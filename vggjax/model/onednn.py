@@ -237,7 +237,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def conv3x3(x, kernel, bias=None, relu: bool = False):
     """3x3 stride-1 SAME conv (+ bias, + ReLU if `relu`) by oneDNN, same contract as
-    `winograd.direct_conv3x3`: x (N, H, W, Cin) float32 or bfloat16, kernel (3, 3, Cin, Cout)
+    `conv.direct_conv3x3`: x (N, H, W, Cin) float32 or bfloat16, kernel (3, 3, Cin, Cout)
     HWIO, bias (Cout,) or None; returns (N, H, W, Cout) in x's dtype (bf16 in, f32 accumulate).
     Jits, differentiates (oneDNN backward-data and backward-weights), vmaps (one call per
     vmapped element). Raises RuntimeError when the custom call cannot be built here, ValueError

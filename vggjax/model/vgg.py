@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.model import winograd
+from vggjax.model.conv import Conv3x3
 from vggjax.utils.trees import flatten
 
 # Convolutions per block; every block doubles the width up to 512 and ends in a 2x2 max pool.
@@ -29,37 +29,9 @@ MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
 PERTURBATIONS, TAPPED, TAPS = "perturbations", "intermediates", "taps"
 
 
-# He-normal over fan-out, as torchvision initialises VGG convs (used only for random weights).
-CONV_KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (Flax counts the other way: 0.9).
 BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
 FC_UNITS, TOP_GRID = 4096, 7  # fc1/fc2 width; the top reads a 7x7x512 grid
-
-
-def conv3x3(x, kernel, bias, impl: str, relu: bool, dtype):
-    """The conv both faces (Linen, NNX) compute: promote to `dtype`, then `winograd.conv`."""
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
-    return winograd.conv(x, kernel, bias, impl, relu=relu)
-
-
-class Conv3x3(nn.Module):
-    """3x3 stride-1 SAME conv with nn.Conv's parameters ("kernel" HWIO, "bias"), so weights
-    load alike whichever algorithm `impl` ("direct", "winograd", "onednn", "auto") computes it
-    with; `relu` adds the ReLU (fused into the conv by "onednn")."""
-
-    features: int
-    impl: str = "direct"
-    relu: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    kernel_init: Any = CONV_KERNEL_INIT
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return conv3x3(x, kernel, bias, self.impl, self.relu, self.dtype)
 
 
 @jax.custom_jvp
@@ -140,7 +112,7 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     # "winograd": fewer multiplies; "onednn": oneDNN's kernels (bf16 dot units); "auto": picks
-    # by device, dtype and CPU (vggjax.model.winograd.choose_impl)
+    # by device, dtype and CPU (vggjax.model.conv.choose_impl)
     conv_impl: str = "direct"
 
     def layer_names(self) -> list[str]:

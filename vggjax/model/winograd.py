@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vggjax.model import onednn
 
 # Lavin & Gray (2016), points 0, +-1 (F(2,3)) and 0, +-1, +-2 (F(4,3)). Each entry is
 # (B^T, G, A^T): input transform (a x a), kernel transform (a x 3), output transform (m x a),
@@ -29,7 +28,6 @@ MATRICES = {
     ),
 }
 TILES = tuple(MATRICES)
-IMPLS = ("direct", "winograd", "onednn", "auto")
 
 
 def _apply(mat, parts, axis: int = 0):
@@ -184,42 +182,3 @@ def conv3x3(x, kernel, bias=None, tile: int = 4):
     # transformed and multiplied in float32, and only the result is cast back.
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     return _conv_vjp(x.astype(dtype), kernel.astype(dtype), bias.astype(dtype), tile).astype(x.dtype)
-
-
-def conv(x, kernel, bias=None, impl: str = "direct", relu: bool = False):
-    """3x3 stride-1 SAME conv by `impl`: "direct" (XLA's conv), "winograd" (every layer: F(4,3)
-    from 32 pixels up, else F(2,3)), "onednn" (`vggjax.model.onednn`: oneDNN through an XLA custom
-    call; float32/bfloat16) or "auto" (`choose_impl`). Same contract as `conv3x3`; `relu`
-    applies max(y, 0) after the bias (fused into oneDNN's kernel, saving a memory pass)."""
-    if impl not in IMPLS:
-        raise ValueError(f"conv impl must be one of {IMPLS}, found {impl!r}")
-    if impl == "auto":
-        impl = choose_impl(x.shape, kernel.shape[-1], x.dtype)
-    if impl == "onednn":
-        return onednn.conv3x3(x, kernel, bias, relu=relu)
-    if impl == "direct":
-        y = direct_conv3x3(x, kernel, bias)
-    else:
-        y = conv3x3(x, kernel, bias, tile=tile_for(x.shape))
-    return jax.nn.relu(y) if relu else y
-
-
-def choose_impl(shape, cout: int, dtype) -> str:
-    """The "auto" policy for an NHWC input `shape`, Cout and compute dtype: "onednn" on a CPU
-    where oneDNN beats XLA for the dtype (`onednn.suits`: fp32 on AVX-512, bf16 on AVX512-BF16
-    or AMX); otherwise "winograd" where `choose_tile` expects it to win, else "direct". Without
-    the oneDNN custom call (not installed, no compiler) it falls back, saying why once. With more
-    than one device it keeps XLA's convs, which a mesh can partition (a custom call cannot)."""
-    if jax.default_backend() == "cpu" and jax.device_count() == 1 and onednn.suits(dtype):
-        reason = onednn.unavailable()
-        if reason is None:
-            return "onednn"
-        onednn.warn_fallback(reason)
-    return "direct" if choose_tile(shape, cout, dtype) is None else "winograd"
-
-
-def direct_conv3x3(x, kernel, bias=None):
-    """The reference: XLA's own 3x3 stride-1 SAME conv, NHWC/HWIO, same contract as conv3x3."""
-    y = lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), "SAME",
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y if bias is None else y + bias.astype(y.dtype)

@@ -16,24 +16,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vggjax.model import vgg as linen_vgg
+from vggjax.model import conv, vgg as linen_vgg
 from vggjax.train import classifier as linen_classifier
 from vggjax.utils.trees import diff
 
 
 class Conv3x3(nnx.Module):
     """3x3 stride-1 SAME conv: kernel (3, 3, in, out) HWIO, bias (out,), computed by
-    `vgg.conv3x3` with `impl` ("direct", "winograd", "onednn", "auto")."""
+    `conv.conv3x3` with `impl` ("direct", "winograd", "onednn", "auto")."""
 
     def __init__(self, in_features: int, out_features: int, *, impl: str = "direct",
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         shape = (3, 3, in_features, out_features)
-        self.kernel = nnx.Param(linen_vgg.CONV_KERNEL_INIT(rngs.params(), shape, param_dtype))
+        self.kernel = nnx.Param(conv.CONV_KERNEL_INIT(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
         self.impl, self.dtype = impl, dtype
 
     def __call__(self, x, relu: bool = False):
-        return linen_vgg.conv3x3(x, self.kernel[...], self.bias[...], self.impl, relu, self.dtype)
+        return conv.conv3x3(x, self.kernel[...], self.bias[...], self.impl, relu, self.dtype)
 
 
 class VGG(nnx.Module):

@@ -117,7 +117,7 @@ class Config:
                                 "vggjax.train.parallel); --batch-size is the global batch and must "
                                 "divide by the device count")
     progress: bool = True
-    # "auto" (vggjax.model.winograd.choose_impl): on one CPU device, oneDNN where it suits the
+    # "auto" (vggjax.model.conv.choose_impl): on one CPU device, oneDNN where it suits the
     # dtype (fp32 on AVX-512, bf16 on AVX512-BF16/AMX), else Winograd for fp32 convs wider than
     # 64x64 (~1e-6 relative rounding, 1.3-1.5x over XLA's conv); on GPU/TPU or several devices,
     # XLA's own conv. The exact-parity default of VGG itself stays "direct" (see benchmarks/).
