@@ -75,6 +75,16 @@ def test_vmap_and_rejects_bad_input():
     want = conv.direct_conv3x3(x, kernel, bias)
     got = jax.vmap(onednn.conv3x3, (0, None, None))(x[:, None], kernel, bias)[:, 0]
     assert _rel_err(got, want) < 2e-6
+    # Only the images vmapped (the filter sheet): the vmapped axis joins the batch, one oneDNN
+    # call forward and one backward-data for all elements, no loop; the same values and gradients.
+    def loss(x):
+        return jnp.sum(onednn.conv3x3(x[None], kernel, bias, relu=True) ** 2)
+    per_image = jax.jit(jax.vmap(jax.grad(loss)))
+    hlo = per_image.lower(x).compile().as_text()
+    assert hlo.count('custom_call_target="vggjax_onednn_conv_fwd"') == 1 and " while(" not in hlo
+    assert hlo.count('custom_call_target="vggjax_onednn_conv_bwd_data"') == 1
+    direct = jax.vmap(jax.grad(lambda x: jnp.sum(jax.nn.relu(conv.direct_conv3x3(x[None], kernel, bias)) ** 2)))
+    assert _rel_err(per_image(x), direct(x)) < 2e-6
     # vmapped over the kernel too: one call per element.
     kernels = jnp.stack([kernel, 2 * kernel])
     got2 = jax.jit(jax.vmap(onednn.conv3x3, (None, 0, None)))(x, kernels, None)

@@ -182,10 +182,48 @@ def suits(dtype) -> bool:
     return dtype == jnp.float32 and _has("avx512_core")
 
 
+def _rows_fold_under_vmap(call):
+    """`call(rows, *rest)` -> array, where each row of `rows` (axis 0) gives its own row of the
+    output. Under vmap with only `rows` batched (the same kernel for every element, as in the
+    filter sheet: one image per filter), the vmapped axis joins the rows: one oneDNN call over
+    the whole batch, not one small call per element. Anything else batched: one call per element."""
+    @jax.custom_batching.custom_vmap
+    def folded(rows, *rest):
+        return call(rows, *rest)
+
+    @folded.def_vmap
+    def rule(axis_size, in_batched, rows, *rest):
+        if in_batched[0] and not any(in_batched[1:]):
+            out = folded(rows.reshape(axis_size * rows.shape[1], *rows.shape[2:]), *rest)
+            return out.reshape(axis_size, rows.shape[1], *out.shape[1:]), True
+        args = (rows, *rest)
+
+        def one(batched):
+            it = iter(batched)
+            return folded(*[next(it) if b else a for a, b in zip(args, in_batched)])
+        return jax.lax.map(one, [a for a, b in zip(args, in_batched) if b]), True
+
+    return folded
+
+
+def _fwd_ffi(relu: bool):
+    def call(x, kernel, bias):
+        out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
+        return jax.ffi.ffi_call("vggjax_onednn_conv_fwd", out)(x, kernel, bias, relu=relu)
+    return _rows_fold_under_vmap(call)
+
+
+_FWD = {relu: _fwd_ffi(relu) for relu in (False, True)}
+
+
+@_rows_fold_under_vmap
+def _bwd_data_ffi(dy, kernel):
+    out = jax.ShapeDtypeStruct(dy.shape[:3] + kernel.shape[2:3], dy.dtype)
+    return jax.ffi.ffi_call("vggjax_onednn_conv_bwd_data", out)(dy, kernel)
+
+
 def _fwd_call(x, kernel, bias, relu: bool):
-    out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
-    return jax.ffi.ffi_call("vggjax_onednn_conv_fwd", out, vmap_method="sequential")(
-        x, kernel, bias.astype(jnp.float32), relu=relu)
+    return _FWD[bool(relu)](x, kernel, bias.astype(jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -202,8 +240,7 @@ def _conv_bwd(relu, res, dy):
     x, kernel, y = res
     if relu:
         dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
-    dx = jax.ffi.ffi_call("vggjax_onednn_conv_bwd_data", jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          vmap_method="sequential")(dy, kernel)
+    dx = _bwd_data_ffi(dy, kernel)
     f32 = jnp.float32
     if x.dtype == jnp.bfloat16 and x.shape[1] * x.shape[2] <= SMALL_MAP:
         dk, db = _kernel_grad_matmul(x, dy)
@@ -239,8 +276,8 @@ def conv3x3(x, kernel, bias=None, relu: bool = False):
     """3x3 stride-1 SAME conv (+ bias, + ReLU if `relu`) by oneDNN, same contract as
     `conv.direct_conv3x3`: x (N, H, W, Cin) float32 or bfloat16, kernel (3, 3, Cin, Cout)
     HWIO, bias (Cout,) or None; returns (N, H, W, Cout) in x's dtype (bf16 in, f32 accumulate).
-    Jits, differentiates (oneDNN backward-data and backward-weights), vmaps (one call per
-    vmapped element). Raises RuntimeError when the custom call cannot be built here, ValueError
+    Jits, differentiates (oneDNN backward-data and backward-weights), vmaps (over the images
+    alone: one call for the whole batch; over the kernel too: one call per element). Raises RuntimeError when the custom call cannot be built here, ValueError
     for a dtype this CPU's oneDNN cannot run (bf16 below AVX512_CORE: `supports`)."""
     reason = unavailable()
     if reason:

@@ -47,7 +47,8 @@ import numpy as np
 
 from vggjax.utils.extras import require
 from vggjax.train.splits import (BOOK_SPLITS, IMAGE_EXTENSIONS, SkippedFilesWarning, Split,  # noqa: F401
-                                 check_image_folder, decodable, tfds_scratch, tfds_slice)
+                                 check_image_folder, check_tfds_split, decodable, tfds_scratch,
+                                 tfds_slice)
 
 tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
 tfds = require("tensorflow_datasets", "vggjax.train.data")
@@ -111,8 +112,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
 def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int]):
     """(class_names, encoded images, labels, image/filenames) of the `split` slice
     (`splits.tfds_slice`) of cats_vs_dogs, read with tfds.load."""
-    if split not in per_class:  # before any download
-        raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
+    check_tfds_split(split, per_class)  # before any download
     with tfds_scratch():
         ds, info = tfds.load("cats_vs_dogs", split="train", shuffle_files=False, data_dir=data_dir,
                              with_info=True, decoders={"image": tfds.decode.SkipDecoding()})

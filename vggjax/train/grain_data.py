@@ -30,8 +30,8 @@ from typing import Mapping
 
 import numpy as np
 
-from vggjax.train.splits import (BOOK_SPLITS, Split, decodable, list_folder, pad_batch, tfds_scratch,
-                                 tfds_slice)
+from vggjax.train.splits import (BOOK_SPLITS, Split, check_tfds_split, decodable, list_folder,
+                                 pad_batch, tfds_scratch, tfds_slice)
 from vggjax.utils.extras import require
 
 INTERPOLATIONS = ("bilinear", "nearest")
@@ -90,8 +90,7 @@ class Records(collections.abc.Sequence):
 def _tfds_records(split: str, data_dir: str | None, per_class: Mapping[str, int]):
     """(class_names, `Records`, labels, image/filenames) of the `split` slice of cats_vs_dogs."""
     tfds = require("tensorflow_datasets", "the grain pipeline's tfds source")
-    if split not in per_class:  # before opening anything
-        raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
+    check_tfds_split(split, per_class)  # before opening anything
     try:
         with tfds_scratch():
             source = tfds.data_source("cats_vs_dogs", split="train", data_dir=data_dir, download=False,

@@ -290,14 +290,19 @@ def list_folder(root: str, split: str) -> tuple[list[str], list[str], list[int]]
     return class_names, paths, labels
 
 
+def check_tfds_split(split: str, per_class: Mapping[str, int] = BOOK_SPLITS) -> None:
+    """ValueError unless `split` is one of the tfds slicing's splits (before anything is read)."""
+    if split not in per_class:
+        raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
+
+
 def tfds_slice(examples: Iterable[tuple[int, Any]], split: str, class_names: Sequence[str],
                per_class: Mapping[str, int] = BOOK_SPLITS) -> list[tuple[int, Any]]:
     """The (label, item) pairs of the `split` slice of tfds cats_vs_dogs' one `train` split, the
     book's protocol: per class, ranks [start, start + per_class[split]) in record order, where
     start sums the earlier splits' counts. `examples` yields (label, item) in record order and is
     read only as far as needed. ValueError for an unknown split or too few examples."""
-    if split not in per_class:
-        raise ValueError(f"unknown split {split!r} for source 'tfds'; expected one of {list(per_class)}")
+    check_tfds_split(split, per_class)
     names = list(per_class)
     start = sum(per_class[s] for s in names[:names.index(split)])
     stop = start + per_class[split]
