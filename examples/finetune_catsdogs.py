@@ -40,11 +40,16 @@ from vggjax.utils import atomic
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
 
 
-def check_tfds_reachable() -> None:
-    """Fail at once, offline, when tfds cats_vs_dogs is neither prepared nor downloadable."""
+def check_tfds(pipeline: str, data_dir: str | None) -> None:
+    """Fail at once when tfds cats_vs_dogs cannot be read: for grain, not prepared in ArrayRecord
+    (Grain never downloads); for tfdata, neither prepared nor downloadable (offline)."""
+    if pipeline == "grain":
+        from vggjax.train import grain_data
+        grain_data.tfds_source(data_dir)
+        return
     import tensorflow_datasets as tfds
 
-    if tfds.builder("cats_vs_dogs").is_prepared():
+    if tfds.builder("cats_vs_dogs", data_dir=data_dir).is_prepared():
         return
     try:
         socket.getaddrinfo(TFDS_HOST, 443)
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             data = given.get("data", "tfds")
             weights = workflow.resolve_inputs(args.weights, data)
             if data == "tfds":
-                check_tfds_reachable()
+                check_tfds(given.get("pipeline", "tfdata"), given.get("tfds_data_dir"))
         config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
                                  **{**(smoke.SETTINGS if args.smoke else {}), **given, "data": data})
         with atomic.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable

@@ -220,6 +220,17 @@ def test_data_that_cannot_mean_anything_is_refused(tiny, tmp_path, layout, messa
     assert not (tmp_path / "run").exists()
 
 
+def test_grain_on_an_unprepared_tfds_is_one_line_before_any_work(tiny, tmp_path):
+    _, weights = tiny
+    env = dict(script_env(tmp_path), TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    proc = _run(["--data", "tfds", "--pipeline", "grain", "--weights", str(weights / "weights0"),
+                 "--workdir", str(tmp_path / "run"), "--image-size", "32"], env, timeout=120)
+    assert re.fullmatch(rf"error: tfds cats_vs_dogs is not prepared in ArrayRecord under {tmp_path / 'tfds'} "
+                        r"\(.*\); prepare it with `tfds build cats_vs_dogs --file_format=array_record`",
+                        _error(proc))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_workdir_that_cannot_be_written_is_one_line(tiny, tmp_path):
     data, weights = tiny
     (tmp_path / "file").write_text("not a folder")

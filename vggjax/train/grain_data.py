@@ -87,10 +87,11 @@ class Records(collections.abc.Sequence):
         return Records(self.source, self.rows[keep])
 
 
-def _tfds_records(split: str, data_dir: str | None, per_class: Mapping[str, int]):
-    """(class_names, `Records`, labels, image/filenames) of the `split` slice of cats_vs_dogs."""
+def tfds_source(data_dir: str | None = None):
+    """tfds cats_vs_dogs' `train` split as a random-access source of {"image": JPEG bytes,
+    "label", "image/filename"} records (`tfds.data_source`, never downloading). One-line
+    ValueError when it is not prepared in ArrayRecord under `data_dir` (tfds' default if None)."""
     tfds = require("tensorflow_datasets", "the grain pipeline's tfds source")
-    check_tfds_split(split, per_class)  # before opening anything
     try:
         with tfds_scratch():
             source = tfds.data_source("cats_vs_dogs", split="train", data_dir=data_dir, download=False,
@@ -100,8 +101,15 @@ def _tfds_records(split: str, data_dir: str | None, per_class: Mapping[str, int]
     except Exception as err:  # tfds raises AssertionError, DatasetNotFoundError, ... when unprepared
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"tfds cats_vs_dogs is not prepared in ArrayRecord under "
-                         f"{data_dir or 'the tfds data_dir'} ({type(err).__name__}: {first}); prepare "
+                         f"{data_dir or tfds.core.constants.DATA_DIR} ({type(err).__name__}: {first}); prepare "
                          "it with `tfds build cats_vs_dogs --file_format=array_record`") from None
+    return source
+
+
+def _tfds_records(split: str, data_dir: str | None, per_class: Mapping[str, int]):
+    """(class_names, `Records`, labels, image/filenames) of the `split` slice of cats_vs_dogs."""
+    check_tfds_split(split, per_class)  # before opening anything
+    source = tfds_source(data_dir)
     class_names = source.dataset_info.features["label"].names
     examples = ((int(source[i]["label"]), i) for i in range(len(source)))
     chosen = tfds_slice(examples, split, class_names, per_class)
