@@ -277,7 +277,8 @@ def conv3x3(x, kernel, bias=None, relu: bool = False):
     `conv.direct_conv3x3`: x (N, H, W, Cin) float32 or bfloat16, kernel (3, 3, Cin, Cout)
     HWIO, bias (Cout,) or None; returns (N, H, W, Cout) in x's dtype (bf16 in, f32 accumulate).
     Jits, differentiates (oneDNN backward-data and backward-weights), vmaps (over the images
-    alone: one call for the whole batch; over the kernel too: one call per element). Raises RuntimeError when the custom call cannot be built here, ValueError
+    alone: one call for the whole batch; over the kernel too: one call per element). Raises
+    RuntimeError when the custom call cannot be built here, ValueError
     for a dtype this CPU's oneDNN cannot run (bf16 below AVX512_CORE: `supports`)."""
     reason = unavailable()
     if reason:

@@ -111,11 +111,15 @@ def _tfds_records(split: str, data_dir: str | None, per_class: Mapping[str, int]
     check_tfds_split(split, per_class)  # before opening anything
     source = tfds_source(data_dir)
     class_names = source.dataset_info.features["label"].names
-    examples = ((int(source[i]["label"]), i) for i in range(len(source)))
-    chosen = tfds_slice(examples, split, class_names, per_class)
-    rows = [i for _, i in chosen]
-    names = [source[i]["image/filename"] for i in rows]
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+    def examples():  # one read per record: its label decides the slice, its name is kept if chosen
+        for i in range(len(source)):
+            record = source[i]
+            yield int(record["label"]), (i, record["image/filename"])
+
+    chosen = tfds_slice(examples(), split, class_names, per_class)
+    rows = [i for _, (i, _) in chosen]
+    names = [n.decode() if isinstance(n, bytes) else str(n) for _, (_, n) in chosen]
     return class_names, Records(source, rows), [label for label, _ in chosen], names
 
 
