@@ -95,6 +95,52 @@ def test_vmap_and_rejects_bad_input():
         onednn.conv3x3(x, jnp.zeros((3, 3, 5, 6)))
 
 
+# Odd sizes (tiles cropped at the border), channels off the 16-wide vector blocks, 1x1 maps,
+# and (5, 37, 37, 256, 256): 500 tiles, more than one chunk of the 24 MB scratch.
+@pytest.mark.parametrize("shape", [(2, 9, 13, 5, 7), (1, 1, 1, 17, 33), (3, 6, 5, 40, 24),
+                                   (5, 37, 37, 256, 256)])
+def test_winograd_matches_direct_conv_with_gradients(shape):
+    x, kernel, bias = _data(*shape)
+    probe = jnp.asarray(np.random.default_rng(1).normal(size=shape[:3] + shape[4:]), jnp.float32)
+
+    def grads(conv):
+        return jax.jit(jax.value_and_grad(lambda x, k, b: jnp.sum(conv(x, k, b) * probe), (0, 1, 2)))
+
+    want = grads(lambda x, k, b: jax.nn.relu(conv.direct_conv3x3(x, k, b)))(x, kernel, bias)
+    winograd = lambda x, k, b: onednn.conv3x3(x, k, b, relu=True, algorithm="winograd")
+    got = grads(winograd)(x, kernel, bias)
+    hlo = grads(winograd).lower(x, kernel, bias).as_text()
+    # Forward and input gradient are both Winograd; the kernel gradient is oneDNN's.
+    assert hlo.count("vggjax_onednn_winograd_fwd") == 2 and "vggjax_onednn_conv_fwd" not in hlo
+    assert "vggjax_onednn_conv_bwd_data" not in hlo and "vggjax_onednn_conv_bwd_weights" in hlo
+    # F(4,3) about doubles fp32 rounding: well within the 1e-4 every fast path keeps.
+    assert _rel_err(jax.jit(winograd)(x, kernel, bias), jax.nn.relu(conv.direct_conv3x3(x, kernel, bias))) < 2e-5
+    for name, g, w in zip(("loss", "input", "kernel", "bias"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape and g.dtype == jnp.float32, name
+        assert _rel_err(g, w) < 2e-5, name
+
+
+def test_auto_algorithm_picks_winograd_by_shape_and_dtype():
+    lowered = lambda x, k, **kw: jax.jit(lambda x, k: onednn.conv3x3(x, k, **kw)).lower(x, k).as_text()
+    wide, thin = jnp.zeros((1, 16, 16, 64)), jnp.zeros((1, 16, 16, 3))
+    assert "winograd" in lowered(wide, jnp.zeros((3, 3, 64, 64)))
+    assert "winograd" not in lowered(thin, jnp.zeros((3, 3, 3, 64)))        # block1_conv1: too thin
+    assert "winograd" not in lowered(wide[:, :15], jnp.zeros((3, 3, 64, 64)))  # below 16 pixels
+    assert "winograd" not in lowered(wide, jnp.zeros((3, 3, 64, 64)), algorithm="direct")
+    assert onednn.winograd_suits((1, 16, 16, 64), 64, jnp.float32)
+    assert not onednn.winograd_suits((1, 16, 16, 64), 64, jnp.bfloat16)
+    # vmapped over images alone: one Winograd call for the whole batch, as for the direct conv.
+    x, kernel, bias = _data(3, 16, 16, 64, 64)
+    per_image = jax.jit(jax.vmap(lambda x: onednn.conv3x3(x[None], kernel, bias)[0]))
+    assert per_image.lower(x).compile().as_text().count(
+        'custom_call_target="vggjax_onednn_winograd_fwd"') == 1
+    assert _rel_err(per_image(x), conv.direct_conv3x3(x, kernel, bias)) < 2e-5
+    with pytest.raises(ValueError, match="algorithm must be one of .*found 'fft'"):
+        onednn.conv3x3(x, kernel, algorithm="fft")
+    with pytest.raises(ValueError, match="Winograd conv computes in float32.*found bfloat16"):
+        onednn.conv3x3(x.astype(jnp.bfloat16), kernel, algorithm="winograd")
+
+
 def test_vgg16_features_and_logits_parity(make_variables):
     """Whole VGG16 with the torch head (any size), seeded random weights at ImageNet scale:
     oneDNN fp32 within 1e-4 (relative) of the direct conv for the conv features and the logits;
@@ -131,23 +177,23 @@ def test_auto_picks_onednn_where_it_suits_the_cpu(monkeypatch):
     x, kernel, bias = _data(1, 16, 16, 64, 128)
     isa = onednn.effective_isa()
     native_bf16 = isa in ("avx512_core_bf16", "avx512_core_fp16", "avx512_core_amx", "avx512_core_amx_fp16")
-    for dtype, fast in ((jnp.bfloat16, native_bf16), (jnp.float32, isa.startswith("avx512"))):
+    for dtype, fast in ((jnp.bfloat16, native_bf16), (jnp.float32, isa.startswith("avx"))):
         jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv(x, k, impl="auto"))(x.astype(dtype), kernel))
-        assert ("vggjax_onednn_conv_fwd" in jaxpr) == fast, (dtype, isa)
+        assert ("vggjax_onednn_" in jaxpr) == fast, (dtype, isa)  # direct conv or Winograd
         assert onednn.suits(dtype) == fast
     assert not onednn.suits(jnp.float16) and not onednn.supports(jnp.float16)
     # What each kind of CPU gets, read from oneDNN's effective ISA (not /proc/cpuinfo: a VM or
     # $ONEDNN_MAX_CPU_ISA may offer less than the flags say).
-    kinds = {"avx2": ("direct", "winograd", False), "avx512_core": ("direct", "onednn", True),
+    kinds = {"sse41": ("direct", "winograd", False), "avx2": ("direct", "onednn", False),
+             "avx512_core": ("direct", "onednn", True),
              "avx512_core_bf16": ("onednn", "onednn", True), "avx512_core_amx": ("onednn", "onednn", True)}
     for kind, (bf16_impl, fp32_impl, bf16_runs) in kinds.items():
         monkeypatch.setattr(onednn, "effective_isa", lambda: kind)
         assert conv.choose_impl(x.shape, 128, jnp.bfloat16) == bf16_impl, kind
         assert conv.choose_impl(x.shape, 128, jnp.float32) == fp32_impl, kind
         assert onednn.supports(jnp.bfloat16) == bf16_runs and onednn.supports(jnp.float32), kind
-    # An AVX2-only CPU: XLA's bf16 conv, Winograd in fp32 from block2 on, as before oneDNN.
+    # An AVX2-only CPU: XLA's bf16 conv (oneDNN has none there), oneDNN's fp32 one.
     monkeypatch.setattr(onednn, "effective_isa", lambda: "avx2")
-    assert conv.choose_impl((1, 16, 16, 3), 64, jnp.float32) == "direct"
     with pytest.raises(ValueError, match="bfloat16 conv needs AVX512_CORE.*oneDNN ISA avx2"):
         onednn.conv3x3(x.astype(jnp.bfloat16), kernel)
 
@@ -179,6 +225,28 @@ except Exception as e:
     assert "REFUSED the oneDNN bfloat16 conv needs AVX512_CORE, which this CPU lacks" in proc.stdout
     assert ("oneDNN refused the forward conv of NHWC (1, 8, 8, 4) -> 8 channels in bfloat16 on "
             "oneDNN ISA 0x7") in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "SSE41"])
+def test_winograd_transforms_for_each_isa_match_direct_conv(cap, subprocess_env):
+    """The Winograd transforms run the variant compiled for oneDNN's effective ISA (AVX-512,
+    AVX2 or baseline x86-64): capped to AVX2 and to SSE4.1, the values are still the direct conv's."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from vggjax.model import conv, onednn
+assert onednn.effective_isa() == "%s".lower(), onednn.effective_isa()
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(2, 13, 10, 40)), jnp.float32)
+k = jnp.asarray(rng.normal(size=(3, 3, 40, 24)) * 0.1, jnp.float32)
+b = jnp.asarray(rng.normal(size=24), jnp.float32)
+got = onednn.conv3x3(x, k, b, relu=True, algorithm="winograd")
+want = jax.nn.relu(conv.direct_conv3x3(x, k, b))
+print("ERR", float(jnp.abs(got - want).max() / jnp.abs(want).max()))
+""" % cap
+    env = dict(subprocess_env, ONEDNN_MAX_CPU_ISA=cap, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split("ERR")[1]) < 2e-5, proc.stdout
 
 
 def test_fallback_when_the_native_part_cannot_be_built(subprocess_env):

@@ -39,7 +39,7 @@ def conv(x, kernel, bias=None, impl: str = "direct", relu: bool = False):
 
 def choose_impl(shape, cout: int, dtype) -> str:
     """The "auto" policy for an NHWC input `shape`, Cout and compute dtype: "onednn" on a CPU
-    where oneDNN beats XLA for the dtype (`onednn.suits`: fp32 on AVX-512, bf16 on AVX512-BF16
+    where oneDNN beats XLA for the dtype (`onednn.suits`: fp32 from AVX2 up, bf16 on AVX512-BF16
     or AMX); otherwise "winograd" where `choose_tile` expects it to win, else "direct". Without
     the oneDNN custom call (not installed, no compiler) it falls back, saying why once. With more
     than one device it keeps XLA's convs, which a mesh can partition (a custom call cannot)."""

@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from vggjax.model import winograd
 from vggjax.utils import atomic
 from vggjax.utils.cache import cache_dir
 
@@ -37,7 +38,9 @@ SOURCE = Path(__file__).with_name("onednn_conv.cc")
 DTYPES = (jnp.float32, jnp.bfloat16)
 _TARGETS = {"vggjax_onednn_conv_fwd": "VggjaxConvFwd",
             "vggjax_onednn_conv_bwd_data": "VggjaxConvBwdData",
-            "vggjax_onednn_conv_bwd_weights": "VggjaxConvBwdWeights"}
+            "vggjax_onednn_conv_bwd_weights": "VggjaxConvBwdWeights",
+            "vggjax_onednn_winograd_fwd": "VggjaxWinogradFwd"}
+ALGORITHMS = ("auto", "direct", "winograd")
 
 
 def _onednn_prefix() -> Path | None:
@@ -82,7 +85,7 @@ def _compile(prefix: Path, out: Path) -> None:
     """g++ onednn_conv.cc against the oneDNN under `prefix` into the shared library `out`."""
     libdir = _libdnnl(prefix).parent
     with atomic.writing(out) as tmp:
-        cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+        cmd = [os.environ.get("CXX", "g++"), "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w",
                f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}", str(SOURCE),
                f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}", "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -128,7 +131,7 @@ def cpu_flags() -> frozenset[str]:
 
 
 # oneDNN's dnnl_cpu_isa_t (dnnl_types.h): each ISA's bits include those of the ISAs below it.
-_ISAS = {0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx2_vnni_2", 0x27: "avx512_core",
+_ISAS = {0x1: "sse41", 0x7: "avx2", 0xF: "avx2_vnni", 0x1F: "avx2_vnni_2", 0x27: "avx512_core",
          0x67: "avx512_core_vnni", 0xE7: "avx512_core_bf16", 0x1EF: "avx512_core_fp16",
          0xFEF: "avx512_core_amx", 0x1FEF: "avx512_core_amx_fp16"}
 _ISA_BITS = {name: bits for bits, name in _ISAS.items()}
@@ -174,12 +177,13 @@ def supports(dtype) -> bool:
 
 def suits(dtype) -> bool:
     """True where oneDNN's kernels beat XLA's CPU conv for `dtype` (benchmarks/README.md):
-    float32 on AVX-512, bfloat16 with bf16 dot units (AVX512-BF16 or AMX). Read from oneDNN's
-    *effective* ISA, so $ONEDNN_MAX_CPU_ISA lowers it too. On AVX2-only CPUs the fast path steps
-    aside (bf16 cannot run; fp32 unmeasured)."""
+    float32 from AVX2 up (Winograd F(4,3) on oneDNN's matmul, `winograd_suits`, or oneDNN's
+    direct conv), bfloat16 with bf16 dot units (AVX512-BF16 or AMX). Read from oneDNN's
+    *effective* ISA, so $ONEDNN_MAX_CPU_ISA lowers it too. Below AVX2, and for bf16 on
+    AVX2-only CPUs (oneDNN has no bf16 conv there), XLA's conv stays."""
     if dtype == jnp.bfloat16:
         return _has("avx512_core_bf16")
-    return dtype == jnp.float32 and _has("avx512_core")
+    return dtype == jnp.float32 and _has("avx2")
 
 
 def _rows_fold_under_vmap(call):
@@ -213,7 +217,15 @@ def _fwd_ffi(relu: bool):
     return _rows_fold_under_vmap(call)
 
 
+def _winograd_ffi(relu: bool):
+    def call(x, u, bias):
+        out = jax.ShapeDtypeStruct(x.shape[:3] + u.shape[2:], x.dtype)
+        return jax.ffi.ffi_call("vggjax_onednn_winograd_fwd", out)(x, u, bias, relu=relu)
+    return _rows_fold_under_vmap(call)
+
+
 _FWD = {relu: _fwd_ffi(relu) for relu in (False, True)}
+_WINOGRAD = {relu: _winograd_ffi(relu) for relu in (False, True)}
 
 
 @_rows_fold_under_vmap
@@ -222,25 +234,54 @@ def _bwd_data_ffi(dy, kernel):
     return jax.ffi.ffi_call("vggjax_onednn_conv_bwd_data", out)(dy, kernel)
 
 
-def _fwd_call(x, kernel, bias, relu: bool):
-    return _FWD[bool(relu)](x, kernel, bias.astype(jnp.float32))
+def winograd_suits(shape, cout: int, dtype) -> bool:
+    """The "auto" algorithm of the oneDNN conv for an NHWC input `shape` and Cout: Winograd
+    F(4,3) (`VggjaxWinogradFwd`) for float32 from Cin*Cout = 64*64 (block1_conv2 on) and maps
+    of at least WINOGRAD_MIN_SIDE pixels, else oneDNN's direct conv (benchmarks/README.md: with
+    3 input channels the transforms cost more than they save; 9x9 and 14x14 maps pad to whole
+    4x4 tiles and lose; bf16 Winograd is ~10% off)."""
+    return (dtype == jnp.float32 and shape[-1] * cout >= 64 * 64
+            and min(shape[1:3]) >= WINOGRAD_MIN_SIDE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _conv(x, kernel, bias, relu):
-    return _fwd_call(x, kernel, bias, relu)
+WINOGRAD_MIN_SIDE = 16
 
 
-def _conv_fwd(x, kernel, bias, relu):
-    y = _fwd_call(x, kernel, bias, relu)
+def _use_winograd(algorithm: str, shape, cout: int, dtype) -> bool:
+    return algorithm == "winograd" or (algorithm == "auto" and winograd_suits(shape, cout, dtype))
+
+
+def _fwd_call(x, kernel, bias, relu: bool, algorithm: str = "auto"):
+    bias = bias.astype(jnp.float32)
+    if _use_winograd(algorithm, x.shape, kernel.shape[-1], x.dtype):
+        return _WINOGRAD[bool(relu)](x, winograd.transform_kernel(kernel, 4), bias)
+    return _FWD[bool(relu)](x, kernel, bias)
+
+
+def _bwd_data(dy, kernel, algorithm: str):
+    """The input gradient of the SAME 3x3 conv: oneDNN's backward-data, or (Winograd) the
+    forward conv of dy with the kernel rotated 180 degrees and in/out swapped."""
+    if _use_winograd(algorithm, dy.shape, kernel.shape[2], dy.dtype):
+        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+        return _fwd_call(dy, flipped, jnp.zeros(kernel.shape[2:3], jnp.float32), False, "winograd")
+    return _bwd_data_ffi(dy, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv(x, kernel, bias, relu, algorithm="auto"):
+    return _fwd_call(x, kernel, bias, relu, algorithm)
+
+
+def _conv_fwd(x, kernel, bias, relu, algorithm="auto"):
+    y = _fwd_call(x, kernel, bias, relu, algorithm)
     return y, (x, kernel, y if relu else None)
 
 
-def _conv_bwd(relu, res, dy):
+def _conv_bwd(relu, algorithm, res, dy):
     x, kernel, y = res
     if relu:
         dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
-    dx = _bwd_data_ffi(dy, kernel)
+    dx = _bwd_data(dy, kernel, algorithm)
     f32 = jnp.float32
     if x.dtype == jnp.bfloat16 and x.shape[1] * x.shape[2] <= SMALL_MAP:
         dk, db = _kernel_grad_matmul(x, dy)
@@ -272,14 +313,19 @@ def _kernel_grad_matmul(x, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv3x3(x, kernel, bias=None, relu: bool = False):
+def conv3x3(x, kernel, bias=None, relu: bool = False, algorithm: str = "auto"):
     """3x3 stride-1 SAME conv (+ bias, + ReLU if `relu`) by oneDNN, same contract as
     `conv.direct_conv3x3`: x (N, H, W, Cin) float32 or bfloat16, kernel (3, 3, Cin, Cout)
     HWIO, bias (Cout,) or None; returns (N, H, W, Cout) in x's dtype (bf16 in, f32 accumulate).
-    Jits, differentiates (oneDNN backward-data and backward-weights), vmaps (over the images
-    alone: one call for the whole batch; over the kernel too: one call per element). Raises
-    RuntimeError when the custom call cannot be built here, ValueError
-    for a dtype this CPU's oneDNN cannot run (bf16 below AVX512_CORE: `supports`)."""
+    `algorithm`: "direct" (oneDNN's conv), "winograd" (F(4,3) on oneDNN's matmul; float32
+    only) or "auto" (`winograd_suits`, for the forward and the input gradient each).
+    Jits, differentiates (input gradient by the same algorithm, kernel gradient by oneDNN's
+    backward-weights), vmaps (over the images alone: one call for the whole batch; over the
+    kernel too: one call per element). Raises RuntimeError when the custom call cannot be
+    built here, ValueError for a dtype this CPU's oneDNN cannot run (bf16 below AVX512_CORE:
+    `supports`) or an unknown algorithm."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"oneDNN conv algorithm must be one of {ALGORITHMS}, found {algorithm!r}")
     reason = unavailable()
     if reason:
         raise RuntimeError(f"the oneDNN conv is unavailable: {reason}")
@@ -288,9 +334,12 @@ def conv3x3(x, kernel, bias=None, relu: bool = False):
                          f"matching Cin, found input {tuple(x.shape)}, kernel {tuple(kernel.shape)}")
     if x.dtype not in DTYPES:
         raise ValueError(f"the oneDNN conv computes in float32 or bfloat16, found {x.dtype}")
+    if algorithm == "winograd" and x.dtype != jnp.float32:
+        raise ValueError(f"the oneDNN Winograd conv computes in float32 (F(4,3) in {x.dtype} "
+                         f"is ~10% off), found {x.dtype}; use algorithm='auto' or 'direct'")
     if not supports(x.dtype):
         raise ValueError(f"the oneDNN {x.dtype} conv needs AVX512_CORE, which this CPU lacks "
                          f"({describe_cpu()}); use conv_impl='auto' or 'direct', or float32")
     if bias is None:
         bias = jnp.zeros(kernel.shape[-1:], x.dtype)
-    return _conv(x, kernel.astype(x.dtype), bias.astype(x.dtype), relu)
+    return _conv(x, kernel.astype(x.dtype), bias.astype(x.dtype), relu, algorithm)

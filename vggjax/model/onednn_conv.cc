@@ -6,10 +6,20 @@
 //   VggjaxConvBwdData     dy (N,H,W,Cout) T, w (3,3,Cin,Cout) T           -> dx (N,H,W,Cin) T
 //   VggjaxConvBwdWeights  x (N,H,W,Cin) T, dy (N,H,W,Cout) T              -> dw (3,3,Cin,Cout) f32,
 //                                                                            db (Cout) f32
+//   VggjaxWinogradFwd     x (N,H,W,Cin) f32, u (36,Cin,Cout) f32, b (Cout) f32 -> y (N,H,W,Cout) f32
 // T is float32 or bfloat16 (bf16 in, f32 accumulation; the weight gradient comes out in f32).
 // `relu` (forward only) fuses max(y, 0) as a oneDNN post-op.
 // Primitives are built once per (kind, shape, dtype, relu) and cached: building one costs
 // milliseconds (JIT code generation), running one is the convolution itself.
+//
+// VggjaxWinogradFwd is Winograd F(4x4, 3x3) (Lavin & Gray 2016; the matrices of
+// vggjax/model/winograd.py, whose `transform_kernel` makes u = G g G^T): 4x fewer multiplies
+// than the direct conv, which oneDNN 3.2 runs at the cores' FMA peak and has no fp32 Winograd
+// for. Per chunk of 4x4 output tiles: the input transform B^T d B (OpenMP, vectorised for the
+// ISA oneDNN runs, so ONEDNN_MAX_CPU_ISA caps it too), 36 (tiles x Cin) @ (Cin x Cout) GEMMs in
+// one batched oneDNN matmul, then the output transform A^T m A with bias and ReLU. Chunks keep
+// the transformed tiles within kWinogradScratch bytes, reused from call to call.
+#include <algorithm>
 #include <sstream>
 #include <cstdint>
 #include <map>
@@ -182,6 +192,208 @@ ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::Buff
               dw->typed_data(), db->typed_data(), dy.untyped_data());
 }
 
+// ---- Winograd F(4x4, 3x3), float32 -------------------------------------------------------
+
+constexpr int kVec = 16;                          // channels per vector block
+constexpr int64_t kWinogradScratch = 24 << 20;    // bytes of transformed tiles per chunk
+
+// One chunk of tiles: tile t (0 <= t < count) is tile `first + t` of the batch, numbered
+// image-major, then tile row, then tile column; each tile is 4x4 outputs.
+struct Tiles {
+  int64_t h, w, th, tw, first, count;
+  int64_t origin(int64_t t, int64_t* y0, int64_t* x0) const {  // image index; top-left pixel
+    const int64_t tile = first + t, rem = tile % (th * tw);
+    *y0 = rem / tw * 4;
+    *x0 = rem % tw * 4;
+    return tile / (th * tw);
+  }
+};
+
+// B^T applied to six rows of kVec channels (in[i][k] -> out[i][k]).
+static inline __attribute__((always_inline)) void bt6(float (*in)[kVec], float (*out)[kVec]) {
+#pragma omp simd
+  for (int k = 0; k < kVec; ++k) {
+    const float d0 = in[0][k], d1 = in[1][k], d2 = in[2][k];
+    const float d3 = in[3][k], d4 = in[4][k], d5 = in[5][k];
+    out[0][k] = 4 * d0 - 5 * d2 + d4;
+    out[1][k] = -4 * (d1 + d2) + d3 + d4;
+    out[2][k] = 4 * (d1 - d2) - d3 + d4;
+    out[3][k] = -2 * (d1 - d3) - d2 + d4;
+    out[4][k] = 2 * (d1 - d3) - d2 + d4;
+    out[5][k] = 4 * d1 - 5 * d3 + d5;
+  }
+}
+
+// A^T applied to six rows of kVec channels (in[i][k] -> out[0..3][k]).
+static inline __attribute__((always_inline)) void at6(float (*in)[kVec], float (*out)[kVec]) {
+#pragma omp simd
+  for (int k = 0; k < kVec; ++k) {
+    const float a = in[1][k] + in[2][k], b = in[1][k] - in[2][k];
+    const float e = in[3][k] + in[4][k], f = in[3][k] - in[4][k];
+    out[0][k] = in[0][k] + a + e;
+    out[1][k] = b + 2 * f;
+    out[2][k] = a + 4 * e;
+    out[3][k] = b + 8 * f + in[5][k];
+  }
+}
+
+// V[p][t][c0 .. c0+kVec) = (B^T d B)[p] for the 6x6 input patch of tile t (zero outside x).
+static inline __attribute__((always_inline)) void input_tile(const Tiles& g, const float* x,
+                                                             int64_t c, float* v, int64_t t,
+                                                             int64_t c0) {
+  int64_t y0, x0;
+  const int64_t img = g.origin(t, &y0, &x0), cn = std::min<int64_t>(kVec, c - c0);
+  alignas(64) float d[6][6][kVec], r[6][6][kVec], col[6][kVec], out[6][kVec];
+  for (int i = 0; i < 6; ++i) {
+    for (int j = 0; j < 6; ++j) {
+      const int64_t yy = y0 - 1 + i, xx = x0 - 1 + j;
+      const bool inside = yy >= 0 && yy < g.h && xx >= 0 && xx < g.w;
+      const float* src = x + ((img * g.h + yy) * g.w + xx) * c + c0;
+      for (int k = 0; k < kVec; ++k) d[j][i][k] = inside && k < cn ? src[k] : 0.f;
+    }
+  }
+  for (int j = 0; j < 6; ++j) bt6(d[j], r[j]);        // r[j][i] = (B^T d)[i][j]
+  for (int i = 0; i < 6; ++i) {
+    for (int j = 0; j < 6; ++j)
+      for (int k = 0; k < kVec; ++k) col[j][k] = r[j][i][k];
+    bt6(col, out);                                      // out[j] = (B^T d B)[i][j]
+    for (int j = 0; j < 6; ++j) {
+      float* dst = v + ((i * 6 + j) * g.count + t) * c + c0;
+      for (int k = 0; k < cn; ++k) dst[k] = out[j][k];
+    }
+  }
+}
+
+// y's 4x4 outputs of tile t from M[p][t][c0 .. c0+kVec): A^T m A + bias, then ReLU if asked.
+static inline __attribute__((always_inline)) void output_tile(const Tiles& g, const float* m,
+                                                              const float* bias, bool relu,
+                                                              int64_t c, float* y, int64_t t,
+                                                              int64_t c0) {
+  int64_t y0, x0;
+  const int64_t img = g.origin(t, &y0, &x0), cn = std::min<int64_t>(kVec, c - c0);
+  alignas(64) float d[6][6][kVec], r[6][4][kVec], col[6][kVec], out[4][kVec], b[kVec];
+  for (int p = 0; p < 36; ++p) {
+    const float* src = m + (p * g.count + t) * c + c0;
+    for (int k = 0; k < kVec; ++k) d[p % 6][p / 6][k] = k < cn ? src[k] : 0.f;
+  }
+  for (int k = 0; k < kVec; ++k) b[k] = k < cn ? bias[c0 + k] : 0.f;
+  for (int j = 0; j < 6; ++j) at6(d[j], r[j]);        // r[j][i] = (A^T m)[i][j]
+  for (int i = 0; i < 4 && y0 + i < g.h; ++i) {
+    for (int j = 0; j < 6; ++j)
+      for (int k = 0; k < kVec; ++k) col[j][k] = r[j][i][k];
+    at6(col, out);                                      // out[j] = (A^T m A)[i][j]
+    for (int j = 0; j < 4 && x0 + j < g.w; ++j) {
+      float* dst = y + ((img * g.h + y0 + i) * g.w + x0 + j) * c + c0;
+      for (int k = 0; k < cn; ++k) {
+        const float val = out[j][k] + b[k];
+        dst[k] = relu && val < 0.f ? 0.f : val;
+      }
+    }
+  }
+}
+
+// One OpenMP loop over (tile, channel block) per transform and ISA: the loop bodies inline into
+// each target so they vectorise for it (AVX-512: one register per kVec channels).
+#define VGGJAX_TRANSFORMS(suffix, isa)                                                        \
+  isa void input_transform_##suffix(const Tiles& g, const float* x, int64_t c, float* v) {    \
+    const int64_t blocks = (c + kVec - 1) / kVec;                                             \
+    _Pragma("omp parallel for collapse(2) schedule(static)")                                  \
+    for (int64_t t = 0; t < g.count; ++t)                                                     \
+      for (int64_t cb = 0; cb < blocks; ++cb) input_tile(g, x, c, v, t, cb * kVec);           \
+  }                                                                                           \
+  isa void output_transform_##suffix(const Tiles& g, const float* m, const float* bias,       \
+                                     bool relu, int64_t c, float* y) {                        \
+    const int64_t blocks = (c + kVec - 1) / kVec;                                             \
+    _Pragma("omp parallel for collapse(2) schedule(static)")                                  \
+    for (int64_t t = 0; t < g.count; ++t)                                                     \
+      for (int64_t cb = 0; cb < blocks; ++cb) output_tile(g, m, bias, relu, c, y, t, cb * kVec); \
+  }
+
+VGGJAX_TRANSFORMS(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+VGGJAX_TRANSFORMS(avx2, __attribute__((target("avx2,fma"))))
+VGGJAX_TRANSFORMS(sse, )
+
+enum class Isa { kSse, kAvx2, kAvx512 };
+
+Isa transform_isa() {  // oneDNN's effective ISA, so ONEDNN_MAX_CPU_ISA caps the transforms too
+  const auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  auto has = [isa](dnnl::cpu_isa want) {
+    const auto bits = static_cast<unsigned>(want);
+    return (isa & bits) == bits;
+  };
+  return has(dnnl::cpu_isa::avx512_core) ? Isa::kAvx512 : has(dnnl::cpu_isa::avx2) ? Isa::kAvx2 : Isa::kSse;
+}
+
+// The 36 Winograd-domain GEMMs of a chunk of `count` tiles, as one batched oneDNN matmul.
+dnnl::matmul& winograd_matmul(int64_t count, int64_t cin, int64_t cout) {
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, dnnl::matmul> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_tuple(count, cin, cout);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  const auto f32 = memory::data_type::f32;
+  dnnl::matmul::primitive_desc pd(engine(), memory::desc({36, count, cin}, f32, tag::abc),
+                                  memory::desc({36, cin, cout}, f32, tag::abc),
+                                  memory::desc({36, count, cout}, f32, tag::abc));
+  return cache.emplace(key, dnnl::matmul(pd)).first->second;
+}
+
+ffi::Error winograd(const float* x, const float* u, const float* bias, float* y, int64_t n,
+                    int64_t h, int64_t w, int64_t cin, int64_t cout, bool relu) {
+  const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, total = n * th * tw;
+  int64_t count = std::clamp<int64_t>(kWinogradScratch / (36 * (cin + cout) * 4), 16, total);
+  const int64_t chunks = (total + count - 1) / count;
+  count = (total + chunks - 1) / chunks;  // chunks of equal size: one matmul plan
+  // One scratch for all calls (they take turns: each one already uses every core).
+  static std::mutex mu;
+  static std::unique_ptr<float[]> scratch;
+  static int64_t scratch_size = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  if (scratch_size < 36 * count * (cin + cout)) {
+    scratch_size = 36 * count * (cin + cout);
+    scratch.reset(new float[scratch_size]);
+  }
+  float *v = scratch.get(), *m = v + 36 * count * cin;
+  auto& eng = engine();
+  dnnl::stream stream(eng);
+  const Isa isa = transform_isa();
+  for (int64_t first = 0; first < total; first += count) {
+    const Tiles g{h, w, th, tw, first, std::min(count, total - first)};
+    if (isa == Isa::kAvx512) input_transform_avx512(g, x, cin, v);
+    else if (isa == Isa::kAvx2) input_transform_avx2(g, x, cin, v);
+    else input_transform_sse(g, x, cin, v);
+    const auto f32 = memory::data_type::f32;
+    winograd_matmul(g.count, cin, cout).execute(stream, {
+        {DNNL_ARG_SRC, memory({{36, g.count, cin}, f32, tag::abc}, eng, v)},
+        {DNNL_ARG_WEIGHTS, memory({{36, cin, cout}, f32, tag::abc}, eng, const_cast<float*>(u))},
+        {DNNL_ARG_DST, memory({{36, g.count, cout}, f32, tag::abc}, eng, m)}});
+    stream.wait();
+    if (isa == Isa::kAvx512) output_transform_avx512(g, m, bias, relu, cout, y);
+    else if (isa == Isa::kAvx2) output_transform_avx2(g, m, bias, relu, cout, y);
+    else output_transform_sse(g, m, bias, relu, cout, y);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error WinogradFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b,
+                       ffi::Result<ffi::Buffer<ffi::F32>> y, bool relu) {
+  auto d = x.dimensions();
+  auto k = u.dimensions();
+  if (d.size() != 4 || k.size() != 3 || k[0] != 36 || k[1] != d[3] || b.dimensions()[0] != k[2])
+    return ffi::Error::InvalidArgument("vggjax oneDNN Winograd: expects x (N,H,W,Cin), "
+                                       "u (36,Cin,Cout), b (Cout)");
+  try {
+    return winograd(x.typed_data(), u.typed_data(), b.typed_data(), y->typed_data(), d[0], d[1],
+                    d[2], d[3], k[2], relu);
+  } catch (const dnnl::error& e) {
+    std::ostringstream msg;
+    msg << "oneDNN refused the Winograd matmul for NHWC (" << d[0] << ", " << d[1] << ", " << d[2]
+        << ", " << d[3] << ") -> " << k[2] << " channels: " << e.what();
+    return ffi::Error::Internal(msg.str());
+  }
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VggjaxConvFwd, Fwd,
@@ -204,3 +416,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VggjaxConvBwdWeights, BwdWeights,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VggjaxWinogradFwd, WinogradFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("relu"));

@@ -118,8 +118,9 @@ class Config:
                                 "divide by the device count")
     progress: bool = True
     # "auto" (vggjax.model.conv.choose_impl): on one CPU device, oneDNN where it suits the
-    # dtype (fp32 on AVX-512, bf16 on AVX512-BF16/AMX), else Winograd for fp32 convs wider than
-    # 64x64 (~1e-6 relative rounding, 1.3-1.5x over XLA's conv); on GPU/TPU or several devices,
+    # dtype (fp32 from AVX2 up, as Winograd F(4,3) on oneDNN's matmul from block1_conv2 on;
+    # bf16 on AVX512-BF16/AMX), else XLA-side Winograd for fp32 convs wider than 64x64 (~1e-5
+    # relative rounding); on GPU/TPU or several devices,
     # XLA's own conv. The exact-parity default of VGG itself stays "direct" (see benchmarks/).
     conv_impl: str = "auto"
     # "bf16": every phase (feature extraction too) computes in bfloat16 with fp32 parameters,
