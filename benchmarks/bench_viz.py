@@ -1,6 +1,7 @@
 """vggjax.viz.convnet vs the references on the same VGG16 weights, interleaved in one run.
 
     python benchmarks/bench_viz.py [--rounds 5] [--filter-rounds 2] [--skip-filters]
+                                   [--style-rounds 2] [--style-steps 5] [--skip-style]
 
 1. Grad-CAM, batch 16 at 224x224, fp32, each image's top class (pre-softmax score):
    vggjax.viz.convnet.grad_cam vs pytorch-grad-cam's GradCAM on PyTorch, target layer block5_conv3
@@ -11,6 +12,11 @@
 2. The book's 8x8 sheet of filter patterns (64 filters of block3_conv1, 64 px, 40 steps):
    one vmapped vggjax call vs the book's per-filter loop in TF (a tf.function step, 40 steps
    a filter, as Keras' `iterate` function in the book).
+3. Neural style transfer, DLwP 2nd ed. 12.3 (preset "book2": SGD on the combination image,
+   VGG19 on seeded random weights, two photos of ../shared/data at the book's height 400):
+   `--style-steps` steps of vggjax.losses.style_transfer.optimise vs the book's loop (a
+   tf.function `compute_loss_and_grads` over the concatenated base, style and combination
+   images, then the SGD update). Both losses at step 0 are checked to agree first.
 
 Needs: torch (CPU), `pip install --no-deps grad-cam ttach` plus opencv-python-headless and
 scikit-learn (its imports); torchvision is replaced by vggjax.testing.reference's stand-in (PyPI
@@ -172,6 +178,109 @@ def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int =
     return rows
 
 
+STYLE_LAYERS = ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1"]
+
+
+def book_style_loop(params, content, style, preset):
+    """DLwP 2nd ed. 12.3's training loop on Keras' VGG19 holding `params`: a callable running
+    `steps` SGD steps from the content image, returning the losses; and the loss function."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    import keras
+
+    h, w = content.shape[1:3]
+    model = keras.applications.VGG19(weights=None, include_top=False, input_shape=(h, w, 3))
+    for lyr in model.layers:
+        if lyr.weights:
+            lyr.set_weights([np.asarray(params[lyr.name]["kernel"]), np.asarray(params[lyr.name]["bias"])])
+    feature_extractor = keras.Model(model.inputs, {lyr.name: lyr.output for lyr in model.layers})
+
+    def gram_matrix(x):
+        x = tf.transpose(x, (2, 0, 1))
+        features = tf.reshape(x, (tf.shape(x)[0], -1))
+        return tf.matmul(features, tf.transpose(features))
+
+    def style_loss(style_img, combination_img):
+        S, C = gram_matrix(style_img), gram_matrix(combination_img)
+        return tf.reduce_sum(tf.square(S - C)) / (4.0 * (3 ** 2) * ((h * w) ** 2))
+
+    def total_variation_loss(x):
+        a = tf.square(x[:, : h - 1, : w - 1, :] - x[:, 1:, : w - 1, :])
+        b = tf.square(x[:, : h - 1, : w - 1, :] - x[:, : h - 1, 1:, :])
+        return tf.reduce_sum(tf.pow(a + b, 1.25))
+
+    def compute_loss(combination_image, base_image, style_reference_image):
+        features = feature_extractor(tf.concat([base_image, style_reference_image, combination_image], 0))
+        layer_features = features["block5_conv2"]
+        loss = preset.content_weight * tf.reduce_sum(tf.square(layer_features[2] - layer_features[0]))
+        for name in STYLE_LAYERS:
+            loss += (preset.style_weight / len(STYLE_LAYERS)) * style_loss(features[name][1], features[name][2])
+        return loss + preset.tv_weight * total_variation_loss(combination_image)
+
+    @tf.function
+    def compute_loss_and_grads(combination_image, base_image, style_reference_image):
+        with tf.GradientTape() as tape:
+            loss = compute_loss(combination_image, base_image, style_reference_image)
+        return loss, tape.gradient(loss, combination_image)
+
+    base, ref = tf.constant(content), tf.constant(style)
+
+    def run(steps):
+        optimizer = keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(
+            initial_learning_rate=100.0, decay_steps=100, decay_rate=0.96))
+        combination_image = tf.Variable(content)
+        losses = []
+        for _ in range(steps):
+            loss, grads = compute_loss_and_grads(combination_image, base, ref)
+            optimizer.apply_gradients([(grads, combination_image)])
+            losses.append(float(loss))
+        return losses
+
+    return run
+
+
+def bench_style(rounds: int, steps: int, log, height: int = 400) -> list[str]:
+    import jax
+
+    from vggjax.losses import perceptual, style_transfer
+    from vggjax.utils import images
+    from vggjax.weights.preprocessing import preprocess_input
+
+    data = ROOT.parent / "shared/data/cats_and_dogs_small/train"
+    content_path, style_path = data / "cats/cat.1.jpg", data / "dogs/dog.1.jpg"
+    size = style_transfer.image_size(content_path, height)
+    model = vggjax.create("vgg19", include_top=False)
+    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    prep = lambda path: np.asarray(preprocess_input(images.load_image(path, size)[None].astype(np.float32),
+                                                    "caffe"))
+    content, style = prep(content_path), prep(style_path)
+    book = book_style_loop(variables["params"], content, style, perceptual.PRESETS["book2"])
+
+    def ours(impl):
+        m = model.clone(conv_impl=impl)
+        return lambda: [v for _, _, v in style_transfer.optimise(m, variables, content, style, "book2", steps)]
+
+    log(f"style transfer (book2, VGG19, {size[0]}x{size[1]}, {steps} SGD steps a round, {rounds} rounds):")
+    first = {"vggjax (auto conv)": ours("auto")(), "book loop, TF": book(steps)}
+    log("  losses, first steps: " + "; ".join(f"{n} " + ", ".join(f"{v:.6g}" for v in l[:3])
+                                              for n, l in first.items()))
+    start_gap = abs(first["vggjax (auto conv)"][0] / first["book loop, TF"][0] - 1)
+    log(f"  step-0 loss relative difference {start_gap:.1e}")
+    if start_gap > 1e-3:
+        raise SystemExit(f"style transfer: vggjax and the book's loop disagree at step 0 ({start_gap:.1e})")
+    times = interleave({"vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
+                        "book loop, TF": lambda: book(steps)}, rounds, log)
+    tf_s = statistics.median(times["book loop, TF"])
+    rows = [f"| style transfer (book2, VGG19, {size[0]}x{size[1]}) | s/step (median) | "
+            "rounds min–max s/step | speed-up vs TF loop |", "|---|---|---|---|"]
+    for name, t in times.items():
+        med = statistics.median(t)
+        rows.append(f"| {name} | {med / steps:.3f} | {min(t) / steps:.3f}–{max(t) / steps:.3f} | "
+                    f"{tf_s / med:.2f}x |")
+    return rows
+
+
 def main(argv=None) -> None:
     if os.environ.get("GLIBC_TUNABLES") != HUGETLB:  # glibc reads it at start-up: restart once
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=HUGETLB))
@@ -180,9 +289,13 @@ def main(argv=None) -> None:
     p.add_argument("--filter-rounds", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--skip-filters", action="store_true")
+    p.add_argument("--style-rounds", type=int, default=2)
+    p.add_argument("--style-steps", type=int, default=5)
+    p.add_argument("--skip-style", action="store_true")
+    p.add_argument("--skip-grad-cam", action="store_true")
     a = p.parse_args(argv)
-    if a.rounds < 1 or a.filter_rounds < 1 or a.batch < 1:
-        p.error("--rounds, --filter-rounds and --batch must be >= 1")
+    if min(a.rounds, a.filter_rounds, a.batch, a.style_rounds, a.style_steps) < 1:
+        p.error("--rounds, --filter-rounds, --batch, --style-rounds and --style-steps must be >= 1")
     log = Log()
 
     import torch
@@ -197,10 +310,13 @@ def main(argv=None) -> None:
         report = log[:1] + [""] + table + ["", "## log", "```"] + log[1:] + ["```", ""]
         (ROOT / "benchmarks" / "results_viz.md").write_text("\n".join(report))
 
-    table = bench_grad_cam(net, pt, a.rounds, a.batch, log)
+    table = [] if a.skip_grad_cam else bench_grad_cam(net, pt, a.rounds, a.batch, log)
     write(table)
     if not a.skip_filters:
         table += [""] + bench_filters(pt, a.filter_rounds, log)
+        write(table)
+    if not a.skip_style:
+        table += [""] + bench_style(a.style_rounds, a.style_steps, log)
         write(table)
     print("\n".join(table))
 
