@@ -420,14 +420,18 @@ def book_hours(rates: dict) -> float | None:
 
 
 def cpu_line() -> str:
-    """The CPU model and the flags that decide the fast paths (AMX, AVX512-BF16, AVX-512, AVX2)."""
-    from vggjax.model.onednn import cpu_flags
+    """The CPU model, the flags that decide the fast paths (AMX, AVX512-BF16, AVX-512, AVX2) and
+    the ISA caps of an emulated CPU kind (oneDNN's effective ISA, XLA_FLAGS, ATEN_CPU_CAPABILITY)."""
+    from vggjax.model.onednn import cpu_flags, effective_isa
     flags = cpu_flags()
     model = next((l.partition(":")[2].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                   if l.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
     found = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in (
         ("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX-512", "avx512f"), ("AVX2", "avx2")))
-    return f"CPU: {model}; {found}"
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "XLA_FLAGS", "ATEN_CPU_CAPABILITY")
+            if os.environ.get(k)]
+    return (f"CPU: {model}; {found}; oneDNN ISA {effective_isa() or 'n/a'}"
+            + (f" (emulated kind: {', '.join(caps)})" if caps else ""))
 
 
 PEERS = ("keras", "keras-jax", "torch")  # the ratio columns, each against the same-precision row

@@ -1,6 +1,7 @@
 """VGG's one convolution, 3x3 stride 1 SAME, and the choice of algorithm that computes it:
-XLA's own ("direct"), Winograd F(m, 3) (`vggjax.model.winograd`), oneDNN through an XLA custom
-call (`vggjax.model.onednn`), or "auto", which picks by device, dtype and CPU (`choose_impl`).
+XLA's own ("direct"), Winograd F(m, 3) in jnp (`vggjax.model.winograd`), oneDNN through XLA
+custom calls (`vggjax.model.onednn`: its direct conv or Winograd F(4,3) on its matmul), or
+"auto", which picks by device, dtype and CPU (`choose_impl`).
 `Conv3x3` is the Linen layer; NNX's layer computes the same `conv3x3`."""
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ CONV_KERNEL_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def conv(x, kernel, bias=None, impl: str = "direct", relu: bool = False):
-    """3x3 stride-1 SAME conv by `impl`: "direct" (XLA's conv), "winograd" (every layer: F(4,3)
-    from 32 pixels up, else F(2,3)), "onednn" (`vggjax.model.onednn`: oneDNN through an XLA custom
-    call; float32/bfloat16) or "auto" (`choose_impl`). Same contract as `winograd.conv3x3`; `relu`
+    """3x3 stride-1 SAME conv by `impl`: "direct" (XLA's conv), "winograd" (in jnp, every layer:
+    F(4,3) from 32 pixels up, else F(2,3)), "onednn" (`vggjax.model.onednn`: oneDNN through XLA
+    custom calls, float32/bfloat16; fp32 layers wide and large enough run as Winograd F(4,3) on
+    oneDNN's matmul, `onednn.winograd_suits`) or "auto" (`choose_impl`). Same contract as `winograd.conv3x3`; `relu`
     applies max(y, 0) after the bias (fused into oneDNN's kernel, saving a memory pass)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, found {impl!r}")

@@ -1,7 +1,10 @@
 """VGG's 3x3 convolution through oneDNN: an XLA FFI custom call, built on first use.
 
 oneDNN's JIT kernels use the CPU's bf16 dot units (AVX512-BF16, AMX) that XLA's own CPU conv
-leaves idle, and run fp32 ~20% faster than XLA's direct conv (benchmarks/README.md). The C++
+leaves idle, and run fp32 ~20% faster than XLA's direct conv (benchmarks/README.md). In fp32,
+layers wide and large enough (`winograd_suits`) run as Winograd F(4,3): 4x fewer multiplies,
+transforms in C++, the GEMMs on oneDNN's matmul; 1.3-1.6x TensorFlow's oneDNN conv over a VGG16
+pass, which sits at the cores' FMA peak (benchmarks/results.md). The C++
 side (`onednn_conv.cc`) is compiled with g++ the first time it is needed, into a cache directory
 keyed by the source, the oneDNN headers' version and jaxlib's version, so installing vggjax
 stays pure Python. oneDNN itself comes from PyPI: `pip install "vggjax[onednn]"`
