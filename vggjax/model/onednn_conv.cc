@@ -247,9 +247,12 @@ static inline __attribute__((always_inline)) void input_tile(const Tiles& g, con
   for (int i = 0; i < 6; ++i) {
     for (int j = 0; j < 6; ++j) {
       const int64_t yy = y0 - 1 + i, xx = x0 - 1 + j;
-      const bool inside = yy >= 0 && yy < g.h && xx >= 0 && xx < g.w;
+      if (yy < 0 || yy >= g.h || xx < 0 || xx >= g.w) {  // the SAME conv's zero padding
+        for (int k = 0; k < kVec; ++k) d[j][i][k] = 0.f;
+        continue;
+      }
       const float* src = x + ((img * g.h + yy) * g.w + xx) * c + c0;
-      for (int k = 0; k < kVec; ++k) d[j][i][k] = inside && k < cn ? src[k] : 0.f;
+      for (int k = 0; k < kVec; ++k) d[j][i][k] = k < cn ? src[k] : 0.f;
     }
   }
   for (int j = 0; j < 6; ++j) bt6(d[j], r[j]);        // r[j][i] = (B^T d)[i][j]
@@ -386,9 +389,9 @@ ffi::Error WinogradFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u, ffi::Bu
   try {
     return winograd(x.typed_data(), u.typed_data(), b.typed_data(), y->typed_data(), d[0], d[1],
                     d[2], d[3], k[2], relu);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // oneDNN's refusal, or no memory for the scratch
     std::ostringstream msg;
-    msg << "oneDNN refused the Winograd matmul for NHWC (" << d[0] << ", " << d[1] << ", " << d[2]
+    msg << "the oneDNN Winograd conv failed for NHWC (" << d[0] << ", " << d[1] << ", " << d[2]
         << ", " << d[3] << ") -> " << k[2] << " channels: " << e.what();
     return ffi::Error::Internal(msg.str());
   }
