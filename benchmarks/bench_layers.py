@@ -91,6 +91,9 @@ def main() -> None:
     p.add_argument("--passes", default=",".join(PASSES))
     p.add_argument("--impls", default=",".join(IMPLS))
     a = p.parse_args()
+    if a.size < 16 or a.batch < 1 or a.reps < 1:
+        p.error(f"--size must be >= 16 (block5 runs at size/16), --batch and --reps >= 1; found "
+                f"{a.size}, {a.batch}, {a.reps}")
     passes, impls = a.passes.split(","), a.impls.split(",")
     if any(i.startswith("onednn") for i in impls) and onednn.unavailable():
         p.error(f"--impls onednn: {onednn.unavailable()}")
