@@ -125,12 +125,10 @@ def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
 
 
 def test_filter_pattern_default_is_the_book_start_and_many_filters_equal_one_by_one(make_variables):
-    import jax
-
     variables = make_variables("vgg11", include_top=False, seed=2, input_rms=CAFFE_INPUT_RMS)
     model = vggjax.VGG11(include_top=False)
     many = viz.filter_pattern(model, variables, "block2_conv1", [3, 5], size=32, steps=3, seed=1)
-    start = np.asarray(jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))) * 20 + 128
+    start = np.random.default_rng(1).random((2, 32, 32, 3), np.float32) * 20 + 128
     one = viz.filter_pattern(model, variables, "block2_conv1", 5, size=32, steps=3, init=start[1])
     assert many.shape == (2, 32, 32, 3) and many.dtype == np.uint8 and one.shape == (32, 32, 3)
     np.testing.assert_array_equal(many[1], one)
