@@ -42,7 +42,8 @@ def test_conv_matches_direct_conv(shape):
     assert bf16.dtype == jnp.bfloat16 and _rel_err(bf16, want) < 2e-2
 
 
-# 11x9 maps take the bf16 kernel gradient's matmul path (onednn.SMALL_MAP), 12x13 oneDNN's.
+# Without AMX, 11x9 maps take the bf16 kernel gradient's matmul path (onednn.SMALL_MAP), 12x13
+# oneDNN's; with AMX both take oneDNN's (the matmul path is checked on its own below).
 @pytest.mark.parametrize("shape", [(2, 11, 9, 6, 5), (1, 12, 13, 6, 5)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_gradients_match_direct_conv(relu, shape):
@@ -68,6 +69,21 @@ def test_gradients_match_direct_conv(relu, shape):
     for name, g, w in zip(("input", "kernel", "bias"), got16, want):
         assert g.dtype == jnp.float32, name
         assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 1e-2, name
+
+
+def test_bf16_kernel_gradient_by_matmul_on_small_maps_without_amx(monkeypatch):
+    x, _, _ = _data(2, 9, 9, 6, 5)
+    dy = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 9, 5)), jnp.float32)
+    want = jax.grad(lambda k: jnp.sum(conv.direct_conv3x3(x, k) * dy))(jnp.zeros((3, 3, 6, 5)))
+    dk, db = onednn._kernel_grad_matmul(x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16))
+    assert dk.dtype == jnp.float32 and _rel_err(dk, want) < 2e-2
+    np.testing.assert_allclose(db, dy.astype(jnp.bfloat16).astype(jnp.float32).sum((0, 1, 2)), rtol=1e-5)
+    small, large = jnp.zeros((1, 10, 10, 4), jnp.bfloat16), jnp.zeros((1, 11, 10, 4), jnp.bfloat16)
+    for isa, small_by_matmul in (("avx512_core_bf16", True), ("avx512_core_amx", False)):
+        monkeypatch.setattr(onednn, "effective_isa", lambda: isa)
+        assert onednn._kernel_grad_by_matmul(small) == small_by_matmul, isa
+        assert not onednn._kernel_grad_by_matmul(large) and not onednn._kernel_grad_by_matmul(
+            small.astype(jnp.float32)), isa
 
 
 def test_vmap_and_rejects_bad_input():

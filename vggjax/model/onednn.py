@@ -286,7 +286,7 @@ def _conv_bwd(relu, algorithm, res, dy):
         dy = jnp.where(y > 0, dy, jnp.zeros_like(dy))
     dx = _bwd_data(dy, kernel, algorithm)
     f32 = jnp.float32
-    if x.dtype == jnp.bfloat16 and x.shape[1] * x.shape[2] <= SMALL_MAP:
+    if _kernel_grad_by_matmul(x):
         dk, db = _kernel_grad_matmul(x, dy)
     else:
         dk, db = jax.ffi.ffi_call(
@@ -296,11 +296,19 @@ def _conv_bwd(relu, algorithm, res, dy):
     return dx, dk.astype(kernel.dtype), db.astype(kernel.dtype)
 
 
-# oneDNN 3.2's bf16 backward-weights kernel (jit_bf16, no brgemm) is 3-4x slower than its
-# forward on small maps (block5 at 150x150: 9x9), slower even than its fp32 one; there the nine
-# shifted copies of x are small and one XLA bf16 matmul over them is ~1.5-2x faster
-# (benchmarks/README.md). From 18x18 up oneDNN wins.
+# Without AMX (AVX512-BF16 only) oneDNN 3.2's bf16 backward-weights kernel (jit_bf16, no
+# brgemm) is 3-4x slower than its forward on small maps (block5 at 150x150: 9x9), slower even
+# than its fp32 one; there the nine shifted copies of x are small and one XLA bf16 matmul over
+# them is ~1.5-2x faster (benchmarks/README.md). From 18x18 up oneDNN wins.
 SMALL_MAP = 10 * 10
+
+
+def _kernel_grad_by_matmul(x) -> bool:
+    """Whether the kernel gradient of the conv of `x` takes `_kernel_grad_matmul`: bf16 maps up
+    to SMALL_MAP pixels on CPUs without AMX. With AMX, oneDNN's bf16 backward-weights (brgemm on
+    the tile unit) is ~3x the matmul's speed at block5's 9x9 (10.0 vs 30.2 ms, batch 20)."""
+    return (x.dtype == jnp.bfloat16 and x.shape[1] * x.shape[2] <= SMALL_MAP
+            and not _has("avx512_core_amx"))
 
 
 def _kernel_grad_matmul(x, dy):
