@@ -155,6 +155,13 @@ def test_auto_algorithm_picks_winograd_by_shape_and_dtype():
         onednn.conv3x3(x, kernel, algorithm="fft")
     with pytest.raises(ValueError, match="Winograd conv computes in float32.*found bfloat16"):
         onednn.conv3x3(x.astype(jnp.bfloat16), kernel, algorithm="winograd")
+    # The custom call itself checks every shape it is given, the output's too.
+    call = lambda out, b: jax.ffi.ffi_call("vggjax_onednn_winograd_fwd", out)(
+        x, jnp.zeros((36, 64, 64)), b, relu=False)
+    for out, b in ((jax.ShapeDtypeStruct((3, 16, 16, 32), jnp.float32), jnp.zeros(64)),
+                   (jax.ShapeDtypeStruct((3, 16, 16, 64), jnp.float32), jnp.zeros(())),):
+        with pytest.raises(Exception, match=r"expects x \(N,H,W,Cin\), u \(36,Cin,Cout\)"):
+            jax.block_until_ready(call(out, b))
 
 
 def test_vgg16_features_and_logits_parity(make_variables):

@@ -345,17 +345,20 @@ dnnl::matmul& winograd_matmul(int64_t count, int64_t cin, int64_t cout) {
 ffi::Error winograd(const float* x, const float* u, const float* bias, float* y, int64_t n,
                     int64_t h, int64_t w, int64_t cin, int64_t cout, bool relu) {
   const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, total = n * th * tw;
-  int64_t count = std::clamp<int64_t>(kWinogradScratch / (36 * (cin + cout) * 4), 16, total);
+  if (total == 0) return ffi::Error::Success();  // an empty batch or map: nothing to write
+  int64_t count = std::min<int64_t>(
+      std::max<int64_t>(16, kWinogradScratch / (36 * (cin + cout) * 4)), total);
   const int64_t chunks = (total + count - 1) / count;
-  count = (total + chunks - 1) / chunks;  // chunks of equal size: one matmul plan
+  count = (total + chunks - 1) / chunks;  // even chunks (the last may be shorter)
   // One scratch for all calls (they take turns: each one already uses every core).
   static std::mutex mu;
   static std::unique_ptr<float[]> scratch;
   static int64_t scratch_size = 0;
   std::lock_guard<std::mutex> lock(mu);
   if (scratch_size < 36 * count * (cin + cout)) {
+    std::unique_ptr<float[]> bigger(new float[36 * count * (cin + cout)]);  // may throw: size after
+    scratch = std::move(bigger);
     scratch_size = 36 * count * (cin + cout);
-    scratch.reset(new float[scratch_size]);
   }
   float *v = scratch.get(), *m = v + 36 * count * cin;
   auto& eng = engine();
@@ -383,9 +386,12 @@ ffi::Error WinogradFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u, ffi::Bu
                        ffi::Result<ffi::Buffer<ffi::F32>> y, bool relu) {
   auto d = x.dimensions();
   auto k = u.dimensions();
-  if (d.size() != 4 || k.size() != 3 || k[0] != 36 || k[1] != d[3] || b.dimensions()[0] != k[2])
+  auto out = y->dimensions();
+  if (d.size() != 4 || k.size() != 3 || k[0] != 36 || k[1] != d[3] || k[1] < 1 || k[2] < 1 ||
+      b.dimensions().size() != 1 || b.dimensions()[0] != k[2] || out.size() != 4 ||
+      out[0] != d[0] || out[1] != d[1] || out[2] != d[2] || out[3] != k[2])
     return ffi::Error::InvalidArgument("vggjax oneDNN Winograd: expects x (N,H,W,Cin), "
-                                       "u (36,Cin,Cout), b (Cout)");
+                                       "u (36,Cin,Cout), b (Cout) -> y (N,H,W,Cout)");
   try {
     return winograd(x.typed_data(), u.typed_data(), b.typed_data(), y->typed_data(), d[0], d[1],
                     d[2], d[3], k[2], relu);
