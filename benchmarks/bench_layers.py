@@ -17,6 +17,7 @@ backprop ops, what Keras runs). Best of `--reps` calls after a warm-up, in ms an
 ONEDNN_MAX_CPU_ISA=AVX2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 (oneDNN's cap also holds TF's oneDNN).
 """
 import argparse
+import os
 import time
 
 import jax
@@ -103,7 +104,7 @@ def main() -> None:
     for name in impls:
         if name not in IMPLS:
             p.error(f"--impls: {name!r} is not one of {IMPLS}")
-    print(f"CPU: {onednn.describe_cpu()}; XLA_FLAGS={__import__('os').environ.get('XLA_FLAGS', '')}"
+    print(f"CPU: {onednn.describe_cpu()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
           f"; size {a.size}, batch {a.batch}, best of {a.reps}", flush=True)
     rng = np.random.default_rng(0)
     for block, cin, cout in LAYERS:

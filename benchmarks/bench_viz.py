@@ -182,8 +182,8 @@ STYLE_LAYERS = ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", 
 
 
 def book_style_loop(params, content, style, preset):
-    """DLwP 2nd ed. 12.3's training loop on Keras' VGG19 holding `params`: a callable running
-    `steps` SGD steps from the content image, returning the losses; and the loss function."""
+    """DLwP 2nd ed. 12.3's training loop on Keras' VGG19 holding `params`: a callable that runs
+    `steps` SGD steps from the content image and returns the losses."""
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -249,6 +249,10 @@ def bench_style(rounds: int, steps: int, log, height: int = 400) -> list[str]:
 
     data = ROOT.parent / "shared/data/cats_and_dogs_small/train"
     content_path, style_path = data / "cats/cat.1.jpg", data / "dogs/dog.1.jpg"
+    for path in (content_path, style_path):
+        if not path.is_file():
+            raise SystemExit(f"style transfer: no photo at {path} (../shared/data's "
+                             "cats_and_dogs_small); pass --skip-style")
     size = style_transfer.image_size(content_path, height)
     model = vggjax.create("vgg19", include_top=False)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
