@@ -10,8 +10,10 @@ TORCH := torch==2.13.0# pinned CPU build: an unpinned torch resolves to a multi-
 NODEPS := tests/requirements-nodeps.txt
 HASH := $(shell cat pyproject.toml $(NODEPS) | $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:12])")
 # Two workers, one test file each at a time (module fixtures built once): the 2-core machines
-# this suite must finish on in 10 minutes are idle half the time in a serial run.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# this suite must finish on in 10 minutes are idle half the time in a serial run. A worker that
+# crashes is reported at once and replaced once; a second crash ends the run cleanly (xdist would
+# otherwise replay the crashing file up to 8 times). Native code runs in subprocesses where it can.
+PYTEST_ARGS ?= -n 2 --dist loadfile --max-worker-restart=1
 
 .PHONY: demo test setup-demo setup-test
 demo: setup-demo

@@ -105,3 +105,13 @@ def pytest_report_header(config):
     from vggjax.model import onednn
 
     return f"vggjax CPU: {onednn.describe_cpu()}"
+
+
+SLOW_TIMEOUT = 900  # s: the slow end-to-end runs (kill -9 and resume, multi-process) take minutes
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` tests get SLOW_TIMEOUT instead of pyproject's default `timeout` (unless they set one)."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))

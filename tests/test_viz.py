@@ -322,12 +322,6 @@ def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer, co
 
     if conv_impl == "onednn" and onednn.unavailable():
         pytest.skip(f"oneDNN conv unavailable: {onednn.unavailable()}")
-    if conv_impl == "onednn" and not onednn.suits(jnp.float32):
-        # Where "auto" never picks oneDNN (below AVX512_CORE) its fused ReLU is never met.
-        # Under ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU this case crashed in XLA's compiler
-        # (a segfault in backend_compile, outside vggjax's custom call): not run there.
-        pytest.skip(f"oneDNN's fp32 conv is auto's choice only from AVX512_CORE; this CPU: "
-                    f"{onednn.describe_cpu()}")
     model = vggjax.create(arch, top_input="torch", classifier_activation=None, num_classes=10,
                           conv_impl=conv_impl)
     variables = dict(make_variables(arch, include_top=True, seed=7))

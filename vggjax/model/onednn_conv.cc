@@ -12,6 +12,13 @@
 // Primitives are built once per (kind, shape, dtype, relu) and cached: building one costs
 // milliseconds (JIT code generation), running one is the convolution itself.
 //
+// Every primitive runs with a user-managed scratchpad (`scratchpad`). oneDNN's default, the
+// library-managed one, is a thread-local buffer sized on the thread that *created* the primitive;
+// XLA runs custom calls on whichever of its worker threads is free, so a primitive created on one
+// thread and run on another wrote past (or through a null) scratchpad of the wrong size. That was
+// the segfault of issue 29: oneDNN's gemm-based backward-weights (chosen for 2x2 maps under the
+// AVX2 ISA) needs a large im2col scratchpad, the others little or none.
+//
 // VggjaxWinogradFwd is Winograd F(4x4, 3x3) (Lavin & Gray 2016; the matrices of
 // vggjax/model/winograd.py, whose `transform_kernel` makes u = G g G^T): 4x fewer multiplies
 // than the direct conv, which oneDNN 3.2 runs at the cores' FMA peak and has no fp32 Winograd
@@ -20,8 +27,10 @@
 // one batched oneDNN matmul, then the output transform A^T m A with bias and ReLU. Chunks keep
 // the transformed tiles within kWinogradScratch bytes, reused from call to call.
 #include <algorithm>
-#include <sstream>
 #include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <sstream>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -45,14 +54,44 @@ struct Plan {
   dnnl::primitive prim;
   memory::desc src, wei, dst, bias;      // what the primitive wants
   memory::desc user_wei;                 // HWIO as XLA holds it
+  memory::desc scratch;                  // the primitive's scratchpad (user-managed)
   bool reorder_wei = false;
   dnnl::reorder wei_reorder;             // HWIO -> blocked (fwd, bwd-data) or back (bwd-weights)
-  std::mutex mu;                         // the library-managed scratchpad is per primitive
+  memory::desc reorder_scratch;
 };
 
 dnnl::engine& engine() {
   static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
   return eng;
+}
+
+// Attributes every primitive is built with: a scratchpad the caller passes (`scratchpad`; see the top).
+dnnl::primitive_attr user_scratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// The calling thread's scratchpad memory for `md`: one 64-byte aligned buffer per thread, grown to
+// the largest scratchpad that thread has run. Primitives run synchronously on the CPU engine, so
+// one execution is over before the next one on this thread reuses the buffer.
+memory scratchpad(const memory::desc& md) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buf;
+  const size_t need = md.get_size();
+  if (need > buf.size) {
+    const size_t size = (need + 63) / 64 * 64;
+    void* bigger = std::aligned_alloc(64, size);
+    if (bigger == nullptr) throw std::bad_alloc();
+    std::free(buf.data);
+    buf.data = bigger;
+    buf.size = size;
+  }
+  return memory(md, engine(), need ? buf.data : nullptr);
 }
 
 using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool>;
@@ -73,7 +112,7 @@ Plan& plan_for(Kind kind, int64_t n, int64_t h, int64_t w, int64_t cin, int64_t 
   memory::desc dst({n, cout, h, w}, dt, tag::nhwc);
   memory::desc wei_any({cout, cin, 3, 3}, dt, tag::any);
   memory::desc bias({cout}, f32, tag::x);
-  dnnl::primitive_attr attr;
+  dnnl::primitive_attr attr = user_scratchpad();
   if (relu) {
     dnnl::post_ops ops;
     ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
@@ -90,27 +129,34 @@ Plan& plan_for(Kind kind, int64_t n, int64_t h, int64_t w, int64_t cin, int64_t 
   memory::desc wei;
   if (kind == kFwd) {
     p->prim = dnnl::convolution_forward(fwd);
+    p->scratch = fwd.scratchpad_desc();
     wei = fwd.weights_desc();
     p->user_wei = memory::desc({cout, cin, 3, 3}, dt, tag::hwio);
   } else if (kind == kBwdData) {
     dnnl::convolution_backward_data::primitive_desc bwd(
-        eng, dnnl::algorithm::convolution_direct, src, wei_any, dst, strides, pad, pad, fwd);
+        eng, dnnl::algorithm::convolution_direct, src, wei_any, dst, strides, pad, pad, fwd, attr);
     p->prim = dnnl::convolution_backward_data(bwd);
+    p->scratch = bwd.scratchpad_desc();
     wei = bwd.weights_desc();
     p->user_wei = memory::desc({cout, cin, 3, 3}, dt, tag::hwio);
   } else {
     memory::desc dwei_any({cout, cin, 3, 3}, f32, tag::any);
     dnnl::convolution_backward_weights::primitive_desc bwd(
-        eng, dnnl::algorithm::convolution_direct, src, dwei_any, bias, dst, strides, pad, pad, fwd);
+        eng, dnnl::algorithm::convolution_direct, src, dwei_any, bias, dst, strides, pad, pad, fwd,
+        attr);
     p->prim = dnnl::convolution_backward_weights(bwd);
+    p->scratch = bwd.scratchpad_desc();
     wei = bwd.diff_weights_desc();
     p->user_wei = memory::desc({cout, cin, 3, 3}, f32, tag::hwio);
   }
   p->wei = wei;
   p->reorder_wei = wei != p->user_wei;
   if (p->reorder_wei) {
-    p->wei_reorder = kind == kBwdWeights ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, wei, eng, p->user_wei))
-                                         : dnnl::reorder(dnnl::reorder::primitive_desc(eng, p->user_wei, eng, wei));
+    auto rpd = kind == kBwdWeights
+                   ? dnnl::reorder::primitive_desc(eng, wei, eng, p->user_wei, user_scratchpad())
+                   : dnnl::reorder::primitive_desc(eng, p->user_wei, eng, wei, user_scratchpad());
+    p->wei_reorder = dnnl::reorder(rpd);
+    p->reorder_scratch = rpd.scratchpad_desc();
   }
   Plan& ref = *p;
   cache.emplace(key, std::move(p));
@@ -121,10 +167,13 @@ Plan& plan_for(Kind kind, int64_t n, int64_t h, int64_t w, int64_t cin, int64_t 
 ffi::Error run(Plan& p, Kind kind, void* x, void* wei, void* bias, void* y) {
   auto& eng = engine();
   dnnl::stream stream(eng);
-  std::lock_guard<std::mutex> lock(p.mu);
   memory user_wei(p.user_wei, eng, wei);
   memory prim_wei = p.reorder_wei ? memory(p.wei, eng) : user_wei;
-  if (p.reorder_wei && kind != kBwdWeights) p.wei_reorder.execute(stream, user_wei, prim_wei);
+  auto reorder = [&](memory& from, memory& to) {
+    p.wei_reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                   {DNNL_ARG_SCRATCHPAD, scratchpad(p.reorder_scratch)}});
+  };
+  if (p.reorder_wei && kind != kBwdWeights) reorder(user_wei, prim_wei);
   std::unordered_map<int, memory> args;
   if (kind == kFwd) {
     args = {{DNNL_ARG_SRC, memory(p.src, eng, x)},
@@ -141,8 +190,9 @@ ffi::Error run(Plan& p, Kind kind, void* x, void* wei, void* bias, void* y) {
             {DNNL_ARG_DIFF_BIAS, memory(p.bias, eng, bias)},
             {DNNL_ARG_DIFF_DST, memory(p.dst, eng, y)}};
   }
+  args.emplace(DNNL_ARG_SCRATCHPAD, scratchpad(p.scratch));
   p.prim.execute(stream, args);
-  if (p.reorder_wei && kind == kBwdWeights) p.wei_reorder.execute(stream, prim_wei, user_wei);
+  if (p.reorder_wei && kind == kBwdWeights) reorder(prim_wei, user_wei);
   stream.wait();
   return ffi::Error::Success();
 }
@@ -175,21 +225,55 @@ ffi::Error conv(Kind kind, const ffi::AnyBuffer& act, int64_t cin, int64_t cout,
   }
 }
 
+// True where `b` has exactly the dimensions `want` (an argument or a result of the handler).
+template <typename B>
+bool dims_are(const B& b, std::initializer_list<int64_t> want) {
+  auto d = b.dimensions();
+  return d.size() == want.size() && std::equal(want.begin(), want.end(), d.begin());
+}
+
+// Every buffer's shape is checked against the activation's before oneDNN reads or writes it:
+// a mismatch is an error, never a write past a buffer.
+ffi::Error bad_shapes(const char* what) {
+  return ffi::Error::InvalidArgument(std::string("vggjax oneDNN conv: ") + what);
+}
+
 ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> b,
                ffi::Result<ffi::AnyBuffer> y, bool relu) {
-  return conv(kFwd, x, x.dimensions()[3], w.dimensions()[3], relu, x.untyped_data(),
-              w.untyped_data(), b.typed_data(), y->untyped_data());
+  auto d = x.dimensions();
+  if (d.size() != 4 || w.dimensions().size() != 4) return bad_shapes("forward expects NHWC x, HWIO w");
+  const int64_t cin = d[3], cout = w.dimensions()[3];
+  if (!dims_are(w, {3, 3, cin, cout}) || !dims_are(b, {cout}) || !dims_are(*y, {d[0], d[1], d[2], cout}) ||
+      w.element_type() != x.element_type() || y->element_type() != x.element_type())
+    return bad_shapes("forward expects x (N,H,W,Cin), w (3,3,Cin,Cout) and y (N,H,W,Cout) of one "
+                      "dtype, b (Cout) float32");
+  return conv(kFwd, x, cin, cout, relu, x.untyped_data(), w.untyped_data(), b.typed_data(),
+              y->untyped_data());
 }
 
 ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx) {
-  return conv(kBwdData, dy, w.dimensions()[2], dy.dimensions()[3], false, dx->untyped_data(),
-              w.untyped_data(), nullptr, dy.untyped_data());
+  auto d = dy.dimensions();
+  if (d.size() != 4 || w.dimensions().size() != 4) return bad_shapes("backward-data expects NHWC dy, HWIO w");
+  const int64_t cin = w.dimensions()[2], cout = d[3];
+  if (!dims_are(w, {3, 3, cin, cout}) || !dims_are(*dx, {d[0], d[1], d[2], cin}) ||
+      w.element_type() != dy.element_type() || dx->element_type() != dy.element_type())
+    return bad_shapes("backward-data expects dy (N,H,W,Cout), w (3,3,Cin,Cout) and dx (N,H,W,Cin) "
+                      "of one dtype");
+  return conv(kBwdData, dy, cin, cout, false, dx->untyped_data(), w.untyped_data(), nullptr,
+              dy.untyped_data());
 }
 
 ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::Buffer<ffi::F32>> dw,
                       ffi::Result<ffi::Buffer<ffi::F32>> db) {
-  return conv(kBwdWeights, x, x.dimensions()[3], dy.dimensions()[3], false, x.untyped_data(),
-              dw->typed_data(), db->typed_data(), dy.untyped_data());
+  auto d = x.dimensions();
+  if (d.size() != 4 || dy.dimensions().size() != 4) return bad_shapes("backward-weights expects NHWC x, dy");
+  const int64_t cin = d[3], cout = dy.dimensions()[3];
+  if (!dims_are(dy, {d[0], d[1], d[2], cout}) || !dims_are(*dw, {3, 3, cin, cout}) ||
+      !dims_are(*db, {cout}) || dy.element_type() != x.element_type())
+    return bad_shapes("backward-weights expects x (N,H,W,Cin) and dy (N,H,W,Cout) of one dtype, "
+                      "dw (3,3,Cin,Cout) and db (Cout) float32");
+  return conv(kBwdWeights, x, cin, cout, false, x.untyped_data(), dw->typed_data(),
+              db->typed_data(), dy.untyped_data());
 }
 
 // ---- Winograd F(4x4, 3x3), float32 -------------------------------------------------------
@@ -328,9 +412,14 @@ Isa transform_isa() {  // oneDNN's effective ISA, so ONEDNN_MAX_CPU_ISA caps the
 }
 
 // The 36 Winograd-domain GEMMs of a chunk of `count` tiles, as one batched oneDNN matmul.
-dnnl::matmul& winograd_matmul(int64_t count, int64_t cin, int64_t cout) {
+struct Matmul {
+  dnnl::matmul prim;
+  memory::desc scratch;
+};
+
+Matmul& winograd_matmul(int64_t count, int64_t cin, int64_t cout) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, dnnl::matmul> cache;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, Matmul> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto key = std::make_tuple(count, cin, cout);
   auto it = cache.find(key);
@@ -338,8 +427,8 @@ dnnl::matmul& winograd_matmul(int64_t count, int64_t cin, int64_t cout) {
   const auto f32 = memory::data_type::f32;
   dnnl::matmul::primitive_desc pd(engine(), memory::desc({36, count, cin}, f32, tag::abc),
                                   memory::desc({36, cin, cout}, f32, tag::abc),
-                                  memory::desc({36, count, cout}, f32, tag::abc));
-  return cache.emplace(key, dnnl::matmul(pd)).first->second;
+                                  memory::desc({36, count, cout}, f32, tag::abc), user_scratchpad());
+  return cache.emplace(key, Matmul{dnnl::matmul(pd), pd.scratchpad_desc()}).first->second;
 }
 
 ffi::Error winograd(const float* x, const float* u, const float* bias, float* y, int64_t n,
@@ -370,10 +459,12 @@ ffi::Error winograd(const float* x, const float* u, const float* bias, float* y,
     else if (isa == Isa::kAvx2) input_transform_avx2(g, x, cin, v);
     else input_transform_sse(g, x, cin, v);
     const auto f32 = memory::data_type::f32;
-    winograd_matmul(g.count, cin, cout).execute(stream, {
+    Matmul& mm = winograd_matmul(g.count, cin, cout);
+    mm.prim.execute(stream, {
         {DNNL_ARG_SRC, memory({{36, g.count, cin}, f32, tag::abc}, eng, v)},
         {DNNL_ARG_WEIGHTS, memory({{36, cin, cout}, f32, tag::abc}, eng, const_cast<float*>(u))},
-        {DNNL_ARG_DST, memory({{36, g.count, cout}, f32, tag::abc}, eng, m)}});
+        {DNNL_ARG_DST, memory({{36, g.count, cout}, f32, tag::abc}, eng, m)},
+        {DNNL_ARG_SCRATCHPAD, scratchpad(mm.scratch)}});
     stream.wait();
     if (isa == Isa::kAvx512) output_transform_avx512(g, m, bias, relu, cout, y);
     else if (isa == Isa::kAvx2) output_transform_avx2(g, m, bias, relu, cout, y);

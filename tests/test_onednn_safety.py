@@ -1,0 +1,45 @@
+"""The oneDNN conv never crashes or hangs, however JAX runs it (issue 29): each check of
+tests/onednn_safety.py in its own process, so that a segfault is a failed test showing its
+stderr, never a dead pytest worker. Every check runs on the ISA this suite runs with (.ci/run
+runs the whole suite again capped to AVX2, where the crash showed); the repros also run capped
+to AVX2 here, so a plain `make test` on an AVX-512 machine meets that kind too."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vggjax.model import onednn
+from vggjax.utils.cache import cache_dir
+
+pytestmark = pytest.mark.skipif(onednn.unavailable() is not None,
+                                reason=f"oneDNN conv unavailable: {onednn.unavailable()}")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_safety.py")
+# Far above a check's run time (grid ~50 s, the others ~20 s on 2 cores), far below CI's limit:
+# the old scratchpad bug also *hung* a check once memory was corrupted.
+CHECK_TIMEOUT = 240
+
+
+def _capped_already() -> bool:
+    """True where this process already runs as an AVX2 CPU (capped, or the CPU is one), so the
+    "AVX2" run would repeat the "this CPU" one."""
+    return onednn.effective_isa() in ("avx2", "avx2_vnni", "avx2_vnni_2")
+
+
+@pytest.mark.parametrize("check, cap", [("repro", "this CPU"), ("repro", "AVX2"),
+                                        ("grid", "this CPU"), ("finetune", "this CPU"),
+                                        ("threads", "this CPU")])
+def test_no_crash_and_xla_values(check, cap, subprocess_env):
+    if cap == "AVX2" and _capped_already():
+        pytest.skip("this process already runs as an AVX2 CPU: the 'this CPU' case is that run")
+    env = dict(subprocess_env, VGGJAX_CACHE=str(cache_dir()))  # the oneDNN library built once
+    if cap == "AVX2":
+        env.update(ONEDNN_MAX_CPU_ISA="AVX2", XLA_FLAGS="--xla_cpu_max_isa=AVX2")
+    try:
+        proc = subprocess.run([sys.executable, SCRIPT, check], env=env, capture_output=True,
+                              text=True, timeout=CHECK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"onednn_safety.py {check} ({cap}) hung: no exit in {CHECK_TIMEOUT} s")
+    died = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    assert proc.returncode == 0, f"onednn_safety.py {check} ({cap}): {died}\n{proc.stderr[-3000:]}"
+    assert ": ok" in proc.stdout
