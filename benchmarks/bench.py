@@ -67,8 +67,8 @@ def synthetic_batch(size: int, batch: int, seed: int = 0):
 
 # --------------------------------------------------------------------------- workers
 class JaxWorker:
-    """vggjax through its own library code: features.make_extract_step, classifier, freezing,
-    training.make_train_step; `impl` is the VGG conv_impl."""
+    """vggjax through its own library code: feature_cache.make_extract_step, classifier, freezing,
+    loop.make_train_step; `impl` is the VGG conv_impl."""
 
     def __init__(self, impl: str, bf16: bool = False):
         import jax
@@ -79,20 +79,21 @@ class JaxWorker:
     def setup(self, kind, size, batch, trainable=None, lr=None):
         import jax.numpy as jnp
         import numpy as np
-        from vggjax.train import classifier, feature_cache as features, freezing, loop as training
-        from vggjax.model import vgg as model
-        base = model.create("vgg16", include_top=False, conv_impl=self.impl,
+        from vggjax.inference import classifier
+        from vggjax.train import feature_cache, freezing, loop
+        from vggjax.model import vgg
+        base = vgg.create("vgg16", include_top=False, conv_impl=self.impl,
                             dtype=self.dtype or jnp.float32)
         key = self.jax.random.PRNGKey(0)
-        base_vars = model.init_random(base, seed=0)
+        base_vars = vgg.init_random(base, seed=0)
         images, labels = synthetic_batch(size, batch)
         if kind == "infer":
-            step, x = features.make_extract_step(base, "caffe"), jnp.asarray(images)
+            step, x = feature_cache.make_extract_step(base, "caffe"), jnp.asarray(images)
             return lambda: step(base_vars, x).block_until_ready()
         net, variables = classifier.init_classifier(base_vars, base, classifier.Head(), size, key)
         tx = freezing.make_optimizer(freezing.book_rmsprop(lr), variables["params"], trainable)
-        step = training.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=self.dtype)
-        state = [training.TrainState.create(variables, tx)]
+        step = loop.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=self.dtype)
+        state = [loop.TrainState.create(variables, tx)]
         data = {"image": jnp.asarray(images), "label": jnp.asarray(labels),
                 "mask": jnp.ones((batch,), bool)}
 
@@ -363,17 +364,17 @@ def _epochs(split, aug, config) -> float:
 def memory_main(n_per_class: int) -> None:
     """Child: vggjax.train.feature_cache.extract over 2 * n_per_class images at 150x150; peak RSS out."""
     sys.path.insert(0, str(ROOT))
-    from vggjax.train import data, feature_cache as features
-    from vggjax.model import vgg as model
+    from vggjax.train import data, feature_cache
+    from vggjax.model import vgg
     root, how = image_folder(n_per_class)
-    base = model.create("vgg16", include_top=False, conv_impl="auto")
-    variables = model.init_random(base)
+    base = vgg.create("vgg16", include_top=False, conv_impl="auto")
+    variables = vgg.init_random(base)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     try:
         split = data.load_split(root, "train", 150, 20, shuffle=False)
         with tempfile.TemporaryDirectory() as cache:
-            out = features.extract(base, variables, {"train": split}, cache,
+            out = feature_cache.extract(base, variables, {"train": split}, cache,
                                    preprocess_mode="caffe", log=lambda *_: None)
             stored = out["train"].features.nbytes / 2**20
     finally:

@@ -1,6 +1,6 @@
 """Exported classifier inference, same run: img/s of the cats-vs-dogs classifier (VGG16 base + the
 book's head, 150x150, batch 32, fp32) run as each `tools/export.py` artifact (jax, onnx, savedmodel)
-vs `vggjax.train.classifier.predict` and Keras `model.predict` on the same weights.
+vs `vggjax.inference.classifier.predict` and Keras `model.predict` on the same weights.
 
     python benchmarks/bench_export.py [--rounds 3] [--batches 3]
 
@@ -35,7 +35,7 @@ if name == "keras":
     model = keras.models.load_model(work + "/keras.keras")
     run = lambda x: model.predict(x, batch_size=len(x), verbose=0)[:, 0]
 elif name == "vggjax":
-    from vggjax.train import classifier
+    from vggjax.inference import classifier
     clf = classifier.load_classifier(work + "/finetune")
     run = lambda x: classifier.predict(clf, x, batch_size=len(x))
 else:
@@ -60,8 +60,8 @@ def prepare(work: Path) -> None:
 
     import vggjax
     from vggjax.export import artifact
-    from vggjax.train import classifier
-    from vggjax.train.classifier import Head, init_classifier
+    from vggjax.inference import classifier
+    from vggjax.inference.classifier import Head, init_classifier
     import jax
 
     keras.utils.set_random_seed(0)

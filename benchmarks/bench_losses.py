@@ -54,9 +54,9 @@ def make_step(name: str, trunk_dir: Path, n: int, size: int):
     if framework == "vggjax":
         import jax
         import jax.numpy as jnp
-        from vggjax.losses import perceptual as losses
+        from vggjax.losses import perceptual
 
-        lp = losses.LPIPS.load(trunk_dir, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
+        lp = perceptual.LPIPS.load(trunk_dir, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
         grad = jax.jit(jax.grad(lambda lp, a, b: jnp.sum(lp(a, b)), argnums=1))
         a, b = jnp.asarray(x0), jnp.asarray(x1)
         return lambda: grad(lp, a, b).block_until_ready()
@@ -122,7 +122,7 @@ def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> s
     from PIL import Image
 
     from vggjax.testing.reference import reference_lpips, run_lpips, write_lpips_trunk
-    from vggjax.losses import perceptual as losses
+    from vggjax.losses import perceptual
 
     files = sorted((data / "cats").glob("*.jpg"))[:n_pairs + 1]
     if len(files) < n_pairs + 1:
@@ -137,8 +137,8 @@ def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> s
     x0 = np.stack([crop(f) for f in files[:-1]])
     x1 = np.stack([crop(f) for f in files[1:]])
     ref = run_lpips(reference_lpips(write_lpips_trunk(trunk_dir.parent, seed=0)[0]), x0, x1, normalize=True)
-    d32 = np.asarray(losses.LPIPS.load(trunk_dir)(x0, x1, normalize=True))
-    d16 = np.asarray(losses.LPIPS.load(trunk_dir, dtype=jnp.bfloat16)(x0, x1, normalize=True))
+    d32 = np.asarray(perceptual.LPIPS.load(trunk_dir)(x0, x1, normalize=True))
+    d16 = np.asarray(perceptual.LPIPS.load(trunk_dir, dtype=jnp.bfloat16)(x0, x1, normalize=True))
     return (f"real photos ({n_pairs} pairs of consecutive {data}/cats images, {size}x{size} "
             f"centre crops, [0,1] inputs, random trunk, v0.1 lin): LPIPS {ref.min():.4f}..{ref.max():.4f}; "
             f"vggjax fp32 vs lpips max abs diff {np.abs(d32 - ref).max():.2e}; vggjax bf16 vs fp32 "

@@ -26,7 +26,8 @@ import vggjax  # noqa: E402
 import vggjax.nnx as vnnx  # noqa: E402
 from benchlog import Log  # noqa: E402
 from vggjax.model.vgg import init_random  # noqa: E402
-from vggjax.train import classifier, freezing, loop  # noqa: E402
+from vggjax.inference import classifier  # noqa: E402
+from vggjax.train import freezing, loop  # noqa: E402
 
 PHASES = {"frozen": ("head", ("head",)), "finetune": ("block5+head", ("block5", "head"))}
 

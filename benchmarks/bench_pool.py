@@ -69,7 +69,7 @@ def sheet(n: int, rounds: int) -> None:
 
     import bench_viz
     from vggjax.model import vgg
-    from vggjax.viz import convnet as viz
+    from vggjax.viz import convnet
 
     bench_viz.testing.install_torchvision_standin()
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,12 +83,12 @@ def sheet(n: int, rounds: int) -> None:
         try:
             start = time.perf_counter()
             # (a fresh function per pool: jit caches a trace by its function, across jit objects)
-            step = jax.jit(lambda m, v, x, i, s: viz._ascend.__wrapped__(
+            step = jax.jit(lambda m, v, x, i, s: convnet._ascend.__wrapped__(
                 m, v, x, i, s, layer="block3_conv1", steps=40), static_argnums=0).lower(*args).compile()
             print(f"  trace + compile vggjax, {name}: {time.perf_counter() - start:.2f} s")
         finally:
             vgg.max_pool2x2 = POOLS["max_pool2x2"]
-        fns[f"vggjax, {name}"] = lambda step=step: viz.grid(viz.deprocess_image(step(*args[1:])))
+        fns[f"vggjax, {name}"] = lambda step=step: convnet.grid(convnet.deprocess_image(step(*args[1:])))
         sheets[name] = fns[f"vggjax, {name}"]()
     print(f"filter sheet, {n} filters, sheets equal: {np.array_equal(*sheets.values())}")
     fns["book loop, TF"] = bench_viz.book_loop(pt, "block3_conv1", 64, 40, n)

@@ -46,15 +46,15 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import vggjax  # noqa: E402
-from vggjax.testing import reference as testing
-from vggjax.viz import convnet as viz  # noqa: E402
+from vggjax.testing import reference
+from vggjax.viz import convnet  # noqa: E402
 
 
 def same_weights(tmp: Path):
     """A seeded torchvision-layout VGG16 and the same weights converted to vggjax."""
     import torch
 
-    net = testing.randomize(testing.vgg("vgg16"), seed=0).eval()
+    net = reference.randomize(reference.vgg("vgg16"), seed=0).eval()
     torch.save(net.state_dict(), tmp / "vgg16.pth")
     vggjax.convert_file("torchvision", "vgg16", tmp / "vgg16.pth", tmp / "converted", include_top=True)
     return net, vggjax.load(tmp / "converted")
@@ -93,21 +93,21 @@ def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
         with cls(model=net, target_layers=layer) as cam:
             cam.get_target_width_height = lambda _: None  # keep its maps at the layer's size
             theirs = cam(input_tensor=x_torch[:2], targets=None)
-        ours = np.asarray(viz.grad_cam(pt.model, pt.variables, x[:2], method=method))
+        ours = np.asarray(convnet.grad_cam(pt.model, pt.variables, x[:2], method=method))
         ours = ours - ours.min(axis=(1, 2), keepdims=True)
         ours = ours / (1e-7 + ours.max(axis=(1, 2), keepdims=True))
         log(f"  {method}: max abs difference {np.max(np.abs(ours - theirs)):.1e}")
 
     # pytorch-grad-cam as documented backpropagates into every weight. Kinder to it: frozen
     # weights, only the input's gradient (it needs one tensor before the layer that wants grad).
-    frozen = testing.vgg("vgg16")
+    frozen = reference.vgg("vgg16")
     frozen.load_state_dict(net.state_dict())
     frozen.eval().requires_grad_(False)
     models = {impl: pt.model.clone(conv_impl=impl) for impl in ("auto", "direct")}
     with GradCAM(model=net, target_layers=layer) as cam, \
             GradCAM(model=frozen, target_layers=[frozen.features[29]]) as cam_frozen:
         cam_frozen.compute_input_gradient = True  # BaseCAM's option; GradCAM does not pass it on
-        fns = {f"vggjax ({impl} conv)": (lambda m=m: viz.grad_cam(m, pt.variables, x).block_until_ready())
+        fns = {f"vggjax ({impl} conv)": (lambda m=m: convnet.grad_cam(m, pt.variables, x).block_until_ready())
                for impl, m in models.items()}
         fns["pytorch-grad-cam"] = lambda: cam(input_tensor=x_torch, targets=None)
         fns["pytorch-grad-cam, frozen weights"] = lambda: cam_frozen(input_tensor=x_torch, targets=None)
@@ -151,8 +151,8 @@ def book_loop(pt, layer: str, size: int, steps: int, n: int):
             for _ in range(steps):
                 _, g = iterate(tf.constant(img, tf.float32), tf.constant(f))
                 img += g.numpy()
-            tiles.append(viz.deprocess_image(img[0]))
-        return viz.grid(np.stack(tiles))
+            tiles.append(convnet.deprocess_image(img[0]))
+        return convnet.grid(np.stack(tiles))
 
     return book_sheet
 
@@ -163,7 +163,7 @@ def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int =
     base = pt.model.clone(include_top=False)
 
     def ours(impl):
-        return lambda: viz.grid(viz.filter_pattern(base.clone(conv_impl=impl), pt.variables, layer,
+        return lambda: convnet.grid(convnet.filter_pattern(base.clone(conv_impl=impl), pt.variables, layer,
                                                    range(n), size=size, steps=steps))
 
     log(f"filter-pattern sheet: {n} filters of {layer}, {size} px, {steps} steps, {rounds} rounds:")
@@ -304,7 +304,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    testing.install_torchvision_standin()
+    reference.install_torchvision_standin()
     load = os.getloadavg()[0]
     log(f"# vggjax.viz.convnet benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at start {load:.1f}")

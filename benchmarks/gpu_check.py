@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.train import classifier, freezing, loop as training
+from vggjax.inference import classifier
+from vggjax.train import freezing, loop
 
-from vggjax.model import vgg as model
+from vggjax.model import vgg
 from vggjax.weights.preprocessing import CAFFE_MEAN_BGR, preprocess_input
 
 
@@ -40,8 +41,8 @@ def timed(fn, min_seconds: float) -> float:
 def jax_rows(size, infer_batch, train_batch, min_seconds):
     rows, notes = [], []
     x = images(infer_batch, size)
-    base = model.create("vgg16", include_top=False)
-    variables = model.init_random(base)
+    base = vgg.create("vgg16", include_top=False)
+    variables = vgg.init_random(base)
 
     def features(dtype, impl="direct", precision=None):
         m = base.clone(dtype=dtype, conv_impl=impl)
@@ -67,8 +68,8 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
     for name, dtype in (("fp32", None), ("bf16", jnp.bfloat16)):
         net, v = classifier.init_classifier(variables, base, classifier.Head(), size, jax.random.PRNGKey(1))
         tx = freezing.make_optimizer(freezing.book_rmsprop(1e-5), v["params"], "block5+head")
-        step = training.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=dtype)
-        state = [training.TrainState.create(v, tx)]
+        step = loop.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=dtype)
+        state = [loop.TrainState.create(v, tx)]
 
         def run():
             state[0], metrics = step(state[0], batch)

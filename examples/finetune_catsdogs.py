@@ -9,7 +9,7 @@
 A full run with the real Keras ImageNet weights on the book's 2000/1000/1000 images should
 approach those numbers. Every phase evaluates on the test split, writes history.json,
 results.json and curves.png in --workdir, exports its classifier to --workdir/export/<phase>
-(`vggjax.train.classifier.load_classifier` / `predict`), and resumes where it stopped if interrupted.
+(`vggjax.inference.classifier.load_classifier` / `predict`), and resumes where it stopped if interrupted.
 Defaults are the 1st edition's: 150x150, batch 20, RMSprop 2e-5 (heads) and 1e-5 (block5),
 30 / 30 / 100 epochs, the ImageDataGenerator augmentation; `--preprocess rescale` feeds x/255
 to the caffe-style weights as the book did.
@@ -34,7 +34,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.train import parallel, synthetic as smoke, workflow
+from vggjax.train import parallel, synthetic, workflow
 from vggjax.utils import atomic
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     workflow.add_arguments(p)
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
-                   f"{smoke.SETTINGS}; all phases in < 3 min on 2 CPU cores")
+                   f"{synthetic.SETTINGS}; all phases in < 3 min on 2 CPU cores")
     args = p.parse_args(argv)
     given = workflow.config_arguments(args)
     if given.get("data_parallel"):
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every flag value, before any work (--smoke makes its own image folder: not tfds).
         workflow.Config(weights="", workdir=args.workdir, **{"data": "smoke" if args.smoke else "tfds", **given})
         if args.smoke:
-            data, weights = smoke.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=given.get("seed", 0))
+            data, weights = synthetic.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=given.get("seed", 0))
             print(f"smoke run: generated images in {data}, RANDOM VGG16 weights in {weights}; the "
                   "accuracies show that the pipeline learns, not what ImageNet weights reach")
         else:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             if data == "tfds":
                 check_tfds(given.get("pipeline", "tfdata"), given.get("tfds_data_dir"))
         config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
-                                 **{**(smoke.SETTINGS if args.smoke else {}), **given, "data": data})
+                                 **{**(synthetic.SETTINGS if args.smoke else {}), **given, "data": data})
         with atomic.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable
             results = workflow.run(config, restart=args.restart)
     except (workflow.MissingInputError, ValueError, OSError, ImportError) as err:  # flags, data, workdir, extras

@@ -25,7 +25,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.train import synthetic as smoke
+from vggjax.train import synthetic
 
 from vggjax.losses import style_transfer
 from vggjax.utils import atomic
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                                  settings.get("save_every"))
         if args.smoke:
             inputs = os.path.join(args.out, "smoke_inputs")
-            folder = smoke.make_image_folder(os.path.join(inputs, "images"), sizes={"train": 1},
+            folder = synthetic.make_image_folder(os.path.join(inputs, "images"), sizes={"train": 1},
                                              jpeg_size=96)
-            args.content, args.style = (str(folder / "train" / k / f"{k}.0.jpg") for k in smoke.CLASSES)
-            args.weights = str(smoke.make_random_weights(os.path.join(inputs, "random_vgg19_notop"), "vgg19"))
+            args.content, args.style = (str(folder / "train" / k / f"{k}.0.jpg") for k in synthetic.CLASSES)
+            args.weights = str(synthetic.make_random_weights(os.path.join(inputs, "random_vgg19_notop"), "vgg19"))
         elif not (args.content and args.style and args.weights):
             p.error("--content, --style and --weights are required (or --smoke)")
         style_transfer.check_inputs(args.content, args.style, args.out, **settings)

@@ -25,7 +25,7 @@ except ImportError:  # run from a checkout without installing
 
 from vggjax.utils import atomic, images
 
-from vggjax.viz import convnet as viz
+from vggjax.viz import convnet
 
 ACTIVATION_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block3_conv1")
 FILTER_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1")
@@ -96,17 +96,17 @@ def main(argv=None) -> int:
     base = model.clone(include_top=False)
     acts = base.apply(variables, x, outputs=shown)
     for name in shown:
-        images.save_png(out / f"activations_{name}.png", viz.activation_grid(acts[name]))
+        images.save_png(out / f"activations_{name}.png", convnet.activation_grid(acts[name]))
 
     fast = model.clone(conv_impl="auto")  # the fastest conv on this CPU (oneDNN / Winograd)
     for name in FILTER_LAYERS:  # 64 filters per layer in one compiled call
-        tiles = viz.filter_pattern(fast, variables, name, range(64), size=size, steps=steps)
-        images.save_png(out / f"filters_{name}.png", viz.grid(tiles))
+        tiles = convnet.filter_pattern(fast, variables, name, range(64), size=size, steps=steps)
+        images.save_png(out / f"filters_{name}.png", convnet.grid(tiles))
 
     if model.include_top:
         x = preprocess(images.load_image(image_path, (224, 224))[None])
-        cam = viz.grad_cam(model, variables, x, book=True)[0]
-        images.save_png(out / "gradcam.png", viz.overlay(original, cam))
+        cam = convnet.grad_cam(model, variables, x, book=True)[0]
+        images.save_png(out / "gradcam.png", convnet.overlay(original, cam))
     else:
         print("no classifier in these weights: Grad-CAM skipped")
     print(f"wrote {len(written)} PNGs to {out} in {time.time() - start:.0f} s")

@@ -19,7 +19,8 @@ import numpy as np
 
 import vggjax
 from vggjax.model import conv, onednn
-from vggjax.train import classifier, freezing, loop
+from vggjax.inference import classifier
+from vggjax.train import freezing, loop
 
 SIDES = (1, 2, 3, 4, 5, 8, 9, 16)
 CHANNELS = ((3, 8), (64, 64), (512, 512))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.train import classifier
-from vggjax.train.classifier import Classifier, Head, init_classifier
+from vggjax.inference import classifier
+from vggjax.inference.classifier import Classifier, Head, init_classifier
 from vggjax.utils.trees import digest, flatten
 from vggjax.utils import atomic
 

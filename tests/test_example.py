@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 from helpers import REPO, run_on_small_disk, run_script, script_env
-from vggjax.train import classifier, data, report, synthetic as smoke
+from vggjax.inference import classifier
+from vggjax.train import data, report, synthetic
 from vggjax.utils import atomic
 from vggjax.utils.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
-SIZE, EPOCHS = smoke.SETTINGS["image_size"], smoke.SETTINGS["epochs"]
+SIZE, EPOCHS = synthetic.SETTINGS["image_size"], synthetic.SETTINGS["epochs"]
 
 
 def _run(args, env, timeout=300):
@@ -51,7 +52,7 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     for phase, r in results.items():
         # Two balanced classes: chance is 0.5.
         assert r["test_accuracy"] >= 0.75 and r["final_val_accuracy"] >= 0.75, (phase, r)
-        assert r["test_examples"] == 2 * smoke.SPLIT_SIZES["test"]
+        assert r["test_examples"] == 2 * synthetic.SPLIT_SIZES["test"]
         assert [e["epoch"] for e in history[phase]] == list(range(1, EPOCHS[phase] + 1))
     with Image.open(workdir / report.CURVES) as png:
         assert png.format == "PNG"
@@ -63,7 +64,7 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     clf = classifier.load_classifier(workdir / "export" / "finetune")
     accuracy = np.mean(classifier.predict(clf, images).argmax(-1) == test.labels)
     assert accuracy == pytest.approx(results["finetune"]["test_accuracy"])
-    assert clf.class_names == smoke.CLASSES
+    assert clf.class_names == synthetic.CLASSES
     print(f"smoke run: {seconds:.0f} s, test accuracy "
           + ", ".join(f"{p} {r['test_accuracy']:.3f}" for p, r in results.items()))
 
@@ -122,7 +123,7 @@ def test_data_parallel_run_over_two_devices(smoke_run, tmp_path):
     assert "phase finetune continues from phase frozen" in proc.stdout
     results = json.loads((workdir / report.RESULTS).read_text())
     assert list(results) == ["features", "frozen", "finetune"]
-    assert all(r["test_examples"] == 2 * smoke.SPLIT_SIZES["test"] for r in results.values())
+    assert all(r["test_examples"] == 2 * synthetic.SPLIT_SIZES["test"] for r in results.values())
     history = json.loads((workdir / report.HISTORY).read_text())
     assert all(len(h) == 1 for h in history.values())
 

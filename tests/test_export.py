@@ -13,8 +13,8 @@ import pytest
 import vggjax
 from helpers import random_variables, run_on_small_disk, write_jpegs
 from vggjax.export import artifact
-from vggjax.train import classifier
-from vggjax.train.classifier import Head, init_classifier
+from vggjax.inference import classifier
+from vggjax.inference.classifier import Head, init_classifier
 from vggjax.utils import atomic
 from vggjax.utils.images import load_image
 

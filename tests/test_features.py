@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.train import data, feature_cache as features, synthetic as smoke
+from vggjax.train import data, feature_cache, synthetic
 from vggjax.utils.trees import digest
 from vggjax.utils import atomic
 
@@ -17,7 +17,7 @@ MODE = "caffe"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     # 5 + 5 training images: batches of 4 leave a padded last batch of 2.
-    return smoke.make_image_folder(tmp_path_factory.mktemp("smoke") / "data",
+    return synthetic.make_image_folder(tmp_path_factory.mktemp("smoke") / "data",
                                    sizes={"train": 5, "test": 2})
 
 
@@ -34,7 +34,7 @@ def _splits(folder, shuffle=True):
 
 def _count_forward_passes(monkeypatch) -> list:
     """Wrap make_extract_step so each call of the step it returns is recorded."""
-    calls, real = [], features.make_extract_step
+    calls, real = [], feature_cache.make_extract_step
 
     def counting(model, mode):
         step = real(model, mode)
@@ -50,7 +50,7 @@ def _count_forward_passes(monkeypatch) -> list:
 def test_features_equal_a_direct_forward_pass_and_batches_follow_the_split(folder, base, tmp_path):
     model, variables = base
     splits = _splits(folder)
-    feats = features.extract(model, variables, splits, tmp_path, preprocess_mode=MODE)
+    feats = feature_cache.extract(model, variables, splits, tmp_path, preprocess_mode=MODE)
     train = feats["train"]
     assert not train.reused and train.features.shape == (10, 1, 1, 512) and train.num_examples == 10
     # Stored in file order: equal to the model applied to the unshuffled images.
@@ -78,36 +78,36 @@ def test_features_equal_a_direct_forward_pass_and_batches_follow_the_split(folde
 def test_second_run_reuses_the_cache_without_a_forward_pass(folder, base, tmp_path, monkeypatch):
     model, variables = base
     calls = _count_forward_passes(monkeypatch)
-    first = features.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, log=print)
+    first = feature_cache.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, log=print)
     assert len(calls) == 3 + 1  # train: 3 batches of 4, test: 1 batch
-    mtime = (first["train"].directory / features.FEATURES).stat().st_mtime_ns
-    info = json.loads((first["train"].directory / features.INFO).read_text())
+    mtime = (first["train"].directory / feature_cache.FEATURES).stat().st_mtime_ns
+    info = json.loads((first["train"].directory / feature_cache.INFO).read_text())
     assert info["shape"] == [10, 1, 1, 512] and info["inputs"]["preprocessing"] == MODE
 
-    again = features.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, log=print)
+    again = feature_cache.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, log=print)
     assert len(calls) == 4 and again["train"].reused and again["test"].reused
-    assert (again["train"].directory / features.FEATURES).stat().st_mtime_ns == mtime
+    assert (again["train"].directory / feature_cache.FEATURES).stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(again["train"].features, first["train"].features)
 
     # Other weights, other preprocessing, other image size: each a new cache entry.
     other = jax.tree.map(lambda x: x * 1.5, variables)
-    changed = [features.extract(model, other, _splits(folder), tmp_path, preprocess_mode=MODE)["test"],
-               features.extract(model, variables, _splits(folder), tmp_path, preprocess_mode="rescale")["test"]]
+    changed = [feature_cache.extract(model, other, _splits(folder), tmp_path, preprocess_mode=MODE)["test"],
+               feature_cache.extract(model, variables, _splits(folder), tmp_path, preprocess_mode="rescale")["test"]]
     assert len(calls) == 4 + 3 + 1 + 3 + 1
     assert len({f.directory for f in changed} | {first["test"].directory}) == 3
     assert not np.allclose(changed[0].features, first["test"].features)
 
     # New pixels from the pipeline (a bump of splits.PIXELS): the old entry is not reused.
-    monkeypatch.setitem(features.PIXELS, "tfdata", features.PIXELS["tfdata"] + 1)
+    monkeypatch.setitem(feature_cache.PIXELS, "tfdata", feature_cache.PIXELS["tfdata"] + 1)
     test_only = {"test": _splits(folder)["test"]}
-    assert not features.extract(model, variables, test_only, tmp_path, preprocess_mode=MODE)["test"].reused
+    assert not feature_cache.extract(model, variables, test_only, tmp_path, preprocess_mode=MODE)["test"].reused
 
 
 def test_a_failed_extraction_leaves_no_cache_and_dead_temporaries_are_removed(folder, base, tmp_path,
                                                                                monkeypatch):
     model, variables = base
     splits = _splits(folder)
-    real = features.make_extract_step
+    real = feature_cache.make_extract_step
 
     def failing(model, mode):
         step, calls = real(model, mode), []
@@ -120,19 +120,19 @@ def test_a_failed_extraction_leaves_no_cache_and_dead_temporaries_are_removed(fo
         return fails_on_third
     monkeypatch.setattr(features, "make_extract_step", failing)
     with pytest.raises(KeyboardInterrupt):
-        features.extract(model, variables, {"train": splits["train"]}, tmp_path, preprocess_mode=MODE)
+        feature_cache.extract(model, variables, {"train": splits["train"]}, tmp_path, preprocess_mode=MODE)
     assert list(tmp_path.iterdir()) == []
 
     # What a kill -9 leaves: a temp dir of a process that no longer exists. The next run removes it.
-    key, _ = features.cache_key(model, digest(variables), splits["train"], MODE)
+    key, _ = feature_cache.cache_key(model, digest(variables), splits["train"], MODE)
     leftover = tmp_path / f".train-{key}.tmp-999999999-0123abcd"
     leftover.mkdir()
-    (leftover / features.FEATURES).write_bytes(b"half")
+    (leftover / feature_cache.FEATURES).write_bytes(b"half")
     monkeypatch.setattr(features, "make_extract_step", real)
-    done = features.extract(model, variables, {"train": splits["train"]}, tmp_path, preprocess_mode=MODE)
+    done = feature_cache.extract(model, variables, {"train": splits["train"]}, tmp_path, preprocess_mode=MODE)
     assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, done["train"].directory.name]
 
 
 def test_extraction_refuses_a_model_with_its_classifier():
     with pytest.raises(ValueError, match="include_top=False"):
-        features.make_extract_step(vggjax.VGG11(include_top=True), MODE)
+        feature_cache.make_extract_step(vggjax.VGG11(include_top=True), MODE)

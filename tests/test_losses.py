@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 import vggjax
 from book_style_transfer import book_loss, keras_vgg19
 from vggjax.testing.reference import import_lpips, reference_lpips, run_lpips, write_lpips_trunk
-from vggjax.losses import perceptual as losses
+from vggjax.losses import perceptual
 from vggjax.utils import checks
 from vggjax.train import parallel
 
@@ -73,7 +73,7 @@ def trunk(tmp_path_factory):
     cached `LPIPS.load(converted, version=..., dtype=...)`."""
     d = tmp_path_factory.mktemp("trunk")
     model, converted = write_lpips_trunk(d, seed=3)
-    load = functools.cache(lambda version="0.1", dtype=jnp.float32, conv_impl="auto": losses.LPIPS.load(
+    load = functools.cache(lambda version="0.1", dtype=jnp.float32, conv_impl="auto": perceptual.LPIPS.load(
         converted, version=version, dtype=dtype, conv_impl=conv_impl))
     return model, converted, load
 
@@ -111,32 +111,32 @@ def test_lpips_matches_lpips_package(trunk, pairs, version):
 
 
 def test_lin_reader_equals_torch_load_weights_only():
-    for version in losses.LPIPS_VERSIONS:
-        path = losses.installed_lin_path(version)
+    for version in perceptual.LPIPS_VERSIONS:
+        path = perceptual.installed_lin_path(version)
         want = torch.load(path, weights_only=True, map_location="cpu")
-        lins = losses.read_lin(path)
+        lins = perceptual.read_lin(path)
         for k, lin in enumerate(lins):
             np.testing.assert_array_equal(lin, want[f"lin{k}.model.1.weight"].numpy()[0, :, 0, 0])
-    assert not np.array_equal(losses.read_lin(losses.installed_lin_path("0.0"))[0],
-                              losses.read_lin(losses.installed_lin_path("0.1"))[0])
+    assert not np.array_equal(perceptual.read_lin(perceptual.installed_lin_path("0.0"))[0],
+                              perceptual.read_lin(perceptual.installed_lin_path("0.1"))[0])
 
 
 def test_load_refuses_what_cannot_be_lpips(trunk, tmp_path, monkeypatch, make_variables):
     _, converted, _ = trunk
     with pytest.raises(ValueError, match="version must be one of"):
-        losses.LPIPS.load(converted, version="0.2")
+        perceptual.LPIPS.load(converted, version="0.2")
     with pytest.raises(ValueError, match="vgg16.pth is not an lpips VGG lin file: lin0.model.1.weight"):
-        losses.LPIPS.load(converted, lin=converted.parent / "vgg16.pth")
+        perceptual.LPIPS.load(converted, lin=converted.parent / "vgg16.pth")
     from vggjax.weights.keras import write_legacy_h5
     write_legacy_h5(make_variables("vgg16", include_top=False)["params"], tmp_path / "k.h5")
     vggjax.convert_file("keras", "vgg16", tmp_path / "k.h5", tmp_path / "keras16")
     with pytest.raises(ValueError, match="calibrated on torchvision's vgg16.*'caffe'"):
-        losses.LPIPS.load(tmp_path / "keras16")
+        perceptual.LPIPS.load(tmp_path / "keras16")
     find_spec = __import__("importlib.util").util.find_spec
     monkeypatch.setattr("importlib.util.find_spec",
                         lambda name, *a: None if name == "lpips" else find_spec(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps lpips"):
-        losses.LPIPS.load(converted)
+        perceptual.LPIPS.load(converted)
 
 
 def test_input_range_is_checked(trunk, pairs):
@@ -176,7 +176,7 @@ def _sharded_child():
     """Child process with 2 CPU devices: LPIPS on a batch sharded over them equals one device's."""
     from jax.sharding import NamedSharding, PartitionSpec as P
     trunk_dir, out = sys.argv[2], sys.argv[3]
-    lp = losses.LPIPS.load(trunk_dir)
+    lp = perceptual.LPIPS.load(trunk_dir)
     rng = np.random.default_rng(0)
     x0, x1 = (rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32) for _ in range(2))
     mesh = parallel.make_mesh()  # Auto axes: vggjax's convolutions leave the layout to XLA
@@ -203,13 +203,13 @@ def test_unit_normalisation_matches_lpips_and_has_finite_gradient_at_zero():
     rng = np.random.default_rng(0)
     f = rng.standard_normal((4, 3, 3, 8)).astype(np.float32) * np.float32([[[[1]]], [[[1e-3]]], [[[1e-6]]], [[[0]]]])
     ref = normalize_tensor(torch.from_numpy(f.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(losses._unit(jnp.asarray(f)), ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(perceptual._unit(jnp.asarray(f)), ref, rtol=1e-6, atol=1e-7)
     # lpips' sqrt(0) gives a NaN gradient at an all-zero feature vector ...
     t = torch.zeros(1, 8, 1, 1, requires_grad=True)
     (normalize_tensor(t) - 1).pow(2).sum().backward()
     assert torch.isnan(t.grad).all()
     # ... vggjax's does not.
-    g = jax.grad(lambda v: jnp.sum((losses._unit(v) - 1) ** 2))(jnp.zeros((1, 1, 1, 8)))
+    g = jax.grad(lambda v: jnp.sum((perceptual._unit(v) - 1) ** 2))(jnp.zeros((1, 1, 1, 8)))
     assert np.isfinite(np.asarray(g)).all()
 
 
@@ -227,7 +227,7 @@ def test_gradients_are_finite_at_identical_black_and_white_images(trunk, pairs, 
     b = np.concatenate([x, black, white, white, black])
     assert float(np.abs(lp.features(a)["block5_conv3"]).max()) == 0
     lpips_grad = jax.grad(lambda a, b: jnp.sum(lp(a, b)), argnums=(0, 1))
-    feature_grad = jax.grad(lambda a, b: jnp.sum(losses.feature_loss(
+    feature_grad = jax.grad(lambda a, b: jnp.sum(perceptual.feature_loss(
         lp.model, lp.variables, a, b, ("block1_conv2_preact", "block5_conv3"))), argnums=(0, 1))
     for grad in (lpips_grad, feature_grad):
         for g in jax.jit(grad)(a, b):
@@ -268,14 +268,14 @@ def test_feature_loss_equals_numpy(vgg11):
     assert (fx["block2_conv1_preact"] < 0).any() and (fx["block3_conv2"] >= 0).all()
     for kind, op in (("mse", np.square), ("l1", np.abs)):
         want = sum(w * op(fx[k] - fy[k]).mean(axis=(1, 2, 3)) for k, w in zip(layers, (0.3, 2.0)))
-        got = losses.feature_loss(model, variables, x, y, layers, weights=(0.3, 2.0), kind=kind)
+        got = perceptual.feature_loss(model, variables, x, y, layers, weights=(0.3, 2.0), kind=kind)
         np.testing.assert_allclose(got, want, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown layer"):
-        losses.feature_loss(model, variables, x, y, ("block3_conv3",))
+        perceptual.feature_loss(model, variables, x, y, ("block3_conv3",))
     with pytest.raises(ValueError, match="2 weights for 1 layers"):
-        losses.feature_loss(model, variables, x, y, ("block1_conv1",), weights=(1, 2))
+        perceptual.feature_loss(model, variables, x, y, ("block1_conv1",), weights=(1, 2))
     with pytest.raises(ValueError, match="kind must be"):
-        losses.feature_loss(model, variables, x, y, ("block1_conv1",), kind="l2")
+        perceptual.feature_loss(model, variables, x, y, ("block1_conv1",), kind="l2")
 
 
 def test_feature_and_style_losses_refuse_nan_and_nchw_and_warn_on_raw_pixels(vgg11):
@@ -283,7 +283,7 @@ def test_feature_and_style_losses_refuse_nan_and_nchw_and_warn_on_raw_pixels(vgg
     nan = np.array(y)
     nan[1, 2, 3, 0] = np.inf
     layers = ("block1_conv1",)
-    for name, loss in (("feature_loss", losses.feature_loss), ("style_loss", losses.style_loss)):
+    for name, loss in (("feature_loss", perceptual.feature_loss), ("style_loss", perceptual.style_loss)):
         with pytest.raises(ValueError, match=rf"^{name} \w+ holds NaN or Inf$"):
             loss(model, variables, x, nan, layers)
         with pytest.raises(ValueError, match=rf"^{name} x expects NHWC .* it looks like NCHW"):
@@ -292,7 +292,7 @@ def test_feature_and_style_losses_refuse_nan_and_nchw_and_warn_on_raw_pixels(vgg
         with pytest.warns(UserWarning, match=rf"{name} x got uint8 images: it expects preprocessed floats"):
             loss(model, variables, raw, y, layers)
     with pytest.raises(ValueError, match=r"^total_variation x holds NaN or Inf$"):
-        losses.total_variation(nan)
+        perceptual.total_variation(nan)
 
 
 def np_gram(f):
@@ -306,7 +306,7 @@ def test_style_loss_equals_numpy(vgg11):
     style = np.random.default_rng(6).standard_normal((1, 56, 36, 3)).astype(np.float32)  # other size
     layers = ("block1_conv1", "block2_conv1", "block3_conv1")
     fx, fs = np_taps(model, variables, x, layers), np_taps(model, variables, style, layers)
-    np.testing.assert_allclose(losses.gram(jnp.asarray(fx["block2_conv1"], jnp.float32)),
+    np.testing.assert_allclose(perceptual.gram(jnp.asarray(fx["block2_conv1"], jnp.float32)),
                                np_gram(fx["block2_conv1"]), rtol=1e-5)
     for normalization in ("gatys", "book"):
         want = 0
@@ -314,7 +314,7 @@ def test_style_loss_equals_numpy(vgg11):
             _, h, w, c = fx[k].shape
             denom = 4 * c ** 2 * (h * w) ** 2 if normalization == "gatys" else 4 * 9 * (40 * 48) ** 2
             want = want + ((np_gram(fx[k]) - np_gram(fs[k])) ** 2).sum(axis=(1, 2)) / denom / 3
-        got = losses.style_loss(model, variables, x, style, layers, normalization=normalization)
+        got = perceptual.style_loss(model, variables, x, style, layers, normalization=normalization)
         np.testing.assert_allclose(got, want, rtol=1e-5)
         assert got.shape == (2,) and got.dtype == jnp.float32
 
@@ -323,21 +323,21 @@ def test_total_variation_equals_numpy():
     x = np.random.default_rng(7).standard_normal((2, 9, 7, 3)).astype(np.float64)
     a = (x[:, :-1, :-1] - x[:, 1:, :-1]) ** 2
     b = (x[:, :-1, :-1] - x[:, :-1, 1:]) ** 2
-    np.testing.assert_allclose(losses.total_variation(x.astype(np.float32)),
+    np.testing.assert_allclose(perceptual.total_variation(x.astype(np.float32)),
                                ((a + b) ** 1.25).sum(axis=(1, 2, 3)), rtol=1e-5)
-    g = jax.grad(lambda v: losses.total_variation(v).sum())(jnp.zeros((1, 5, 5, 3)))
+    g = jax.grad(lambda v: perceptual.total_variation(v).sum())(jnp.zeros((1, 5, 5, 3)))
     assert np.isfinite(np.asarray(g)).all()
     with pytest.raises(ValueError, match="power must be >= 1"):
-        losses.total_variation(x, power=0.5)
+        perceptual.total_variation(x, power=0.5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_losses_return_float32_with_any_model_dtype(vgg11, dtype):
     model, variables, x, y = vgg11
     model = model.clone(dtype=dtype)
-    for value in (losses.feature_loss(model, variables, x, y, ("block2_conv1",)),
-                  losses.style_loss(model, variables, x, y, ("block1_conv1",)),
-                  losses.total_variation(jnp.asarray(x, dtype))):
+    for value in (perceptual.feature_loss(model, variables, x, y, ("block2_conv1",)),
+                  perceptual.style_loss(model, variables, x, y, ("block1_conv1",)),
+                  perceptual.total_variation(jnp.asarray(x, dtype))):
         assert value.shape == (2,) and value.dtype == jnp.float32 and np.isfinite(value).all()
 
 
@@ -363,11 +363,11 @@ def book_setup(keras, make_variables, tmp_path_factory):
 @pytest.mark.parametrize("name", ["book1", "book2"])
 def test_style_transfer_presets_equal_the_books_keras_loss(book_setup, name):
     keras, keras_model, pretrained, content, style, combination = book_setup
-    p = losses.PRESETS[name]
+    p = perceptual.PRESETS[name]
     want = book_loss(keras, keras_model, content, style, combination, p.content_weight,
                      p.style_weight, p.tv_weight)
-    targets = losses.style_transfer_targets(pretrained.model, pretrained.variables, content, style, name)
-    total, parts = losses.style_transfer_loss(pretrained.model, pretrained.variables, combination,
+    targets = perceptual.style_transfer_targets(pretrained.model, pretrained.variables, content, style, name)
+    total, parts = perceptual.style_transfer_loss(pretrained.model, pretrained.variables, combination,
                                               targets, name)
     for key, value in dict(parts, total=total).items():
         rel = abs(float(value[0]) - want[key]) / abs(want[key])

@@ -14,7 +14,8 @@ import vggjax
 import vggjax.nnx as vnnx
 from helpers import REPO, TOL, assert_parity, normal_images, random_variables, script_env
 from vggjax.testing.reference import random_vgg
-from vggjax.train import classifier as linen_classifier, freezing, loop
+from vggjax.inference import classifier
+from vggjax.train import freezing, loop
 from vggjax.utils.trees import flatten
 
 TAPS = ("block1_conv1_preact", "block2_pool", "block3_conv1", "block4_conv2", "block5_pool")
@@ -124,9 +125,9 @@ def _classifier_pair():
     """(NNX classifier, its Linen twin and variables): VGG11 base at 32x32, head without
     dropout so that a train step is deterministic."""
     base_v = random_variables("vgg11", include_top=False, seed=10)
-    linen = linen_classifier.Classifier(base=vggjax.create("vgg11", include_top=False),
-                                        head=linen_classifier.Head(units=16, dropout_rate=0.0))
-    _, v = linen_classifier.init_classifier(base_v, linen.base, linen.head, 32, jax.random.PRNGKey(0))
+    linen = classifier.Classifier(base=vggjax.create("vgg11", include_top=False),
+                                        head=classifier.Head(units=16, dropout_rate=0.0))
+    _, v = classifier.init_classifier(base_v, linen.base, linen.head, 32, jax.random.PRNGKey(0))
     return vnnx.from_linen(linen, v), linen, v
 
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from vggjax.train import synthetic as smoke, workflow
+from vggjax.train import synthetic, workflow
 
 
 def test_precision_is_validated(tmp_path):
@@ -17,15 +17,15 @@ def test_precision_is_validated(tmp_path):
 
 
 def test_bf16_run_of_all_three_phases(tmp_path):
-    # smoke.inputs' conv base with a quarter of its images: the 2 training steps of 20, one batch
+    # synthetic.inputs' conv base with a quarter of its images: the 2 training steps of 20, one batch
     # each to validate and test (every phase still extracts, trains, evaluates and exports).
-    data = str(smoke.make_image_folder(tmp_path / "inputs" / "data",
+    data = str(synthetic.make_image_folder(tmp_path / "inputs" / "data",
                                        sizes={"train": 20, "validation": 10, "test": 10}))
-    weights = str(smoke.make_random_weights(tmp_path / "inputs" / "random_vgg16_notop"))
+    weights = str(synthetic.make_random_weights(tmp_path / "inputs" / "random_vgg16_notop"))
     config = workflow.Config(
         weights=weights, workdir=str(tmp_path / "run"), data=data, phases=("features", "finetune"),
         image_size=48, batch_size=20, epochs=dict.fromkeys(workflow.PHASES, 1),
-        learning_rates=smoke.SETTINGS["learning_rates"], steps_per_epoch=2, checkpoint_every=None,
+        learning_rates=synthetic.SETTINGS["learning_rates"], steps_per_epoch=2, checkpoint_every=None,
         progress=False, precision="bf16")
     results = workflow.run(config, log=lambda *_: None)
     assert set(results) == set(workflow.PHASES)

@@ -1,4 +1,4 @@
-"""tools/predict.py (vggjax.viz.predict_files) against Keras' own predict, and on an exported classifier."""
+"""tools/predict.py (vggjax.inference.predictor) against Keras' own predict, and on an exported classifier."""
 import json
 import re
 import subprocess
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import vggjax
-from vggjax.train import classifier
-from vggjax.train.classifier import Head, init_classifier
+from vggjax.inference import classifier
+from vggjax.inference.classifier import Head, init_classifier
 from vggjax.utils.images import load_image
 from vggjax.weights.preprocessing import imagenet_classes
 from helpers import write_jpegs

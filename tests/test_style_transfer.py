@@ -16,7 +16,7 @@ import vggjax
 from book_style_transfer import book_loss, keras_vgg19
 from helpers import REPO
 from vggjax.utils import images
-from vggjax.losses import perceptual as losses, style_transfer
+from vggjax.losses import perceptual, style_transfer
 from vggjax.utils import atomic
 
 H, W = 48, 64
@@ -49,7 +49,7 @@ def test_lbfgs_lowers_the_book_loss_from_the_books_start_value(setup):
     content, style = inputs(pretrained, d)
     history = [loss for _, _, loss in style_transfer.optimise(
         pretrained.model, pretrained.variables, content, style, "book1", steps=5)]
-    p = losses.PRESETS["book1"]
+    p = perceptual.PRESETS["book1"]
     want = book_loss(keras, keras_model, content, style, content, p.content_weight, p.style_weight,
                      p.tv_weight)["total"]
     print(f"\nbook1 step 0: vggjax {history[0]:.6g} keras {want:.6g}; after 5 L-BFGS steps {history[-1]:.6g}")
@@ -129,7 +129,7 @@ def test_example_refuses_bad_flags_before_any_work(setup, tmp_path, capsys, args
 
 
 def test_every_preset_has_a_loss_and_a_schedule_and_others_are_refused():
-    assert style_transfer.SCHEDULES.keys() == losses.PRESETS.keys()
+    assert style_transfer.SCHEDULES.keys() == perceptual.PRESETS.keys()
     assert style_transfer.check_settings("book2")["steps"] == style_transfer.SCHEDULES["book2"].steps
     with pytest.raises(ValueError, match=r"unknown style-transfer preset 'book3'; expected one of "
                                          r"\['book1', 'book2'\]"):

@@ -16,8 +16,8 @@ import optax
 import pytest
 
 import vggjax
-from vggjax.train import augmentation, freezing, loop as training
-from vggjax.train.classifier import Head
+from vggjax.train import augmentation, freezing, loop
+from vggjax.inference.classifier import Head
 from vggjax.train.splits import ArraySplit, epoch_order
 
 
@@ -67,9 +67,9 @@ def tiny_run(delay=0.0):
     model = TinyNet()
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     tx = freezing.make_optimizer(optax.adam(1e-2), variables["params"], RULES)
-    state = training.TrainState.create(variables, tx, seed=3)
-    train_step = training.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
-    eval_step = training.make_eval_step(model, preprocess_mode="caffe")
+    state = loop.TrainState.create(variables, tx, seed=3)
+    train_step = loop.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
+    eval_step = loop.make_eval_step(model, preprocess_mode="caffe")
     train = SlowSplit(name="train", arrays=images(24, 1), batch_size=4, shuffle=True, seed=1,
                       delay=delay)  # 6 steps per epoch
     val = SlowSplit(name="validation", arrays=images(10, 2), batch_size=4)  # last batch: 2 real, 2 padded
@@ -79,7 +79,7 @@ def tiny_run(delay=0.0):
 def child_fit(workdir, out):
     """Subprocess body of the kill test: a 3-epoch fit, then the final state and history to `out`."""
     _, state, train_step, eval_step, train, val = tiny_run(delay=0.05)
-    state, history = training.fit(state, train_step, eval_step, train, val, epochs=3, workdir=workdir,
+    state, history = loop.fit(state, train_step, eval_step, train, val, epochs=3, workdir=workdir,
                                   phase="tiny", identity=identity(RULES), checkpoint_every=2, progress=False)
     leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
     np.savez(out + ".npz", **leaves)
@@ -91,14 +91,14 @@ def test_batch_metrics_ignore_padded_examples():
     mask = np.array([True, True, True, False])
     labels = np.array([1, 0, 1, 0], np.int32)
     binary = jnp.array([[2.0], [-1.0], [-3.0], [1e9]])  # the padded logit would dominate
-    m = training.batch_metrics(binary, labels, mask)
+    m = loop.batch_metrics(binary, labels, mask)
     expected = optax.sigmoid_binary_cross_entropy(binary[:3, 0], labels[:3].astype(np.float32)).mean()
     np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
     assert float(m["accuracy"]) == pytest.approx(2 / 3) and int(m["count"]) == 3
     classes = jnp.array([[0.0, 5.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 1.0], [np.nan] * 3])
-    m = training.batch_metrics(classes, np.array([1, 0, 0, 2], np.int32), mask)
+    m = loop.batch_metrics(classes, np.array([1, 0, 0, 2], np.int32), mask)
     assert np.isfinite(float(m["loss"])) and float(m["accuracy"]) == pytest.approx(2 / 3)
-    empty = training.batch_metrics(binary, labels, np.zeros(4, bool))
+    empty = loop.batch_metrics(binary, labels, np.zeros(4, bool))
     assert float(empty["loss"]) == 0 and int(empty["count"]) == 0
 
 
@@ -137,7 +137,7 @@ def test_evaluate_sees_every_example_once_with_a_padded_last_batch(tmp_path):
             tmp_path / "validation" / cls / f"{i}.jpg")
     split = data.load_split(str(tmp_path), "validation", 16, 4, shuffle=False)
     model, state, _, eval_step, _, _ = tiny_run()
-    result = training.evaluate(state, eval_step, split)
+    result = loop.evaluate(state, eval_step, split)
     assert result["count"] == split.num_examples == 7
     every = np.concatenate([b["image"][b["mask"]] for b in split.batches(0)])
     logits = model.apply(state.variables(), vggjax.preprocess_input(every, "caffe"))
@@ -150,14 +150,14 @@ def test_evaluate_sees_every_example_once_with_a_padded_last_batch(tmp_path):
 def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     _, state, train_step, eval_step, train, val = tiny_run()
     lines = []
-    state, history = training.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
+    state, history = loop.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
                                   phase="head", identity=identity(RULES), checkpoint_every=4,
                                   log=lines.append, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
     assert history[-1]["loss"] < history[0]["loss"]
     assert int(state.step) == 18 and len(lines) == 3
-    best, meta = training.restore_checkpoint(state, tmp_path, "head")
+    best, meta = loop.restore_checkpoint(state, tmp_path, "head")
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
     assert meta["epoch"] == best_epoch and int(best.step) == 6 * best_epoch
     assert meta["phase"] == "head" and meta["freeze_spec"] == [list(r) for r in RULES]
@@ -166,20 +166,20 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     def must_not_train(state, batch):
         raise AssertionError("a finished phase was trained again")
 
-    again, history_again = training.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
+    again, history_again = loop.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
                                         workdir=tmp_path, phase="head", identity=identity(RULES),
                                         log=lines.append, progress=False)
     assert history_again == history and "already finished" in lines[-1]
     np.testing.assert_array_equal(again.params["head"]["logits"]["kernel"], state.params["head"]["logits"]["kernel"])
     with pytest.raises(ValueError, match="freeze_spec"):
-        training.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3, workdir=tmp_path,
+        loop.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3, workdir=tmp_path,
                      phase="head", identity=identity("all"), progress=False)
 
     # Unfreezing is a new phase: new optimizer, new state from the trained parameters, new step.
     model = TinyNet()
     tx = freezing.make_optimizer(optax.adam(1e-3), state.params, "all")
-    tuned = training.TrainState.create(state.variables(), tx, seed=4)
-    tuned, tuned_history = training.fit(tuned, training.make_train_step(model, tx), eval_step, train, val,
+    tuned = loop.TrainState.create(state.variables(), tx, seed=4)
+    tuned, tuned_history = loop.fit(tuned, loop.make_train_step(model, tx), eval_step, train, val,
                                         epochs=1, workdir=tmp_path, phase="all", identity=identity("all", seed=4),
                                         log=lines.append, progress=False)
     assert len(tuned_history) == 1 and (tmp_path / "all").is_dir()
@@ -189,14 +189,14 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
 def test_a_flipped_byte_in_the_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
     _, state, train_step, eval_step, train, val = tiny_run()
     args = dict(epochs=3, workdir=tmp_path, phase="tiny", identity=identity(RULES), progress=False)
-    final, history = training.fit(state, train_step, eval_step, train, val, **args)
+    final, history = loop.fit(state, train_step, eval_step, train, val, **args)
     latest = tmp_path / "tiny" / "18"
     victim = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
     lines = []
-    again, history_again = training.fit(tiny_run()[1], train_step, eval_step, train, val, log=lines.append, **args)
+    again, history_again = loop.fit(tiny_run()[1], train_step, eval_step, train, val, log=lines.append, **args)
     assert re.fullmatch(r"checkpoint 18 in .*tiny is damaged \(its files differ from what was written\); "
                         r"set aside as damaged-18, trying the previous one", lines[0]), lines
     assert "resuming at epoch 3" in lines[1] and (tmp_path / "tiny" / "damaged-18").is_dir()
@@ -208,11 +208,11 @@ def test_a_flipped_byte_in_the_latest_checkpoint_resumes_from_the_previous_one(t
 def test_a_nan_training_loss_stops_the_phase_before_it_is_saved(tmp_path):
     model, state, _, eval_step, train, val = tiny_run()
     tx = freezing.make_optimizer(optax.sgd(1e30), state.params, "all")  # diverges at the first step
-    state = training.TrainState.create(state.variables(), tx, seed=3)
-    train_step = training.make_train_step(model, tx, preprocess_mode="caffe")
+    state = loop.TrainState.create(state.variables(), tx, seed=3)
+    train_step = loop.make_train_step(model, tx, preprocess_mode="caffe")
     with pytest.raises(ValueError, match=r"^phase diverge epoch 1: the training loss is (nan|inf); lower "
                                          r"the learning rate"):
-        training.fit(state, train_step, eval_step, train, val, epochs=2, workdir=tmp_path,
+        loop.fit(state, train_step, eval_step, train, val, epochs=2, workdir=tmp_path,
                      phase="diverge", identity=identity("all"), progress=False)
     assert not [p for p in (tmp_path / "diverge").iterdir() if p.name.isdigit()]  # nothing saved
 
@@ -225,8 +225,8 @@ def test_head_on_cached_features_in_bf16():
     tx = freezing.make_optimizer(freezing.book_rmsprop(2e-5), variables["params"], "all")
     losses = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        step = training.make_train_step(head, tx, input_key="features", compute_dtype=dtype)
-        new, metrics = step(training.TrainState.create(variables, tx), batch)
+        step = loop.make_train_step(head, tx, input_key="features", compute_dtype=dtype)
+        new, metrics = step(loop.TrainState.create(variables, tx), batch)
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
         losses[dtype] = float(metrics["loss"])
     assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)

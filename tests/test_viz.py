@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.utils import images as image_io
-from vggjax.viz import convnet as viz
+from vggjax.utils import images
+from vggjax.viz import convnet
 from helpers import CAFFE_INPUT_RMS, write_jpegs
 
 TOL = 1e-4  # Grad-CAM maps (in [0, 1] after the division by the max)
@@ -23,7 +23,7 @@ def book_vgg16(keras, vgg16_with_top, tmp_path_factory):
     paths = write_jpegs(tmp, [(300, 260), (180, 240)], seed=1)
     keras_pixels = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(224, 224)))
                              for p in paths])
-    pixels = np.stack([image_io.load_image(p, (224, 224)) for p in paths])
+    pixels = np.stack([images.load_image(p, (224, 224)) for p in paths])
     np.testing.assert_array_equal(pixels, keras_pixels)  # load_img-exact reading and resizing
     return model, vggjax.load(converted), keras_pixels
 
@@ -60,8 +60,8 @@ def assert_close(what, ours, theirs, tol):
 def test_grad_cam_book_and_paper_match_tf(keras, book_vgg16):
     model, pt, pixels = book_vgg16
     x = pt.preprocess(pixels)
-    book = viz.grad_cam(pt.model, pt.variables, x, book=True)
-    paper = viz.grad_cam(pt.model, pt.variables, x)  # pre-softmax score, sum over channels
+    book = convnet.grad_cam(pt.model, pt.variables, x, book=True)
+    paper = convnet.grad_cam(pt.model, pt.variables, x)  # pre-softmax score, sum over channels
     assert book.shape == paper.shape == (2, 14, 14) and book.dtype == np.float32
     want_book = keras_grad_cam(keras, model, pixels, paper=False)
     want_paper = keras_grad_cam(keras, model, pixels, paper=True)
@@ -73,7 +73,7 @@ def test_grad_cam_book_and_paper_match_tf(keras, book_vgg16):
     assert np.max(np.abs(want_book - want_paper)) > 100 * TOL
     # The same maps in a batch and one by one; an explicit target equal to the top class.
     top = np.asarray(pt.model.apply(pt.variables, x)).argmax(-1)
-    np.testing.assert_allclose(viz.grad_cam(pt.model, pt.variables, x[1:], target=top[1:]),
+    np.testing.assert_allclose(convnet.grad_cam(pt.model, pt.variables, x[1:], target=top[1:]),
                                paper[1:], atol=1e-5)
 
 
@@ -104,7 +104,7 @@ def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
     init = np.random.default_rng(0).random((2, 64, 64, 3)) * 20 + 128
     with jax.enable_x64(True):
         model = vggjax.VGG16(include_top=False, dtype=jnp.float64, param_dtype=jnp.float64)
-        ours = viz.filter_pattern(model, {"params": jax.tree.map(np.float64, params)}, layer,
+        ours = convnet.filter_pattern(model, {"params": jax.tree.map(np.float64, params)}, layer,
                                   filters, size=64, init=init, deprocess=False)
     assert ours.dtype == np.float64
     features = keras.Model(conv_base.inputs, conv_base.get_layer(layer).output)
@@ -121,15 +121,15 @@ def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
         print(f"\nparity filter pattern {layer}[{f}] (float64): max abs error / max |x| = {rel:.1e}")
         assert rel <= 1e-3
         assert np.max(np.abs(theirs - init[k])) > 10  # 40 steps really moved the image
-        np.testing.assert_array_equal(viz.deprocess_image(ours[k]), viz.deprocess_image(theirs))
+        np.testing.assert_array_equal(convnet.deprocess_image(ours[k]), convnet.deprocess_image(theirs))
 
 
 def test_filter_pattern_default_is_the_book_start_and_many_filters_equal_one_by_one(make_variables):
     variables = make_variables("vgg11", include_top=False, seed=2, input_rms=CAFFE_INPUT_RMS)
     model = vggjax.VGG11(include_top=False)
-    many = viz.filter_pattern(model, variables, "block2_conv1", [3, 5], size=32, steps=3, seed=1)
+    many = convnet.filter_pattern(model, variables, "block2_conv1", [3, 5], size=32, steps=3, seed=1)
     start = np.random.default_rng(1).random((2, 32, 32, 3), np.float32) * 20 + 128
-    one = viz.filter_pattern(model, variables, "block2_conv1", 5, size=32, steps=3, init=start[1])
+    one = convnet.filter_pattern(model, variables, "block2_conv1", 5, size=32, steps=3, init=start[1])
     assert many.shape == (2, 32, 32, 3) and many.dtype == np.uint8 and one.shape == (32, 32, 3)
     np.testing.assert_array_equal(many[1], one)
     assert not np.array_equal(many[0], many[1])
@@ -147,7 +147,7 @@ def test_filter_pattern_default_is_the_book_start_and_many_filters_equal_one_by_
 def test_filter_pattern_refuses_bad_arguments(make_variables, kwargs, pattern):
     args = dict(layer="block1_conv1", filter_index=0, size=40, steps=1) | kwargs
     with pytest.raises(ValueError, match=pattern):
-        viz.filter_pattern(vggjax.VGG11(include_top=False),
+        convnet.filter_pattern(vggjax.VGG11(include_top=False),
                            make_variables("vgg11", include_top=False), **args)
 
 
@@ -161,10 +161,10 @@ def small():
     return model, model.init(jax.random.key(1), x), x
 
 
-@pytest.mark.parametrize("method", viz.METHODS)
+@pytest.mark.parametrize("method", convnet.METHODS)
 def test_every_method_gives_maps_in_0_1_at_the_layer_resolution(small, method):
     model, variables, x = small
-    cams = np.asarray(viz.grad_cam(model, variables, x, layer="block4_conv1", method=method))
+    cams = np.asarray(convnet.grad_cam(model, variables, x, layer="block4_conv1", method=method))
     assert cams.shape == (2, 4, 4) and cams.dtype == np.float32
     assert np.all(np.isfinite(cams)) and cams.min() >= 0 and np.allclose(cams.max(axis=(1, 2)), 1)
 
@@ -175,11 +175,11 @@ def test_a_map_with_no_positive_evidence_is_zeros_and_warns(small):
         "kernel": variables["params"]["block5_conv2"]["kernel"],
         "bias": np.full(512, -1e6, np.float32)})}  # every activation of block5_conv2 is 0
     with pytest.warns(RuntimeWarning, match=r"image\(s\) \[0, 1\] are all zero"):
-        cams = viz.grad_cam(model, dead, x, layer="block5_conv2")
+        cams = convnet.grad_cam(model, dead, x, layer="block5_conv2")
     assert np.array_equal(np.asarray(cams), np.zeros((2, 2, 2)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        viz.grad_cam(model, variables, x, layer="block5_conv2")  # a live map: no warning
+        convnet.grad_cam(model, variables, x, layer="block5_conv2")  # a live map: no warning
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -195,7 +195,7 @@ def test_a_map_with_no_positive_evidence_is_zeros_and_warns(small):
 def test_grad_cam_refuses_bad_arguments(small, kwargs, pattern):
     model, variables, x = small
     with pytest.raises(ValueError, match=pattern):
-        viz.grad_cam(model, variables, x, **({"layer": "block5_conv2"} | kwargs))
+        convnet.grad_cam(model, variables, x, **({"layer": "block5_conv2"} | kwargs))
 
 
 def test_grad_cam_refuses_nan_and_warns_on_raw_pixels(small):
@@ -203,22 +203,22 @@ def test_grad_cam_refuses_nan_and_warns_on_raw_pixels(small):
     nan = np.array(x)
     nan[1, 5, 6, 2] = np.nan
     with pytest.raises(ValueError, match=r"^grad_cam holds NaN or Inf$"):
-        viz.grad_cam(model, variables, nan, layer="block5_conv2")
+        convnet.grad_cam(model, variables, nan, layer="block5_conv2")
     raw = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     with pytest.warns(UserWarning, match=r"grad_cam got uint8 images: it expects preprocessed floats"):
-        viz.grad_cam(model, variables, raw, layer="block5_conv2")
+        convnet.grad_cam(model, variables, raw, layer="block5_conv2")
 
 
 def test_grad_cam_needs_a_classifier(small):
     _, variables, x = small
     with pytest.raises(ValueError, match="include_top=False"):
-        viz.grad_cam(vggjax.VGG11(include_top=False), variables, x, layer="block5_conv2")
+        convnet.grad_cam(vggjax.VGG11(include_top=False), variables, x, layer="block5_conv2")
 
 
 def test_jet_is_matplotlibs():
     import matplotlib
 
-    np.testing.assert_allclose(viz.jet(), matplotlib.colormaps["jet"](np.arange(256))[:, :3],
+    np.testing.assert_allclose(convnet.jet(), matplotlib.colormaps["jet"](np.arange(256))[:, :3],
                                atol=1e-12)
 
 
@@ -226,24 +226,24 @@ def test_overlay_is_image_plus_alpha_times_jet_rescaled():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 200, (40, 60, 3), dtype=np.uint8)
     image[0, 0], image[0, 1] = 0, 199
-    out = viz.overlay(image, np.zeros((4, 6), np.float32), alpha=0.4)  # jet(0) = (0, 0, 0.5)
+    out = convnet.overlay(image, np.zeros((4, 6), np.float32), alpha=0.4)  # jet(0) = (0, 0, 0.5)
     assert out.shape == (40, 60, 3) and out.dtype == np.uint8
-    want = image + 0.4 * viz.jet()[0] * 255
+    want = image + 0.4 * convnet.jet()[0] * 255
     want = ((want - want.min()) * 255 / (want.max() - want.min())).astype(np.uint8)
     np.testing.assert_array_equal(out, want)
     cam = np.zeros((4, 6), np.float32)
     cam[:2, :3] = 1.0  # evidence in the top-left quarter: red there, blue elsewhere
-    hot = viz.overlay(np.zeros((40, 60, 3), np.uint8), cam, alpha=1.0).astype(int)
+    hot = convnet.overlay(np.zeros((40, 60, 3), np.uint8), cam, alpha=1.0).astype(int)
     assert hot[2, 2, 0] > 100 and hot[2, 2, 2] == 0 and hot[37, 57, 0] == 0 and hot[37, 57, 2] > 100
     with pytest.raises(ValueError, match="alpha"):
-        viz.overlay(image, cam, alpha=2)
+        convnet.overlay(image, cam, alpha=2)
     with pytest.raises(ValueError, match=r"one \(h, w\) map"):
-        viz.overlay(image, cam[None])
+        convnet.overlay(image, cam[None])
 
 
 def test_grid_puts_filter_i_plus_8j_at_row_i_column_j():
     tiles = np.arange(64, dtype=np.uint8)[:, None, None, None] * np.ones((64, 3, 4, 3), np.uint8)
-    sheet = viz.grid(tiles)
+    sheet = convnet.grid(tiles)
     assert sheet.shape == (8 * 3 + 7 * 5, 8 * 4 + 7 * 5, 3)
     for i, j in ((0, 0), (2, 5), (7, 7)):
         assert np.all(sheet[i * 8:i * 8 + 3, j * 9:j * 9 + 4] == i + 8 * j)
@@ -254,7 +254,7 @@ def test_activation_grid_standardises_each_channel_like_the_book():
     rng = np.random.default_rng(0)
     fmap = rng.gamma(2.0, size=(1, 6, 5, 20)).astype(np.float32)
     fmap[..., 3] = 0.0  # a dead channel: black, not NaN
-    sheet = viz.activation_grid(fmap, cols=16)
+    sheet = convnet.activation_grid(fmap, cols=16)
     assert sheet.shape == (2 * 6, 16 * 5) and sheet.dtype == np.uint8
     c = fmap[0, :, :, 17].copy()
     c -= c.mean()
@@ -281,7 +281,7 @@ def torch_vgg11(tmp_path_factory):
     return net, vggjax.load(tmp / "converted")
 
 
-@pytest.mark.parametrize("method", viz.METHODS)
+@pytest.mark.parametrize("method", convnet.METHODS)
 def test_methods_match_pytorch_grad_cam(torch_vgg11, method):
     """All three methods at a block's last conv and at a middle one, 64x64 inputs through
     torchvision's adaptive-pool head, against pytorch-grad-cam (its min-max scaling on ours)."""
@@ -298,7 +298,7 @@ def test_methods_match_pytorch_grad_cam(torch_vgg11, method):
             cam.get_target_width_height = lambda _: None  # its maps at the layer's size
             theirs = cam(input_tensor=torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()),
                          targets=None)
-        ours = np.asarray(viz.grad_cam(pt.model, pt.variables, x, layer=layer, method=method))
+        ours = np.asarray(convnet.grad_cam(pt.model, pt.variables, x, layer=layer, method=method))
         ours = ours - ours.min(axis=(1, 2), keepdims=True)
         ours = ours / (1e-7 + ours.max(axis=(1, 2), keepdims=True))
         assert np.min(np.std(theirs, axis=(1, 2))) > 0.05
@@ -330,7 +330,7 @@ def test_layer_gradient_is_the_chain_rule_factor(make_variables, arch, layer, co
         "bias": variables["params"]["predictions"]["bias"][:10]})
     x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
     score = lambda logits: jnp.sum(logits[:, 4] - 0.5 * logits[:, 1])  # noqa: E731
-    acts, grads = viz.layer_gradient(model, variables, x, layer, score)
+    acts, grads = convnet.layer_gradient(model, variables, x, layer, score)
     want_acts, pull_back = jax.vjp(lambda x: model.apply(variables, x, outputs=(layer,))[layer], x)
     np.testing.assert_array_equal(acts, want_acts)
     want = jax.grad(lambda x: score(model.apply(variables, x)))(x)
@@ -345,7 +345,7 @@ def test_image_files_without_pillow_name_the_extra(subprocess_env):
 
     script = ("import sys\nsys.modules['PIL'] = None  # as if Pillow were not installed\n"
               "import numpy as np\nfrom vggjax.viz import convnet as viz\n"
-              "try:\n    viz.overlay(np.zeros((8, 8, 3), np.uint8), np.ones((2, 2), np.float32))\n"
+              "try:\n    convnet.overlay(np.zeros((8, 8, 3), np.uint8), np.ones((2, 2), np.float32))\n"
               "except ImportError as err:\n    print(err)\n")
     out = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True,
                          text=True, timeout=120)

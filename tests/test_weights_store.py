@@ -29,7 +29,7 @@ class NotInstalled(m.PathFinder):  # sys.path as if those packages were not ther
     def find_spec(cls, name, path=None, target=None):
         return None if name.split(".")[0] in BLOCKED else m.PathFinder.find_spec(name, path, target)
 sys.meta_path[sys.meta_path.index(m.PathFinder)] = NotInstalled
-import numpy as np, vggjax, vggjax.weights.keras, vggjax.weights.download, vggjax.train.classifier
+import numpy as np, vggjax, vggjax.weights.keras, vggjax.weights.download, vggjax.inference.classifier
 model = vggjax.create("vgg11", include_top=False)
 variables = model.init(__import__("jax").random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
 vggjax.weights.save({str(tmp_path / "w")!r}, variables, dict(arch="vgg11", include_top=False,

@@ -16,7 +16,8 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.export import artifact, serving
+from vggjax.export import artifact
+from vggjax.inference import serving
 from vggjax.utils import atomic
 
 

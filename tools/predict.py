@@ -5,7 +5,7 @@
     python tools/predict.py cat.jpg --weights runs/catsdogs/export/finetune     # prints P(dog)
 
 Images are read and resized as keras.utils.load_img(target_size=(224, 224)) does (nearest by
-default). The logic lives in vggjax.viz.predict_files; this file only parses arguments and prints.
+default). The logic lives in vggjax.inference.predictor; this file only parses arguments and prints.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 
 from vggjax.utils import atomic, images
 
-from vggjax.viz import predict_files as predict
+from vggjax.inference.predictor import load_predictor, predict_files
 
 
 def positive_int(text: str) -> int:
@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cam is not None and os.path.exists(args.cam) and not os.path.isdir(args.cam):
         parser.error(f"--cam {args.cam} exists and is not a directory")
     try:
-        predictor = predict.load_predictor(args.weights)
+        predictor = load_predictor(args.weights)
         if args.top is not None and args.top > predictor.num_classes:
             parser.error(f"--top {args.top} exceeds the {predictor.num_classes} classes of {args.weights}")
         top = args.top or min(5, predictor.num_classes)
-        records = predict.predict_files(predictor, args.images, top, args.cam,
+        records = predict_files(predictor, args.images, top, args.cam,
                                         args.interpolation)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,7 +28,7 @@ def export(src: str | os.PathLike, format: str, output: str | os.PathLike, preci
     before any work: ValueError (one line).
     """
     from vggjax import __version__
-    from vggjax.export.serving import PORTABLE_CONV, from_source
+    from vggjax.inference.serving import PORTABLE_CONV, from_source
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, found {format!r}")

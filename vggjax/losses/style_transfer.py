@@ -16,7 +16,7 @@ import optax
 
 from vggjax.utils import atomic, images
 
-from vggjax.losses import perceptual as losses
+from vggjax.losses import perceptual
 from vggjax.utils.extras import require
 from vggjax.model.vgg import MIN_SIZE, VGG
 from vggjax.weights.preprocessing import deprocess_input
@@ -115,7 +115,7 @@ def optimise(model: VGG, variables: Mapping, content, style, preset: str = "book
 
     content, style: (1, H, W, 3) and (1, H', W', 3), preprocessed for the weights.
     """
-    targets = losses.style_transfer_targets(model, variables, content, style, preset)
+    targets = perceptual.style_transfer_targets(model, variables, content, style, preset)
     x = jnp.asarray(content, jnp.float32)
     state = optimizer(preset).init(x)
     for i in range(steps):
@@ -131,7 +131,7 @@ def optimise(model: VGG, variables: Mapping, content, style, preset: str = "book
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _loss(model: VGG, preset: str, x, variables, targets):
-    return jnp.sum(losses.style_transfer_loss(model, variables, x, targets, preset)[0])
+    return jnp.sum(perceptual.style_transfer_loss(model, variables, x, targets, preset)[0])
 
 
 # Module level, so that runs with the same model, preset and image size reuse one compilation.

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vggjax.model import conv, vgg as linen_vgg
-from vggjax.train import classifier as linen_classifier
+from vggjax.model import conv, vgg
+from vggjax.inference import classifier
 from vggjax.utils.trees import diff
 
 
@@ -47,15 +47,15 @@ class VGG(nnx.Module):
     """
 
     def __init__(self, *, rngs: nnx.Rngs, preprocessing: str | None = None, **options):
-        self.config = linen_vgg.VGG(**options)
+        self.config = vgg.VGG(**options)
         self.config._check_config()
         self.preprocessing = preprocessing  # the weights' preprocess_input mode, when loaded
         c = self.config
         dtypes = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-        for name, shape in _layer_shapes(linen_vgg.variable_shapes(c)).items():
+        for name, shape in _layer_shapes(vgg.variable_shapes(c)).items():
             if name.endswith("_bn"):
-                layer = nnx.BatchNorm(shape[0], use_running_average=True, momentum=linen_vgg.BN_MOMENTUM,
-                                      epsilon=linen_vgg.BN_EPSILON, rngs=rngs, **dtypes)
+                layer = nnx.BatchNorm(shape[0], use_running_average=True, momentum=vgg.BN_MOMENTUM,
+                                      epsilon=vgg.BN_EPSILON, rngs=rngs, **dtypes)
             elif len(shape) == 4:
                 layer = Conv3x3(shape[2], shape[3], impl=c.conv_impl, rngs=rngs, **dtypes)
             else:
@@ -65,7 +65,7 @@ class VGG(nnx.Module):
             self.dropout = nnx.Dropout(c.dropout_rate, deterministic=True, rngs=rngs)
 
     def __call__(self, x, outputs=None):
-        return linen_vgg.forward(self.config, _Layers(self), x, outputs)
+        return vgg.forward(self.config, _Layers(self), x, outputs)
 
     def layer_names(self) -> list[str]:
         """Every layer `outputs=` can ask for, in forward order."""
@@ -99,7 +99,7 @@ class _Layers:
         return self.m.dropout(x)
 
     def top(self, x, taps):
-        return linen_vgg.top(self.m.config, self, x, taps)
+        return vgg.top(self.m.config, self, x, taps)
 
     def perturbed(self, name):  # no tap points: Grad-CAM runs on the Linen twin (to_linen)
         return False
@@ -122,18 +122,18 @@ def _layer_shapes(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
 class Head(nnx.Module):
     """The book's head (flatten -> Dense(units) relu -> Dropout -> Dense(num_outputs)) in NNX;
     `in_features` is the flattened feature size (4*4*512 for VGG16 at 150x150). Keyword
-    arguments as the Linen `vggjax.train.classifier.Head`."""
+    arguments as the Linen `vggjax.inference.classifier.Head`."""
 
     def __init__(self, in_features: int, *, rngs: nnx.Rngs, **options):
-        self.config = linen_classifier.Head(**options)
-        c, init = self.config, linen_classifier.HEAD_KERNEL_INIT
+        self.config = classifier.Head(**options)
+        c, init = self.config, classifier.HEAD_KERNEL_INIT
         dtypes = dict(dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init)
         self.hidden = nnx.Linear(in_features, c.units, rngs=rngs, **dtypes)
         self.dropout = nnx.Dropout(c.dropout_rate, deterministic=True, rngs=rngs)
         self.logits = nnx.Linear(c.units, c.num_outputs, rngs=rngs, **dtypes)
 
     def __call__(self, x):
-        return linen_classifier.head_forward(self.config, self, x)
+        return classifier.head_forward(self.config, self, x)
 
     def dense(self, name, units, x):  # the layers `head_forward` runs
         return getattr(self, name)(x)
@@ -158,12 +158,12 @@ class Classifier(nnx.Module):
             self.base.set_attributes(use_running_average=True, raise_if_not_found=False)
 
     @property
-    def config(self) -> linen_classifier.Classifier:
-        return linen_classifier.Classifier(base=self.base.config, head=self.head.config,
+    def config(self) -> classifier.Classifier:
+        return classifier.Classifier(base=self.base.config, head=self.head.config,
                                            train_base_batch_norm=self.train_base_batch_norm)
 
 
-ARCHS = linen_vgg.ARCHS
+ARCHS = vgg.ARCHS
 
 
 def create(arch: str, *, rngs: nnx.Rngs, **kwargs) -> VGG:
@@ -215,7 +215,7 @@ def from_linen(module, linen_variables: Mapping, preprocessing: str | None = Non
     its dropout draws from `rngs` (default nnx.Rngs(0))."""
     def build():
         rngs = nnx.Rngs(0)
-        if isinstance(module, linen_classifier.Classifier):
+        if isinstance(module, classifier.Classifier):
             base = VGG(rngs=rngs, preprocessing=preprocessing, **_fields(module.base))
             size = int(linen_variables["params"]["head"]["hidden"]["kernel"].shape[0])
             head = Head(size, rngs=rngs, **_fields(module.head))

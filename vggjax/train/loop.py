@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from vggjax.train import augmentation, checkpoint
-from vggjax.train.classifier import class_logits
+from vggjax.inference.classifier import class_logits
 from vggjax.train.parallel import batch_sharding, replicated, shard_batch
 from vggjax.train.splits import Batches
 from vggjax.weights.preprocessing import preprocess_input

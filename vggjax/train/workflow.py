@@ -7,7 +7,7 @@
 - `finetune`: starts from `frozen`'s final parameters, unfreezes block5 with a new optimizer
   (RMSprop 1e-5) and a new compiled step. Book: 96.8% test accuracy.
 
-Every phase logs its trainable-parameter report, trains with `training.fit` (resumable, even
+Every phase logs its trainable-parameter report, trains with `loop.fit` (resumable, even
 after kill -9; a finished phase is not retrained), evaluates its final parameters on the test
 split and exports its classifier. `finetune` needs `frozen`: asking for it runs (or, when
 finished, restores) `frozen` first.
@@ -16,7 +16,7 @@ Output directory (`Config.workdir`):
 
     config.json                the last run's Config
     features_cache/            <split>-<key>/{features.npy, labels.npy, info.json} (features phase)
-    checkpoints/<phase>/       Orbax checkpoints of training.fit: the 2 latest and the best epoch
+    checkpoints/<phase>/       Orbax checkpoints of loop.fit: the 2 latest and the best epoch
     history.json               {phase: [{"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}]}
     results.json               {phase: {"test_accuracy", "test_loss", ...}}
     curves.png                 accuracy and loss per epoch, one column per phase
@@ -43,10 +43,10 @@ import numpy as np
 
 from vggjax.utils import atomic
 
-from vggjax.train import splits as splits_lib
+from vggjax.train import splits
 from vggjax.train.splits import PIPELINES, PIXELS
-from vggjax.train import augmentation, feature_cache as features, freezing, parallel, report, loop as training
-from vggjax.train.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
+from vggjax.train import augmentation, feature_cache, freezing, parallel, report, loop
+from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
 from vggjax.model.vgg import MIN_SIZE, create, without_top
 from vggjax.model.summary import min_forward_bytes
@@ -195,7 +195,7 @@ class Config:
 
     @property
     def compute_dtype(self):
-        """The phases' compute dtype for `training.make_train_step` & co (None: float32)."""
+        """The phases' compute dtype for `loop.make_train_step` & co (None: float32)."""
         return PRECISIONS[self.precision]
 
     @property
@@ -269,12 +269,12 @@ class _Run:
         spec = PHASE_FREEZING[phase]
         self.log(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, spec)))
         tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params, spec)
-        state = training.TrainState.create(variables, tx, self.config.seed)
+        state = loop.TrainState.create(variables, tx, self.config.seed)
         return (parallel.replicate(state, self.mesh) if self.mesh else state), tx
 
     def fit(self, phase: str, state, train_step, eval_step, train_split, val_split):
         cap = self.config.steps_per_epoch
-        return training.fit(state, train_step, eval_step, train_split, val_split,
+        return loop.fit(state, train_step, eval_step, train_split, val_split,
                             epochs=self.config.epochs[phase], workdir=self.workdir / "checkpoints",
                             phase=phase, identity=self.identity(phase),
                             steps_per_epoch=min(cap, train_split.steps_per_epoch) if cap else None,
@@ -297,7 +297,7 @@ class _Run:
                 and (export_dir / CLASSIFIER).is_file()):
             self.log(f"phase {phase}: already reported (test accuracy {done['test_accuracy']:.4f})")
             return done
-        test = training.evaluate(state, eval_step, test_split, self.mesh)
+        test = loop.evaluate(state, eval_step, test_split, self.mesh)
         result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
                   "test_examples": test["count"], "epochs": len(history),
                   "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
@@ -493,7 +493,7 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
         raise ValueError("the features phase (one pass of the conv base, then a tiny head) runs "
                          "in a single process; run the frozen and finetune phases multi-host")
     if config.data != "tfds":
-        splits_lib.check_image_folder(config.data, SPLITS)
+        splits.check_image_folder(config.data, SPLITS)
     weights = store.load(config.weights)
     mode = config.preprocess or weights.meta["preprocessing"]
     sha = weights.meta.get("variables_sha256") or digest(weights.variables)
@@ -511,7 +511,7 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
 def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path,
          log: Callable[[str], Any]) -> dict:
     """`run` after the checks, in the claimed and locked workdir."""
-    load_split = splits_lib.loader(config.pipeline, config.tfds_data_dir)
+    load_split = splits.loader(config.pipeline, config.tfds_data_dir)
     n_proc = jax.process_count()
     if jax.process_index() == 0:
         with atomic.writing(workdir / "config.json") as tmp:
@@ -519,16 +519,16 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
     base_model, base_variables = conv_base(weights, config.conv_impl)
 
     # One input pipeline per process, each reading its rows of every global batch.
-    splits = {name: load_split(config.data, name, config.image_size, config.batch_size,
+    loaded = {name: load_split(config.data, name, config.image_size, config.batch_size,
                                shuffle=name == "train", seed=config.seed).shard(jax.process_index(), n_proc)
               for name in SPLITS}
     mesh = parallel.make_mesh() if config.data_parallel else None
-    log(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in splits.items())
-        + f" images at {config.image_size}x{config.image_size}, classes {list(splits['train'].class_names)}; "
+    log(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in loaded.items())
+        + f" images at {config.image_size}x{config.image_size}, classes {list(loaded['train'].class_names)}; "
         f"weights {config.weights} ({weights.meta['arch']}), preprocessing {mode!r}"
         + (f"; batches split over {mesh.size} devices" if mesh else ""))
     run_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    r = _Run(config, weights, base_model, base_variables, mode, splits, mesh, log, run_sha256)
+    r = _Run(config, weights, base_model, base_variables, mode, loaded, mesh, log, run_sha256)
 
     phases = config.phases_to_run
     if "frozen" in phases and "frozen" not in config.phases:
@@ -545,14 +545,14 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
 
 def features_phase(r: _Run) -> dict:
     """Feature extraction: conv features computed once (cached), a fresh head trained on them."""
-    base = training.with_compute_dtype(r.base_model, r.config.compute_dtype)
-    feats = features.extract(base, r.base_variables, r.splits, r.workdir / "features_cache",
+    base = loop.with_compute_dtype(r.base_model, r.config.compute_dtype)
+    feats = feature_cache.extract(base, r.base_variables, r.splits, r.workdir / "features_cache",
                              preprocess_mode=r.mode, weights_meta=r.weights.meta, log=r.log)
     head = r.head()
     state, tx = r.start("features", head.init(r.key("features"), np.asarray(feats["train"].features[:1])))
-    train_step = training.make_train_step(head, tx, input_key="features", mesh=r.mesh,
+    train_step = loop.make_train_step(head, tx, input_key="features", mesh=r.mesh,
                                           compute_dtype=r.config.compute_dtype)
-    eval_step = training.make_eval_step(head, input_key="features", mesh=r.mesh,
+    eval_step = loop.make_eval_step(head, input_key="features", mesh=r.mesh,
                                         compute_dtype=r.config.compute_dtype)
     state, history = r.fit("features", state, train_step, eval_step, feats["train"], feats["validation"])
     # Exported as the original base under the trained head: the same predictions, from images.
@@ -568,9 +568,9 @@ def frozen_phase(r: _Run):
     model, variables = init_classifier(r.base_variables, r.base_model, r.head(), r.config.image_size,
                                        r.key("frozen"))
     state, tx = r.start("frozen", variables)
-    train_step = training.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
+    train_step = loop.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
                                           mesh=r.mesh, compute_dtype=r.config.compute_dtype)
-    eval_step = training.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
+    eval_step = loop.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
                                         compute_dtype=r.config.compute_dtype)
     state, history = r.fit("frozen", state, train_step, eval_step, r.splits["train"], r.splits["validation"])
     results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, state.variables())
@@ -580,7 +580,7 @@ def frozen_phase(r: _Run):
 def finetune_phase(r: _Run, model: Classifier, frozen_state, eval_step) -> dict:
     """Unfreeze block5 from the frozen phase's final parameters: new optimizer, new train step."""
     state, tx = r.start("finetune", frozen_state.variables())
-    train_step = training.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
+    train_step = loop.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
                                           mesh=r.mesh, compute_dtype=r.config.compute_dtype)
     # Same model and inputs as the frozen phase: its compiled eval step is reused.
     state, history = r.fit("finetune", state, train_step, eval_step, r.splits["train"],

@@ -1,1 +1,1 @@
-"""Seeing inside a convnet: Grad-CAM family, filter patterns, activation grids (`convnet`), and predicting image files (`predict_files`)."""
+"""Seeing inside a convnet: Grad-CAM family, filter patterns, activation grids (`convnet`)."""

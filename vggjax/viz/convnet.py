@@ -1,10 +1,10 @@
 """Seeing inside a VGG (DLwP 1st ed. 5.4): Grad-CAM maps, filter patterns, activation grids.
 
-    from vggjax.viz import convnet as viz
-    cams = viz.grad_cam(model, variables, pre.preprocess(images))       # (N, 14, 14) in [0, 1]
-    picture = viz.overlay(images[0], cams[0])                            # (H, W, 3) uint8
-    tiles = viz.filter_pattern(model, variables, "block1_conv1", range(64), size=64)
-    sheet = viz.grid(tiles)                                              # the book's 8x8 sheet
+    from vggjax.viz import convnet
+    cams = convnet.grad_cam(model, variables, pre.preprocess(images))       # (N, 14, 14) in [0, 1]
+    picture = convnet.overlay(images[0], cams[0])                            # (H, W, 3) uint8
+    tiles = convnet.filter_pattern(model, variables, "block1_conv1", range(64), size=64)
+    sheet = convnet.grid(tiles)                                              # the book's 8x8 sheet
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.utils import checks, images as image_io
+from vggjax.utils import checks
+from vggjax.utils.images import resize
 from vggjax.model.vgg import PERTURBATIONS, TAPPED, TAPS, VGG
-from vggjax.train.classifier import class_logits
+from vggjax.inference.classifier import class_logits
 from vggjax.utils.trees import flatten, unflatten
 
 METHODS = ("gradcam", "gradcam++", "hirescam")
@@ -177,7 +178,7 @@ def overlay(image, cam, alpha: float = 0.4) -> np.ndarray:
         raise ValueError(f"overlay expects one (h, w) map, found shape {cam.shape}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], found {alpha}")
-    up = np.clip(image_io.resize(cam, image.shape[:2], "bilinear"), 0.0, 1.0)
+    up = np.clip(resize(cam, image.shape[:2], "bilinear"), 0.0, 1.0)
     heat = jet()[(255 * up).astype(np.uint8)] * 255.0
     out = image.astype(np.float64) + alpha * heat
     out -= out.min()

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 
 import vggjax
-from vggjax.utils import atomic, images as image_io
-from vggjax.viz import convnet as viz
-from vggjax.train.classifier import CLASSIFIER, class_probabilities, load_classifier
+from vggjax.utils import atomic, images
+from vggjax.viz import convnet
+from vggjax.inference.classifier import CLASSIFIER, class_probabilities, load_classifier
 from vggjax.weights.preprocessing import check_images
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
@@ -50,7 +50,7 @@ class Predictor:
     def grad_cam(self, pixels) -> np.ndarray:
         """(N, h, w) Grad-CAM maps (the paper's: pre-softmax score) of each image's top class."""
         x = vggjax.preprocess_input(pixels, self.preprocessing)
-        return np.asarray(viz.grad_cam(self.model, self.variables, x, layer=self.cam_layer))
+        return np.asarray(convnet.grad_cam(self.model, self.variables, x, layer=self.cam_layer))
 
 
 def load_predictor(directory: str | os.PathLike, conv_impl: str | None = None):
@@ -100,8 +100,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
     """
     if not 1 <= top <= predictor.num_classes:
         raise ValueError(f"top must lie in [1, {predictor.num_classes}], found {top}")
-    if interpolation not in image_io.INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {image_io.INTERPOLATIONS}, found {interpolation!r}")
+    if interpolation not in images.INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {images.INTERPOLATIONS}, found {interpolation!r}")
     size = (predictor.image_size, predictor.image_size)
     if cam_dir is not None and predictor.cam_layer is None:
         raise ValueError("Grad-CAM needs the model's gradients, which an exported artifact does not "
@@ -112,7 +112,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
     records = []
     for i, path in enumerate(paths):
         try:
-            pixels = image_io.load_image(path, size, interpolation)[None]
+            pixels = images.load_image(path, size, interpolation)[None]
         except ValueError as err:
             records.append({"file": str(path), "error": str(err)})
             continue
@@ -127,9 +127,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
                     for i in order]
         record = {"file": str(path), "top": best}
         if cams is not None:
-            original = image_io.load_image(path)  # the overlay is drawn at the file's own size
-            overlay = viz.overlay(original, predictor.grad_cam(pixels)[0])
-            record["cam"] = str(image_io.save_png(cams[i], overlay))
+            original = images.load_image(path)  # the overlay is drawn at the file's own size
+            overlay = convnet.overlay(original, predictor.grad_cam(pixels)[0])
+            record["cam"] = str(images.save_png(cams[i], overlay))
         records.append(record)
     return records
 

@@ -12,10 +12,10 @@ import numpy as np
 
 import vggjax
 from vggjax.model.vgg import MIN_SIZE, VGG, arch_name
-from vggjax.train.classifier import CLASSIFIER
+from vggjax.inference.classifier import CLASSIFIER
 from vggjax.weights import METADATA
 from vggjax.utils.trees import digest
-from vggjax.viz.predict_files import IMAGENET_SIZE, load_predictor
+from vggjax.inference.predictor import IMAGENET_SIZE, load_predictor
 from vggjax.weights.preprocessing import imagenet_classes
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
