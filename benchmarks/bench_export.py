@@ -39,7 +39,7 @@ elif name == "vggjax":
     clf = classifier.load_classifier(work + "/finetune")
     run = lambda x: classifier.predict(clf, x, batch_size=len(x))
 else:
-    from vggjax.export import artifact
+    from vggjax.inference import artifact
     art = artifact.load(work + "/" + name)
     run = lambda x: art.probabilities(x)[:, 1]
 t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import pytest
 import vggjax
 from helpers import random_variables, run_on_small_disk, write_jpegs
 from vggjax.export import artifact
+import vggjax.inference.artifact
 from vggjax.inference import classifier
 from vggjax.inference.classifier import Head, init_classifier
 from vggjax.utils import atomic
@@ -59,13 +60,13 @@ def artifacts(source, tmp_path_factory):
 def test_each_artifact_predicts_like_the_classifier_for_batches_of_1_and_7(source, artifacts, fmt):
     clf, _, _, pixels = source
     want = classifier.predict(clf, pixels)[:, 1]  # P(dogs), (7,)
-    art = artifact.load(artifacts[fmt])
+    art = vggjax.inference.artifact.load(artifacts[fmt])
     for batch in (pixels, pixels[:1]):
         out = art.outputs(batch)
         assert out["probabilities"].shape == (len(batch), 2) and out["class_ids"].dtype == np.int32
         np.testing.assert_allclose(out["probabilities"][:, 1], want[:len(batch)], atol=1e-5, rtol=0)
         np.testing.assert_array_equal(out["class_ids"], (want[:len(batch)] > 0.5).astype(np.int32))
-    manifest = json.loads((artifacts[fmt] / artifact.MANIFEST).read_text())
+    manifest = json.loads((artifacts[fmt] / vggjax.inference.artifact.MANIFEST).read_text())
     assert manifest["input"] == {"dtype": "uint8", "shape": [None, SIZE, SIZE, 3], "layout": "NHWC",
                                  "values": "RGB 0..255", "preprocessing": "caffe, inside the artifact"}
     assert manifest["class_names"] == ["cats", "dogs"] and manifest["kind"] == "classifier"
@@ -141,11 +142,11 @@ def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
     with pytest.raises(ValueError, match="--image-size must be an integer >= 32, found 0"):
         artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=0)  # not "default"
     artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=64)
-    got = artifact.load(tmp_path / "features").outputs(pixels)["features"]
+    got = vggjax.inference.artifact.load(tmp_path / "features").outputs(pixels)["features"]
     assert got.shape == (3, 2, 2, 512)
     np.testing.assert_allclose(got, want, atol=1e-5 * float(np.abs(want).max()), rtol=0)
     artifact.export(tmp_path / "w", "jax", tmp_path / "bf16", image_size=64, precision="bf16")
-    half = artifact.load(tmp_path / "bf16").outputs(pixels)["features"]
+    half = vggjax.inference.artifact.load(tmp_path / "bf16").outputs(pixels)["features"]
     assert (tmp_path / "bf16" / "model.jaxexport").stat().st_size < 0.6 * (
         tmp_path / "features" / "model.jaxexport").stat().st_size
     np.testing.assert_allclose(half, want, atol=0.05 * float(np.abs(want).max()), rtol=0)
@@ -193,7 +194,7 @@ def test_vgg16_with_top_in_every_format_equals_the_model(tmp_path):
     want = np.asarray(pretrained.model.apply(pretrained.variables, pretrained.preprocess(pixels)))
     for fmt in FORMATS:
         artifact.export(converted, fmt, tmp_path / fmt)
-        art = artifact.load(tmp_path / fmt)
+        art = vggjax.inference.artifact.load(tmp_path / fmt)
         for batch in (pixels, pixels[:1]):
             np.testing.assert_allclose(art.probabilities(batch), want[:len(batch)], atol=1e-5, rtol=0)
         atomic.remove_owned([tmp_path / fmt])

@@ -43,7 +43,7 @@ def _count_forward_passes(monkeypatch) -> list:
             calls.append(images.shape)
             return step(variables, images)
         return counted
-    monkeypatch.setattr(features, "make_extract_step", counting)
+    monkeypatch.setattr(feature_cache, "make_extract_step", counting)
     return calls
 
 
@@ -118,7 +118,7 @@ def test_a_failed_extraction_leaves_no_cache_and_dead_temporaries_are_removed(fo
                 raise KeyboardInterrupt("interrupted mid-split")
             return step(variables, images)
         return fails_on_third
-    monkeypatch.setattr(features, "make_extract_step", failing)
+    monkeypatch.setattr(feature_cache, "make_extract_step", failing)
     with pytest.raises(KeyboardInterrupt):
         feature_cache.extract(model, variables, {"train": splits["train"]}, tmp_path, preprocess_mode=MODE)
     assert list(tmp_path.iterdir()) == []
@@ -128,7 +128,7 @@ def test_a_failed_extraction_leaves_no_cache_and_dead_temporaries_are_removed(fo
     leftover = tmp_path / f".train-{key}.tmp-999999999-0123abcd"
     leftover.mkdir()
     (leftover / feature_cache.FEATURES).write_bytes(b"half")
-    monkeypatch.setattr(features, "make_extract_step", real)
+    monkeypatch.setattr(feature_cache, "make_extract_step", real)
     done = feature_cache.extract(model, variables, {"train": splits["train"]}, tmp_path, preprocess_mode=MODE)
     assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, done["train"].directory.name]
 

@@ -1,6 +1,6 @@
-"""The layering the README's layout promises: the network and its weights stand alone (nothing
-from the training workflow, the losses, the visualisations, export or the NNX face), and
-`import vggjax` loads neither TensorFlow nor torch."""
+"""The layering the README's layout promises, for every package: each imports only the packages
+below it (imports inside functions count), no two modules import each other even through others,
+and `import vggjax` loads neither TensorFlow nor torch."""
 import ast
 import subprocess
 import sys
@@ -11,12 +11,21 @@ import pytest
 from helpers import REPO
 
 PACKAGE = Path(REPO) / "vggjax"
-# Each foundation package and the vggjax packages it may import from (lazily or not).
-ALLOWED = {
-    "utils": {"utils"},
-    "model": {"model", "utils"},
-    "weights": {"weights", "model", "utils"},
+# Each package and the vggjax packages it may import from (lazily or not): the README's graph,
+#   utils <- model <- weights <- inference <- {losses, viz, train, export} ; train <- nnx
+BELOW = {
+    "utils": set(),
+    "model": {"utils"},
+    "weights": {"model", "utils"},
+    "inference": {"weights", "model", "utils"},
+    "losses": {"weights", "model", "utils"},
+    "viz": {"inference", "weights", "model", "utils"},
+    "train": {"inference", "weights", "model", "utils"},
+    "export": {"inference", "weights", "model", "utils"},
+    "nnx": {"train", "inference", "weights", "model", "utils"},
+    "testing": {"weights", "model", "utils"},
 }
+ALLOWED = {package: below | {package} for package, below in BELOW.items()}
 
 
 def vggjax_imports(path: Path) -> set[str]:
@@ -38,14 +47,72 @@ def vggjax_imports(path: Path) -> set[str]:
     return found
 
 
+def test_every_package_has_its_place():
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(ALLOWED)
+
+
 @pytest.mark.parametrize("package", sorted(ALLOWED))
-def test_a_foundation_package_imports_only_what_is_below_it(package):
+def test_a_package_imports_only_what_is_below_it(package):
     files = sorted((PACKAGE / package).glob("*.py"))
     assert files, f"no modules in vggjax/{package}"
     # The root re-exports only model and weights, so importing it (for __version__) is allowed.
     wrong = {f"{path.relative_to(PACKAGE)} imports vggjax.{name}"
              for path in files for name in vggjax_imports(path) - ALLOWED[package] - {""}}
     assert not wrong, sorted(wrong)
+
+
+def module_imports(path: Path) -> set[str]:
+    """The vggjax modules `path` imports anywhere in its code, as dotted names of files that exist
+    (`from vggjax.train import loop` -> "vggjax.train.loop"; a package -> its __init__)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            file = Path(REPO, *name.split("."))
+            if name.split(".")[0] == "vggjax" and (file.with_suffix(".py").is_file() or file.is_dir()):
+                found.add(name)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` (node -> successors) as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [node])):
+            return cycle
+    return None
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        # A package's own __init__ importing its modules is how packages re-export, not a cycle.
+        graph[name] = {m for m in module_imports(path) if not m.startswith(name + ".")}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_the_check_sees_an_upward_import(tmp_path):
@@ -63,3 +130,18 @@ def test_import_vggjax_loads_neither_tensorflow_nor_torch(subprocess_env):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("old, new, name", [
+    ("vggjax.train.classifier", "vggjax.inference.classifier", "load_classifier"),
+    ("vggjax.viz.predict_files", "vggjax.inference.predictor", "load_predictor"),
+    ("vggjax.export.serving", "vggjax.inference.serving", "from_source"),
+    ("vggjax.export.artifact", "vggjax.inference.artifact", "load")])
+def test_a_moved_name_still_works_for_a_release_with_a_warning(old, new, name):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=rf"{old}\.{name} moved to {new}\.{name}"):
+        moved = getattr(importlib.import_module(old), name)
+    assert moved is getattr(importlib.import_module(new), name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        getattr(importlib.import_module(old), "no_such_name")

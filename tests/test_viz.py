@@ -344,7 +344,7 @@ def test_image_files_without_pillow_name_the_extra(subprocess_env):
     import sys
 
     script = ("import sys\nsys.modules['PIL'] = None  # as if Pillow were not installed\n"
-              "import numpy as np\nfrom vggjax.viz import convnet as viz\n"
+              "import numpy as np\nfrom vggjax.viz import convnet\n"
               "try:\n    convnet.overlay(np.zeros((8, 8, 3), np.uint8), np.ones((2, 2), np.float32))\n"
               "except ImportError as err:\n    print(err)\n")
     out = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True,

@@ -23,6 +23,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 from vggjax.utils import atomic, images
 
 from vggjax.inference.predictor import load_predictor, predict_files
+from vggjax.viz import convnet
 
 
 def positive_int(text: str) -> int:
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.top is not None and args.top > predictor.num_classes:
             parser.error(f"--top {args.top} exceeds the {predictor.num_classes} classes of {args.weights}")
         top = args.top or min(5, predictor.num_classes)
-        records = predict_files(predictor, args.images, top, args.cam,
-                                        args.interpolation)
+        records = predict_files(predictor, args.images, top, args.cam, args.interpolation,
+                                cam_overlay=convnet.cam_overlay)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -31,10 +31,3 @@ def write(serving, directory: Path) -> dict:
     onnx.checker.check_model(str(directory / FILE))
     return {"file": FILE, "opset": OPSET, "input_name": "images",
             "run_with": "onnxruntime.InferenceSession(file).run(None, {'images': images})"}
-
-
-def runner(directory: Path, manifest: dict):
-    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by onnxruntime on CPU."""
-    ort = require("onnxruntime", "running an onnx export")
-    session = ort.InferenceSession(str(directory / FILE), providers=["CPUExecutionProvider"])
-    return lambda images: tuple(session.run(None, {"images": images}))

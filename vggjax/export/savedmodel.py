@@ -33,11 +33,3 @@ def write(serving, directory: Path) -> dict:
     tf.saved_model.save(module, str(directory), signatures={SIGNATURE: serve})
     return {"signature": SIGNATURE, "input_name": "images",
             "run_with": f"tf.saved_model.load(dir).signatures['{SIGNATURE}'](images=images)"}
-
-
-def runner(directory: Path, manifest: dict):
-    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by TensorFlow running the SavedModel."""
-    tf = require("tensorflow", "running a savedmodel export")
-    serve = tf.saved_model.load(str(directory)).signatures[SIGNATURE]
-    names = list(manifest["outputs"])
-    return lambda images: tuple(serve(images=tf.constant(images))[n].numpy() for n in names)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 FILE = "model.jaxexport"
 # Lowered for each, so one artifact serves CPU, NVIDIA GPU and TPU hosts.
@@ -25,9 +24,3 @@ def write(serving, directory: Path) -> dict:
     return {"file": FILE, "platforms": list(exported.platforms),
             "calling_convention_version": exported.calling_convention_version,
             "run_with": "jax.export.deserialize(open(file, 'rb').read()).call(images)"}
-
-
-def runner(directory: Path, manifest: dict):
-    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by the artifact alone."""
-    exported = jax.export.deserialize(bytearray((directory / FILE).read_bytes()))
-    return lambda images: tuple(np.asarray(o) for o in exported.call(images))

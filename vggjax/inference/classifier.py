@@ -31,7 +31,7 @@ from vggjax import weights
 
 from vggjax.utils import atomic
 from vggjax.model.vgg import VGG
-from vggjax.train.splits import pad_batch
+from vggjax.utils.batches import pad_batch
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
 from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
 

@@ -1,18 +1,19 @@
-"""Classify image files with converted ImageNet weights or an exported classifier (tools/predict.py)."""
+"""Classify image files with converted ImageNet weights, a classifier directory or an exported
+artifact (tools/predict.py); the Grad-CAM overlays it can draw come from the caller (`vggjax.viz`)."""
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 import vggjax
-from vggjax.utils import atomic, images
-from vggjax.viz import convnet
+from vggjax.inference import artifact
 from vggjax.inference.classifier import CLASSIFIER, class_probabilities, load_classifier
+from vggjax.utils import atomic, images
 from vggjax.weights.preprocessing import check_images
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
@@ -47,20 +48,13 @@ class Predictor:
         (uint8 or floats in 0..255; others refused, `preprocessing.check_images`)."""
         return np.asarray(self._serve(self.variables, check_images(pixels)))
 
-    def grad_cam(self, pixels) -> np.ndarray:
-        """(N, h, w) Grad-CAM maps (the paper's: pre-softmax score) of each image's top class."""
-        x = vggjax.preprocess_input(pixels, self.preprocessing)
-        return np.asarray(convnet.grad_cam(self.model, self.variables, x, layer=self.cam_layer))
-
 
 def load_predictor(directory: str | os.PathLike, conv_impl: str | None = None):
     """A `Predictor` from converted weights with their top (`vggjax.load`) or from an exported
     cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json); for an
-    artifact of `tools/export.py` (its manifest.json), the artifact itself (`vggjax.export.artifact`,
+    artifact of `tools/export.py` (its manifest.json), the artifact itself (`vggjax.inference.artifact`,
     no Grad-CAM). `conv_impl`: the base's conv (None: as loaded)."""
     directory = Path(directory).expanduser()
-    from vggjax.export import artifact  # lazy: export imports this module
-
     if artifact.is_artifact(directory):
         return artifact.load(directory)
     if (directory / CLASSIFIER).is_file():
@@ -87,15 +81,20 @@ def _last_conv(model) -> str:
     return [n for n in model.layer_names() if "_conv" in n and not n.endswith("_preact")][-1]
 
 
+# (predictor, pixels (1, S, S, 3) uint8, the file's own pixels (H, W, 3) uint8) -> (H, W, 3) uint8:
+# the Grad-CAM overlay of the top class (`vggjax.viz.convnet.cam_overlay`).
+CamOverlay = Callable[[Predictor, np.ndarray, np.ndarray], np.ndarray]
+
+
 def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top: int = 5,
-                  cam_dir: str | os.PathLike | None = None,
-                  interpolation: str = "nearest") -> list[dict]:
+                  cam_dir: str | os.PathLike | None = None, interpolation: str = "nearest",
+                  cam_overlay: CamOverlay | None = None) -> list[dict]:
     """One record per file, in order: {"file", "top": [{"index", "wnid"?, "name",
     "probability"}, ...], "cam"?} or, for a file that cannot be read, {"file", "error"}.
 
     Each image is read and resized as `keras.utils.load_img(target_size=(S, S),
-    interpolation=...)` does. With `cam_dir`, a Grad-CAM overlay of the top class at the
-    file's own size is written to cam_dir/<stem>_cam.png; all those paths are checked before
+    interpolation=...)` does. With `cam_dir`, `cam_overlay`'s picture at the file's own size
+    is written to cam_dir/<stem>_cam.png; all those paths are checked before
     any work (`atomic.RefusedError` if one is a file vggjax did not write).
     """
     if not 1 <= top <= predictor.num_classes:
@@ -103,6 +102,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
     if interpolation not in images.INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {images.INTERPOLATIONS}, found {interpolation!r}")
     size = (predictor.image_size, predictor.image_size)
+    if cam_dir is not None and cam_overlay is None:
+        raise ValueError("cam_dir needs cam_overlay (vggjax.viz.convnet.cam_overlay) to draw the maps")
     if cam_dir is not None and predictor.cam_layer is None:
         raise ValueError("Grad-CAM needs the model's gradients, which an exported artifact does not "
                          "carry: pass the directory it was exported from to use --cam")
@@ -128,7 +129,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top:
         record = {"file": str(path), "top": best}
         if cams is not None:
             original = images.load_image(path)  # the overlay is drawn at the file's own size
-            overlay = convnet.overlay(original, predictor.grad_cam(pixels)[0])
+            overlay = cam_overlay(predictor, pixels, original)
             record["cam"] = str(images.save_png(cams[i], overlay))
         records.append(record)
     return records

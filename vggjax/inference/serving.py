@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import vggjax
+from vggjax.model.compute_dtype import with_compute_dtype
 from vggjax.model.vgg import MIN_SIZE, VGG, arch_name
 from vggjax.inference.classifier import CLASSIFIER
 from vggjax.weights import METADATA
@@ -102,7 +103,6 @@ def _in_precision(model, variables, precision: str):
     """(model computing in `precision`, variables stored in it): bf16 halves the artifact."""
     if precision == "fp32":
         return model, variables
-    from vggjax.train.loop import with_compute_dtype
 
     dtype = PRECISIONS[precision]
     cast = jax.tree.map(lambda a: np.asarray(a).astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)

@@ -31,7 +31,8 @@ from typing import Mapping
 import numpy as np
 
 from vggjax.train.splits import (BOOK_SPLITS, Split, check_tfds_split, decodable, list_folder,
-                                 pad_batch, tfds_scratch, tfds_slice)
+                                 tfds_scratch, tfds_slice)
+from vggjax.utils.batches import pad_batch
 from vggjax.utils.extras import require
 
 INTERPOLATIONS = ("bilinear", "nearest")

@@ -17,6 +17,7 @@ import optax
 from vggjax.train import augmentation, checkpoint
 from vggjax.inference.classifier import class_logits
 from vggjax.train.parallel import batch_sharding, replicated, shard_batch
+from vggjax.model.compute_dtype import with_compute_dtype
 from vggjax.train.splits import Batches
 from vggjax.weights.preprocessing import preprocess_input
 
@@ -50,20 +51,6 @@ class TrainState:
     def variables(self) -> dict:
         """{"params": ..., ["batch_stats": ...]} for model.apply."""
         return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
-
-
-def with_compute_dtype(module: nn.Module, dtype) -> nn.Module:
-    """Copy of `module` (and of its submodules, e.g. a Classifier's base and head) computing in
-    `dtype`; parameters keep their own param_dtype (float32), so bf16 compute keeps fp32 masters.
-    dtype None: `module` itself."""
-    if dtype is None:
-        return module
-    changes = {f.name: with_compute_dtype(getattr(module, f.name), dtype)
-               for f in dataclasses.fields(module)
-               if f.name != "parent" and isinstance(getattr(module, f.name), nn.Module)}
-    if hasattr(module, "dtype"):
-        changes["dtype"] = dtype
-    return module.clone(**changes)
 
 
 def batch_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from vggjax.utils.batches import pad_batch
+
 # The module that decodes a Split's batches, per pipeline (Config.pipeline, --pipeline).
 PIPELINES = {"tfdata": "vggjax.train.data", "grain": "vggjax.train.grain_data"}
 # The revision of the pixels each pipeline decodes: bump it when they change (a decoder or a
@@ -50,17 +52,6 @@ class Batches(Protocol):
 
     def batches(self, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """The batches of `epoch` from batch `skip` on."""
-
-
-def pad_batch(arrays: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """`arrays` ({key: (n, ...)}, n <= size) zero-padded to `size` rows, plus "mask" bool
-    (size,): True on the n real rows. The one padding rule of every split."""
-    n = len(next(iter(arrays.values())))
-    out = {}
-    for key, value in arrays.items():
-        out[key] = np.zeros((size, *value.shape[1:]), value.dtype)
-        out[key][:n] = value
-    return dict(out, mask=np.arange(size) < n)
 
 
 def epoch_order(num_examples: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:

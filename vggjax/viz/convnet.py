@@ -19,6 +19,7 @@ import numpy as np
 from vggjax.utils import checks
 from vggjax.utils.images import resize
 from vggjax.model.vgg import PERTURBATIONS, TAPPED, TAPS, VGG
+from vggjax.weights.preprocessing import preprocess_input
 from vggjax.inference.classifier import class_logits
 from vggjax.utils.trees import flatten, unflatten
 
@@ -183,6 +184,16 @@ def overlay(image, cam, alpha: float = 0.4) -> np.ndarray:
     out = image.astype(np.float64) + alpha * heat
     out -= out.min()
     return (out * (255.0 / max(out.max(), 1e-12))).astype(np.uint8)
+
+
+def cam_overlay(predictor, pixels, original) -> np.ndarray:
+    """The Grad-CAM overlay `tools/predict.py --cam` draws: the map of the top class (the paper's
+    pre-softmax score) at `predictor.cam_layer` of `pixels` (1, S, S, 3) uint8, the image the
+    predictor classifies, over `original` (H, W, 3) uint8, the file at its own size.
+    `predictor`: a `vggjax.inference.predictor.Predictor`. Returns (H, W, 3) uint8."""
+    x = preprocess_input(pixels, predictor.preprocessing)
+    cam = grad_cam(predictor.model, predictor.variables, x, layer=predictor.cam_layer)
+    return overlay(original, np.asarray(cam)[0])
 
 
 def filter_pattern(model: VGG, variables, layer: str, filter_index, size: int = 150,
