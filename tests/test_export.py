@@ -133,7 +133,7 @@ def test_predict_runs_the_artifact_and_prints_what_the_source_gives(source, arti
     assert "Grad-CAM needs the model's gradients" in capsys.readouterr().err
 
 
-def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
+def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path, capsys):
     variables = random_variables("vgg11", include_top=False, seed=2, input_rms=70.0)
     meta = dict(arch="vgg11", include_top=False, top_input="torch", preprocessing="caffe")
     vggjax.weights.save(tmp_path / "w", variables, meta)
@@ -141,6 +141,10 @@ def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
     want = vggjax.VGG11(include_top=False).apply(variables, vggjax.preprocess_input(pixels, "caffe"))
     with pytest.raises(ValueError, match="--image-size must be an integer >= 32, found 0"):
         artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=0)  # not "default"
+    with pytest.raises(ValueError, match=r"one 100000x100000 image needs at least \d+\.\d GiB for its "
+                                         r"first conv layer alone, more than the \d+\.\d GiB here"):
+        artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=100_000)
+    assert not (tmp_path / "features").exists()
     artifact.export(tmp_path / "w", "jax", tmp_path / "features", image_size=64)
     got = vggjax.inference.artifact.load(tmp_path / "features").outputs(pixels)["features"]
     assert got.shape == (3, 2, 2, 512)
@@ -150,6 +154,12 @@ def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path):
     assert (tmp_path / "bf16" / "model.jaxexport").stat().st_size < 0.6 * (
         tmp_path / "features" / "model.jaxexport").stat().st_size
     np.testing.assert_allclose(half, want, atol=0.05 * float(np.abs(want).max()), rtol=0)
+    (photo,) = write_jpegs(tmp_path, [(64, 64)], seed=1)
+    for top in ([], ["--top", "1"]):  # predict on features: one sentence, no traceback
+        assert predict.main([str(photo), "--weights", str(tmp_path / "features"), *top]) == 1
+        assert capsys.readouterr().err == (f"error: {tmp_path / 'features'} holds conv features, not a "
+                                           "classifier: export weights with their top, or a classifier, "
+                                           "to predict classes\n")
 
 
 def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, capsys):

@@ -132,7 +132,18 @@ def test_exported_classifier_prints_p_dog_and_writes_a_cam(exported, capsys, tmp
         with Image.open(r["cam"]) as cam, Image.open(r["file"]) as original:
             assert cam.size == original.size
     assert tool.main([str(paths[0]), "--weights", str(directory)]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == f"  P(dogs) = {p_dog[0]:.4f}"
+    name, p = ("dogs", p_dog[0]) if p_dog[0] >= 0.5 else ("cats", 1 - p_dog[0])
+    assert capsys.readouterr().out.splitlines()[1] == f"  {name} ({p:.4f}); P(dogs) = {p_dog[0]:.4f}"
+
+
+def test_top_1_names_the_winning_class_whichever_it_is(exported, capsys, tmp_path):
+    clf, directory = exported
+    paths = write_jpegs(tmp_path, [(40, 40), (44, 52), (60, 36), (36, 36)], seed=9)
+    p_dog = classifier.predict(clf, np.stack([load_image(p, (32, 32)) for p in paths]))[:, 1]
+    assert tool.main([*map(str, paths), "--weights", str(directory), "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1::2]
+    for line, p in zip(lines, p_dog):
+        assert line.startswith("  dogs (" if p >= 0.5 else "  cats (") and line.endswith(f"P(dogs) = {p:.4f}")
 
 
 def test_a_cam_file_the_user_made_survives_and_vggjax_s_own_is_replaced(exported, capsys, tmp_path):

@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in (r for r in records if "top" in r):
             print(r["file"])
             if predictor.num_classes == 2 and predictor.class_names:
-                p = next(t["probability"] for t in r["top"] if t["index"] == 1)
-                print(f"  P({predictor.class_names[1]}) = {p:.4f}")
+                best = r["top"][0]  # a binary head: the class it predicts, then P(positive class)
+                p = best["probability"] if best["index"] == 1 else 1.0 - best["probability"]
+                print(f"  {best['name']} ({best['probability']:.4f}); P({predictor.class_names[1]}) = {p:.4f}")
             else:
                 for t in r["top"]:
                     print(f"  {t['probability']:.4f}  {t['index']:4d}  {t['name']}")

@@ -72,7 +72,13 @@ class Artifact:
 
     @property
     def num_classes(self) -> int:
+        self._check_classes()
         return len(self.manifest["class_names"])
+
+    def _check_classes(self) -> None:
+        if "probabilities" not in self.manifest["outputs"]:
+            raise ValueError(f"{self.directory} holds conv features, not a classifier: export weights "
+                             "with their top, or a classifier, to predict classes")
 
     def outputs(self, pixels) -> dict[str, np.ndarray]:
         """{output name: array} for uint8 RGB pixels (N, S, S, 3)."""
@@ -85,9 +91,7 @@ class Artifact:
 
     def probabilities(self, pixels) -> np.ndarray:
         """(N, K) float32 class probabilities, as `Predictor.probabilities`."""
-        if "probabilities" not in self.manifest["outputs"]:
-            raise ValueError(f"{self.directory} exports conv features, not classes: export weights "
-                             "with their top, or a classifier, to predict classes")
+        self._check_classes()
         return np.asarray(self.outputs(pixels)["probabilities"], np.float32)
 
 

@@ -95,14 +95,3 @@ def shard_batch(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, x, (global_size, *x.shape[1:]))
 
     return jax.tree.map(put, batch)
-
-
-def memory_bytes(devices=None) -> int:
-    """Memory of `devices` (default: this process's local devices): the sum of their
-    `bytes_limit`, or the machine's physical RAM for CPU devices (which report none)."""
-    devices = jax.local_devices() if devices is None else devices
-    limits = [(d.memory_stats() or {}).get("bytes_limit") if d.platform != "cpu" else None
-              for d in devices]
-    if all(limits):
-        return int(sum(limits))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

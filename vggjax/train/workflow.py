@@ -45,6 +45,7 @@ from vggjax.utils import atomic
 
 from vggjax.train import splits
 from vggjax.train.splits import PIPELINES, PIXELS
+from vggjax.utils.memory import memory_bytes
 from vggjax.train import augmentation, feature_cache, freezing, parallel, report, loop
 from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                init_classifier)
@@ -186,8 +187,8 @@ class Config:
         """Refuse a batch that cannot fit: even its first conv layer's activations (a lower bound
         of any phase's need) exceed the memory of the devices that would hold them."""
         need = self.batch_size * min_forward_bytes(self.image_size, 2 if self.precision == "bf16" else 4)
-        have = (parallel.memory_bytes() * jax.process_count() if self.data_parallel
-                else parallel.memory_bytes(jax.local_devices()[:1]))
+        have = (memory_bytes() * jax.process_count() if self.data_parallel
+                else memory_bytes(jax.local_devices()[:1]))
         if need > have:
             problems.append(f"batch_size (--batch-size) {self.batch_size} at image_size (--image-size) "
                             f"{self.image_size} needs at least {need / 2**30:.1f} GiB for its first conv "
