@@ -83,7 +83,8 @@ def official_file(source: str, arch: str, include_top: bool) -> WeightFile:
     if source == "timm":
         raise ValueError(
             f"timm weights have no checksum pinned in vggjax, so they are not downloaded for you: "
-            f"get model.safetensors from {TIMM_PAGE.format(arch=arch)} and pass it with --input FILE")
+            f"get model.safetensors from {TIMM_PAGE.format(arch=arch)} and convert it with "
+            f"`python tools/convert_weights.py --source timm --arch {arch} --input FILE`")
     raise ValueError(f"unknown weights source {source!r}; expected keras, torchvision or timm")
 
 
@@ -111,8 +112,9 @@ def download(url: str, dest: str | os.PathLike, algorithm: str, expected: str,
             except OSError as err:  # URLError, timeouts and refused connections are OSErrors
                 raise DownloadError(
                     f"could not download {url} ({err}). If this machine is offline, download "
-                    f"that file elsewhere, copy it here and pass it with --input FILE "
-                    f"(convert_file(..., input_path=FILE))") from None
+                    f"that file elsewhere, copy it here and convert it with `python "
+                    f"tools/convert_weights.py --input FILE` (in Python: convert_file(..., "
+                    f"input_path=FILE))") from None
         if not matches(h.hexdigest(), expected):
             raise DownloadError(f"{url} does not have the expected {algorithm} {expected} "
                                 f"(got {h.hexdigest()}); the download was discarded")
