@@ -34,7 +34,8 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.train import parallel, synthetic, workflow
+from vggjax.train import inputs, parallel, synthetic, workflow
+from vggjax.train.config import Config, add_arguments, config_arguments
 from vggjax.utils import atomic
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
@@ -54,7 +55,7 @@ def check_tfds(pipeline: str, data_dir: str | None) -> None:
     try:
         socket.getaddrinfo(TFDS_HOST, 443)
     except OSError as err:
-        raise workflow.MissingInputError(
+        raise inputs.MissingInputError(
             f"tfds cats_vs_dogs is not prepared on this machine and {TFDS_HOST} cannot be reached "
             f"({err}); provide the images with --data DIR in the book's layout: DIR/train/cats/*.jpg, "
             "DIR/train/dogs/*.jpg, and the same under DIR/validation and DIR/test") from None
@@ -67,33 +68,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/finetune_catsdogs")
     p.add_argument("--restart", action="store_true", help="discard the run already in --workdir "
                    "(its checkpoints, results and exports) instead of refusing a different one")
-    workflow.add_arguments(p)
+    add_arguments(p)
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
                    f"{synthetic.SETTINGS}; all phases in < 3 min on 2 CPU cores")
     args = p.parse_args(argv)
-    given = workflow.config_arguments(args)
+    given = config_arguments(args)
     if given.get("data_parallel"):
         parallel.initialize_distributed()  # multi-host: before any other JAX call; no-op on one host
 
     start = time.time()
     try:
         # Every flag value, before any work (--smoke makes its own image folder: not tfds).
-        workflow.Config(weights="", workdir=args.workdir, **{"data": "smoke" if args.smoke else "tfds", **given})
+        Config(weights="", workdir=args.workdir, **{"data": "smoke" if args.smoke else "tfds", **given})
         if args.smoke:
             data, weights = synthetic.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=given.get("seed", 0))
             print(f"smoke run: generated images in {data}, RANDOM VGG16 weights in {weights}; the "
                   "accuracies show that the pipeline learns, not what ImageNet weights reach")
         else:
             data = given.get("data", "tfds")
-            weights = workflow.resolve_inputs(args.weights, data)
+            weights = inputs.resolve_inputs(args.weights, data)
             if data == "tfds":
                 check_tfds(given.get("pipeline", "tfdata"), given.get("tfds_data_dir"))
-        config = workflow.Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
+        config = Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
                                  **{**(synthetic.SETTINGS if args.smoke else {}), **given, "data": data})
         with atomic.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable
             results = workflow.run(config, restart=args.restart)
-    except (workflow.MissingInputError, ValueError, OSError, ImportError) as err:  # flags, data, workdir, extras
+    except (inputs.MissingInputError, ValueError, OSError, ImportError) as err:  # flags, data, workdir, extras
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)

@@ -1,4 +1,4 @@
-"""workflow.Config.precision: validated, and a tiny bf16 run of every phase (bf16 compute with
+"""Config.precision: validated, and a tiny bf16 run of every phase (bf16 compute with
 fp32 parameters: the features cached in float32 from a bf16 conv base, fp32 checkpoints)."""
 import json
 
@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from vggjax.train import synthetic, workflow
+from vggjax.train.config import Config, PHASES
 
 
 def test_precision_is_validated(tmp_path):
     with pytest.raises(ValueError, match=r"precision \(--precision\) must be one of \['bf16', 'fp32'\], found 'fp16'"):
-        workflow.Config(weights=str(tmp_path), workdir=str(tmp_path), precision="fp16")
-    assert workflow.Config(weights="w", workdir="d").compute_dtype is None
-    assert workflow.Config(weights="w", workdir="d", precision="bf16").compute_dtype == jax.numpy.bfloat16
+        Config(weights=str(tmp_path), workdir=str(tmp_path), precision="fp16")
+    assert Config(weights="w", workdir="d").compute_dtype is None
+    assert Config(weights="w", workdir="d", precision="bf16").compute_dtype == jax.numpy.bfloat16
 
 
 def test_bf16_run_of_all_three_phases(tmp_path):
@@ -22,13 +23,13 @@ def test_bf16_run_of_all_three_phases(tmp_path):
     data = str(synthetic.make_image_folder(tmp_path / "inputs" / "data",
                                        sizes={"train": 20, "validation": 10, "test": 10}))
     weights = str(synthetic.make_random_weights(tmp_path / "inputs" / "random_vgg16_notop"))
-    config = workflow.Config(
+    config = Config(
         weights=weights, workdir=str(tmp_path / "run"), data=data, phases=("features", "finetune"),
-        image_size=48, batch_size=20, epochs=dict.fromkeys(workflow.PHASES, 1),
+        image_size=48, batch_size=20, epochs=dict.fromkeys(PHASES, 1),
         learning_rates=synthetic.SETTINGS["learning_rates"], steps_per_epoch=2, checkpoint_every=None,
         progress=False, precision="bf16")
     results = workflow.run(config, log=lambda *_: None)
-    assert set(results) == set(workflow.PHASES)
+    assert set(results) == set(PHASES)
     for phase, r in results.items():
         assert np.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1, phase
     run = tmp_path / "run"

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggjax.train import data, workflow
+from vggjax.train import data, run_identity
+from vggjax.train.config import Config, PHASES, SPLITS, add_arguments, config_arguments
 from vggjax.utils import atomic
 
 
-def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=workflow.SPLITS, size=40):
+def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=SPLITS, size=40):
     """Real JPEGs in the book's layout: root/<split>/<class>/<class>.<i>.jpg."""
     rng = np.random.default_rng(0)
     for split in splits:
@@ -30,8 +31,8 @@ def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=workflow.SP
     (dict(batch_size=0), r"batch_size \(--batch-size\) must be an integer >= 1, found 0"),
     (dict(steps_per_epoch=0), r"steps_per_epoch \(--steps-per-epoch\) must be an integer >= 1 or None"),
     (dict(steps_per_epoch=-1), r"steps_per_epoch .* found -1"),
-    (dict(epochs=dict.fromkeys(workflow.PHASES, -1)), r"epochs \(--epochs\) must be an integer >= 0"),
-    (dict(learning_rates=dict.fromkeys(workflow.PHASES, 0.0)), r"learning_rates must be > 0"),
+    (dict(epochs=dict.fromkeys(PHASES, -1)), r"epochs \(--epochs\) must be an integer >= 0"),
+    (dict(learning_rates=dict.fromkeys(PHASES, 0.0)), r"learning_rates must be > 0"),
     (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
     (dict(seed=99999999999999999999), r"seed \(--seed\) must be an integer in \[0, 2\*\*32\), found 9999"),
     (dict(batch_size=100000), r"batch_size \(--batch-size\) 100000 at image_size \(--image-size\) 150 needs at "
@@ -40,19 +41,19 @@ def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=workflow.SP
 ], ids=lambda v: str(v)[:30])
 def test_config_refuses_values_that_mean_nothing(changes, message):
     with pytest.raises(ValueError, match=message):
-        workflow.Config(weights="w", workdir="r", **changes)
+        Config(weights="w", workdir="r", **changes)
 
 
 def test_paths_expand_the_home_directory_as_a_shell_would():
     import os
 
-    config = workflow.Config(weights="~/weights", workdir="~/runs/a", data="~/cats")
+    config = Config(weights="~/weights", workdir="~/runs/a", data="~/cats")
     assert (config.weights, config.workdir, config.data) == tuple(
         os.path.join(os.path.expanduser("~"), p) for p in ("weights", "runs/a", "cats"))
 
 
 def test_zero_epochs_is_a_valid_evaluate_only_config():
-    config = workflow.Config(weights="w", workdir="r", epochs=dict.fromkeys(workflow.PHASES, 0))
+    config = Config(weights="w", workdir="r", epochs=dict.fromkeys(PHASES, 0))
     assert set(config.epochs.values()) == {0}
 
 
@@ -95,40 +96,40 @@ def identity(tmp_path, **changes):
     folder = tmp_path / "data"
     if not folder.exists():
         write_folder(folder)
-    config = workflow.Config(weights="w", workdir=str(tmp_path), data=str(folder), **changes)
-    return workflow.run_identity(config, {"arch": "vgg11"}, "ab" * 32, "caffe")
+    config = Config(weights="w", workdir=str(tmp_path), data=str(folder), **changes)
+    return run_identity.run_identity(config, {"arch": "vgg11"}, "ab" * 32, "caffe")
 
 
 def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_outputs(tmp_path):
     workdir = tmp_path / "run"
     first = identity(tmp_path)
-    workflow.claim_workdir(workdir, first)
+    run_identity.claim_workdir(workdir, first)
     (workdir / "checkpoints").mkdir()
     (workdir / "my_notes.txt").write_text("mine")
-    workflow.claim_workdir(workdir, identity(tmp_path))  # the same run: resumes
+    run_identity.claim_workdir(workdir, identity(tmp_path))  # the same run: resumes
     for changes, named in [(dict(image_size=64), "image_size (150 there, 64 now)"),
                            (dict(batch_size=8), "batch_size (20 there, 8 now)"),
                            (dict(seed=1), "seed")]:
-        with pytest.raises(workflow.RunMismatchError, match=rf"holds another run: .*{re.escape(named)}"
+        with pytest.raises(run_identity.RunMismatchError, match=rf"holds another run: .*{re.escape(named)}"
                                                            r".*use another --workdir, or --restart"):
-            workflow.claim_workdir(workdir, identity(tmp_path, **changes))
+            run_identity.claim_workdir(workdir, identity(tmp_path, **changes))
     other_weights = dict(first, weights_sha256="cd" * 32)
-    with pytest.raises(workflow.RunMismatchError, match=r"weights_sha256"):
-        workflow.claim_workdir(workdir, other_weights)
+    with pytest.raises(run_identity.RunMismatchError, match=r"weights_sha256"):
+        run_identity.claim_workdir(workdir, other_weights)
     # A run begun before its pipeline's decoder changed (a bump of splits.PIXELS) is not continued.
-    with pytest.raises(workflow.RunMismatchError, match=r"holds another run: pixels \(1 there, 2 now\)"):
-        workflow.claim_workdir(workdir, dict(first, pixels=first["pixels"] + 1))
+    with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: pixels \(1 there, 2 now\)"):
+        run_identity.claim_workdir(workdir, dict(first, pixels=first["pixels"] + 1))
     (tmp_path / "data" / "test" / "cats" / "cats.0.jpg").write_bytes(b"other image")
-    with pytest.raises(workflow.RunMismatchError, match=r"holds another run: data \("):
-        workflow.claim_workdir(workdir, identity(tmp_path))
-    workflow.claim_workdir(workdir, other_weights, restart=True, log=lambda line: None)
-    assert sorted(p.name for p in workdir.iterdir()) == [atomic.MANIFEST, "my_notes.txt", workflow.RUN]
-    assert json.loads((workdir / workflow.RUN).read_text()) == other_weights
+    with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: data \("):
+        run_identity.claim_workdir(workdir, identity(tmp_path))
+    run_identity.claim_workdir(workdir, other_weights, restart=True, log=lambda line: None)
+    assert sorted(p.name for p in workdir.iterdir()) == [atomic.MANIFEST, "my_notes.txt", run_identity.RUN]
+    assert json.loads((workdir / run_identity.RUN).read_text()) == other_weights
 
 
 def test_restart_refuses_before_deleting_anything_when_the_user_s_files_are_among_the_outputs(tmp_path):
     workdir = tmp_path / "run"
-    workflow.claim_workdir(workdir, identity(tmp_path))
+    run_identity.claim_workdir(workdir, identity(tmp_path))
     (workdir / "checkpoints").mkdir()
     (workdir / "checkpoints" / "mymodel.pt").write_bytes(b"the user's model")
     (workdir / "export").mkdir()
@@ -136,7 +137,7 @@ def test_restart_refuses_before_deleting_anything_when_the_user_s_files_are_amon
     (workdir / "config.json").write_text("{}")  # the user's own, under a name vggjax also writes
     before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     with pytest.raises(atomic.RefusedError, match=r"holds files vggjax did not write .*refusing to delete"):
-        workflow.claim_workdir(workdir, identity(tmp_path, seed=1), restart=True, log=lambda line: None)
+        run_identity.claim_workdir(workdir, identity(tmp_path, seed=1), restart=True, log=lambda line: None)
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
     assert (workdir / "checkpoints" / "mymodel.pt").read_bytes() == b"the user's model"
 
@@ -144,15 +145,15 @@ def test_restart_refuses_before_deleting_anything_when_the_user_s_files_are_amon
 def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match=r"cannot use --workdir .*file/run: Not a directory"):
-        workflow.claim_workdir(tmp_path / "file" / "run", {"a": 1})
+        run_identity.claim_workdir(tmp_path / "file" / "run", {"a": 1})
 
 
 def test_flags_are_the_config_fields_and_zero_stays_zero():
     import argparse
 
     parser = argparse.ArgumentParser()
-    workflow.add_arguments(parser)
-    given = workflow.config_arguments(parser.parse_args(["--epochs", "0", "--image-size", "64"]))
-    assert given == {"epochs": dict.fromkeys(workflow.PHASES, 0), "image_size": 64}
-    defaults = {f.name: f.default for f in dataclasses.fields(workflow.Config)}
+    add_arguments(parser)
+    given = config_arguments(parser.parse_args(["--epochs", "0", "--image-size", "64"]))
+    assert given == {"epochs": dict.fromkeys(PHASES, 0), "image_size": 64}
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     assert "--batch-size" in parser.format_help() and f"(default: {defaults['batch_size']})" in parser.format_help()

@@ -17,7 +17,7 @@ CLASSES = ("discs", "stripes")
 SPLIT_SIZES = {"train": 80, "validation": 40, "test": 40}  # per class
 JPEG_SIZE = 64  # written larger than the smoke image size so the pipeline's resizing runs too
 
-# workflow.Config settings of a smoke run: 48x48 images (VGG16 features 1x1x512) and few epochs,
+# Config settings of a smoke run: 48x48 images (VGG16 features 1x1x512) and few epochs,
 # so that all three phases finish in about a minute on 2 CPU cores. Not 32x32: XLA's CPU
 # convolutions are ~4x slower on block5's 2x2 maps (inputs of 32..47 px) than on its 3x3 maps
 # at 48 px. With so few steps the heads need larger learning rates than the book's.
