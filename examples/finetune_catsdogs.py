@@ -17,7 +17,7 @@ to the caffe-style weights as the book did.
     python examples/finetune_catsdogs.py --data ../shared/data/cats_and_dogs_small
     python examples/finetune_catsdogs.py --smoke     # generated images, random weights, < 3 min
 
-The logic lives in vggjax.train.workflow (the flags are its Config's fields); this file only parses
+The logic lives in vggjax.train.workflow (the flags are vggjax.train.config.Config's fields); this file only parses
 arguments (intentionally kept short).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 
 from vggjax.train import inputs, parallel, synthetic, workflow
 from vggjax.train.config import Config, add_arguments, config_arguments
-from vggjax.utils import atomic
+from vggjax.utils import interrupts
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
 
@@ -92,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                 check_tfds(given.get("pipeline", "tfdata"), given.get("tfds_data_dir"))
         config = Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
                                  **{**(synthetic.SETTINGS if args.smoke else {}), **given, "data": data})
-        with atomic.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable
+        with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable
             results = workflow.run(config, restart=args.restart)
     except (inputs.MissingInputError, ValueError, OSError, ImportError) as err:  # flags, data, workdir, extras
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
         print("error: interrupted; run the same command again to resume", file=sys.stderr)
         return getattr(err, "status", 130)
     for phase, r in results.items():
@@ -108,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    atomic.run_command(main, "run the same command again to resume")
+    interrupts.run_command(main, "run the same command again to resume")

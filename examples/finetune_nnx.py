@@ -25,7 +25,7 @@ from flax import nnx
 
 import vggjax.nnx as vnnx
 from vggjax.train import augmentation, freezing, synthetic
-from vggjax.utils import atomic
+from vggjax.utils import atomic, interrupts, locks
 
 PHASES = (("frozen", ("head",), 2e-5), ("finetune", ("block5", "head"), 1e-5))
 
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args.epochs = args.epochs or (30, 100)
     try:
         os.makedirs(args.workdir, exist_ok=True)
-        with atomic.sigterm_interrupts(), atomic.locked(args.workdir, f"--workdir {args.workdir}"):
+        with interrupts.sigterm_interrupts(), locks.locked(args.workdir, f"--workdir {args.workdir}"):
             return run(args)  # a second run into the same --workdir is refused, naming this one's pid
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
         print("error: interrupted; the finished phases' checkpoints are kept", file=sys.stderr)
         return getattr(err, "status", 130)
     except (ValueError, OSError, atomic.RefusedError) as err:
@@ -88,4 +88,4 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    atomic.run_command(main, "the finished phases' checkpoints are kept")
+    interrupts.run_command(main, "the finished phases' checkpoints are kept")

@@ -28,7 +28,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 from vggjax.train import synthetic
 
 from vggjax.losses import style_transfer
-from vggjax.utils import atomic
+from vggjax.utils import interrupts
 
 SMOKE = dict(size=64, steps=10, save_every=5)
 
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    atomic.run_command(main, "the files written so far are complete")
+    interrupts.run_command(main, "the files written so far are complete")

@@ -23,7 +23,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import atomic, images
+from vggjax.utils import atomic, images, interrupts
 
 from vggjax.viz import convnet
 
@@ -114,4 +114,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    atomic.run_command(main, "the files written so far are complete")
+    interrupts.run_command(main, "the files written so far are complete")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vggjax.utils import atomic
+from vggjax.utils import atomic, locks
 
 
 def write_dir(final, **kwargs):
@@ -158,18 +158,18 @@ def test_remove_owned_deletes_exactly_what_vggjax_wrote_or_nothing(tmp_path):
 def test_a_locked_directory_refuses_a_second_process_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from vggjax.utils import atomic
-        with atomic.locked({str(tmp_path)!r}, "--workdir w"):
+        from vggjax.utils import locks
+        with locks.locked({str(tmp_path)!r}, "--workdir w"):
             print("held", flush=True)
             time.sleep(60)
         """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(atomic.BusyError, match=rf"--workdir w is in use by another vggjax run \(pid {holder.pid}\)"):
-            with atomic.locked(tmp_path, "--workdir w"):
+        with pytest.raises(locks.BusyError, match=rf"--workdir w is in use by another vggjax run \(pid {holder.pid}\)"):
+            with locks.locked(tmp_path, "--workdir w"):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    with atomic.locked(tmp_path, "--workdir w"):  # a killed holder leaves no stale lock
+    with locks.locked(tmp_path, "--workdir w"):  # a killed holder leaves no stale lock
         pass

@@ -15,7 +15,7 @@ from PIL import Image
 from helpers import REPO, run_on_small_disk, run_script, script_env
 from vggjax.inference import classifier
 from vggjax.train import data, report, synthetic
-from vggjax.utils import atomic
+from vggjax.utils import locks
 from vggjax.utils.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
@@ -244,12 +244,12 @@ def test_a_second_run_in_a_busy_workdir_is_refused_naming_the_holder(tiny, tmp_p
     data, weights = tiny
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with atomic.locked(workdir, "held by this test"):  # this process plays the first run
+    with locks.locked(workdir, "held by this test"):  # this process plays the first run
         proc = _run(["--data", str(data), "--weights", str(weights / "weights0"), "--workdir",
                      str(workdir), "--image-size", "32"], script_env(tmp_path), timeout=120)
     assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} is in use by another vggjax run "
                         rf"\(pid {os.getpid()}\); wait for it to finish or choose another one", _error(proc))
-    assert sorted(p.name for p in workdir.iterdir()) == [atomic.LOCK]
+    assert sorted(p.name for p in workdir.iterdir()) == [locks.LOCK]
 
 
 def test_a_full_disk_in_the_workdir_is_one_line_and_leaves_no_partial_file(tiny, tmp_path):
@@ -288,12 +288,12 @@ def test_a_workdir_of_the_users_files_under_vggjax_s_names_survives_restart(tiny
             "(run/config.json, run/checkpoints/mymodel.pt, run/export/report.pdf): an older vggjax's "
             "or your own; remove them by hand or use another --workdir")
     assert {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()
-            and p.name != atomic.LOCK} == mine
+            and p.name != locks.LOCK} == mine
 
 
 def test_sigterm_while_training_compiles_is_one_line_and_a_clean_exit(tiny, tmp_path):
     """Python's shutdown under a cut-short XLA compilation could crash (SIGSEGV, exit -11) after
-    the message; now the process ends without it (atomic.run_command). The crash was not certain
+    the message; now the process ends without it (interrupts.run_command). The crash was not certain
     at any one moment, so this run proves the message and status, not the crash's absence."""
     sig = signal.SIGTERM  # Ctrl-C takes the same path: tests/test_convert_weights.py has both
     data, weights = tiny

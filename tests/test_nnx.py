@@ -238,15 +238,15 @@ def test_finetune_nnx_smoke_trains_both_phases_and_saves_checkpoints(tmp_path):
 
 
 def test_finetune_nnx_refuses_a_workdir_another_run_holds(tmp_path):
-    from vggjax.utils import atomic
+    from vggjax.utils import locks
 
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with atomic.locked(workdir, "held by this test"):  # this process plays the first run
+    with locks.locked(workdir, "held by this test"):  # this process plays the first run
         proc = subprocess.run([sys.executable, f"{REPO}/examples/finetune_nnx.py", "--data", tmp_path / "d",
                                "--weights", tmp_path / "w", "--workdir", workdir], env=script_env(tmp_path),
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr == (
         f"error: --workdir {workdir} is in use by another vggjax run (pid {os.getpid()}); wait for it "
         "to finish or choose another one\n")
-    assert [p.name for p in workdir.iterdir()] == [atomic.LOCK]
+    assert [p.name for p in workdir.iterdir()] == [locks.LOCK]

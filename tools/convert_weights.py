@@ -19,7 +19,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     import vggjax
 
 from vggjax import weights
-from vggjax.utils import atomic
+from vggjax.utils import interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
     try:
-        with atomic.sigterm_interrupts():  # SIGTERM ends like Ctrl-C: one line, nothing written
+        with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C: one line, nothing written
             meta = weights.convert_file(args.source, args.arch, args.input, output,
                                         include_top=args.include_top, overwrite=args.overwrite)
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (atomic.Interrupted, status 143)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
         print("error: interrupted; nothing was written", file=sys.stderr)
         return getattr(err, "status", 130)
     top = "with" if meta["include_top"] else "without"
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    atomic.run_command(main, "nothing was written")
+    interrupts.run_command(main, "nothing was written")

@@ -18,7 +18,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 
 from vggjax.export import artifact
 from vggjax.inference import serving
-from vggjax.utils import atomic
+from vggjax.utils import interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier vggjax export")
     args = parser.parse_args(argv)
     try:
-        with atomic.sigterm_interrupts():
+        with interrupts.sigterm_interrupts():
             manifest = artifact.export(args.src, args.format, args.output, args.precision,
                                        args.image_size, args.overwrite)
     except (ValueError, OSError, ImportError) as err:
@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    atomic.run_command(main, "nothing was written")
+    interrupts.run_command(main, "nothing was written")

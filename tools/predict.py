@@ -20,7 +20,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import atomic, images
+from vggjax.utils import images, interrupts
 
 from vggjax.inference.predictor import load_predictor, predict_files
 from vggjax.viz import convnet
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    atomic.run_command(main, "the files written so far are complete")
+    interrupts.run_command(main, "the files written so far are complete")

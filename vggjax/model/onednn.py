@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from vggjax.model import winograd
-from vggjax.utils import atomic
+from vggjax.utils import atomic, locks
 from vggjax.utils.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
@@ -78,7 +78,7 @@ def _build() -> Path:
     # Processes starting together (pytest workers, data-parallel hosts) build once: the others
     # wait for the lock, then find the library. Built beside its final name and renamed
     # (vggjax.utils.atomic): an interrupted build never leaves a half-written library behind.
-    with atomic.locked(out.parent, "the oneDNN build cache", wait=True):
+    with locks.locked(out.parent, "the oneDNN build cache", wait=True):
         if not out.is_file():
             _compile(prefix, out)
     return out

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from vggjax.utils import atomic
+from vggjax.utils import atomic, disk, interrupts
 from vggjax.utils.orbax_tree import ocp as _ocp, quiet as _quiet
 
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}
@@ -42,17 +42,17 @@ def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
     ocp = _ocp()
     # Waited for, then recorded as vggjax's (atomic.record): a later --restart may then delete
     # exactly these files. Orbax writes in the background otherwise; the state is small next to
-    # an epoch's work. Ctrl-C waits for the write (atomic.signals_deferred): no abort, no half step.
+    # an epoch's work. Ctrl-C waits for the write (interrupts.signals_deferred): no abort, no half step.
     directory = Path(str(mngr.directory))
     try:
-        with atomic.signals_deferred(), _quiet():
+        with interrupts.signals_deferred(), _quiet():
             mngr.save(step, metrics=dict(metrics), force=True, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
             mngr.wait_until_finished()
     except Exception as err:
         for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):  # the half-written step
             atomic.remove(tmp)
-        full = atomic.no_space(err, f"checkpoint {step} in {directory}", "any checkpoints before it "
+        full = disk.no_space(err, f"checkpoint {step} in {directory}", "any checkpoints before it "
                                "are intact: free some space and run the same command to resume")
         if full is not None:
             raise full from None

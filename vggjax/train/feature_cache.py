@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.utils import atomic
+from vggjax.utils import atomic, disk
 from vggjax.model.vgg import VGG, arch_name
 from vggjax.train.splits import PIXELS, ArraySplit
 from vggjax.weights.preprocessing import preprocess_input
@@ -144,7 +144,7 @@ def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -
             if features is None:
                 features = np.lib.format.open_memmap(tmp / FEATURES, mode="w+", dtype=np.float32,
                                                      shape=(n, *out.shape[1:]))
-                atomic.reserve(tmp / FEATURES)  # a full disk: one OSError, not a SIGBUS
+                disk.reserve(tmp / FEATURES)  # a full disk: one OSError, not a SIGBUS
             features[done:done + count] = out[real]
             labels[done:done + count] = batch["label"][real]
             done += count

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from vggjax.utils import atomic
+from vggjax.utils import atomic, locks
 
 from vggjax.train import splits
 from vggjax.train import feature_cache, freezing, parallel, report, loop
@@ -158,7 +158,7 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
     workdir = Path(config.workdir).absolute()
     make_workdir(workdir)
     # One run at a time in a workdir (process 0 of a multi-host job stands for the job).
-    lock = (atomic.locked(workdir, f"--workdir {workdir}") if jax.process_index() == 0
+    lock = (locks.locked(workdir, f"--workdir {workdir}") if jax.process_index() == 0
             else contextlib.nullcontext())
     with lock:
         claim_workdir(workdir, identity, restart, log)

@@ -17,24 +17,22 @@ edited in) a vggjax output makes the whole output foreign to vggjax.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NoReturn
+from typing import Iterable, Iterator
+
+from vggjax.utils.disk import no_space
+from vggjax.utils.interrupts import sigterm_interrupts
 
 _KINDS = ("tmp", "old")
 MANIFEST = ".vggjax-manifest.json"
-LOCK = ".vggjax-lock"
 # Orbax's own temporaries of an interrupted save (`<step>.orbax-checkpoint-tmp-<n>`) have no
 # finished content to digest; inside a directory recorded as an Orbax manager's they are its own.
 DAMAGED = "damaged-"  # prefix of a checkpoint step set aside as unreadable
@@ -125,60 +123,6 @@ def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: boo
             if full is not None:
                 raise full from None
             raise
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def no_space(err: BaseException, where: str | os.PathLike, outcome: str) -> OSError | None:
-    """A one-line OSError (errno ENOSPC or EDQUOT) for `err` when it says that the disk or the
-    quota is full, naming `where` and ending in `outcome` (what is left, what to do); else None.
-    Orbax and TensorStore raise ValueErrors whose text carries the OS code (os_error_code='28'),
-    TensorFlow errors whose text has the OS's words ("No space left on device")."""
-    code, text = getattr(err, "errno", None), str(err)
-    if code not in _FULL:  # TensorFlow's errors carry only the OS's words
-        found = re.search(r"os_error_code='(\d+)'", text)
-        code = int(found.group(1)) if found else next((c for c in _FULL if os.strerror(c) in text), None)
-    if code not in _FULL:
-        return None
-    full = OSError(f"{os.strerror(code).lower()} while writing {where}; {outcome}")
-    full.errno = code
-    return full
-
-
-def reserve(path: str | os.PathLike) -> None:
-    """Allocate the disk blocks of the file at `path` (its current size) now, so that a full disk is
-    an OSError here rather than a SIGBUS later, when a memory map of the (sparse) file is written."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
-class BusyError(RefusedError):
-    """Another live process holds the lock of a directory vggjax was asked to use."""
-
-
-@contextlib.contextmanager
-def locked(directory: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
-    """Hold an exclusive lock on `directory` (its `.vggjax-lock`, which names the holder's pid)
-    for the block; BusyError naming that pid when another process holds it, or with `wait`,
-    wait for it. The lock dies with its process, so a killed run never leaves a stale lock."""
-    path = Path(directory) / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise BusyError(f"{what} is in use by another vggjax run (pid {holder}); wait for it "
-                            "to finish or choose another one") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 def record(path: str | os.PathLike, orbax: bool = False) -> None:
@@ -408,77 +352,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, as an exception that cleanup code sees like Ctrl-C; `status` is the
-    exit status a command reports for it (130 or 143)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.status = 128 + signum
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within the block, SIGTERM raises Interrupted (exit status 143) so the cleanup above runs;
-    Ctrl-C already raises KeyboardInterrupt. Signal handlers live in the main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    if previous == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        if previous == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive within the block take effect when it ends (Interrupted).
-
-    For writes done by other threads (Orbax, TensorStore): interrupting the main thread while
-    they run lets Python exit under them ("terminate called", SIGABRT, thread tracebacks) and
-    leaves their files behind. A few seconds' delay is the price of a clean exit.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if pending:
-        raise Interrupted(pending[0])
-
-
-def run_command(main: Callable[[], int], interrupted: str) -> NoReturn:
-    """End the process with the status `main()` returns: a command's `__main__`.
-
-    Ctrl-C or SIGTERM that `main` leaves uncaught prints "error: interrupted; <interrupted>" (one
-    line) and gives status 130 / 143. After an interrupt the process ends without the
-    interpreter's shutdown (os._exit): an XLA compilation the interrupt cut short can crash that
-    (SIGSEGV) after the message. Files are complete or removed by then (`writing`).
-    """
-    try:
-        with sigterm_interrupts():
-            status = main()
-    except KeyboardInterrupt as err:
-        print(f"error: interrupted; {interrupted}", file=sys.stderr)
-        status = getattr(err, "status", 130)
-    if status in (130, 143):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)

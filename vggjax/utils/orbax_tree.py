@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from vggjax.utils import atomic
+from vggjax.utils import interrupts
 
 
 def ocp():
@@ -66,7 +66,7 @@ def save_tree(path: Path, tree: Mapping) -> None:
     makes the caller delete it.
     """
     orbax = ocp()
-    with atomic.signals_deferred(), quiet(), orbax.Checkpointer(orbax.StandardCheckpointHandler()) as ckptr:
+    with interrupts.signals_deferred(), quiet(), orbax.Checkpointer(orbax.StandardCheckpointHandler()) as ckptr:
         ckptr.save(path, args=orbax.args.StandardSave(dict(tree)))
 
 
