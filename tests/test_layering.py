@@ -145,3 +145,19 @@ def test_a_moved_name_still_works_for_a_release_with_a_warning(old, new, name):
     assert moved is getattr(importlib.import_module(new), name)
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         getattr(importlib.import_module(old), "no_such_name")
+
+
+def test_the_public_api_is_reachable_from_its_package():
+    import vggjax.inference
+    import vggjax.losses
+    import vggjax.train
+    import vggjax.viz
+    from vggjax.inference import classifier
+    from vggjax.losses import perceptual
+    from vggjax.train import loop
+    from vggjax.viz import convnet
+
+    assert vggjax.losses.LPIPS is perceptual.LPIPS and vggjax.losses.style_loss is perceptual.style_loss
+    assert vggjax.viz.grad_cam is convnet.grad_cam and vggjax.viz.overlay is convnet.overlay
+    assert vggjax.inference.load_classifier is classifier.load_classifier
+    assert vggjax.train.fit is loop.fit and vggjax.train.TrainState is loop.TrainState

@@ -146,7 +146,8 @@ class VGG(nn.Module):
                 f"the Keras top (flatten -> fc1) expects 224x224 inputs, found {h}x{w}; "
                 "use include_top=False or top_input='torch' for other sizes")
 
-    def _check_config(self) -> None:
+    def check_config(self) -> None:
+        """ValueError (one line) for a top_input, pooling or classifier_activation VGG lacks."""
         if self.top_input not in TOP_INPUTS:
             raise ValueError(f"top_input must be one of {TOP_INPUTS}, found {self.top_input!r}")
         if self.pooling not in POOLINGS:
@@ -164,7 +165,7 @@ def forward(config: VGG, layers, x, outputs: Sequence[str] | None):
     """The one VGG forward pass, for both faces: `config` (a Linen VGG, bound or not) holds the
     options, `layers` runs the named layers (`_LinenLayers` here, vggjax.nnx's own there).
     x: (N, H, W, 3) preprocessed floats -> see VGG's docstring for the outputs."""
-    config._check_config()
+    config.check_config()
     config.check_input(x.shape)
     taps = _Taps(outputs, config.layer_names())
     x = features(config, layers, jnp.asarray(x, config.dtype), taps)

@@ -48,7 +48,7 @@ class VGG(nnx.Module):
 
     def __init__(self, *, rngs: nnx.Rngs, preprocessing: str | None = None, **options):
         self.config = vgg.VGG(**options)
-        self.config._check_config()
+        self.config.check_config()
         self.preprocessing = preprocessing  # the weights' preprocess_input mode, when loaded
         c = self.config
         dtypes = dict(dtype=c.dtype, param_dtype=c.param_dtype)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from vggjax.train import freezing
 from vggjax.train import loop
-from vggjax.train.loop import _inputs, batch_metrics
+from vggjax.train.loop import batch_metrics, model_inputs
 
 GROUPS = ("block1", "block2", "block3", "block4", "block5", "fc1", "fc2", "predictions", "head")
 
@@ -68,7 +68,7 @@ def make_train_step(*, augment=None, preprocess_mode: str | None = None) -> Call
     """
     @nnx.jit
     def train_step(model, optimizer, batch, key):
-        x = _inputs(batch["image"], key, augment, preprocess_mode, None)
+        x = model_inputs(batch["image"], key, augment, preprocess_mode, None)
 
         def loss_fn(model):
             metrics = batch_metrics(model(x), batch["label"], batch["mask"])
@@ -86,7 +86,7 @@ def make_eval_step(*, preprocess_mode: str | None = None) -> Callable:
     in `make_train_step`."""
     @nnx.jit
     def eval_step(model, batch):
-        x = _inputs(batch["image"], None, None, preprocess_mode, None)
+        x = model_inputs(batch["image"], None, None, preprocess_mode, None)
         return batch_metrics(model(x), batch["label"], batch["mask"])
 
     return eval_step
@@ -108,11 +108,11 @@ def fit(model: nnx.Module, optimizer: nnx.Optimizer, train_step: Callable, eval_
     history, step = [], 0
     for epoch in range(epochs):
         model.train()
-        totals = loop._totals()
+        totals = loop.metric_totals()
         for batch in train_split.batches(epoch):
-            totals = loop._accumulate(totals, train_step(model, optimizer, batch, jax.random.fold_in(key, step)))
+            totals = loop.accumulate(totals, train_step(model, optimizer, batch, jax.random.fold_in(key, step)))
             step += 1
-        train = loop._finite(loop._means(totals), f"{where}, epoch {epoch + 1}")
+        train = loop.check_finite(loop.epoch_means(totals), f"{where}, epoch {epoch + 1}")
         val = evaluate(model, eval_step, val_split)
         history.append({"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
                         "val_loss": val["loss"], "val_accuracy": val["accuracy"]})

@@ -1,1 +1,6 @@
-"""The book's transfer learning: input pipelines, augmentation, freezing, the training loop, data parallelism, checkpoints, the feature cache, the classifier, the workflow and its report."""
+"""The book's transfer learning: input pipelines, augmentation, freezing, the training loop, data
+parallelism, checkpoints, the feature cache, the workflow (`config`, `workflow`) and its report.
+
+    vggjax.train.make_train_step(model, tx), vggjax.train.fit(state, ...), vggjax.train.TrainState
+"""
+from vggjax.train.loop import TrainState, evaluate, fit, make_eval_step, make_train_step

@@ -71,7 +71,9 @@ def batch_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict
             "count": count}
 
 
-def _inputs(images, key, augment, preprocess_mode, dtype):
+def model_inputs(images, key, augment, preprocess_mode, dtype):
+    """What a step feeds the model: `images` augmented (when `augment` is a config, drawn from
+    `key`), preprocessed (when `preprocess_mode`), as `dtype` (None: float32)."""
     if augment is not None:
         images = augmentation.augment(key, images, augment)
     if preprocess_mode is not None:
@@ -118,7 +120,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, input
 
     def train_step(state: TrainState, batch):
         augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        x = _inputs(batch[input_key], augment_key, augment, preprocess_mode, compute_dtype)
+        x = model_inputs(batch[input_key], augment_key, augment, preprocess_mode, compute_dtype)
 
         def loss_fn(params):
             logits, batch_stats = _apply(model, state.replace(params=params), x, train=True,
@@ -145,7 +147,7 @@ def make_eval_step(model: nn.Module, *, input_key: str = "image", preprocess_mod
     model = with_compute_dtype(model, compute_dtype)
 
     def eval_step(state: TrainState, batch):
-        x = _inputs(batch[input_key], None, None, preprocess_mode, compute_dtype)
+        x = model_inputs(batch[input_key], None, None, preprocess_mode, compute_dtype)
         logits, _ = _apply(model, state, x, train=False)
         return batch_metrics(logits, batch["label"], batch["mask"])
 
@@ -153,7 +155,9 @@ def make_eval_step(model: nn.Module, *, input_key: str = "image", preprocess_mod
 
 
 @jax.jit
-def _accumulate(totals, metrics):
+def accumulate(totals, metrics):
+    """`totals` (`metric_totals`) plus one step's `metrics` ("loss", "accuracy" means and
+    "count"), on the device: no host sync per step."""
     count = metrics["count"]
     return {"loss_sum": totals["loss_sum"] + metrics["loss"] * count,
             # accuracy * count is an integer up to float rounding
@@ -161,11 +165,12 @@ def _accumulate(totals, metrics):
             "count": totals["count"] + count}
 
 
-def _totals(loss_sum: float = 0.0, correct: int = 0, count: int = 0) -> dict:
+def metric_totals(loss_sum: float = 0.0, correct: int = 0, count: int = 0) -> dict:
+    """Running sums of an epoch's metrics: float32 "loss_sum", int32 "correct" and "count"."""
     return {"loss_sum": jnp.float32(loss_sum), "correct": jnp.int32(correct), "count": jnp.int32(count)}
 
 
-def _finite(train: dict, where: str, directory: Path | None = None) -> dict:
+def check_finite(train: dict, where: str, directory: Path | None = None) -> dict:
     """`train` if its loss is finite; else ValueError before this epoch's state is saved (a NaN
     loss stays NaN: every later epoch would be nonsense)."""
     if not math.isfinite(train["loss"]):
@@ -175,7 +180,8 @@ def _finite(train: dict, where: str, directory: Path | None = None) -> dict:
     return train
 
 
-def _means(totals) -> dict:
+def epoch_means(totals) -> dict:
+    """{"loss", "accuracy"} means (Python floats) and "count" of `totals` (`metric_totals`)."""
     t = jax.device_get(totals)
     n = int(t["count"])
     return {"loss": float(t["loss_sum"]) / max(n, 1), "accuracy": int(t["correct"]) / max(n, 1), "count": n}
@@ -183,10 +189,10 @@ def _means(totals) -> dict:
 
 def evaluate(state: TrainState, eval_step: Callable, split: Batches, mesh=None) -> dict:
     """{"loss", "accuracy", "count"} over every example of `split` exactly once (padding masked)."""
-    totals = _totals()
+    totals = metric_totals()
     for batch in split.batches(0):
-        totals = _accumulate(totals, eval_step(state, shard_batch(batch, mesh) if mesh else batch))
-    return _means(totals)
+        totals = accumulate(totals, eval_step(state, shard_batch(batch, mesh) if mesh else batch))
+    return epoch_means(totals)
 
 
 def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
@@ -265,14 +271,14 @@ def _end_epoch(state, at, eval_step, val_split, mesh, what: str, epochs: int, di
                log) -> dict:
     """Close the epoch `at` is in: its training means (refused if not finite), the validation
     metrics, one history record (returned) and its log line; `at` moves to the next epoch."""
-    train = _finite(_means(at.totals), what, directory)
+    train = check_finite(epoch_means(at.totals), what, directory)
     val = evaluate(state, eval_step, val_split, mesh)
     record = {"epoch": at.epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
               "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
     at.history.append(record)
     log(f"{what}/{epochs}: loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
         f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f}")
-    at.epoch, at.done, at.totals = at.epoch + 1, 0, _totals()
+    at.epoch, at.done, at.totals = at.epoch + 1, 0, metric_totals()
     return record
 
 
@@ -284,7 +290,7 @@ class _Position:
     epoch: int = 0  # epochs finished
     done: int = 0  # batches done in the current epoch
     history: list = dataclasses.field(default_factory=list)
-    totals: dict = dataclasses.field(default_factory=lambda: _totals())
+    totals: dict = dataclasses.field(default_factory=lambda: metric_totals())
 
     def meta(self, identity: Mapping) -> dict:
         t = jax.device_get(self.totals)
@@ -309,7 +315,7 @@ def _resume(mngr, state, identity: Mapping, directory: Path, log) -> tuple[Any, 
         return state, _Position()
     state, meta = restored
     return state, _Position(meta["step"], meta["epoch"], meta["batches_done"], list(meta["history"]),
-                            _totals(**meta["epoch_totals"]))
+                            metric_totals(**meta["epoch_totals"]))
 
 
 def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, checkpoint_every,
@@ -322,7 +328,7 @@ def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, 
     with tqdm(total=spe, initial=at.done, leave=False, **bar) as progress:
         for batch in batches:
             state, metrics = train_step(state, shard_batch(batch, mesh) if mesh else batch)
-            at.totals = _accumulate(at.totals, metrics)
+            at.totals = accumulate(at.totals, metrics)
             at.step, at.done = at.step + 1, at.done + 1
             progress.update()
             if checkpoint_every and at.step % checkpoint_every == 0 and at.done < spe:
