@@ -61,11 +61,17 @@ def check_tfds(pipeline: str, data_dir: str | None) -> None:
             "DIR/train/dogs/*.jpg, and the same under DIR/validation and DIR/test") from None
 
 
+WORKDIR = "runs/finetune_catsdogs"
+SMOKE_WORKDIR = "runs/smoke_{pipeline}"  # one per pipeline: make demo's (grain) and tf.data's apart
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", metavar="DIR", help="converted weights (default: Keras VGG16 no-top, "
                    "downloaded and converted into $VGGJAX_CACHE on first use)")
-    p.add_argument("--workdir", default="runs/finetune_catsdogs")
+    p.add_argument("--workdir", help="where the run keeps its checkpoints, results and exports "
+                   f"(default {WORKDIR}; with --smoke {SMOKE_WORKDIR.format(pipeline='PIPELINE')}, so "
+                   "smoke runs never meet real ones)")
     p.add_argument("--restart", action="store_true", help="discard the run already in --workdir "
                    "(its checkpoints, results and exports) instead of refusing a different one")
     add_arguments(p)
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{synthetic.SETTINGS}; all phases in < 3 min on 2 CPU cores")
     args = p.parse_args(argv)
     given = config_arguments(args)
+    if args.workdir is None:
+        args.workdir = SMOKE_WORKDIR.format(pipeline=given.get("pipeline", "tfdata")) if args.smoke else WORKDIR
     if given.get("data_parallel"):
         parallel.initialize_distributed()  # multi-host: before any other JAX call; no-op on one host
 

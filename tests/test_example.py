@@ -196,7 +196,7 @@ def test_a_workdir_is_resumed_only_by_the_same_run_and_epochs_0_only_evaluates(t
     proc = _run([*args, "--epochs", "0", "--weights", str(weights / "weights1"), "--batch-size", "2"],
                 env, timeout=120)
     assert re.fullmatch(rf"error: --workdir {re.escape(str(workdir))} holds another run: "
-                        r"batch_size \(4 there, 2 now\), .*weights_sha256 .*; use another --workdir, or "
+                        r"--batch-size \(4 there, 2 now\), .*the weights .*; use another --workdir, or "
                         r"--restart to discard that run", _error(proc))
     assert json.loads((workdir / report.RESULTS).read_text())["features"] == result  # untouched
 

@@ -107,20 +107,25 @@ def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_output
     (workdir / "checkpoints").mkdir()
     (workdir / "my_notes.txt").write_text("mine")
     run_identity.claim_workdir(workdir, identity(tmp_path))  # the same run: resumes
-    for changes, named in [(dict(image_size=64), "image_size (150 there, 64 now)"),
-                           (dict(batch_size=8), "batch_size (20 there, 8 now)"),
-                           (dict(seed=1), "seed")]:
+    for changes, named in [(dict(image_size=64), "--image-size (150 there, 64 now)"),
+                           (dict(batch_size=8), "--batch-size (20 there, 8 now)"),
+                           (dict(seed=1), "--seed")]:
         with pytest.raises(run_identity.RunMismatchError, match=rf"holds another run: .*{re.escape(named)}"
                                                            r".*use another --workdir, or --restart"):
             run_identity.claim_workdir(workdir, identity(tmp_path, **changes))
     other_weights = dict(first, weights_sha256="cd" * 32)
-    with pytest.raises(run_identity.RunMismatchError, match=r"weights_sha256"):
+    with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: the weights \("):
         run_identity.claim_workdir(workdir, other_weights)
     # A run begun before its pipeline's decoder changed (a bump of splits.PIXELS) is not continued.
-    with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: pixels \(1 there, 2 now\)"):
+    with pytest.raises(run_identity.RunMismatchError,
+                       match=r"holds another run: how the image pipeline decodes images \(1 there, 2 now\)"):
         run_identity.claim_workdir(workdir, dict(first, pixels=first["pixels"] + 1))
+    # Another pipeline: named once, by its flag (its pixel revision follows from it).
+    with pytest.raises(run_identity.RunMismatchError,
+                       match=r"holds another run: --pipeline \(\"tfdata\" there, \"grain\" now\); use"):
+        run_identity.claim_workdir(workdir, dict(first, pipeline="grain", pixels=first["pixels"] + 1))
     (tmp_path / "data" / "test" / "cats" / "cats.0.jpg").write_bytes(b"other image")
-    with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: data \("):
+    with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: the data's files \("):
         run_identity.claim_workdir(workdir, identity(tmp_path))
     run_identity.claim_workdir(workdir, other_weights, restart=True, log=lambda line: None)
     assert sorted(p.name for p in workdir.iterdir()) == [atomic.MANIFEST, "my_notes.txt", run_identity.RUN]

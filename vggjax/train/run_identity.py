@@ -79,7 +79,9 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
     if old is not None and old != identity:
         if not restart:
             differs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
-            shown = ", ".join(f"{k} ({_short(old.get(k))} there, {_short(identity.get(k))} now)"
+            if "pipeline" in differs:  # another pipeline decodes differently: saying so once is enough
+                differs.remove("pixels") if "pixels" in differs else None
+            shown = ", ".join(f"{_what(k)} ({_short(old.get(k))} there, {_short(identity.get(k))} now)"
                               for k in differs[:6]) + (" ..." if len(differs) > 6 else "")
             if not old:
                 shown = f"vggjax's outputs without their {RUN}"
@@ -102,6 +104,16 @@ def make_workdir(workdir: Path) -> None:
             raise PermissionError(f"--workdir {workdir} is not writable")
     except OSError as err:
         raise OSError(f"cannot use --workdir {workdir}: {err.strerror or err}") from None
+
+
+# Identity keys that are not Config fields (those are named by their flag), in words.
+_WORDS = {"weights_sha256": "the weights", "arch": "the architecture", "data": "the data's files",
+          "preprocess": "the preprocessing", "pixels": "how the image pipeline decodes images",
+          "vggjax_version": "the vggjax version"}
+
+
+def _what(key: str) -> str:
+    return _WORDS.get(key) or f"--{key.replace('_', '-')}"
 
 
 def _short(value) -> str:
