@@ -16,7 +16,7 @@ from vggjax.model.summary import min_forward_bytes
 from vggjax.model.vgg import MIN_SIZE, VGG, arch_name
 from vggjax.inference.classifier import CLASSIFIER
 from vggjax.weights import METADATA
-from vggjax.utils.memory import check_fits
+from vggjax.utils.memory import memory_bytes, shortfall
 from vggjax.utils.trees import digest
 from vggjax.inference.predictor import IMAGENET_SIZE, load_predictor
 from vggjax.weights.preprocessing import imagenet_classes
@@ -83,7 +83,9 @@ def _features(src: Path, precision: str, image_size: int | None) -> Serving:
     size = IMAGENET_SIZE if image_size is None else image_size  # 0 is refused, never the default
     if type(size) is not int or size < MIN_SIZE:
         raise ValueError(f"--image-size must be an integer >= {MIN_SIZE}, found {image_size!r}")
-    check_fits(size, min_forward_bytes(size, 2 if precision == "bf16" else 4))
+    need = min_forward_bytes(size, jnp.dtype(PRECISIONS[precision]).itemsize)
+    if gap := shortfall(need, memory_bytes()):
+        raise ValueError(f"one {size}x{size} image {gap}")
     model, params = _in_precision(pretrained.model.clone(conv_impl=PORTABLE_CONV),
                                   pretrained.variables, precision)
     mode = pretrained.meta["preprocessing"]

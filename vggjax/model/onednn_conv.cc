@@ -210,8 +210,7 @@ ffi::Error conv(Kind kind, const ffi::AnyBuffer& act, int64_t cin, int64_t cout,
   } else {
     return ffi::Error::InvalidArgument("vggjax oneDNN conv: dtype must be float32 or bfloat16");
   }
-  auto d = act.dimensions();
-  if (d.size() != 4) return ffi::Error::InvalidArgument("vggjax oneDNN conv: activations must be NHWC");
+  auto d = act.dimensions();  // rank 4: checked by the handler
   try {
     return run(plan_for(kind, d[0], d[1], d[2], cin, cout, dt, relu), kind, x, wei, bias, y);
   } catch (const dnnl::error& e) {

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from vggjax.train.splits import PIPELINES
-from vggjax.utils.memory import memory_bytes
+from vggjax.utils.memory import memory_bytes, shortfall
 from vggjax.train import augmentation
 from vggjax.model.vgg import MIN_SIZE
 from vggjax.model.summary import min_forward_bytes
@@ -149,10 +149,9 @@ class Config:
         need = self.batch_size * min_forward_bytes(self.image_size, 2 if self.precision == "bf16" else 4)
         have = (memory_bytes() * jax.process_count() if self.data_parallel
                 else memory_bytes(jax.local_devices()[:1]))
-        if need > have:
+        if gap := shortfall(need, have):
             problems.append(f"batch_size (--batch-size) {self.batch_size} at image_size (--image-size) "
-                            f"{self.image_size} needs at least {need / 2**30:.1f} GiB for its first conv "
-                            f"layer alone, more than the {have / 2**30:.1f} GiB here; lower either")
+                            f"{self.image_size} {gap}; lower either")
 
     @property
     def compute_dtype(self):

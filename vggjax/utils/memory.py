@@ -1,4 +1,4 @@
-"""How much memory the devices have, and whether one image's forward pass can fit in it."""
+"""How much memory the devices have, and the words for a forward pass that cannot fit in it."""
 from __future__ import annotations
 
 import os
@@ -17,10 +17,10 @@ def memory_bytes(devices=None) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(image_size: int, min_bytes: int, devices=None) -> None:
-    """ValueError (one line) when `min_bytes`, the least one image at `image_size` needs
-    (`vggjax.model.summary.min_forward_bytes`), exceeds the memory of `devices`."""
-    have = memory_bytes(devices)
-    if min_bytes > have:
-        raise ValueError(f"one {image_size}x{image_size} image needs at least {min_bytes / 2**30:.1f} GiB "
-                         f"for its first conv layer alone, more than the {have / 2**30:.1f} GiB here")
+def shortfall(need: int, have: int) -> str | None:
+    """The words for `need` bytes of a first conv layer that `have` bytes cannot hold ("needs at
+    least X GiB for its first conv layer alone, more than the Y GiB here"); None when they fit."""
+    if need <= have:
+        return None
+    return (f"needs at least {need / 2**30:.1f} GiB for its first conv layer alone, more than the "
+            f"{have / 2**30:.1f} GiB here")
