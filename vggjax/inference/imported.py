@@ -8,14 +8,15 @@ or timm VGG state dict (`from_torch`).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from vggjax.inference.classifier import (Classifier, Head, TrainedClassifier, export, hidden_layers,
-                                         load_classifier)
+from vggjax.inference.classifier import CLASSIFIER, Classifier, Head, TrainedClassifier, export, hidden_layers
 from vggjax.model.vgg import TOP, create, without_top
 from vggjax.utils import atomic
 from vggjax.utils.trees import diff
@@ -42,7 +43,7 @@ def from_keras(path: str | os.PathLike, output: str | os.PathLike, preprocess: s
                class_names: Sequence[str] | None = None, image_size: int | None = None,
                architecture: str | os.PathLike | None = None, overwrite: bool = False) -> TrainedClassifier:
     """Import a whole Keras model (`weights.keras_model`: .h5 from model.save, .keras, or
-    .weights.h5 with `architecture`) into the classifier directory `output`; return it loaded.
+    .weights.h5 with `architecture`) into the classifier directory `output`; return it.
 
     `preprocess`: what the model's inputs were when nothing inside it says ("rescale" for the
     1st edition's x/255, "caffe" for vgg16.preprocess_input applied outside); recorded in
@@ -78,7 +79,7 @@ def from_torch(path: str | os.PathLike, arch: str, output: str | os.PathLike,
                image_size: int = 224, overwrite: bool = False) -> TrainedClassifier:
     """Import a torchvision or timm VGG state dict whose classifier was replaced (e.g.
     `classifier[6] = nn.Linear(4096, 2)`; .pth read without running its pickle, or
-    .safetensors) into the classifier directory `output`; return it loaded.
+    .safetensors) into the classifier directory `output`; return it.
 
     The head is torchvision's: adaptive 7x7 average pool, fc1 and fc2 (4096, relu, dropout
     0.5), then the file's own classifier; its softmax gives the probabilities.
@@ -143,6 +144,6 @@ def _write(path: str, output, arch: str, meta: Mapping, base: Mapping, head: Hea
     meta = dict(meta, source_file=source["file"], source_sha256=source["sha256"])
     clf = TrainedClassifier(model=model, variables=variables, preprocessing=meta["preprocessing"],
                             image_size=image_size, class_names=names)
-    export(output, clf, meta, info={"phase": "imported", "imported_from": source},
-           overwrite=overwrite)
-    return load_classifier(output)
+    written = export(output, clf, meta, info={"phase": "imported", "imported_from": source},
+                     overwrite=overwrite)  # the base is reloaded and compared there, bit for bit
+    return dataclasses.replace(clf, meta=json.loads((written / CLASSIFIER).read_text()))
