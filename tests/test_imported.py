@@ -160,3 +160,44 @@ def test_a_non_vgg_base_and_a_linear_output_are_refused(keras, tmp_path):
 
     assert "layer 'out' (Dense) ends the model with 2 unit(s) and activation 'linear'" in refusal(
         keras, tmp_path / "b", logits_out)
+
+
+@pytest.fixture(scope="module")
+def fine_tuned_torchvision(tmp_path_factory):
+    """A torchvision VGG16 fine-tuned the usual PyTorch way (classifier[6] replaced by a 2-class
+    Linear), random weights, saved with torch.save(model.state_dict())."""
+    import torch
+
+    from vggjax.testing.reference import randomize, vgg
+
+    d = tmp_path_factory.mktemp("torch")
+    with torch.device("meta"):
+        model = vgg("vgg16")
+        model.classifier[6] = torch.nn.Linear(4096, 2)
+    model = randomize(model.to_empty(device="cpu"), seed=3)
+    torch.save(model.state_dict(), d / "catsdogs_vgg16.pth")
+    return d, model
+
+
+def torch_probabilities(model, pixels: np.ndarray) -> np.ndarray:
+    """softmax of the PyTorch module's logits on torchvision-normalised pixels (NCHW)."""
+    import torch
+
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = ((pixels / 255.0 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        return torch.softmax(model(torch.from_numpy(x)).double(), dim=1).numpy()
+
+
+@pytest.mark.slow  # a 528 MB state dict: ~1 min on 2 cores
+def test_fine_tuned_torchvision_vgg16_predicts_as_pytorch(fine_tuned_torchvision, tmp_path):
+    d, model = fine_tuned_torchvision
+    clf = imported.from_torch(d / "catsdogs_vgg16.pth", "vgg16", tmp_path / "clf",
+                              class_names=("cats", "dogs"), image_size=SIZE)
+    assert (clf.preprocessing, clf.model.head.pooling, clf.model.head.units) == ("torch", "torch", (4096, 4096))
+    pixels = photos(tmp_path, SIZE, seed=4)
+    want = torch_probabilities(model, pixels)
+    assert want[:, 1].std() > 0.01
+    assert_parity("fine-tuned torchvision vgg16 .pth", classifier.predict(clf, pixels), want, tol=TOL)
+    with pytest.raises(ValueError, match=r"--class-names gives 3 name\(s\).*has 2 classes"):
+        imported.from_torch(d / "catsdogs_vgg16.pth", "vgg16", tmp_path / "other", class_names="a b c".split())
