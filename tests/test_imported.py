@@ -201,3 +201,45 @@ def test_fine_tuned_torchvision_vgg16_predicts_as_pytorch(fine_tuned_torchvision
     assert_parity("fine-tuned torchvision vgg16 .pth", classifier.predict(clf, pixels), want, tol=TOL)
     with pytest.raises(ValueError, match=r"--class-names gives 3 name\(s\).*has 2 classes"):
         imported.from_torch(d / "catsdogs_vgg16.pth", "vgg16", tmp_path / "other", class_names="a b c".split())
+
+
+@pytest.mark.slow  # four scripts in subprocesses, ONNX export and a fine-tuning epoch: ~3 min
+def test_imported_keras_model_predicts_exports_to_onnx_and_fine_tunes(book_models, tmp_path,
+                                                                      subprocess_env):
+    """The issue's "done when", as a user runs it: the 2nd edition's .keras imported by
+    tools/convert_weights.py, classified by tools/predict.py, exported to ONNX by tools/export.py
+    (onnxruntime's probabilities equal Keras'), and fine-tuned one more epoch by the example."""
+    from vggjax.inference import artifact
+    from vggjax.train.synthetic import make_image_folder
+
+    d, model, _, pixels = book_models
+    clf_dir = tmp_path / "catsdogs"
+    done = run_script("tools/convert_weights.py", "--source", "keras", "--input", d / "fine_tuning.keras",
+                      "--class-names", "discs,stripes", "--output", clf_dir, env=subprocess_env)
+    assert done.returncode == 0, done.stderr
+    assert "preprocessing caffe, head flatten -> [256] -> 1, classes ['discs', 'stripes']" in done.stdout
+
+    photo = write_jpegs(tmp_path, [(SIZE, SIZE)], seed=9)[0]
+    done = run_script("tools/predict.py", photo, "--weights", clf_dir, "--json", env=subprocess_env)
+    assert done.returncode == 0, done.stderr
+    p_stripes = float(keras_probabilities(model, load_image(photo)[None].astype(np.float32))[0, 1])
+    top = {t["name"]: t["probability"] for t in json.loads(done.stdout)[0]["top"]}
+    assert abs(top["stripes"] - p_stripes) <= TOL
+
+    done = run_script("tools/export.py", clf_dir, "--format", "onnx", "--output", tmp_path / "onnx",
+                      env=subprocess_env)
+    assert done.returncode == 0, done.stderr
+    onnx = artifact.load(tmp_path / "onnx").probabilities(pixels)
+    assert_parity("imported .keras exported to ONNX", onnx, keras_probabilities(model, pixels.astype(np.float32)),
+                  tol=TOL)
+
+    data = make_image_folder(tmp_path / "data", sizes={"train": 4, "validation": 2, "test": 2}, jpeg_size=40)
+    done = run_script("examples/finetune_catsdogs.py", "--weights", clf_dir, "--data", data, "--phases",
+                      "finetune", "--epochs", "1", "--image-size", str(SIZE), "--batch-size", "4",
+                      "--workdir", tmp_path / "run", env=subprocess_env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "continues from the classifier" in done.stdout + done.stderr
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert list(history) == ["finetune"] and len(history["finetune"]) == 1
+    tuned = classifier.load_classifier(tmp_path / "run" / "export" / "finetune")
+    assert tuned.model.head == classifier.load_classifier(clf_dir).model.head
