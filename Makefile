@@ -36,6 +36,6 @@ $(VENV)/.stamp-demo-$(HASH): | $(PY)
 
 $(VENV)/.stamp-test-$(HASH): | $(PY)
 	$(PIP) $(TORCH)
-	$(PIP) -e ".[train,grain,torch,test,onednn,export]"
+	$(PIP) -e ".[train,grain,torch,test,onednn,export,hub]"
 	$(PIP) --no-deps -r $(NODEPS)
 	rm -f $(VENV)/.stamp-test-* && touch $@

@@ -73,7 +73,7 @@ def test_cli_runs_from_anywhere_and_timm_needs_input(subprocess_env, tmp_path):
     env = {k: v for k, v in subprocess_env.items() if k != "PYTHONPATH"}
     result = run_cli(env, "--source", "timm", "--arch", "vgg16", cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: timm weights have no checksum pinned")
+    assert result.stderr.startswith("error: no Hub commit is pinned for timm vgg16 in vggjax: give one with --revision SHA")
     assert "--input FILE" in result.stderr and "Traceback" not in result.stderr
 
 

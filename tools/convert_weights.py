@@ -3,6 +3,7 @@
     python tools/convert_weights.py --source keras --arch vgg16            # conv base, downloads
     python tools/convert_weights.py --source keras --arch vgg16 --include-top --input vgg16.h5
     python tools/convert_weights.py --source timm --arch vgg16_bn --input model.safetensors
+    python tools/convert_weights.py --source timm --arch vgg16 --revision SHA   # from the Hugging Face Hub
 
 A model you trained becomes a classifier directory (tools/predict.py --weights DIR, tools/export.py DIR):
 
@@ -42,6 +43,8 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     parser.add_argument("--output", metavar="DIR", help="default: $VGGJAX_CACHE/converted/"
                         "<source>_<arch>[_notop], with $VGGJAX_CACHE defaulting to ~/.cache/vggjax")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    parser.add_argument("--revision", metavar="SHA", help="--source timm without --input: the Hub "
+                        "commit to download (HF_HUB_OFFLINE=1: from the Hub's cache only)")
     group = parser.add_argument_group("a model you trained, imported as a classifier directory")
     group.add_argument("--class-names", metavar="NAMES|FILE", help="comma-separated, or a file with "
                        "one a line, in output order (imports a torchvision/timm classifier too)")
@@ -65,6 +68,8 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
         if args.arch is None:
             parser.error(f"--source {args.source} needs --arch")
         wrong = given
+    if args.revision is not None and (args.source != "timm" or args.input is not None):
+        parser.error("--revision is for --source timm without --input (a download from the Hub)")
     if wrong:
         parser.error(f"{', '.join(wrong)} only apply to importing a whole Keras model (--source keras "
                      "without --arch) or a classifier with --class-names")
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
             meta = weights.convert_file(args.source, args.arch, args.input, output,
-                                        include_top=args.include_top, overwrite=args.overwrite)
+                                        include_top=args.include_top, overwrite=args.overwrite,
+                                        revision=args.revision)
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(f"error: {err}", file=sys.stderr)
         return 1
