@@ -243,3 +243,46 @@ def test_imported_keras_model_predicts_exports_to_onnx_and_fine_tunes(book_model
     assert list(history) == ["finetune"] and len(history["finetune"]) == 1
     tuned = classifier.load_classifier(tmp_path / "run" / "export" / "finetune")
     assert tuned.model.head == classifier.load_classifier(clf_dir).model.head
+
+
+@pytest.mark.slow  # two more VGG bases (one a VGG19) compiled: ~1 min
+@pytest.mark.parametrize("structure", ["vgg19 avg-pooled rescaling softmax .h5",
+                                       "inline vgg16 max-pooled .weights.h5 + architecture"])
+def test_other_structures_predict_as_keras(keras, tmp_path, structure):
+    """The rest of what the importer reads: a VGG19 base with pooling="avg" behind
+    Rescaling(1/255), two relu hidden layers each followed by Dropout, a 3-way softmax, in a
+    legacy .h5; and a VGG16 whose layers sit in the model itself (Model(base.input, ...)),
+    GlobalMaxPooling2D, Dropout then Dense(2, softmax), saved as .weights.h5 with model.to_json()."""
+    from keras import layers
+
+    keras.utils.set_random_seed(1)
+    pixels = photos(tmp_path, SIZE, n=4, seed=5)
+    if structure.startswith("vgg19"):
+        base = keras.applications.VGG19(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3),
+                                        pooling="avg")
+        set_base(base, "vgg19", 1.0, seed=6)
+        inputs = keras.Input((SIZE, SIZE, 3))
+        x = base(layers.Rescaling(1 / 255)(inputs))
+        x = layers.Dropout(0.3)(layers.Dense(64, activation="relu")(x))
+        x = layers.Dropout(0.3)(layers.Dense(32, activation="relu")(x))
+        model = keras.Model(inputs, layers.Dense(3, activation="softmax")(x))
+        spread_output(keras, model, pixels.astype(np.float32))
+        path, architecture = tmp_path / "model.h5", None
+        model.save(path)
+    else:
+        base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
+        set_base(base, "vgg16", CAFFE_INPUT_RMS, seed=7)
+        x = layers.Dropout(0.2)(layers.GlobalMaxPooling2D()(base.output))
+        model = keras.Model(base.input, layers.Dense(2, activation="softmax")(x))
+        spread_output(keras, model, keras.applications.vgg16.preprocess_input(pixels.astype(np.float32)))
+        path, architecture = tmp_path / "model.weights.h5", tmp_path / "model.json"
+        model.save_weights(path)
+        architecture.write_text(model.to_json())
+    mode = "rescale" if structure.startswith("vgg19") else "caffe"
+    clf = imported.from_keras(path, tmp_path / "clf", preprocess=None if mode == "rescale" else "caffe",
+                              architecture=architecture)
+    assert clf.preprocessing == mode
+    keras_inputs = pixels.astype(np.float32)
+    if mode == "caffe":  # preprocess_input done outside the model, as --preprocess caffe says
+        keras_inputs = keras.applications.vgg16.preprocess_input(keras_inputs)
+    assert_imported_matches(structure, clf, model, pixels, keras_inputs)
