@@ -268,8 +268,8 @@ def _from_classifier(r: _Run, start: TrainedClassifier):
     names = tuple(r.splits["train"].class_names)
     if tuple(start.class_names) != names:
         raise ValueError(f"--weights {r.config.weights} classifies {list(start.class_names)}, the "
-                         f"data's classes are {list(names)}: import it again with --class-names "
-                         f"{','.join(names)} if they are the same classes")
+                         f"data's classes are {list(names)}: import it again with `tools/convert_weights.py "
+                         f"--class-names {','.join(names)}` if they are the same classes")
     model = Classifier(base=r.base_model, head=start.model.head)
     state = loop.TrainState.create(start.variables, optax.identity(), r.config.seed)
     eval_step = loop.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,

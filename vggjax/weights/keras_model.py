@@ -96,7 +96,7 @@ def _open(path: str, architecture) -> tuple[dict, "_Weights"]:
         f.close()
         raise ValueError(f"{path} holds weights only (no model_config): give the model's "
                          "architecture with --architecture FILE (model.to_json(), or the config.json "
-                         "inside a .keras file)")
+                         "inside a .keras file), or convert VGG weights with --arch")
     return given, _Weights(f, given)
 
 
