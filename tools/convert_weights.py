@@ -1,4 +1,4 @@
-"""Command line for converting Keras / torchvision / timm VGG weights, or a whole model trained with them, for vggjax.
+"""Convert Keras / torchvision / timm VGG weights, or a whole model trained with them, for vggjax.
 
     python tools/convert_weights.py --source keras --arch vgg16            # conv base, downloads
     python tools/convert_weights.py --source keras --arch vgg16 --include-top --input vgg16.h5
@@ -7,9 +7,12 @@
 
 A model you trained becomes a classifier directory (tools/predict.py --weights DIR, tools/export.py DIR):
 
-    python tools/convert_weights.py --source keras --input fine_tuning.keras --class-names cats,dogs --output DIR
-    python tools/convert_weights.py --source keras --input cats_and_dogs_small_3.h5 --preprocess rescale --output DIR
-    python tools/convert_weights.py --source torchvision --arch vgg16 --input FILE.pth --class-names cats,dogs --output DIR
+    python tools/convert_weights.py --source keras --input fine_tuning.keras --class-names cats,dogs \
+        --output DIR
+    python tools/convert_weights.py --source keras --input cats_and_dogs_small_3.h5 --preprocess rescale \
+        --output DIR
+    python tools/convert_weights.py --source torchvision --arch vgg16 --input FILE.pth \
+        --class-names cats,dogs --output DIR
 
 The logic lives in vggjax.weights.convert_file and vggjax.inference.imported; this file only parses arguments.
 """

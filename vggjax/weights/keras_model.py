@@ -217,12 +217,9 @@ def _plan(config: Mapping) -> _Plan:
         raise _Refused("no VGG16/VGG19 conv base found (layers block1_conv1 ... block5_pool)")
     if not plan.head or plan.head[-1]["class_name"] != "Dense":
         raise _Refused("the model does not end in a Dense layer (sigmoid or softmax)")
-    plan.pooling = plan.pooling or _refuse_missing_pooling()
+    if plan.pooling is None:
+        raise _Refused("no Flatten or global pooling between the conv base and the Dense layers")
     return plan
-
-
-def _refuse_missing_pooling():
-    raise _Refused("no Flatten or global pooling between the conv base and the Dense layers")
 
 
 def _place(plan: _Plan, layer: Mapping, outer: str | None, stage: int) -> int:
