@@ -286,3 +286,23 @@ def test_other_structures_predict_as_keras(keras, tmp_path, structure):
     if mode == "caffe":  # preprocess_input done outside the model, as --preprocess caffe says
         keras_inputs = keras.applications.vgg16.preprocess_input(keras_inputs)
     assert_imported_matches(structure, clf, model, pixels, keras_inputs)
+
+
+def test_damaged_and_weights_only_files_fail_in_one_line(book_models, tmp_path):
+    d = book_models[0]
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes((d / "fine_tuning.keras").read_bytes()[:100_000])
+    weights_only = tmp_path / "vgg16.weights.h5"
+    import h5py
+    with h5py.File(weights_only, "w") as f:
+        f.create_group("layers")
+    not_keras = tmp_path / "other.keras"
+    with zipfile.ZipFile(not_keras, "w") as z:
+        z.writestr("readme.txt", "hello")
+    for path, pattern in [(truncated, r"neither a \.keras zip nor a readable HDF5 file"),
+                          (weights_only, r"holds weights only \(no model_config\): give the model's "
+                                         r"architecture with --architecture FILE.*or convert VGG weights with --arch"),
+                          (not_keras, r"is a zip file but not a Keras \.keras model: it lacks \['config.json'")]:
+        with pytest.raises(ValueError, match=pattern) as err:
+            imported.from_keras(path, tmp_path / "clf", preprocess="caffe")
+        assert "\n" not in str(err.value) and not (tmp_path / "clf").exists()

@@ -51,10 +51,10 @@ def from_keras(path: str | os.PathLike, output: str | os.PathLike, preprocess: s
     "1", ...). `image_size`: only where the model's Input leaves it open.
     """
     path = os.fspath(path)
-    atomic.check_target(output, directory=True, overwrite=overwrite, protect=[path])
-    m = read_keras_model(path, architecture)
     if preprocess is not None and preprocess not in MODES:
         raise ValueError(f"--preprocess must be one of {sorted(MODES)}, found {preprocess!r}")
+    atomic.check_target(output, directory=True, overwrite=overwrite, protect=[path])
+    m = read_keras_model(path, architecture)
     if m.preprocessing and preprocess not in (None, m.preprocessing):
         raise ValueError(f"{path} preprocesses its inputs itself ({m.preprocessing}): drop "
                          f"--preprocess {preprocess}, or it would be applied twice")
@@ -89,6 +89,7 @@ def from_torch(path: str | os.PathLike, arch: str, output: str | os.PathLike,
     path = os.fspath(path)
     if source not in ("torchvision", "timm"):
         raise ValueError(f"from_torch reads torchvision or timm state dicts, not {source!r}")
+    create(arch, include_top=False).check_input((1, image_size, image_size, 3))  # before reading
     atomic.check_target(output, directory=True, overwrite=overwrite, protect=[path])
     variables, include_top = read_torch_file(path, arch)
     if not include_top:

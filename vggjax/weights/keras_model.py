@@ -71,6 +71,9 @@ def read_keras_model(path: str | os.PathLike, architecture: str | os.PathLike | 
         return _read_arrays(path, plan, weights)
     except _Refused as err:
         raise ValueError(f"{path}: {err}") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as err:  # a config Keras did not write
+        raise ValueError(f"{path}: its model config is damaged or not Keras' "
+                         f"({type(err).__name__}: {err})") from None
     finally:
         weights.close()
 
@@ -81,14 +84,17 @@ def _open(path: str, architecture) -> tuple[dict, "_Weights"]:
         raise FileNotFoundError(f"{path}: no such file")
     given = _read_architecture(architecture) if architecture is not None else None
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = set(z.namelist())
-            if not {"config.json", "model.weights.h5"} <= names:
-                raise ValueError(f"{path} is a zip file but not a Keras .keras model: it lacks "
-                                 f"{sorted({'config.json', 'model.weights.h5'} - names)}")
-            config = given or json.loads(z.read("config.json"))
-            data = io.BytesIO(z.read("model.weights.h5"))
-        return config, _Weights(_h5(data, path), config)
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = set(z.namelist())
+                if not {"config.json", "model.weights.h5"} <= names:
+                    raise ValueError(f"{path} is a zip file but not a Keras .keras model: it lacks "
+                                     f"{sorted({'config.json', 'model.weights.h5'} - names)}")
+                config = given or json.loads(z.read("config.json"))
+                data = io.BytesIO(z.read("model.weights.h5"))
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is a damaged .keras file: {err}") from None
+        return _checked(config, path), _Weights(_h5(data, path), _checked(config, path))
     f = _h5(path, path)
     if "model_config" in f.attrs and given is None:
         given = json.loads(f.attrs["model_config"])
@@ -97,7 +103,19 @@ def _open(path: str, architecture) -> tuple[dict, "_Weights"]:
         raise ValueError(f"{path} holds weights only (no model_config): give the model's "
                          "architecture with --architecture FILE (model.to_json(), or the config.json "
                          "inside a .keras file), or convert VGG weights with --arch")
-    return given, _Weights(f, given)
+    try:
+        return _checked(given, path), _Weights(f, _checked(given, path))
+    except ValueError:
+        f.close()
+        raise
+
+
+def _checked(config, path: str) -> dict:
+    """`config` when it is a Keras model config with a list of layers; else ValueError."""
+    layers = config.get("config", {}).get("layers") if isinstance(config, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(l, dict) and "class_name" in l for l in layers):
+        raise ValueError(f"{path}: its model config is damaged or not Keras' (no list of layers)")
+    return config
 
 
 def _read_architecture(path) -> dict:
