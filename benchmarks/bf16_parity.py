@@ -1,6 +1,6 @@
 """bf16 vs fp32 on real photos: VGG16 with its top, logits' relative error and top-1 agreement.
 
-    python benchmarks/bf16_parity.py [--images 4000] [--batch 32]
+    python -m benchmarks.bf16_parity [--images 4000] [--batch 32] [--smoke] [--out F]
 
 Real ImageNet weights cannot be downloaded here, so the model has seeded random weights
 (He-initialised convs, the classifier scaled so that logits spread like a trained model's);
@@ -19,12 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from bench import DATA, ROOT  # the benchmark's photos (run from benchmarks/ as a script)
-
-sys.path.insert(0, str(ROOT))
-import vggjax  # noqa: E402
-from vggjax.model.vgg import init_random  # noqa: E402
-from vggjax.weights.preprocessing import preprocess_input  # noqa: E402
+import vggjax
+from benchmarks import harness
+from vggjax.model.vgg import init_random
+from vggjax.weights.preprocessing import preprocess_input
 
 
 def photos(root: Path, limit: int):
@@ -44,10 +42,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--data", default=str(DATA), help="cats_and_dogs_small folder")
+    p.add_argument("--data", default=str(harness.DATA), help="cats_and_dogs_small folder")
     p.add_argument("--runs", default="fp32 auto,bf16 auto,bf16 direct",
                    help="comma-separated subset of: fp32 auto, bf16 auto, bf16 direct")
+    harness.arguments(p, results=None)
     a = p.parse_args(argv)
+    if a.smoke:
+        a.images, a.batch = 4, 2
+    if a.images < 1 or a.batch < 1:
+        p.error("--images and --batch must be >= 1")
     ref_model = vggjax.create("vgg16", classifier_activation=None)
     variables = init_random(ref_model)
     # Scale the classifier so logits spread over several units, as a trained model's do
@@ -85,12 +88,14 @@ def main(argv=None) -> None:
             ties[name] += int(close.sum())
             near[name] += int((close & (got.argmax(-1) != ref.argmax(-1))).sum())
         print(f"{min(i + a.batch, len(files))}/{len(files)}", end="\r", file=sys.stderr)
-    print(f"{len(files)} photos, VGG16 with top at 224x224, random weights; against fp32 'direct':")
-    for name in runs:
-        print(f"  {name:12s} max relative logit error {err[name]:.2e}, "
-              f"top-1 agreement {100 * agree[name] / len(files):.2f}% "
-              f"({len(files) - agree[name]} differ, {near[name]} of them near-ties; "
-              f"{ties[name]} images have a fp32 top-2 margin below this run's error)")
+    log = harness.Log("bf16 vs fp32 on real photos")
+    log(f"{len(files)} photos, VGG16 with top at 224x224, random weights; against fp32 'direct':\n")
+    log.data.update(photos=len(files), max_relative_error=err, top1_agree=agree, near_ties=near, ties=ties)
+    log.table(["run", "max relative logit error", "top-1 agreement", "differ", "of them near-ties",
+               "images with a fp32 top-2 margin below the error"],
+              [[name, f"{err[name]:.2e}", f"{100 * agree[name] / len(files):.2f}%", len(files) - agree[name],
+                near[name], ties[name]] for name in runs])
+    log.save(harness.out_path(a))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class Config:
     # dtype (fp32 from AVX2 up, as Winograd F(4,3) on oneDNN's matmul from block1_conv2 on;
     # bf16 on AVX512-BF16/AMX), else XLA-side Winograd for fp32 convs wider than 64x64 (~1e-5
     # relative rounding); on GPU/TPU or several devices,
-    # XLA's own conv. The exact-parity default of VGG itself stays "direct" (see benchmarks/).
+    # XLA's own conv. The exact-parity default of VGG itself stays "direct" (benchmarks/results.md).
     conv_impl: str = "auto"
     # "bf16": every phase (feature extraction too) computes in bfloat16 with fp32 parameters,
     # optimizer state and loss; on CPUs with AVX512-BF16/AMX "auto" then runs oneDNN's bf16 conv.
