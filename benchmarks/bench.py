@@ -285,8 +285,8 @@ def _epochs(split, aug, config) -> float:
     return max(rates)
 
 
-def memory_main(n_per_class: int) -> None:
-    """Child: vggjax.train.feature_cache.extract over 2 * n_per_class images at 150x150; peak RSS out."""
+def memory_main(n_per_class: int, size: int = 150) -> None:
+    """Child: vggjax.train.feature_cache.extract over 2 * n_per_class images at size x size; peak RSS out."""
     from vggjax.train import data, feature_cache
     from vggjax.model import vgg
     root, how = harness.image_folder(n_per_class)
@@ -295,7 +295,7 @@ def memory_main(n_per_class: int) -> None:
     before = harness.peak_rss_mb()
     t0 = time.perf_counter()
     try:
-        split = data.load_split(root, "train", 150, 20, shuffle=False)
+        split = data.load_split(root, "train", size, 20, shuffle=False)
         with tempfile.TemporaryDirectory() as cache:
             out = feature_cache.extract(base, variables, {"train": split}, cache,
                                    preprocess_mode="caffe", log=lambda *_: None)
@@ -354,6 +354,7 @@ def main(argv=None) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", type=int, help=argparse.SUPPRESS)
     p.add_argument("--memory", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--image-size", type=int, default=150, help=argparse.SUPPRESS)
     harness.arguments(p, results="results")
     a = p.parse_args(argv)
     if a.worker:
@@ -361,7 +362,7 @@ def main(argv=None) -> None:
     if a.pipeline:
         return pipeline_main(a.pipeline)
     if a.memory:
-        return memory_main(a.memory)
+        return memory_main(a.memory, a.image_size)
     quick_tasks = ["infer150", "finetune", "frozen", "pipeline", "memory"]
     tasks = a.tasks.split(",") if a.tasks else quick_tasks if a.quick or a.smoke else [
         *STEP_TASKS, "pipeline", "memory"]
@@ -372,7 +373,7 @@ def main(argv=None) -> None:
             p.error(f"--{'tasks' if known != FRAMEWORKS else 'frameworks'}: {name!r} is not one of {','.join(known)}")
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
-    if a.smoke:  # every step at 32x32, batch 2, one call a round; 5 photos a class
+    if a.smoke:  # every step and the memory task at 32x32, batch 2, one call a round; 5 photos a class
         STEP_TASKS.update({t: dict(spec, size=32, batch=2) for t, spec in STEP_TASKS.items()})
         a.rounds = 1
     env = {} if a.no_hugepages else harness.HUGEPAGES
@@ -401,8 +402,10 @@ def main(argv=None) -> None:
             + (f", {pipe['img_s'] / frozen:.1f}x the frozen-base step" if frozen else ""))
     if "memory" in tasks:
         sizes = (5,) if a.smoke else (20, 40, 80) if a.quick else (100, 200, 400)
-        mem = log.data["memory"] = [harness.child("benchmarks.bench", "--memory", str(n), env=env) for n in sizes]
-        log("\nfeature extraction to disk (vggjax.train.feature_cache.extract, 150x150, auto conv):")
+        image_size = "32" if a.smoke else "150"
+        mem = log.data["memory"] = [harness.child("benchmarks.bench", "--memory", str(n), "--image-size", image_size,
+                                                  env=env) for n in sizes]
+        log(f"\nfeature extraction to disk (vggjax.train.feature_cache.extract, {image_size}x{image_size}, auto conv):")
         for m in mem:
             log(f"  {m['images']:5d} images: peak RSS {m['peak_rss_mb']:7.0f} MB "
                 f"(features on disk {m['features_mb']:.0f} MB, {m['img_s']:.1f} img/s)")

@@ -105,7 +105,7 @@ def main() -> int:
     if args.rounds < 1 or args.batches < 1:
         p.error("--rounds and --batches must be >= 1")
     os.environ.update(ENV)
-    log = harness.Log("Exported classifier inference (benchmarks/bench_export.py)")
+    log = harness.Log("Exported classifier inference")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, size, batch)
