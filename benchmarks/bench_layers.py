@@ -116,7 +116,7 @@ def bench_layer(layer, a, passes, impls, log) -> list[list[str]]:
     for which in passes:
         fns = {impl: tf_pass(which, x, k, b, dy) if impl == "tf"
                else (lambda f=jax_pass(impl, which): f(*args)) for impl in impls}
-        times = harness.interleave({impl: harness.timer(fn) for impl, fn in fns.items()}, a.reps,
+        times = harness.interleave({impl: harness.Timer(fn) for impl, fn in fns.items()}, a.reps,
                                    log=lambda _: None)
         ms = {impl: 1000 * min(t) for impl, t in times.items()}
         name = f"{size}x{size} {cin}->{cout} {which}"

@@ -72,7 +72,7 @@ def main() -> None:
     rows = []
     for phase, (spec, groups) in PHASES.items():
         runners = {"linen": linen_runner(linen, v, data, spec), "nnx": nnx_runner(linen, v, data, groups)}
-        times = harness.interleave({name: harness.timer(run, args.steps) for name, run in runners.items()},
+        times = harness.interleave({name: harness.Timer(run, args.steps) for name, run in runners.items()},
                                    args.rounds, log)
         log.data[phase] = {name: list(t) for name, t in times.items()}
         rows.append([phase, f"{times['linen'].median:.3f}", f"{times['nnx'].median:.3f}",

@@ -44,7 +44,7 @@ def bench(shape, dtype, rounds: int, reps: int, log) -> list[str]:
     x = jnp.asarray(np.maximum(rng.normal(size=shape), 0), dtype)  # post-ReLU: zero windows tie
     g = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), dtype)
     fns = {name: step(pool) for name, pool in POOLS.items()}
-    times = harness.interleave({name: harness.timer(lambda fn=fn: fn(x, g), best_of=reps)
+    times = harness.interleave({name: harness.Timer(lambda fn=fn: fn(x, g), best_of=reps)
                                 for name, fn in fns.items()}, rounds, log=lambda _: None)
     old, new = times["nn.max_pool"], times["max_pool2x2"]
     name = "x".join(map(str, shape))

@@ -85,7 +85,7 @@ def bench_grad_cam(net, pt, rounds: int, batch: int, log, size: int = 224) -> li
         fns["pytorch-grad-cam"] = lambda: cam(input_tensor=x_torch, targets=None)
         fns["pytorch-grad-cam, frozen weights"] = lambda: cam_frozen(input_tensor=x_torch, targets=None)
         log(f"Grad-CAM, batch {batch}, {size}x{size}, fp32, {rounds} interleaved rounds:")
-        times = harness.interleave({name: harness.timer(fn) for name, fn in fns.items()}, rounds, log)
+        times = harness.interleave({name: harness.Timer(fn) for name, fn in fns.items()}, rounds, log)
     return harness.table([f"Grad-CAM (batch {batch}, {size}²)", "img/s (median)", "rounds min–max s",
                           "vs pytorch-grad-cam"],
                          [[name, f"{batch / t.median:.2f}", t.spread(), f"{harness.speedup(times, name, 'pytorch-grad-cam'):.2f}x"]
@@ -137,7 +137,7 @@ def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int =
                                                    range(n), size=size, steps=steps))
 
     log(f"filter-pattern sheet: {n} filters of {layer}, {size} px, {steps} steps, {rounds} rounds:")
-    times = harness.interleave({name: harness.timer(fn) for name, fn in {
+    times = harness.interleave({name: harness.Timer(fn) for name, fn in {
         "vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
         "book loop, TF": book_sheet}.items()}, rounds, log)
     return harness.table([f"{n}-filter sheet ({layer}, {size} px, {steps} steps)", "seconds (median)",
@@ -241,7 +241,7 @@ def bench_style(rounds: int, steps: int, log, height: int = 400) -> list[str]:
     log(f"  step-0 loss relative difference {start_gap:.1e}")
     if start_gap > 1e-3:
         raise SystemExit(f"style transfer: vggjax and the book's loop disagree at step 0 ({start_gap:.1e})")
-    times = harness.interleave({name: harness.timer(fn) for name, fn in {
+    times = harness.interleave({name: harness.Timer(fn) for name, fn in {
         "vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
         "book loop, TF": lambda: book(steps)}.items()}, rounds, log)
     return harness.table([f"style transfer (book2, VGG19, {size[0]}x{size[1]})", "s/step (median)",
@@ -279,7 +279,7 @@ def main(argv=None) -> None:
     table: list[str] = []
 
     def write():  # after each part, so a long filter run never loses the Grad-CAM table
-        log.save(harness.out_path(a), log[:4] + table + ["", "## log", "```"] + log[4:] + ["```"])
+        log.save(harness.out_path(a), log[:2] + table + ["", "## log", "```"] + log[2:] + ["```"])
 
     if not a.skip_grad_cam:
         table += bench_grad_cam(net, pt, a.rounds, a.batch, log, small.get("size", 224))

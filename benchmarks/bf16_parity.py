@@ -47,8 +47,10 @@ def main(argv=None) -> None:
                    help="comma-separated subset of: fp32 auto, bf16 auto, bf16 direct")
     harness.arguments(p, results=None)
     a = p.parse_args(argv)
-    if a.smoke:
+    if a.smoke:  # 4 photos (generated JPEGs where the photos are absent)
         a.images, a.batch = 4, 2
+        if not Path(a.data).is_dir():
+            a.data = harness.image_folder(2)[0]
     if a.images < 1 or a.batch < 1:
         p.error("--images and --batch must be >= 1")
     ref_model = vggjax.create("vgg16", classifier_activation=None)

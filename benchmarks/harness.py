@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small"  # the book's photos, where present
+# The book's photos, where present: $VGGJAX_BENCH_DATA, else ../shared/data beside the checkout.
+DATA = Path(os.environ.get("VGGJAX_BENCH_DATA") or ROOT.parent / "shared" / "data" / "cats_and_dogs_small")
 SMOKE_DIR = Path(tempfile.gettempdir()) / "vggjax-bench-smoke"
 # glibc hands every large allocation back to the kernel, so XLA's per-call temporaries and
 # torch's activations are page-faulted in afresh on every call (~170-330 MB per VGG16 batch
@@ -70,13 +71,6 @@ def seconds(fn: Callable, calls: int = 1) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def time_call(fn: Callable, repeats: int = 5, warmup: int = 1) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn()` after `warmup` untimed ones (compile, caches)."""
-    for _ in range(warmup):
-        block(fn())
-    return [seconds(fn) for _ in range(repeats)]
-
-
 def per_call(fn: Callable, target_s: float, min_calls: int = 3) -> float:
     """Seconds per call of `fn` after one warm-up call, over enough calls to fill `target_s`
     (at least `min_calls`)."""
@@ -101,7 +95,7 @@ class Series(list):
 
 def interleave(candidates: Mapping[str, Callable[[], float]], rounds: int, log=print,
                warmup: bool = True) -> dict[str, Series]:
-    """Each candidate returns the seconds it measured (see `timer`, `Worker.timer`). One
+    """Each candidate returns the seconds it measured (see `Timer`, `Worker.timer`). One
     untimed warm-up call each (its seconds kept as `first`), then `rounds` rounds A B C, B C A,
     ...: every round visits every candidate, starting one further on, so a slow spell of a
     shared machine hits all of them alike. {name: Series of seconds}."""
@@ -118,7 +112,7 @@ def interleave(candidates: Mapping[str, Callable[[], float]], rounds: int, log=p
     return out
 
 
-class timer:
+class Timer:
     """A candidate for `interleave`: seconds per call of `fn` over `calls` calls, the fastest of
     `best_of` such measurements; its warm-up (`once`) is a single call."""
 

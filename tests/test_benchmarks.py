@@ -32,7 +32,7 @@ def test_interleave_rotates_the_start_and_warms_up_once():
 
 
 def test_timer_speedup_and_table():
-    t = harness.timer(lambda: time.sleep(0.01), calls=2, best_of=2)
+    t = harness.Timer(lambda: time.sleep(0.01), calls=2, best_of=2)
     assert 0.01 <= t() < 0.5 and 0.01 <= t.once() < 0.5
     series = {"ours": harness.Series([1.0, 2.0, 3.0]), "peer": harness.Series([4.0, 6.0, 8.0])}
     assert harness.speedup(series, "ours", "peer") == 3.0  # peer / ours: above 1, ours is faster
