@@ -342,6 +342,27 @@ HEADER = ("| task      | framework      |   img/s | rounds min-max | vs Keras/TF
           "|-----------|--------------------|")
 
 
+def bench_pipeline(n: int, steps: dict, env: dict, log) -> None:
+    """The input pipeline over 2 * n photos in a fresh process, against the vggjax steps' rates."""
+    pipe = log.data["pipeline"] = harness.child("benchmarks.bench", "--pipeline", str(n), env=env)
+    train = steps.get("finetune", {}).get("vggjax", {}).get("img_s")
+    frozen = steps.get("frozen", {}).get("vggjax", {}).get("img_s")
+    log(f"\npipeline (decode + resize + FIRST_EDITION augment, {pipe['images']} {pipe['data']}): "
+        f"{pipe['img_s']:.1f} img/s"
+        + (f" = {pipe['img_s'] / train:.1f}x the vggjax fine-tune step" if train else "")
+        + (f", {pipe['img_s'] / frozen:.1f}x the frozen-base step" if frozen else ""))
+
+
+def bench_memory(sizes, image_size: int, env: dict, log) -> None:
+    """Peak RSS of feature extraction to disk, a fresh process per number of photos a class."""
+    mem = log.data["memory"] = [harness.child("benchmarks.bench", "--memory", str(n), "--image-size",
+                                              str(image_size), env=env) for n in sizes]
+    log(f"\nfeature extraction to disk (vggjax.train.feature_cache.extract, {image_size}x{image_size}, auto conv):")
+    for m in mem:
+        log(f"  {m['images']:5d} images: peak RSS {m['peak_rss_mb']:7.0f} MB "
+            f"(features on disk {m['features_mb']:.0f} MB, {m['img_s']:.1f} img/s)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -392,23 +413,10 @@ def main(argv=None) -> None:
             f"and test passes at the inference rate): "
             + ", ".join(f"{name} {h:.1f} h" for name, h in projection.items()))
     if "pipeline" in tasks:
-        n = 5 if a.smoke else 100 if a.quick else 1000
-        pipe = log.data["pipeline"] = harness.child("benchmarks.bench", "--pipeline", str(n), env=env)
-        train = steps.get("finetune", {}).get("vggjax", {}).get("img_s")
-        frozen = steps.get("frozen", {}).get("vggjax", {}).get("img_s")
-        log(f"\npipeline (decode + resize + FIRST_EDITION augment, {pipe['images']} {pipe['data']}): "
-            f"{pipe['img_s']:.1f} img/s"
-            + (f" = {pipe['img_s'] / train:.1f}x the vggjax fine-tune step" if train else "")
-            + (f", {pipe['img_s'] / frozen:.1f}x the frozen-base step" if frozen else ""))
+        bench_pipeline(5 if a.smoke else 100 if a.quick else 1000, steps, env, log)
     if "memory" in tasks:
-        sizes = (5,) if a.smoke else (20, 40, 80) if a.quick else (100, 200, 400)
-        image_size = "32" if a.smoke else "150"
-        mem = log.data["memory"] = [harness.child("benchmarks.bench", "--memory", str(n), "--image-size", image_size,
-                                                  env=env) for n in sizes]
-        log(f"\nfeature extraction to disk (vggjax.train.feature_cache.extract, {image_size}x{image_size}, auto conv):")
-        for m in mem:
-            log(f"  {m['images']:5d} images: peak RSS {m['peak_rss_mb']:7.0f} MB "
-                f"(features on disk {m['features_mb']:.0f} MB, {m['img_s']:.1f} img/s)")
+        bench_memory((5,) if a.smoke else (20, 40, 80) if a.quick else (100, 200, 400), 32 if a.smoke else 150,
+                     env, log)
     log.save(harness.out_path(a))
 
 

@@ -219,8 +219,8 @@ def bench_style(rounds: int, steps: int, log, height: int = 400) -> list[str]:
     content_path, style_path = data / "cats/cat.1.jpg", data / "dogs/dog.1.jpg"
     for path in (content_path, style_path):
         if not path.is_file():
-            raise SystemExit(f"style transfer: no photo at {path} (../shared/data's "
-                             "cats_and_dogs_small); pass --skip-style")
+            raise SystemExit(f"style transfer: no photo at {path} (cats_and_dogs_small: set "
+                             "$VGGJAX_BENCH_DATA); pass --skip-style")
     size = style_transfer.image_size(content_path, height)
     model = vggjax.create("vgg19", include_top=False)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))

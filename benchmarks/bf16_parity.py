@@ -38,6 +38,26 @@ def load(files) -> np.ndarray:
                      for f in files]).astype(np.float32)
 
 
+RUNS = {"fp32 auto": {}, "bf16 auto": dict(dtype=jnp.bfloat16), "bf16 direct": dict(
+    dtype=jnp.bfloat16, conv_impl="direct")}
+
+
+def models(runs: dict):
+    """(variables, {"ref": fp32 direct logits fn, run name: that run's logits fn}), all jitted
+    f(variables, x) -> float32 (N, 1000), VGG16 with top, random weights."""
+    ref_model = vggjax.create("vgg16", classifier_activation=None)
+    variables = init_random(ref_model)
+    # Scale the classifier so logits spread over several units, as a trained model's do
+    # (Flax's default init leaves them nearly equal, and top-1 would be a coin toss).
+    params = dict(variables["params"])
+    params["predictions"] = dict(params["predictions"], kernel=params["predictions"]["kernel"] * 8)
+    fns = {"ref": jax.jit(lambda v, x: ref_model.apply(v, x))}
+    for name, kw in runs.items():
+        m = vggjax.create("vgg16", classifier_activation=None, **{"conv_impl": "auto", **kw})
+        fns[name] = jax.jit(lambda v, x, m=m: m.apply(v, x).astype(jnp.float32))
+    return {"params": params}, fns
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4000)
@@ -53,24 +73,11 @@ def main(argv=None) -> None:
             a.data = harness.image_folder(2)[0]
     if a.images < 1 or a.batch < 1:
         p.error("--images and --batch must be >= 1")
-    ref_model = vggjax.create("vgg16", classifier_activation=None)
-    variables = init_random(ref_model)
-    # Scale the classifier so logits spread over several units, as a trained model's do
-    # (Flax's default init leaves them nearly equal, and top-1 would be a coin toss).
-    params = dict(variables["params"])
-    params["predictions"] = dict(params["predictions"], kernel=params["predictions"]["kernel"] * 8)
-    variables = {"params": params}
-    runs = {"fp32 auto": {}, "bf16 auto": dict(dtype=jnp.bfloat16), "bf16 direct": dict(
-        dtype=jnp.bfloat16, conv_impl="direct")}
     wanted = [r.strip() for r in a.runs.split(",")]
-    if not wanted or set(wanted) - set(runs):
-        p.error(f"--runs: expected names from {list(runs)}, found {a.runs!r}")
-    runs = {name: runs[name] for name in wanted}
-    fns = {"ref": jax.jit(lambda v, x: ref_model.apply(v, x))}
-    for name, kw in runs.items():
-        kw = {"conv_impl": "auto", **kw}
-        m = vggjax.create("vgg16", classifier_activation=None, **kw)
-        fns[name] = jax.jit(lambda v, x, m=m: m.apply(v, x).astype(jnp.float32))
+    if not wanted or set(wanted) - set(RUNS):
+        p.error(f"--runs: expected names from {list(RUNS)}, found {a.runs!r}")
+    runs = {name: RUNS[name] for name in wanted}
+    variables, fns = models(runs)
     files = photos(a.data, a.images)
     err = {n: 0.0 for n in runs}
     agree = {n: 0 for n in runs}
