@@ -63,7 +63,7 @@ def speed_rounds(runs: dict, data: str, rounds: int, log) -> list[list[str]]:
         return run
     times = harness.interleave({name: candidate(name, *run) for name, run in runs.items()}, rounds, log,
                                warmup=False)
-    log.data["seconds_per_image"] = {k: list(v) for k, v in times.items()}
+    log.data.update(seconds_per_image={k: list(v) for k, v in times.items()}, rounds=rows)
     med = {k: 1 / t.median for k, t in times.items()}
     ratios = [f"{k}/tfdata = {harness.speedup(times, k, 'tfdata'):.2f}" for k in med if k != "tfdata"]
     log.table(["pipeline", "round", "list+check s", "epoch s", "img/s", "CPU ms/img", "peak RSS MB"], rows)
@@ -97,6 +97,7 @@ def main() -> int:
         linked_copies(Path(args.data), big, 10)
         rows = [[name, m["images"], f"{m['maxrss_mb']:.0f}"] for name, (module, tree) in runs.items()
                 for m in (measure(module, root, epoch=0, tree=tree) for root in (args.data, str(big)))]
+        log.data["listing_rss"] = rows
         log.table(["pipeline", "listed images", "peak RSS MB"], rows)
         if args.smoke:
             shutil.rmtree(args.data)

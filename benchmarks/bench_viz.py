@@ -86,6 +86,7 @@ def bench_grad_cam(net, pt, rounds: int, batch: int, log, size: int = 224) -> li
         fns["pytorch-grad-cam, frozen weights"] = lambda: cam_frozen(input_tensor=x_torch, targets=None)
         log(f"Grad-CAM, batch {batch}, {size}x{size}, fp32, {rounds} interleaved rounds:")
         times = harness.interleave({name: harness.Timer(fn) for name, fn in fns.items()}, rounds, log)
+    log.data["grad_cam_seconds"] = {name: list(t) for name, t in times.items()}
     return harness.table([f"Grad-CAM (batch {batch}, {size}²)", "img/s (median)", "rounds min–max s",
                           "vs pytorch-grad-cam"],
                          [[name, f"{batch / t.median:.2f}", t.spread(), f"{harness.speedup(times, name, 'pytorch-grad-cam'):.2f}x"]
@@ -140,6 +141,7 @@ def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int =
     times = harness.interleave({name: harness.Timer(fn) for name, fn in {
         "vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
         "book loop, TF": book_sheet}.items()}, rounds, log)
+    log.data["filter_sheet_seconds"] = {name: list(t) for name, t in times.items()}
     return harness.table([f"{n}-filter sheet ({layer}, {size} px, {steps} steps)", "seconds (median)",
                           "rounds min–max s", "speed-up vs TF loop"],
                          [[name, f"{t.median:.2f}", t.spread(), f"{harness.speedup(times, name, 'book loop, TF'):.2f}x"]
@@ -244,6 +246,7 @@ def bench_style(rounds: int, steps: int, log, height: int = 400) -> list[str]:
     times = harness.interleave({name: harness.Timer(fn) for name, fn in {
         "vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
         "book loop, TF": lambda: book(steps)}.items()}, rounds, log)
+    log.data["style_seconds"] = {name: list(t) for name, t in times.items()}
     return harness.table([f"style transfer (book2, VGG19, {size[0]}x{size[1]})", "s/step (median)",
                           "rounds min–max s/step", "speed-up vs TF loop"],
                          [[name, f"{t.median / steps:.3f}", t.spread(lambda s: s / steps, ".3f"),
