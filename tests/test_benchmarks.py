@@ -40,9 +40,32 @@ def test_timer_speedup_and_table():
     assert harness.table(["a", "b"], [[1, "x"]]) == ["| a | b |", "|---|---|", "| 1 | x |"]
 
 
-def test_checkout_extracts_a_revisions_vggjax(tmp_path):
-    tree = harness.checkout("HEAD", tmp_path)
-    assert (tree / "vggjax" / "__init__.py").is_file() and not (tree / "benchmarks").exists()
+SERVED = """
+import importlib.util, sys
+from benchmarks import harness
+if sys.argv[1:2] == ["--worker"]:
+    harness.serve(lambda n: lambda: sum(range(n)))
+else:
+    harness.reply({"vggjax": importlib.util.find_spec("vggjax").origin, "args": sys.argv[1:]})
+"""
+
+
+def test_worker_and_child_run_in_their_own_processes(tmp_path, monkeypatch):
+    (tmp_path / "served_bench.py").write_text(SERVED)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    worker = harness.Worker("served_bench", "sum")
+    try:
+        assert set(worker.setup(n=1000)) == {"setup_s", "first_s", "maxrss_mb"}
+        seconds = harness.interleave({"sum": worker.timer(calls=3, untimed=1)}, 2, log=lambda _: None,
+                                     warmup=False)["sum"]
+        assert len(seconds) == 2 and len(worker.cpu) == 2 and all(s >= 0 for s in seconds)
+    finally:
+        worker.close()
+    assert worker.proc.returncode == 0
+    tree = harness.checkout("HEAD", tmp_path / "old")
+    out = harness.child("served_bench", "a", "b", vggjax_tree=tree)
+    assert out["args"] == ["a", "b"] and out["vggjax"] == str(tree / "vggjax" / "__init__.py")
+    assert harness.child("served_bench")["vggjax"] == str(Path(REPO) / "vggjax" / "__init__.py")
 
 
 def _vggjax_modules(tree: ast.Module) -> set[str]:
