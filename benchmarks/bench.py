@@ -385,7 +385,8 @@ def main(argv=None) -> None:
     if a.memory:
         return memory_main(a.memory, a.image_size)
     quick_tasks = ["infer150", "finetune", "frozen", "pipeline", "memory"]
-    tasks = a.tasks.split(",") if a.tasks else quick_tasks if a.quick or a.smoke else [
+    smoke_tasks = ["infer150", "finetune", "pipeline", "memory"]
+    tasks = a.tasks.split(",") if a.tasks else smoke_tasks if a.smoke else quick_tasks if a.quick else [
         *STEP_TASKS, "pipeline", "memory"]
     frameworks = (a.frameworks or ("vggjax,keras,torch" if a.smoke else ",".join(FRAMEWORKS))).split(",")
     for name, known in [*((t, [*STEP_TASKS, "pipeline", "memory"]) for t in tasks),
