@@ -241,6 +241,7 @@ def bench_steps(tasks, frameworks, rounds: int, env: dict, log, target_s: float 
                 timers[w.name] = w.timer(calls, untimed=1)
             times = harness.interleave(timers, rounds, log=lambda _: None, warmup=False)
             for w in workers:
+                w.free()
                 entry, t = res[w.name], times[w.name]
                 entry["rounds"] = [spec["batch"] / s for s in t]
                 entry["img_s"] = statistics.median(entry["rounds"])

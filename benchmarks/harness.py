@@ -216,6 +216,10 @@ class Worker:
             return r["wall_s"] / calls
         return measure
 
+    def free(self) -> None:
+        """Drop the worker's callable, so the next `setup` does not hold two at once."""
+        self.ask(free=1)
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
@@ -223,7 +227,8 @@ class Worker:
 
 def serve(setup: Callable[..., Callable]) -> None:
     """A `Worker`'s process: answer JSON-line requests on stdin. {"setup": spec} builds
-    run = setup(**spec) and calls it once; {"run": n} calls it n times: wall and CPU seconds."""
+    run = setup(**spec) and calls it once; {"run": n} calls it n times: wall and CPU seconds;
+    {"free": 1} drops it."""
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # the frameworks' chatter goes to stderr, the protocol alone to our stdout
     run = None
@@ -235,10 +240,12 @@ def serve(setup: Callable[..., Callable]) -> None:
             t1 = time.perf_counter()
             block(run())  # trace / compile / first touch: timed apart from the steady state
             answer = {"setup_s": t1 - t0, "first_s": time.perf_counter() - t1}
-        else:
+        elif "run" in request:
             for _ in range(request["run"]):
                 block(run())
             answer = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+        else:  # {"free": 1}: drop the callable (its model, state, buffers) before the next setup
+            run, answer = None, {}
         out.write(json.dumps({**answer, "maxrss_mb": peak_rss_mb()}) + "\n")
         out.flush()
 

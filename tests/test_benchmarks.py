@@ -59,6 +59,8 @@ def test_worker_and_child_run_in_their_own_processes(tmp_path, monkeypatch):
         seconds = harness.interleave({"sum": worker.timer(calls=3, untimed=1)}, 2, log=lambda _: None,
                                      warmup=False)["sum"]
         assert len(seconds) == 2 and len(worker.cpu) == 2 and all(s >= 0 for s in seconds)
+        worker.free()
+        assert worker.setup(n=10)["first_s"] >= 0
     finally:
         worker.close()
     assert worker.proc.returncode == 0
