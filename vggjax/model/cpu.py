@@ -9,6 +9,9 @@ from pathlib import Path
 
 from vggjax.model import onednn_build
 
+# The flags that decide the conv's fast paths (vggjax.model.conv.choose_impl).
+FAST_PATH_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
@@ -60,7 +63,7 @@ def has_isa(isa: str) -> bool:
 
 def describe_cpu() -> str:
     """One line naming what decides the fast paths: the CPU's flags and oneDNN's effective ISA."""
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}) or ["none of avx2/avx512f"]
+    flags = sorted(cpu_flags() & set(FAST_PATH_FLAGS)) or ["none of avx2/avx512f"]
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return (f"{' '.join(flags)}; oneDNN ISA {effective_isa() or 'n/a (oneDNN not installed)'}"
             + (f" (capped by ONEDNN_MAX_CPU_ISA={cap})" if cap else ""))

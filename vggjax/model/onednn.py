@@ -1,11 +1,10 @@
 """VGG's 3x3 convolution through oneDNN: an XLA FFI custom call, built on first use.
 
 oneDNN's JIT kernels use the CPU's bf16 dot units (AVX512-BF16, AMX) that XLA's own CPU conv
-leaves idle, and run fp32 ~20% faster than XLA's direct conv (benchmarks/README.md). In fp32,
-layers wide and large enough (`winograd_suits`) run as Winograd F(4,3): 4x fewer multiplies,
-transforms in C++, the GEMMs on oneDNN's matmul; 1.3-1.6x TensorFlow's oneDNN conv over a VGG16
-pass, which sits at the cores' FMA peak (benchmarks/results.md). The C++ side
-(`onednn_conv.cc`) is built on first use (`vggjax.model.onednn_build`).
+leaves idle, and run fp32 faster than XLA's direct conv. In fp32, layers wide and large enough
+(`winograd_suits`) run as Winograd F(4,3): 4x fewer multiplies, transforms in C++, the GEMMs on
+oneDNN's matmul (timings: benchmarks/results_library.md). The C++ side (`onednn_conv.cc`) is
+built on first use (`vggjax.model.onednn_build`).
 
 `unavailable()` says why the fast path cannot run here (None when it can); where and when
 "auto" picks this path is `vggjax.model.conv.choose_impl`'s policy.
@@ -50,7 +49,7 @@ def supports(dtype) -> bool:
 
 
 def suits(dtype) -> bool:
-    """True where oneDNN's kernels beat XLA's CPU conv for `dtype` (benchmarks/README.md):
+    """True where oneDNN's kernels beat XLA's CPU conv for `dtype` (benchmarks/results_library.md):
     float32 from AVX2 up (Winograd F(4,3) on oneDNN's matmul, `winograd_suits`, or oneDNN's
     direct conv), bfloat16 with bf16 dot units (AVX512-BF16 or AMX). Read from oneDNN's
     *effective* ISA, so $ONEDNN_MAX_CPU_ISA lowers it too. Below AVX2, and for bf16 on
@@ -111,7 +110,7 @@ def _bwd_data_ffi(dy, kernel):
 def winograd_suits(shape, cout: int, dtype) -> bool:
     """The "auto" algorithm of the oneDNN conv for an NHWC input `shape` and Cout: Winograd
     F(4,3) (`VggjaxWinogradFwd`) for float32 from Cin*Cout = 64*64 (block1_conv2 on) and maps
-    of at least WINOGRAD_MIN_SIDE pixels, else oneDNN's direct conv (benchmarks/README.md: with
+    of at least WINOGRAD_MIN_SIDE pixels, else oneDNN's direct conv (benchmarks/results_library.md: with
     3 input channels the transforms cost more than they save; 9x9 and 14x14 maps pad to whole
     4x4 tiles and lose; bf16 Winograd is ~10% off)."""
     return (dtype == jnp.float32 and shape[-1] * cout >= 64 * 64
@@ -168,16 +167,16 @@ def _conv_bwd(relu, algorithm, res, dy):
 
 
 # Without AMX (AVX512-BF16 only) oneDNN 3.2's bf16 backward-weights kernel (jit_bf16, no
-# brgemm) is 3-4x slower than its forward on small maps (block5 at 150x150: 9x9), slower even
-# than its fp32 one; there the nine shifted copies of x are small and one XLA bf16 matmul over
-# them is ~1.5-2x faster (benchmarks/README.md). From 18x18 up oneDNN wins.
+# brgemm) is slow on small maps (block5 at 150x150: 9x9), slower even than its fp32 one; there
+# the nine shifted copies of x are small and one XLA bf16 matmul over them wins. From 18x18 up
+# oneDNN wins (benchmarks/results_library.md).
 SMALL_MAP = 10 * 10
 
 
 def _kernel_grad_by_matmul(x) -> bool:
     """Whether the kernel gradient of the conv of `x` takes `_kernel_grad_matmul`: bf16 maps up
     to SMALL_MAP pixels on CPUs without AMX. With AMX, oneDNN's bf16 backward-weights (brgemm on
-    the tile unit) is ~3x the matmul's speed at block5's 9x9 (10.0 vs 30.2 ms, batch 20)."""
+    the tile unit) beats the matmul there too (benchmarks/results_library.md)."""
     return (x.dtype == jnp.bfloat16 and x.shape[1] * x.shape[2] <= SMALL_MAP
             and not cpu.has_isa("avx512_core_amx"))
 
