@@ -102,9 +102,9 @@ def subprocess_env(tmp_path):
 
 def pytest_report_header(config):
     """The CPU kind of this run (the fast paths depend on it), in pytest's header."""
-    from vggjax.model import onednn
+    from vggjax.model import cpu
 
-    return f"vggjax CPU: {onednn.describe_cpu()}"
+    return f"vggjax CPU: {cpu.describe_cpu()}"
 
 
 SLOW_TIMEOUT = 900  # s: the slow end-to-end runs (kill -9 and resume, multi-process) take minutes

@@ -136,7 +136,8 @@ def test_import_vggjax_loads_neither_tensorflow_nor_torch(subprocess_env):
     ("vggjax.train.classifier", "vggjax.inference.classifier", "load_classifier"),
     ("vggjax.viz.predict_files", "vggjax.inference.predictor", "load_predictor"),
     ("vggjax.export.serving", "vggjax.inference.serving", "from_source"),
-    ("vggjax.export.artifact", "vggjax.inference.artifact", "load")])
+    ("vggjax.export.artifact", "vggjax.inference.artifact", "load"),
+    ("vggjax.model.onednn", "vggjax.model.cpu", "describe_cpu")])
 def test_a_moved_name_still_works_for_a_release_with_a_warning(old, new, name):
     import importlib
 

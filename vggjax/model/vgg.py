@@ -121,8 +121,7 @@ class VGG(nn.Module):
     dropout_rate: float = 0.0  # torchvision's head trains with 0.5; Keras' has no dropout
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    # "winograd": fewer multiplies; "onednn": oneDNN's kernels (bf16 dot units); "auto": picks
-    # by device, dtype and CPU (vggjax.model.conv.choose_impl)
+    # one of vggjax.model.conv.IMPLS; "auto" is vggjax.model.conv.choose_impl's policy
     conv_impl: str = "direct"
 
     def layer_names(self) -> list[str]:

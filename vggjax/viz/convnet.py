@@ -228,7 +228,7 @@ def filter_pattern(model: VGG, variables, layer: str, filter_index, size: int = 
                          f"found {index.tolist()}")
     if init is None:
         # NumPy's generator, as the book draws it (np.random.random): jax.random's first call
-        # compiles its hash, 0.7 s on 2 cores, 6% of the book's 64-filter sheet.
+        # compiles its hash (benchmarks/results_library.md).
         init = np.random.default_rng(seed).random(shape, np.float32) * 20 + 128
     # The image accumulates in float32 even for a bfloat16 model (float64 under jax x64).
     dtype = jnp.promote_types(model.dtype, jnp.float32)

@@ -144,8 +144,8 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
 def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
     """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py).
 
-    The arrays must have the recorded `variables_sha256` (a changed byte is refused; about 0.1 s
-    per 100 MB, `verify=False` skips it) and be finite, with the shapes of `meta["arch"]`.
+    The arrays must have the recorded `variables_sha256` (a changed byte is refused;
+    `verify=False` skips the digest) and be finite, with the shapes of `meta["arch"]`.
     """
     directory = Path(directory).expanduser().absolute()
     if not directory.is_dir():
