@@ -15,6 +15,7 @@ import sys
 import vggjax
 
 from vggjax import weights
+from vggjax.cli import errors
 from vggjax.utils import interrupts
 
 INTERRUPTED = "nothing was written"  # what an interrupt leaves
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             meta = weights.convert_file(args.source, args.arch, args.input, output,
                                         include_top=args.include_top, overwrite=args.overwrite)
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
-        print(f"error: {err}", file=sys.stderr)
+        print(errors.error_line(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
         print("error: interrupted; nothing was written", file=sys.stderr)

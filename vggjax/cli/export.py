@@ -12,6 +12,7 @@ import sys
 
 from vggjax.export import artifact
 from vggjax.inference import serving
+from vggjax.cli import errors
 from vggjax.utils import interrupts
 
 INTERRUPTED = "nothing was written"  # what an interrupt leaves
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             manifest = artifact.export(args.src, args.format, args.output, args.precision,
                                        args.image_size, args.overwrite)
     except (ValueError, OSError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(errors.error_line(err), file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
         print("error: interrupted; nothing was written", file=sys.stderr)

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from vggjax.cli import errors
 from vggjax.utils import images
 
 INTERRUPTED = "the files written so far are complete"  # what an interrupt leaves
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         records = predict_files(predictor, args.images, top, args.cam, args.interpolation,
                                 cam_overlay=convnet.cam_overlay)
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(errors.error_line(err), file=sys.stderr)
         return 1
     for r in records:
         if "error" in r:

@@ -83,11 +83,11 @@ def check_target(final: str | os.PathLike, *, directory: bool, overwrite: bool =
     if not any(final.iterdir()):
         return final
     if not overwrite:
-        raise RefusedError(f"{final} already exists and is not empty; pass overwrite=True "
-                           "(--overwrite) to replace it")
+        raise RefusedError(f"{final} already exists and is not empty; pass overwrite=True to "
+                           "replace it")
     if others := foreign(final):
         raise RefusedError(f"{final} holds files vggjax did not write ({_listing(final, others)}), "
-                           "so --overwrite will not delete it; choose another output directory")
+                           "so overwrite=True will not delete it; choose another output directory")
     return final
 
 
