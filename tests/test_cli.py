@@ -39,8 +39,11 @@ def test_a_command_names_its_flag_where_the_library_names_its_argument(tmp_path)
         f"error: {tmp_path / 'out'} already exists and is not empty; add --overwrite to replace it")
 
 
+OUTSIDE = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no checkout on the path
+
+
 def pip(python, *args):
-    result = subprocess.run([python, "-m", "pip", "--disable-pip-version-check", *args],
+    result = subprocess.run([python, "-m", "pip", "--disable-pip-version-check", *args], env=OUTSIDE,
                             capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -54,21 +57,20 @@ def test_the_wheel_gives_the_command_and_its_onnx_extra(tmp_path, make_variables
     venv.create(tmp_path / "venv", with_pip=True)
     python = str(tmp_path / "venv" / "bin" / "python")
     pip(python, "install", "-q", str(wheel))
-    h5 = tmp_path / "vgg11_weights_notop.h5"
-    write_legacy_h5(make_variables("vgg11", include_top=False)["params"], h5)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed vggjax only
-    env["VGGJAX_CACHE"] = str(tmp_path / "cache")
+    h5 = tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    write_legacy_h5(make_variables("vgg16", include_top=False)["params"], h5)
+    env = dict(OUTSIDE, VGGJAX_CACHE=str(tmp_path / "cache"))  # the installed vggjax only
     command = str(tmp_path / "venv" / "bin" / "vggjax")
 
     def run(*args):
         return subprocess.run([command, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
 
-    result = run("convert", "--source", "keras", "--arch", "vgg11", "--input", str(h5), "--output", "vgg11")
+    result = run("convert", "--source", "keras", "--arch", "vgg16", "--input", str(h5), "--output", "vgg16")
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"converted keras vgg11 (without top) to {tmp_path / 'vgg11'}\n"
+    assert result.stdout == f"converted keras vgg16 (without top) to {tmp_path / 'vgg16'}\n"
     assert run("--version").stdout.startswith("vggjax ")
-    onnx = ["export", "vgg11", "--format", "onnx", "--output", "vgg11-onnx", "--image-size", "32"]
+    onnx = ["export", "vgg16", "--format", "onnx", "--output", "vgg16-onnx", "--image-size", "32"]
     result = run(*onnx)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     install = result.stderr.split("`")[1]  # the one pip command the error names
@@ -77,4 +79,4 @@ def test_the_wheel_gives_the_command_and_its_onnx_extra(tmp_path, make_variables
     result = run(*onnx)
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr  # onnx_ir's "Skipping serialization" lines
-    assert (tmp_path / "vgg11-onnx" / "model.onnx").is_file()
+    assert (tmp_path / "vgg16-onnx" / "model.onnx").is_file()

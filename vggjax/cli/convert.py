@@ -1,8 +1,8 @@
 """Command line for converting official Keras / torchvision / timm VGG weights into a vggjax checkpoint.
 
-    python tools/convert_weights.py --source keras --arch vgg16            # conv base, downloads
-    python tools/convert_weights.py --source keras --arch vgg16 --include-top --input vgg16.h5
-    python tools/convert_weights.py --source timm --arch vgg16_bn --input model.safetensors
+    vggjax convert --source keras --arch vgg16            # conv base, downloads
+    vggjax convert --source keras --arch vgg16 --include-top --input vgg16.h5
+    vggjax convert --source timm --arch vgg16_bn --input model.safetensors
 
 The logic lives in vggjax.weights.convert_file; this file only parses arguments.
 """
@@ -14,8 +14,8 @@ import sys
 
 import vggjax
 
-from vggjax import weights
 from vggjax.cli import errors
+from vggjax import weights
 from vggjax.utils import interrupts
 
 INTERRUPTED = "nothing was written"  # what an interrupt leaves

@@ -1,18 +1,18 @@
 """Export a fine-tuned classifier or converted VGG weights to StableHLO (jax), a TF SavedModel or ONNX.
 
-    python tools/export.py runs/finetune_catsdogs/export/finetune --format onnx --output catsdogs-onnx
-    python tools/export.py ~/.cache/vggjax/converted/keras_vgg16 --format jax --output vgg16-jax
+    vggjax export runs/finetune_catsdogs/export/finetune --format onnx --output catsdogs-onnx
+    vggjax export ~/.cache/vggjax/converted/keras_vgg16 --format jax --output vgg16-jax
 
 The artifact takes uint8 RGB images (N, S, S, 3), any batch size, preprocessing inside, and runs
-without vggjax (see README, "Shipping a model"). tools/predict.py --weights OUT runs it.
+without vggjax (see README, "Shipping a model"). `vggjax predict --weights OUT` runs it.
 """
 import argparse
 import os
 import sys
 
+from vggjax.cli import errors
 from vggjax.export import artifact
 from vggjax.inference import serving
-from vggjax.cli import errors
 from vggjax.utils import interrupts
 
 INTERRUPTED = "nothing was written"  # what an interrupt leaves
@@ -21,7 +21,7 @@ INTERRUPTED = "nothing was written"  # what an interrupt leaves
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("src", metavar="SRC", help="an exported classifier (export/<phase>) or a "
-                        "converted weights directory (tools/convert_weights.py)")
+                        "converted weights directory (vggjax convert)")
     parser.add_argument("--format", required=True, choices=sorted(artifact.FORMATS))
     parser.add_argument("--output", required=True, metavar="OUT")
     parser.add_argument("--precision", choices=sorted(serving.PRECISIONS), default="fp32",

@@ -1,8 +1,8 @@
 """Classify image files with converted VGG weights (top-k ImageNet classes) or an exported cats-vs-dogs classifier.
 
-    python tools/predict.py elephant.jpg --weights ~/.cache/vggjax/converted/keras_vgg16
-    python tools/predict.py a.jpg b.png --weights DIR --top 3 --cam cams/ --json
-    python tools/predict.py cat.jpg --weights runs/catsdogs/export/finetune     # prints P(dog)
+    vggjax predict elephant.jpg --weights ~/.cache/vggjax/converted/keras_vgg16
+    vggjax predict a.jpg b.png --weights DIR --top 3 --cam cams/ --json
+    vggjax predict cat.jpg --weights runs/finetune_catsdogs/export/finetune   # the class, then P(dogs)
 
 Images are read and resized as keras.utils.load_img(target_size=(224, 224)) does (nearest by
 default). The logic lives in vggjax.inference.predictor; this file only parses arguments and prints.
