@@ -26,7 +26,9 @@ from vggjax.weights.keras import write_legacy_h5
 README = Path(REPO) / "README.md"
 TEXT = README.read_text()
 PYTHON_BLOCKS = list(extract_fence_tests(MarkdownIt("commonmark"), TEXT, 0, README))
-FINETUNE_SMALL = ["--epochs", "0", "--image-size", "48"]  # evaluate and export only, the demo's size
+FINETUNE_SMALL = ["--epochs", "0", "--image-size", "48"]
+# The first test that asks for the module fixture also waits for every command (~10 min on 2 busy cores).
+ALL_COMMANDS = pytest.mark.timeout(1800)  # evaluate and export only, the demo's size
 
 # Each offline command, as the README writes it -> the small settings the test appends.
 RUN = {
@@ -146,6 +148,7 @@ def output(results: dict, line: str) -> str:
 
 
 @pytest.mark.slow
+@ALL_COMMANDS
 @pytest.mark.parametrize("line", [c for c in RUN if not c.startswith("export ")])
 def test_readme_command_runs(readme_run, line):
     folder, results = readme_run
@@ -153,10 +156,11 @@ def test_readme_command_runs(readme_run, line):
 
 
 @pytest.mark.slow
+@ALL_COMMANDS
 def test_readme_outputs_are_where_the_prose_says(readme_run):
     folder, results = readme_run
     run = folder / "runs" / "finetune_catsdogs"  # the default --workdir
-    for name in ("history.json", "curves.png", "results.json", "run.json", "config.json",
+    for name in ("history.json", "results.json", "run.json", "config.json",  # curves.png: once an epoch ran
                  "export/finetune/base/vggjax.json"):
         assert (run / name).is_file(), name
     assert (folder / "runs" / "smoke_grain" / "export" / "finetune").is_dir()  # make demo
@@ -182,6 +186,7 @@ def session(readme_run):
 
 
 @pytest.mark.slow
+@ALL_COMMANDS
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)),
                          ids=[f"line{b.start_line}" for b in PYTHON_BLOCKS])
 def test_readme_python_block(session, index):
