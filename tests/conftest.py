@@ -1,5 +1,4 @@
 """Shared fixtures: Keras on TensorFlow's CPU backend, seeded random VGG weights, a script environment."""
-import fcntl
 import os
 import shutil
 import tempfile
@@ -8,6 +7,7 @@ import tempfile
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import filelock
 import pytest
 
 from helpers import random_variables, script_env, write_vgg16
@@ -57,8 +57,7 @@ def shared_dir(tmp_path_factory):
 def built_once(directory, build):
     """`build(directory)` by one process of this run; the others wait for it, then reuse the
     directory (tests only read it). Returns `directory`."""
-    with open(f"{directory}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while one builds
+    with filelock.FileLock(f"{directory}.lock"):  # the other worker waits here while one builds
         if not (directory / "complete").exists():
             shutil.rmtree(directory, ignore_errors=True)  # what a worker killed mid-build left
             directory.mkdir()

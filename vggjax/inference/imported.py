@@ -1,5 +1,5 @@
 """Classifiers trained elsewhere, written as vggjax classifier directories (the layout of
-`classifier.export`, so load_classifier, tools/predict.py, tools/export.py, Grad-CAM and the
+`classifier.export`, so load_classifier, `vggjax predict`, `vggjax export`, Grad-CAM and the
 workflow's fine-tuning take them): a whole Keras model (`from_keras`), a fine-tuned torchvision
 or timm VGG state dict (`from_torch`).
 

@@ -22,7 +22,7 @@ def resolve_weights(weights: str | None, log: Callable[[str], Any] = print) -> s
     use. Raises MissingInputError saying what to provide when that is impossible (offline)."""
     how = ("provide converted weights with --weights DIR, made from Keras' "
            f"{_KERAS_NOTOP.filename} ({_KERAS_NOTOP.url}) by\n"
-           f"  python tools/convert_weights.py --source keras --arch vgg16 "
+           f"  {download.CONVERT_COMMAND} --source keras --arch vgg16 "
            f"--input {_KERAS_NOTOP.filename} --output DIR")
     if weights is not None:
         if not any((Path(weights) / name).is_file() for name in (store.METADATA, CLASSIFIER)):

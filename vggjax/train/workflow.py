@@ -46,7 +46,7 @@ from vggjax.train import feature_cache, freezing, parallel, report, loop
 from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                          init_classifier, load_classifier)
 from vggjax.utils.trees import digest
-from vggjax.weights import store
+from vggjax.weights import download, store
 from vggjax.train.config import PHASE_FREEZING, PHASES, SPLITS, Config
 from vggjax.train.inputs import conv_base
 from vggjax.train.run_identity import claim_workdir, make_workdir, run_identity
@@ -268,7 +268,7 @@ def _from_classifier(r: _Run, start: TrainedClassifier):
     names = tuple(r.splits["train"].class_names)
     if tuple(start.class_names) != names:
         raise ValueError(f"--weights {r.config.weights} classifies {list(start.class_names)}, the "
-                         f"data's classes are {list(names)}: import it again with `tools/convert_weights.py "
+                         f"data's classes are {list(names)}: import it again with `{download.CONVERT_COMMAND} "
                          f"--class-names {','.join(names)}` if they are the same classes")
     model = Classifier(base=r.base_model, head=start.model.head)
     state = loop.TrainState.create(start.variables, optax.identity(), r.config.seed)

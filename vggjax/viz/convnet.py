@@ -187,7 +187,7 @@ def overlay(image, cam, alpha: float = 0.4) -> np.ndarray:
 
 
 def cam_overlay(predictor, pixels, original) -> np.ndarray:
-    """The Grad-CAM overlay `tools/predict.py --cam` draws: the map of the top class (the paper's
+    """The Grad-CAM overlay `vggjax predict --cam` draws: the map of the top class (the paper's
     pre-softmax score) at `predictor.cam_layer` of `pixels` (1, S, S, 3) uint8, the image the
     predictor classifies, over `original` (H, W, 3) uint8, the file at its own size.
     `predictor`: a `vggjax.inference.predictor.Predictor`. Returns (H, W, 3) uint8."""

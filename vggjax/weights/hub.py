@@ -18,7 +18,7 @@ FILENAME = "model.safetensors"
 # serves that commit's file whatever is pushed later. NOT FILLED IN: vggjax was written on a
 # machine without access to the Hub, and a commit cannot be known without it. Copy each from
 # https://huggingface.co/timm/<arch>.tv_in1k/commits/main after checking the file; until
-# then the commit is given with `revision=` (tools/convert_weights.py --revision SHA).
+# then the commit is given with `revision=` (`vggjax convert --revision SHA`).
 REVISIONS: dict[str, str] = {}
 SHA_RE = re.compile(r"[0-9a-f]{40}")
 

@@ -9,7 +9,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names, find_arch
-from vggjax.weights.download import KERAS_ARCHS, check_keras_arch
+from vggjax.weights.download import CONVERT_COMMAND, KERAS_ARCHS, check_keras_arch
 from vggjax.weights.spec import check_floats, check_variables
 
 LAYER_RE = re.compile(r"block(\d+)_conv(\d+)")
@@ -52,8 +52,8 @@ def _read_layers(path: str, arch: str) -> dict[str, list[np.ndarray]]:
                          "was its download interrupted?")
     if zipfile.is_zipfile(path):  # h5py would call it unreadable HDF5
         raise ValueError(f"{path} is a Keras 3 .keras model (a zip), not a weights file: import the "
-                         "whole model as a classifier with `python tools/convert_weights.py --source "
-                         "keras --input FILE --output DIR` (no --arch)")
+                         f"whole model as a classifier with `{CONVERT_COMMAND} --source keras --input FILE "
+                         "--output DIR` (no --arch)")
     try:
         import h5py  # lazily: `import vggjax` must work where only jax/flax/optax are installed
 

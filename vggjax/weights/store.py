@@ -142,7 +142,7 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
 
 
 def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
-    """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py).
+    """Load a directory written by `save` / `convert_file` (or `vggjax convert`).
 
     The arrays must have the recorded `variables_sha256` (a changed byte is refused;
     `verify=False` skips the digest) and be finite, with the shapes of `meta["arch"]`.
