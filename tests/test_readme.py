@@ -46,6 +46,11 @@ RUN = {
     "vggjax export runs/finetune_catsdogs/export/finetune --format onnx --output catsdogs-onnx": [],
     "vggjax predict cat.jpg --weights catsdogs-onnx": [],
     "export GLIBC_TUNABLES=glibc.malloc.hugetlb=1": [],
+    # Coming from Keras or PyTorch: on the fine_tuning.keras and photo.jpg its Python block writes
+    "vggjax convert --source keras --input fine_tuning.keras --class-names cats,dogs "
+    "--output imported/catsdogs": [],
+    "vggjax predict photo.jpg --weights imported/catsdogs": [],
+    "vggjax export imported/catsdogs --format jax --output imported-jax": [],
     "python examples/finetune_catsdogs.py --data path/to/cats_and_dogs_small --weights "
     "weights/vgg16_notop --precision bf16 --workdir runs/finetune_bf16": FINETUNE_SMALL,
 }
@@ -69,6 +74,12 @@ NOT_RUN = {
     "~/.cache/vggjax/converted/keras_vgg19_notop --preset book1 --out runs/style": "the VGG19 download",
     "vggjax predict elephant.jpg --weights ~/.cache/vggjax/converted/keras_vgg16 --top 5 "
     "--cam cams/": "ImageNet weights with their top (a download)",
+    "vggjax convert --source torchvision --arch vgg16 --input catsdogs_vgg16.pth --class-names "
+    "cats,dogs --output imported/tv": "a model fine-tuned in PyTorch (tests/test_imported.py writes "
+    "one with torch.save)",
+    "vggjax convert --source timm --arch vgg16 --revision COMMIT_SHA": "the Hugging Face Hub",
+    "HF_HUB_OFFLINE=1 vggjax convert --source timm --arch vgg16 --revision COMMIT_SHA --output "
+    "w/timm16": "a Hub cache that the download above filled",
     "pytest -m slow": "the test suite", "pytest -m memcheck": "the test suite",
     "ONEDNN_MAX_CPU_ISA=AVX2 XLA_FLAGS=--xla_cpu_max_isa=AVX2 pytest": "the test suite",
 }
@@ -126,6 +137,13 @@ def user_files(folder: Path) -> None:
         for ours, book in zip(synthetic.CLASSES, ("cats", "dogs")):
             (data / split / ours).rename(data / split / book)
     shutil.copy(data / "test" / "cats" / "discs.0.jpg", folder / "cat.jpg")
+    keras_model = next(b for b in PYTHON_BLOCKS if 'model.save("fine_tuning.keras")' in b.source)
+    cwd = os.getcwd()
+    os.chdir(folder)  # the block writes fine_tuning.keras and photo.jpg, as a user's session does
+    try:
+        exec(keras_model.source, {"__name__": "readme"})
+    finally:
+        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -204,4 +222,4 @@ def test_readme_python_blocks_are_counted():
     """Few blocks are skipped (notest), each saying why in its first line."""
     skipped = re.findall(r"```python notest\n# (Not run by the tests: .+)", TEXT)
     assert len(skipped) == TEXT.count("```python notest") == 2
-    assert len(PYTHON_BLOCKS) == TEXT.count("```python\n") == 7
+    assert len(PYTHON_BLOCKS) == TEXT.count("```python\n") == 8
