@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import vggjax
+from helpers import logged
 from vggjax.train import augmentation, freezing, loop
 from vggjax.inference.classifier import Head
 from vggjax.train.splits import ArraySplit, epoch_order
@@ -149,10 +150,9 @@ def test_evaluate_sees_every_example_once_with_a_padded_last_batch(tmp_path):
 
 def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     _, state, train_step, eval_step, train, val = tiny_run()
-    lines = []
-    state, history = loop.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
-                                  phase="head", identity=identity(RULES), checkpoint_every=4,
-                                  log=lines.append, progress=False)
+    with logged() as lines:
+        state, history = loop.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
+                                  phase="head", identity=identity(RULES), checkpoint_every=4, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
     assert history[-1]["loss"] < history[0]["loss"]
@@ -166,9 +166,10 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     def must_not_train(state, batch):
         raise AssertionError("a finished phase was trained again")
 
-    again, history_again = loop.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
+    with logged() as lines:
+        again, history_again = loop.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
                                         workdir=tmp_path, phase="head", identity=identity(RULES),
-                                        log=lines.append, progress=False)
+                                        progress=False)
     assert history_again == history and "already finished" in lines[-1]
     np.testing.assert_array_equal(again.params["head"]["logits"]["kernel"], state.params["head"]["logits"]["kernel"])
     with pytest.raises(ValueError, match="freeze_spec"):
@@ -181,7 +182,7 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     tuned = loop.TrainState.create(state.variables(), tx, seed=4)
     tuned, tuned_history = loop.fit(tuned, loop.make_train_step(model, tx), eval_step, train, val,
                                         epochs=1, workdir=tmp_path, phase="all", identity=identity("all", seed=4),
-                                        log=lines.append, progress=False)
+                                        progress=False)
     assert len(tuned_history) == 1 and (tmp_path / "all").is_dir()
     assert not np.array_equal(tuned.params["bn"]["scale"], state.params["bn"]["scale"])
 
@@ -195,8 +196,8 @@ def test_a_flipped_byte_in_the_latest_checkpoint_resumes_from_the_previous_one(t
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    lines = []
-    again, history_again = loop.fit(tiny_run()[1], train_step, eval_step, train, val, log=lines.append, **args)
+    with logged() as lines:
+        again, history_again = loop.fit(tiny_run()[1], train_step, eval_step, train, val, **args)
     assert re.fullmatch(r"checkpoint 18 in .*tiny is damaged \(its files differ from what was written\); "
                         r"set aside as damaged-18, trying the previous one", lines[0]), lines
     assert "resuming at epoch 3" in lines[1] and (tmp_path / "tiny" / "damaged-18").is_dir()
@@ -294,4 +295,7 @@ def test_kill_9_and_resume_gives_bit_identical_parameters(tmp_path, subprocess_e
 
 
 if __name__ == "__main__":
+    from vggjax.utils import console
+
+    console.show_logs()
     child_fit(sys.argv[1], sys.argv[2])

@@ -127,7 +127,7 @@ def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_output
     (tmp_path / "data" / "test" / "cats" / "cats.0.jpg").write_bytes(b"other image")
     with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: the data's files \("):
         run_identity.claim_workdir(workdir, identity(tmp_path))
-    run_identity.claim_workdir(workdir, other_weights, restart=True, log=lambda line: None)
+    run_identity.claim_workdir(workdir, other_weights, restart=True)
     assert sorted(p.name for p in workdir.iterdir()) == [atomic.MANIFEST, "my_notes.txt", run_identity.RUN]
     assert json.loads((workdir / run_identity.RUN).read_text()) == other_weights
 
@@ -142,7 +142,7 @@ def test_restart_refuses_before_deleting_anything_when_the_user_s_files_are_amon
     (workdir / "config.json").write_text("{}")  # the user's own, under a name vggjax also writes
     before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     with pytest.raises(atomic.RefusedError, match=r"holds files vggjax did not write .*refusing to delete"):
-        run_identity.claim_workdir(workdir, identity(tmp_path, seed=1), restart=True, log=lambda line: None)
+        run_identity.claim_workdir(workdir, identity(tmp_path, seed=1), restart=True)
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
     assert (workdir / "checkpoints" / "mymodel.pt").read_bytes() == b"the user's model"
 
