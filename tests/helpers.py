@@ -36,6 +36,20 @@ def logged():
         logger.setLevel(level)
 
 
+def tensorboard_scalars(logdir) -> dict:
+    """{run: {tag: [(step, value), ...]}} of the event files under `logdir` (one run per
+    subfolder, as Keras lays them out), read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for run in sorted(p for p in Path(logdir).iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run))
+        events.Reload()
+        runs[run.name] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                          for tag in events.Tags()["scalars"]}
+    return runs
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # fp32 max abs error against the reference frameworks (probabilities, logits, features)
 

@@ -1,5 +1,6 @@
 """The train/eval steps and the resumable fit loop: masking, checkpoints, best epoch, kill -9 and resume."""
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -16,8 +17,8 @@ import optax
 import pytest
 
 import vggjax
-from helpers import logged
-from vggjax.train import augmentation, freezing, loop
+from helpers import logged, tensorboard_scalars
+from vggjax.train import augmentation, freezing, loop, metric_writers
 from vggjax.inference.classifier import Head
 from vggjax.train.splits import ArraySplit, epoch_order
 
@@ -63,14 +64,20 @@ def identity(spec, seed=3):
     return {"freeze_spec": [list(r) for r in freezing.resolve(spec)], "seed": seed}
 
 
-def tiny_run(delay=0.0):
-    """(model, fresh state, train step, eval step, train split, val split) of the tiny run."""
+@functools.lru_cache(maxsize=None)
+def _tiny_model():
+    """(model, initial variables, optimizer, train step, eval step): compiled once for the file."""
     model = TinyNet()
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     tx = freezing.make_optimizer(optax.adam(1e-2), variables["params"], RULES)
-    state = loop.TrainState.create(variables, tx, seed=3)
     train_step = loop.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
-    eval_step = loop.make_eval_step(model, preprocess_mode="caffe")
+    return model, variables, tx, train_step, loop.make_eval_step(model, preprocess_mode="caffe")
+
+
+def tiny_run(delay=0.0):
+    """(model, fresh state, train step, eval step, train split, val split) of the tiny run."""
+    model, variables, tx, train_step, eval_step = _tiny_model()
+    state = loop.TrainState.create(variables, tx, seed=3)  # copies: the cached arrays are never donated
     train = SlowSplit(name="train", arrays=images(24, 1), batch_size=4, shuffle=True, seed=1,
                       delay=delay)  # 6 steps per epoch
     val = SlowSplit(name="validation", arrays=images(10, 2), batch_size=4)  # last batch: 2 real, 2 padded
@@ -204,6 +211,58 @@ def test_a_flipped_byte_in_the_latest_checkpoint_resumes_from_the_previous_one(t
     assert history_again == history  # epoch 3 trained again from epoch 2's checkpoint: bit-exact
     for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(final.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_early_stopping_stops_as_keras_does_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
+    _, state, train_step, eval_step, train, val = tiny_run()
+    args = dict(epochs=12, identity=identity(RULES), progress=False, monitor="val_accuracy", patience=2)
+    writer = metric_writers.TensorBoard(tmp_path / "tensorboard")
+    final, history = loop.fit(state, train_step, eval_step, train, val, workdir=tmp_path / "a", phase="tiny",
+                              checkpoint_every=None, writer=writer,
+                              learning_rate=optax.linear_schedule(1e-2, 0.0, 72), **args)
+    writer.close()
+    # Keras' EarlyStopping(patience=2): stop after 2 epochs in a row without a higher val_accuracy.
+    accuracy, wait, stop = [h["val_accuracy"] for h in history], 0, None
+    for i, value in enumerate(accuracy):
+        wait = 0 if value > max(accuracy[:i], default=-1) else wait + 1
+        if wait >= 2:
+            stop = i + 1
+            break
+    assert stop is not None and stop == len(history) < 12, accuracy
+
+    # Every epoch in TensorBoard's event files (read by its own reader) as in the history.
+    runs = tensorboard_scalars(tmp_path / "tensorboard")
+    assert sorted(runs) == ["train", "validation"] and sorted(runs["validation"]) == ["epoch_accuracy", "epoch_loss"]
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        for metric in ("loss", "accuracy"):  # float32 in the event files
+            assert runs[run][f"epoch_{metric}"] == [(h["epoch"], pytest.approx(h[prefix + metric], rel=1e-6))
+                                                    for h in history]
+    assert runs["train"]["epoch_learning_rate"] == [(e, pytest.approx(1e-2 * (1 - 6 * e / 72)))
+                                                    for e in range(1, stop + 1)]  # after 6 steps an epoch
+    assert [e for e, v in runs["train"]["epoch_images_per_second"] if v > 0] == list(range(1, stop + 1))
+
+    # Interrupted in the middle of the epoch that stops, then run again with the same arguments.
+    steps, kill_at = [], 6 * (stop - 1) + 3
+
+    def interrupted(state, batch):
+        if len(steps) == kill_at:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return train_step(state, batch)
+
+    resume = dict(workdir=tmp_path / "b", phase="tiny", checkpoint_every=kill_at - 1, **args)
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(tiny_run()[1], interrupted, eval_step, train, val, **resume)
+    with logged() as lines:
+        resumed, again = loop.fit(tiny_run()[1], train_step, eval_step, train, val, **resume)
+    assert again == history and f"resuming at epoch {stop}, batch 2" in lines[0]
+    assert re.fullmatch(rf"phase tiny: stopping early after epoch {stop}: val_accuracy has not improved "
+                        r"for 2 epochs \(best: epoch \d+, \d\.\d{4}\)", lines[-1]), lines
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(a, b)
+    with logged() as lines:  # a stopped phase is finished, whatever --epochs says
+        loop.fit(tiny_run()[1], None, eval_step, train, val, **resume)
+    assert "already finished" in lines[-1]
 
 
 def test_a_nan_training_loss_stops_the_phase_before_it_is_saved(tmp_path):
