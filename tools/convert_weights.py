@@ -19,7 +19,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     import vggjax
 
 from vggjax import weights
-from vggjax.utils import interrupts
+from vggjax.utils import console, interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", metavar="DIR", help="default: $VGGJAX_CACHE/converted/"
                         "<source>_<arch>[_notop], with $VGGJAX_CACHE defaulting to ~/.cache/vggjax")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
     try:
         with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C: one line, nothing written
             meta = weights.convert_file(args.source, args.arch, args.input, output,
-                                        include_top=args.include_top, overwrite=args.overwrite)
+                                        include_top=args.include_top, overwrite=args.overwrite,
+                                        progress=not args.quiet)
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(f"error: {err}", file=sys.stderr)
         return 1

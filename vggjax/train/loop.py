@@ -283,21 +283,53 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
 
         while at.epoch < epochs and not stopped_early(at.history, monitor, patience, phase):
             what = f"phase {phase} epoch {at.epoch + 1}"
-            bar = dict(desc=f"{phase} {at.epoch + 1}/{epochs}", enabled=progress)
+            bar = epoch_bar(train_split, spe, f"{phase} {at.epoch + 1}/{epochs}", progress, at.done)
             state, speed = _train_epoch(state, at, train_step, train_split, spe, mesh, checkpoint_every,
                                         save, bar)
             record = _end_epoch(state, at, eval_step, val_split, mesh, what, epochs, directory, progress)
             save(state, {k: v for k, v in record.items() if k != "epoch"})
-            if writer is not None:
-                rate = learning_rate(at.step) if callable(learning_rate) else learning_rate
-                writer.write_scalars(record["epoch"], {**{k: v for k, v in record.items() if k != "epoch"},
-                                                       **({} if rate is None else {"learning_rate": rate}),
-                                                       "images_per_second": speed})
-                writer.flush()
+            write_epoch(writer, record, learning_rate, at.step, speed)
         mngr.wait_until_finished()
     finally:
         mngr.close()
     return state, at.history
+
+
+def write_epoch(writer: MetricWriter | None, record: Mapping, learning_rate, step: int,
+                images_per_second: float) -> None:
+    """Write an epoch's history `record` to `writer` (None: nothing) at step record["epoch"],
+    with "learning_rate" (a float, or an optax schedule read at optimizer step `step`; None:
+    left out) and "images_per_second"."""
+    if writer is None:
+        return
+    rate = learning_rate(step) if callable(learning_rate) else learning_rate
+    writer.write_scalars(record["epoch"], {**{k: v for k, v in record.items() if k != "epoch"},
+                                           **({} if rate is None else {"learning_rate": float(rate)}),
+                                           "images_per_second": images_per_second})
+    writer.flush()
+
+
+def epoch_record(epoch: int, train: Mapping, val: Mapping, what: str, epochs: int) -> dict:
+    """An epoch's history record {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"} from
+    its training and validation means; logged as one line "<what>/<epochs>: loss ..."."""
+    record = {"epoch": epoch, "loss": train["loss"], "accuracy": train["accuracy"],
+              "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    if jax.process_index() == 0:
+        logger.info(f"{what}/{epochs}: loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
+                    f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f}")
+    return record
+
+
+def epoch_bar(split: Batches, steps: int, desc: str, progress: bool, done: int = 0):
+    """The progress bar of a training epoch of `steps` batches of `split` (`done` of them
+    already), in images; advance it with `advance_epoch`."""
+    size = split.batch_size
+    return progress_bar(total=steps * size, initial=done * size, desc=desc, unit="img", enabled=progress)
+
+
+def advance_epoch(bar, batch, totals) -> None:
+    """Count `batch` on an `epoch_bar`, the running loss and accuracy of `totals` beside it."""
+    advance(bar, _images(batch), postfix=lambda: _running(totals))
 
 
 def stopped_early(history: list[dict], monitor: str, patience: int | None, phase: str | None = None) -> bool:
@@ -326,12 +358,8 @@ def _end_epoch(state, at, eval_step, val_split, mesh, what: str, epochs: int, di
     metrics, one history record (returned) and its log line; `at` moves to the next epoch."""
     train = check_finite(epoch_means(at.totals), what, directory)
     val = evaluate(state, eval_step, val_split, mesh, progress=progress, desc=f"{what}: validation")
-    record = {"epoch": at.epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
-              "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    record = epoch_record(at.epoch + 1, train, val, what, epochs)
     at.history.append(record)
-    if jax.process_index() == 0:
-        logger.info(f"{what}/{epochs}: loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
-                    f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f}")
     at.epoch, at.done, at.totals = at.epoch + 1, 0, metric_totals()
     return record
 
@@ -373,20 +401,19 @@ def _resume(mngr, state, identity: Mapping, directory: Path) -> tuple[Any, _Posi
 
 
 def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, checkpoint_every,
-                 save: Callable, bar: dict) -> tuple[Any, float]:
+                 save: Callable, bar) -> tuple[Any, float]:
     """The rest of epoch `at.epoch` from batch `at.done`, advancing `at`; a mid-epoch checkpoint
     every `checkpoint_every` steps. Returns (state, images per second of this pass).
     ValueError when the split runs out of batches."""
     batches = itertools.islice(train_split.batches(at.epoch, skip=at.done), spe - at.done)
-    size = train_split.batch_size
     images, start = 0, time.perf_counter()
-    with progress_bar(total=spe * size, initial=at.done * size, unit="img", **bar) as progress:
+    with bar:
         for batch in batches:
             state, metrics = train_step(state, shard_batch(batch, mesh) if mesh else batch)
             at.totals = accumulate(at.totals, metrics)
             at.step, at.done = at.step + 1, at.done + 1
             images += _images(batch)
-            advance(progress, _images(batch), postfix=lambda: _running(at.totals))
+            advance_epoch(bar, batch, at.totals)
             if checkpoint_every and at.step % checkpoint_every == 0 and at.done < spe:
                 save(state, {})
         jax.block_until_ready(at.totals)
