@@ -206,6 +206,7 @@ def test_a_workdir_is_resumed_only_by_the_same_run_and_epochs_0_only_evaluates(t
     assert proc.returncode == 0, proc.stderr
     result = json.loads((workdir / report.RESULTS).read_text())["features"]
     assert result["epochs"] == 0 and result["best_val_accuracy"] is None and result["test_examples"] == 8
+    assert result["tested_epoch"] is None  # the initial parameters: no epoch trained
     assert json.loads((workdir / report.HISTORY).read_text()) == {"features": []}
     assert not (workdir / report.CURVES).exists()
     assert "features: test accuracy" in proc.stdout and "epoch 1/" not in proc.stdout

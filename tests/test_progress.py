@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import struct
+import subprocess
 import sys
 import termios
 import time
@@ -45,14 +46,15 @@ def test_in_a_terminal_it_is_tqdm_s_live_bar():
     """Under a pseudo-terminal (80 columns) stderr is a tty: one line redrawn in place."""
     code = ("from vggjax.utils.progress import progress_bar\n"
             "with progress_bar(range(50), desc='tty') as bar:\n    list(bar)\n")
-    pid, fd = pty.fork()
-    if pid == 0:  # the child, on the terminal
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-        os.execv(sys.executable, [sys.executable, "-c", code])
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
     out = b""
-    while chunk := _read(fd):
+    while chunk := _read(master):
         out += chunk
-    os.waitpid(pid, 0)
+    assert child.wait(timeout=60) == 0
+    os.close(master)
     text = out.decode()
     assert text.startswith("\r") and "tty: 100%" in text and "█" in text, text
 

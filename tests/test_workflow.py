@@ -38,6 +38,8 @@ def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=SPLITS, siz
     (dict(batch_size=100000), r"batch_size \(--batch-size\) 100000 at image_size \(--image-size\) 150 needs at "
                               r"least \d+\.\d GiB for its first conv layer alone, more than the \d+\.\d GiB here"),
     (dict(image_size=5000, batch_size=64), r"batch_size \(--batch-size\) 64 at image_size \(--image-size\) 5000"),
+    (dict(patience=0), r"patience \(--patience\) must be an integer >= 1 or None, found 0"),
+    (dict(evaluate="first"), r"evaluate \(--evaluate\) must be one of \['best', 'last'\], found 'first'"),
 ], ids=lambda v: str(v)[:30])
 def test_config_refuses_values_that_mean_nothing(changes, message):
     with pytest.raises(ValueError, match=message):
