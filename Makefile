@@ -5,7 +5,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q
+# Quiet pip; PYTHONWARNINGS reaches the build backend too, so setuptools' editable-install
+# notice box stays out (it says nothing a user of this checkout can act on).
+PIP := PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check
 TORCH := torch==2.13.0# pinned CPU build: an unpinned torch resolves to a multi-GB CUDA build
 NODEPS := tests/requirements-nodeps.txt
 HASH := $(shell cat pyproject.toml $(NODEPS) | $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:12])")
@@ -27,15 +29,18 @@ setup-demo: $(VENV)/.stamp-demo-$(HASH)
 setup-test: $(VENV)/.stamp-test-$(HASH)
 
 $(PY):
+	@echo "Creating $(VENV) (a Python virtual environment in this checkout)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 
 $(VENV)/.stamp-demo-$(HASH): | $(PY)
+	@echo "Installing vggjax with its grain and onednn extras into $(VENV): JAX, Flax, Optax, Orbax, Grain, oneDNN (about 1 GB, under a minute with pip's cache warm)"
 	$(PIP) -e ".[grain,onednn]"
 	rm -f $(VENV)/.stamp-demo-* && touch $@
 
 $(VENV)/.stamp-test-$(HASH): | $(PY)
+	@echo "Installing CPU torch 2.13, then vggjax with every extra and the test references into $(VENV): TensorFlow, Keras, torch, onnxruntime, ... (several GB, minutes)"
 	$(PIP) $(TORCH)
-	$(PIP) -e ".[train,grain,torch,test,onednn,export]"
+	$(PIP) -e ".[train,grain,torch,test,onednn,export,hub]"
 	$(PIP) --no-deps -r $(NODEPS)
 	rm -f $(VENV)/.stamp-test-* && touch $@

@@ -1,6 +1,6 @@
 """vggjax vs Keras/TF vs PyTorch on the same VGG16 work, measured round-robin in one run.
 
-    python benchmarks/bench.py [--rounds 3] [--quick] [--tasks infer150,finetune,...]
+    python -m benchmarks.bench [--rounds 3] [--quick] [--tasks infer150,finetune,...] [--smoke] [--out F]
 
 Each framework runs in its own worker process (so their thread pools never overlap: only one
 worker computes at a time), and every round visits every worker in turn, so a slow spell of
@@ -19,26 +19,16 @@ Writes benchmarks/results.json and benchmarks/results.md. See benchmarks/README.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
-import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-from benchlog import Log
+from benchmarks import harness
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small"
 THREADS = os.cpu_count() or 1
-# glibc hands every large allocation back to the kernel, so XLA's per-call temporaries and
-# torch's activations are page-faulted in afresh on every call (~170-330 MB per VGG16
-# batch here); transparent huge pages cut those faults 64-fold. Applied to every framework.
-MALLOC_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 STEP_TASKS = {
     "infer150": dict(kind="infer", size=150, batch=32),
     "infer224": dict(kind="infer", size=224, batch=32),
@@ -214,92 +204,48 @@ class TorchWorker:
         return run
 
 
-def worker_main(name: str) -> None:
-    """Serve JSON-line requests on stdin: {"setup": task} then {"run": reps} ... {"free": 1}."""
-    sys.path.insert(0, str(ROOT))
+@functools.cache
+def framework(name: str):
+    """The worker object of framework `name` (one per process: Keras reads its backend once)."""
     base, bf16 = name.removesuffix("-bf16"), name.endswith("-bf16")
     if base.startswith("vggjax"):
-        worker = JaxWorker(base.partition("-")[2] or "auto", bf16)
-    elif base == "keras-jax":
-        worker = KerasWorker(bf16, backend="jax")
-    else:
-        worker = {"keras": KerasWorker, "torch": TorchWorker}[base](bf16)
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # framework chatter goes to stderr, the protocol alone to our stdout
-    run = None
-    for line in sys.stdin:
-        req = json.loads(line)
-        t0, c0 = time.perf_counter(), time.process_time()
-        if "setup" in req:
-            run = worker.setup(**req["setup"])
-            t1 = time.perf_counter()
-            run()  # trace / compile / first-touch; timed apart from the steady state
-            reply = {"setup_s": t1 - t0, "first_s": time.perf_counter() - t1}
-        elif "run" in req:
-            for _ in range(req["run"]):
-                run()
-            reply = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
-        else:
-            run = None
-            reply = {}
-        reply["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+        return JaxWorker(base.partition("-")[2] or "auto", bf16)
+    if base == "keras-jax":
+        return KerasWorker(bf16, backend="jax")
+    return {"keras": KerasWorker, "torch": TorchWorker}[base](bf16)
 
 
-class Worker:
-    def __init__(self, name: str, env: dict):
-        self.name = name
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name], cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env, stderr=subprocess.DEVNULL if not os.environ.get(
-                                         "BENCH_VERBOSE") else None)
-
-    def ask(self, **req) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} worker died (rerun with BENCH_VERBOSE=1 to see why)")
-        return json.loads(line)
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def setup(name: str, **task):
+    """The worker process's callable for `task` (a STEP_TASKS entry) in framework `name`."""
+    return framework(name).setup(**task)
 
 
 # --------------------------------------------------------------------------- step tasks
-def bench_steps(tasks, frameworks, rounds: int, env: dict, log) -> dict:
+def bench_steps(tasks, frameworks, rounds: int, env: dict, log, target_s: float = 4.0) -> dict:
     """{task: {framework: {"img_s", "rounds", "first_s", ...}}}, round-robin per task."""
-    workers = [Worker(name, env) for name in frameworks]
+    workers = [harness.Worker("benchmarks.bench", name, env) for name in frameworks]
     results = {}
     try:
         for task in tasks:
             spec = STEP_TASKS[task]
-            res = results[task] = {}
+            res, timers = results.setdefault(task, {}), {}
             for w in workers:
-                info = w.ask(setup=spec)
-                # One call's length sets the reps per round: about 4 s of work each.
-                t = w.ask(run=1)["wall_s"]
-                res[w.name] = {"first_s": info["first_s"], "setup_s": info["setup_s"],
-                               "reps": max(1, round(4.0 / t)), "rounds": [], "cpu": []}
-            for r in range(rounds):
-                for w in workers[r % len(workers):] + workers[:r % len(workers)]:
-                    entry = res[w.name]
-                    # One untimed call first: each round measures back-to-back batches, as a
-                    # training or extraction loop runs them. A process's first call after the
-                    # others' turn pays page faults again (vggjax/XLA: +1 s of kernel time at
-                    # 224x224, batch 32, on the AMX Xeon; TF's allocator keeps its memory).
-                    w.ask(run=1)
-                    reply = w.ask(run=entry["reps"])
-                    entry["rounds"].append(entry["reps"] * spec["batch"] / reply["wall_s"])
-                    entry["cpu"].append(entry["reps"] * spec["batch"] / reply["cpu_s"])
-                    entry["maxrss_mb"] = reply["maxrss_mb"]
+                info = w.setup(name=w.name, **spec)
+                # One call's length sets the calls per round: about `target_s` of work each.
+                calls = max(1, round(target_s / w.ask(run=1)["wall_s"]))
+                res[w.name] = {"first_s": info["first_s"], "setup_s": info["setup_s"], "reps": calls}
+                # One untimed call before each round: each round measures back-to-back batches,
+                # as a training or extraction loop runs them. A process's first call after the
+                # others' turn pays page faults again (vggjax/XLA: +1 s of kernel time at
+                # 224x224, batch 32, on the AMX Xeon; TF's allocator keeps its memory).
+                timers[w.name] = w.timer(calls, untimed=1)
+            times = harness.interleave(timers, rounds, log=lambda _: None, warmup=False)
             for w in workers:
-                w.ask(free=1)
-                entry = res[w.name]
+                w.free()
+                entry, t = res[w.name], times[w.name]
+                entry["rounds"] = [spec["batch"] / s for s in t]
                 entry["img_s"] = statistics.median(entry["rounds"])
-                entry["img_cpu_s"] = statistics.median(entry["cpu"])
+                entry["img_cpu_s"] = spec["batch"] / statistics.median(w.cpu)
                 # The first call's cost beyond a steady-state call: tracing + compiling.
                 entry["compile_s"] = max(0.0, entry["first_s"] - spec["batch"] / entry["img_s"])
             log(format_task(task, res))
@@ -310,39 +256,18 @@ def bench_steps(tasks, frameworks, rounds: int, env: dict, log) -> dict:
 
 
 # --------------------------------------------------------------------------- pipeline & memory
-def image_folder(n_per_class: int, size: int = 200) -> tuple[str, str]:
-    """(root, how): the shared cats_and_dogs_small photos (first n per class, linked into a
-    temporary book-layout folder) or, without them, generated JPEGs."""
-    import numpy as np
-    from PIL import Image
-    root = tempfile.mkdtemp(prefix="vggjax-bench-")
-    rng = np.random.default_rng(0)
-    for cls in ("cats", "dogs"):
-        d = Path(root, "train", cls)
-        d.mkdir(parents=True)
-        src = sorted((DATA / "train" / cls).glob("*.jpg"))[:n_per_class] if DATA.is_dir() else []
-        for i in range(n_per_class):
-            if i < len(src):
-                os.symlink(src[i], d / src[i].name)
-            else:
-                pixels = rng.integers(0, 256, (size, int(size * 0.75), 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(d / f"{cls}.{i}.jpg", quality=90)
-    return root, ("cats_and_dogs_small" if DATA.is_dir() else "generated JPEGs")
-
-
 def pipeline_main(n_per_class: int) -> None:
     """Child: decode + resize + augment epochs over `n_per_class` * 2 images; JSON out."""
-    sys.path.insert(0, str(ROOT))
     import jax
     from vggjax.train import augmentation, data
-    root, how = image_folder(n_per_class)
+    root, how = harness.image_folder(n_per_class)
     try:
         split = data.load_split(root, "train", 150, 20, shuffle=True)
         aug = jax.jit(augmentation.augment, static_argnums=2)
         rate = _epochs(split, aug, augmentation.FIRST_EDITION)
     finally:
         shutil.rmtree(root)
-    print(json.dumps({"img_s": rate, "images": split.num_examples, "data": how}))
+    harness.reply({"img_s": rate, "images": split.num_examples, "data": how})
 
 
 def _epochs(split, aug, config) -> float:
@@ -361,35 +286,26 @@ def _epochs(split, aug, config) -> float:
     return max(rates)
 
 
-def memory_main(n_per_class: int) -> None:
-    """Child: vggjax.train.feature_cache.extract over 2 * n_per_class images at 150x150; peak RSS out."""
-    sys.path.insert(0, str(ROOT))
+def memory_main(n_per_class: int, size: int = 150) -> None:
+    """Child: vggjax.train.feature_cache.extract over 2 * n_per_class images at size x size; peak RSS out."""
     from vggjax.train import data, feature_cache
     from vggjax.model import vgg
-    root, how = image_folder(n_per_class)
+    root, how = harness.image_folder(n_per_class)
     base = vgg.create("vgg16", include_top=False, conv_impl="auto")
     variables = vgg.init_random(base)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = harness.peak_rss_mb()
     t0 = time.perf_counter()
     try:
-        split = data.load_split(root, "train", 150, 20, shuffle=False)
+        split = data.load_split(root, "train", size, 20, shuffle=False)
         with tempfile.TemporaryDirectory() as cache:
             out = feature_cache.extract(base, variables, {"train": split}, cache,
                                    preprocess_mode="caffe", progress=False)
             stored = out["train"].features.nbytes / 2**20
     finally:
         shutil.rmtree(root)
-    print(json.dumps({"images": split.num_examples, "peak_rss_mb": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": before, "features_mb": stored,
-        "img_s": split.num_examples / (time.perf_counter() - t0), "data": how}))
-
-
-def child(mode: str, n: int, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, f"--{mode}", str(n)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{mode} child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    harness.reply({"images": split.num_examples, "peak_rss_mb": harness.peak_rss_mb(),
+                   "rss_before_mb": before, "features_mb": stored,
+                   "img_s": split.num_examples / (time.perf_counter() - t0), "data": how})
 
 
 # --------------------------------------------------------------------------- report
@@ -420,26 +336,32 @@ def book_hours(rates: dict) -> float | None:
     return seconds / 3600
 
 
-def cpu_line() -> str:
-    """The CPU model, the flags that decide the fast paths (AMX, AVX512-BF16, AVX-512, AVX2) and
-    the ISA caps of an emulated CPU kind (oneDNN's effective ISA, XLA_FLAGS, ATEN_CPU_CAPABILITY)."""
-    from vggjax.model.onednn import cpu_flags, effective_isa
-    flags = cpu_flags()
-    model = next((l.partition(":")[2].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                  if l.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    found = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in (
-        ("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX-512", "avx512f"), ("AVX2", "avx2")))
-    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "XLA_FLAGS", "ATEN_CPU_CAPABILITY")
-            if os.environ.get(k)]
-    return (f"CPU: {model}; {found}; oneDNN ISA {effective_isa() or 'n/a'}"
-            + (f" (emulated kind: {', '.join(caps)})" if caps else ""))
-
-
 PEERS = ("keras", "keras-jax", "torch")  # the ratio columns, each against the same-precision row
 HEADER = ("| task      | framework      |   img/s | rounds min-max | vs Keras/TF | vs Keras/JAX | vs torch "
           "| img/cpu-s | first-call extra s |\n"
           "|-----------|----------------|---------|----------------|----------|----------|----------"
           "|-----------|--------------------|")
+
+
+def bench_pipeline(n: int, steps: dict, env: dict, log) -> None:
+    """The input pipeline over 2 * n photos in a fresh process, against the vggjax steps' rates."""
+    pipe = log.data["pipeline"] = harness.child("benchmarks.bench", "--pipeline", str(n), env=env)
+    train = steps.get("finetune", {}).get("vggjax", {}).get("img_s")
+    frozen = steps.get("frozen", {}).get("vggjax", {}).get("img_s")
+    log(f"\npipeline (decode + resize + FIRST_EDITION augment, {pipe['images']} {pipe['data']}): "
+        f"{pipe['img_s']:.1f} img/s"
+        + (f" = {pipe['img_s'] / train:.1f}x the vggjax fine-tune step" if train else "")
+        + (f", {pipe['img_s'] / frozen:.1f}x the frozen-base step" if frozen else ""))
+
+
+def bench_memory(sizes, image_size: int, env: dict, log) -> None:
+    """Peak RSS of feature extraction to disk, a fresh process per number of photos a class."""
+    mem = log.data["memory"] = [harness.child("benchmarks.bench", "--memory", str(n), "--image-size",
+                                              str(image_size), env=env) for n in sizes]
+    log(f"\nfeature extraction to disk (vggjax.train.feature_cache.extract, {image_size}x{image_size}, auto conv):")
+    for m in mem:
+        log(f"  {m['images']:5d} images: peak RSS {m['peak_rss_mb']:7.0f} MB "
+            f"(features on disk {m['features_mb']:.0f} MB, {m['img_s']:.1f} img/s)")
 
 
 def main(argv=None) -> None:
@@ -448,64 +370,56 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="150x150 steps only, small pipeline and memory sets")
     p.add_argument("--tasks", default=None, help="comma list of " + ",".join(
         [*STEP_TASKS, "pipeline", "memory"]))
-    p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    p.add_argument("--frameworks", default=None, help=f"comma list of {','.join(FRAMEWORKS)} (default: all; "
+                   "--smoke: vggjax,keras,torch)")
     p.add_argument("--no-hugepages", action="store_true", help="leave glibc malloc at its defaults")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", type=int, help=argparse.SUPPRESS)
     p.add_argument("--memory", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--image-size", type=int, default=150, help=argparse.SUPPRESS)
+    harness.arguments(p, results="results")
     a = p.parse_args(argv)
     if a.worker:
-        return worker_main(a.worker)
+        return harness.serve(setup)
     if a.pipeline:
         return pipeline_main(a.pipeline)
     if a.memory:
-        return memory_main(a.memory)
-
+        return memory_main(a.memory, a.image_size)
     quick_tasks = ["infer150", "finetune", "frozen", "pipeline", "memory"]
-    tasks = a.tasks.split(",") if a.tasks else quick_tasks if a.quick else [*STEP_TASKS, "pipeline", "memory"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3",
-               **({} if a.no_hugepages else MALLOC_ENV))
-    frameworks = a.frameworks.split(",")
-    log = Log()
-
-    meta = {"rounds": a.rounds, "threads": THREADS, "hugepages": not a.no_hugepages,
-            "load_avg_start": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    log(f"# vggjax benchmark {meta['time']}: {THREADS} cores, median of {a.rounds} interleaved "
-        f"rounds, load average at start {meta['load_avg_start'][0]:.1f}\n")
-    meta["cpu"] = cpu_line()
-    log(meta["cpu"] + "\n")
+    smoke_tasks = ["infer150", "finetune", "pipeline", "memory"]
+    tasks = a.tasks.split(",") if a.tasks else smoke_tasks if a.smoke else quick_tasks if a.quick else [
+        *STEP_TASKS, "pipeline", "memory"]
+    frameworks = (a.frameworks or ("vggjax,keras,torch" if a.smoke else ",".join(FRAMEWORKS))).split(",")
+    for name, known in [*((t, [*STEP_TASKS, "pipeline", "memory"]) for t in tasks),
+                        *((f, FRAMEWORKS) for f in frameworks)]:
+        if name not in known:
+            p.error(f"--{'tasks' if known != FRAMEWORKS else 'frameworks'}: {name!r} is not one of {','.join(known)}")
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
+    if a.smoke:  # every step and the memory task at 32x32, batch 2, one call a round; 5 photos a class
+        STEP_TASKS.update({t: dict(spec, size=32, batch=2) for t, spec in STEP_TASKS.items()})
+        a.rounds = 1
+    env = {} if a.no_hugepages else harness.HUGEPAGES
+    log = harness.Log(f"vggjax benchmark: {THREADS} cores, median of {a.rounds} interleaved rounds")
+    log.data.update(rounds=a.rounds, threads=THREADS, hugepages=not a.no_hugepages)
     log(HEADER)
     step_tasks = [t for t in tasks if t in STEP_TASKS]
-    results = {"meta": meta, "steps": bench_steps(step_tasks, frameworks, a.rounds, env, log)}
-    projection = {name: book_hours({t: r[name]["img_s"] for t, r in results["steps"].items() if name in r})
+    steps = log.data["steps"] = bench_steps(step_tasks, frameworks, a.rounds, env, log, 0.0 if a.smoke else 4.0)
+    projection = {name: book_hours({t: r[name]["img_s"] for t, r in steps.items() if name in r})
                   for name in frameworks}
     projection = {k: v for k, v in projection.items() if v}
     if projection:
-        results["book_hours"] = projection
+        log.data["book_hours"] = projection
         log(f"\nprojected wall time of the book's three phases ({BOOK['train']} training images, "
             f"{BOOK['frozen_epochs']}/{BOOK['finetune_epochs']} epochs, 150x150, batch 20, validation "
             f"and test passes at the inference rate): "
             + ", ".join(f"{name} {h:.1f} h" for name, h in projection.items()))
     if "pipeline" in tasks:
-        n = 100 if a.quick else 1000
-        pipe = results["pipeline"] = child("pipeline", n, env)
-        train = results["steps"].get("finetune", {}).get("vggjax", {}).get("img_s")
-        frozen = results["steps"].get("frozen", {}).get("vggjax", {}).get("img_s")
-        log(f"\npipeline (decode + resize + FIRST_EDITION augment, {pipe['images']} {pipe['data']}): "
-            f"{pipe['img_s']:.1f} img/s"
-            + (f" = {pipe['img_s'] / train:.1f}x the vggjax fine-tune step" if train else "")
-            + (f", {pipe['img_s'] / frozen:.1f}x the frozen-base step" if frozen else ""))
+        bench_pipeline(5 if a.smoke else 100 if a.quick else 1000, steps, env, log)
     if "memory" in tasks:
-        sizes = (20, 40, 80) if a.quick else (100, 200, 400)
-        mem = results["memory"] = [child("memory", n, env) for n in sizes]
-        log("\nfeature extraction to disk (vggjax.train.feature_cache.extract, 150x150, auto conv):")
-        for m in mem:
-            log(f"  {m['images']:5d} images: peak RSS {m['peak_rss_mb']:7.0f} MB "
-                f"(features on disk {m['features_mb']:.0f} MB, {m['img_s']:.1f} img/s)")
-    Path(a.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
-    Path(a.out + ".md").write_text("\n".join(log) + "\n")
-    print(f"\nwrote {a.out}.json and {a.out}.md")
+        bench_memory((5,) if a.smoke else (20, 40, 80) if a.quick else (100, 200, 400), 32 if a.smoke else 150,
+                     env, log)
+    log.save(harness.out_path(a))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """LPIPS-VGG forward + backward, vggjax vs the `lpips` package on PyTorch, measured round-robin.
 
-    python benchmarks/bench_losses.py [--rounds 3] [--batch 8] [--size 256] [--photos 8]
+    python -m benchmarks.bench_losses [--rounds 3] [--batch 8] [--size 256] [--photos 8] [--smoke] [--out F]
 
 Each contender runs in its own process (thread pools never overlap: only one computes at a
 time) and every round visits all of them in turn, so a slow spell of this shared machine hits
@@ -17,23 +17,14 @@ Writes benchmarks/results_losses.md.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchlog import Log
+from benchmarks import harness
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "cats_and_dogs_small" / "test"
+DATA = harness.DATA / "test"
 CONTENDERS = ("vggjax-fp32", "lpips-fp32", "vggjax-bf16", "lpips-bf16")
-
-
-def _paths() -> None:
-    sys.path[:0] = [str(ROOT)]
 
 
 def batch(n: int, size: int, seed: int = 0):
@@ -46,9 +37,9 @@ def batch(n: int, size: int, seed: int = 0):
     return x0, x1
 
 
-def make_step(name: str, trunk_dir: Path, n: int, size: int):
+def make_step(name: str, trunk_dir: str, n: int, size: int):
     """A no-argument callable running one forward + backward step of contender `name`."""
-    _paths()
+    trunk_dir = Path(trunk_dir)
     x0, x1 = batch(n, size)
     framework, precision = name.split("-")
     if framework == "vggjax":
@@ -59,7 +50,7 @@ def make_step(name: str, trunk_dir: Path, n: int, size: int):
         lp = perceptual.LPIPS.load(trunk_dir, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
         grad = jax.jit(jax.grad(lambda lp, a, b: jnp.sum(lp(a, b)), argnums=1))
         a, b = jnp.asarray(x0), jnp.asarray(x1)
-        return lambda: grad(lp, a, b).block_until_ready()
+        return lambda: grad(lp, a, b)
     import torch
     from vggjax.testing.reference import reference_lpips, write_lpips_trunk
 
@@ -76,47 +67,25 @@ def make_step(name: str, trunk_dir: Path, n: int, size: int):
     return step
 
 
-def worker(name: str, trunk_dir: Path, n: int, size: int, conn) -> None:
-    """Set up, run once (compile / warm-up), then answer each `reps` request with its wall time."""
-    step = make_step(name, trunk_dir, n, size)
-    t = time.perf_counter()
-    step()
-    conn.send(time.perf_counter() - t)
-    while (reps := conn.recv()) is not None:
-        t = time.perf_counter()
-        for _ in range(reps):
-            step()
-        conn.send(time.perf_counter() - t)
-
-
 def bench(trunk_dir: Path, rounds: int, n: int, size: int, log) -> dict:
-    ctx = mp.get_context("spawn")
-    procs, conns, res = {}, {}, {}
+    """{contender: harness.Series of seconds per step}, each contender in its own process."""
+    workers = {name: harness.Worker("benchmarks.bench_losses", name) for name in CONTENDERS}
     try:
-        for name in CONTENDERS:
-            conns[name], child = ctx.Pipe()
-            procs[name] = ctx.Process(target=worker, args=(name, trunk_dir, n, size, child))
-            procs[name].start()
-            res[name] = {"first_s": conns[name].recv(), "rounds": []}
-            log(f"  {name}: first call {res[name]['first_s']:.1f} s")
-        for r in range(rounds):
-            order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
-            for name in order:
-                conns[name].send(1)
-                res[name]["rounds"].append(n / conns[name].recv())
-            log(f"  round {r + 1}: " + ", ".join(f"{k} {v['rounds'][-1]:.2f}" for k, v in res.items()))
+        firsts = {name: w.setup(name=name, trunk_dir=str(trunk_dir), n=n, size=size)["first_s"]
+                  for name, w in workers.items()}
+        log("  first calls: " + ", ".join(f"{name} {s:.1f} s" for name, s in firsts.items()))
+        times = harness.interleave({name: w.timer() for name, w in workers.items()}, rounds, log,
+                                   warmup=False)
+        for name, s in firsts.items():
+            times[name].first = s
     finally:
-        for name, conn in conns.items():
-            conn.send(None)
-            procs[name].join(timeout=60)
-    for entry in res.values():
-        entry["img_s"] = statistics.median(entry["rounds"])
-    return res
+        for w in workers.values():
+            w.close()
+    return times
 
 
 def photo_check(trunk_dir: Path, data: Path, n_pairs: int, size: int = 256) -> str:
     """LPIPS on real photo pairs: vggjax vs lpips (fp32), and vggjax bf16 vs fp32."""
-    _paths()
     import jax.numpy as jnp
     import numpy as np
     from PIL import Image
@@ -152,34 +121,34 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--photos", type=int, default=8, help="real photo pairs to check (0: none)")
     p.add_argument("--data", type=Path, default=DATA, help=f"folder with cats/*.jpg (default {DATA})")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    harness.arguments(p, results="results_losses")
     a = p.parse_args(argv)
+    if a.worker:
+        return harness.serve(make_step)
+    if a.smoke:
+        a.rounds, a.batch, a.size, a.photos = 1, 1, 32, 1 if (a.data / "cats").is_dir() else 0
     for flag in ("rounds", "batch"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag} must be >= 1")
     if a.size < 32 or a.photos < 0:
         p.error("--size must be >= 32 and --photos >= 0")
-    log = Log()
-
-    log(f"# LPIPS-VGG forward+backward, {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
-        f"batch {a.batch} at {a.size}x{a.size}, median of {a.rounds} interleaved rounds, load "
-        f"average at start {os.getloadavg()[0]:.1f}")
+    log = harness.Log(f"LPIPS-VGG forward+backward, batch {a.batch} at {a.size}x{a.size}, median of "
+                      f"{a.rounds} interleaved rounds")
     with tempfile.TemporaryDirectory() as tmp:
-        _paths()
         from vggjax.testing.reference import write_lpips_trunk
 
         _, trunk_dir = write_lpips_trunk(Path(tmp), seed=0)
-        res = bench(trunk_dir, a.rounds, a.batch, a.size, log)
-        log("\n| contender | img/s | rounds min-max | vs lpips (same precision) | first call s |")
-        log("|---|---|---|---|---|")
-        for name, entry in res.items():
-            ref = res["lpips-" + name.split("-")[1]]["img_s"]
-            log(f"| {name} | {entry['img_s']:.2f} | {min(entry['rounds']):.2f}-{max(entry['rounds']):.2f} "
-                f"| {entry['img_s'] / ref:.2f}x | {entry['first_s']:.1f} |")
+        times = bench(trunk_dir, a.rounds, a.batch, a.size, log)
+        log.data["seconds"] = {name: list(t) for name, t in times.items()}
+        log()
+        log.table(["contender", "img/s", "rounds min-max", "vs lpips (same precision)", "first call s"],
+                  [[name, f"{a.batch / t.median:.2f}", t.spread(lambda s: a.batch / s),
+                    f"{harness.speedup(times, name, 'lpips-' + name.split('-')[1]):.2f}x", f"{t.first:.1f}"]
+                   for name, t in times.items()])
         if a.photos:
             log("\n" + photo_check(trunk_dir, a.data, a.photos))
-    out = ROOT / "benchmarks" / "results_losses.md"
-    out.write_text("\n".join(log) + "\n")
-    print(f"wrote {out}")
+    log.save(harness.out_path(a))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """vggjax.viz.convnet vs the references on the same VGG16 weights, interleaved in one run.
 
-    python benchmarks/bench_viz.py [--rounds 5] [--filter-rounds 2] [--skip-filters]
-                                   [--style-rounds 2] [--style-steps 5] [--skip-style]
+    python -m benchmarks.bench_viz [--rounds 5] [--filter-rounds 2] [--filters 64] [--skip-filters]
+                                   [--style-rounds 2] [--style-steps 5] [--skip-style] [--smoke] [--out F]
 
 1. Grad-CAM, batch 16 at 224x224, fp32, each image's top class (pre-softmax score):
    vggjax.viz.convnet.grad_cam vs pytorch-grad-cam's GradCAM on PyTorch, target layer block5_conv3
@@ -9,7 +9,7 @@
    default is the last max-pool). pytorch-grad-cam also upsamples its maps to 224x224 (cv2),
    vggjax returns them at 14x14. Before timing, all three methods are checked against
    pytorch-grad-cam at 14x14 (its min-max scaling applied to ours).
-2. The book's 8x8 sheet of filter patterns (64 filters of block3_conv1, 64 px, 40 steps):
+2. The book's 8x8 sheet of filter patterns (`--filters` 64 filters of block3_conv1, 64 px, 40 steps):
    one vmapped vggjax call vs the book's per-filter loop in TF (a tf.function step, 40 steps
    a filter, as Keras' `iterate` function in the book).
 3. Neural style transfer, DLwP 2nd ed. 12.3 (preset "book2": SGD on the combination image,
@@ -27,27 +27,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchlog import Log
+import numpy as np
+
+import vggjax
+from benchmarks import harness
+from vggjax.testing import reference
+from vggjax.viz import convnet
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERAS_BACKEND"] = "tensorflow"
-ROOT = Path(__file__).resolve().parent.parent
-# As bench.py: transparent huge pages for large allocations, for every framework alike (per-call
-# temporaries are otherwise page-faulted in afresh on every call).
-HUGETLB = "glibc.malloc.hugetlb=1"
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-import vggjax  # noqa: E402
-from vggjax.testing import reference
-from vggjax.viz import convnet  # noqa: E402
 
 
 def same_weights(tmp: Path):
@@ -60,30 +51,12 @@ def same_weights(tmp: Path):
     return net, vggjax.load(tmp / "converted")
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleave(fns: dict, rounds: int, log) -> dict:
-    """{name: [seconds per round]} after one untimed warm-up call each (its time reported)."""
-    for name, fn in fns.items():
-        log(f"  first call {name}: {timed(fn):.2f} s")
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(timed(fn))
-        log(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()))
-    return times
-
-
-def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
+def bench_grad_cam(net, pt, rounds: int, batch: int, log, size: int = 224) -> list[str]:
     import torch
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM
 
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    pixels = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     x = pt.preprocess(pixels)
     x_torch = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
     layer = [net.features[29]]  # the ReLU after features[28] = block5_conv3
@@ -107,19 +80,17 @@ def bench_grad_cam(net, pt, rounds: int, batch: int, log) -> list[str]:
     with GradCAM(model=net, target_layers=layer) as cam, \
             GradCAM(model=frozen, target_layers=[frozen.features[29]]) as cam_frozen:
         cam_frozen.compute_input_gradient = True  # BaseCAM's option; GradCAM does not pass it on
-        fns = {f"vggjax ({impl} conv)": (lambda m=m: convnet.grad_cam(m, pt.variables, x).block_until_ready())
+        fns = {f"vggjax ({impl} conv)": (lambda m=m: convnet.grad_cam(m, pt.variables, x))
                for impl, m in models.items()}
         fns["pytorch-grad-cam"] = lambda: cam(input_tensor=x_torch, targets=None)
         fns["pytorch-grad-cam, frozen weights"] = lambda: cam_frozen(input_tensor=x_torch, targets=None)
-        log(f"Grad-CAM, batch {batch}, 224x224, fp32, {rounds} interleaved rounds:")
-        times = interleave(fns, rounds, log)
-    torch_s = statistics.median(times["pytorch-grad-cam"])
-    rows = ["| Grad-CAM (batch %d, 224²) | img/s (median) | rounds min–max s | vs pytorch-grad-cam |" % batch,
-            "|---|---|---|---|"]
-    for name, t in times.items():
-        med = statistics.median(t)
-        rows.append(f"| {name} | {batch / med:.2f} | {min(t):.2f}–{max(t):.2f} | {torch_s / med:.2f}x |")
-    return rows
+        log(f"Grad-CAM, batch {batch}, {size}x{size}, fp32, {rounds} interleaved rounds:")
+        times = harness.interleave({name: harness.Timer(fn) for name, fn in fns.items()}, rounds, log)
+    log.data["grad_cam_seconds"] = {name: list(t) for name, t in times.items()}
+    return harness.table([f"Grad-CAM (batch {batch}, {size}²)", "img/s (median)", "rounds min–max s",
+                          "vs pytorch-grad-cam"],
+                         [[name, f"{batch / t.median:.2f}", t.spread(), f"{harness.speedup(times, name, 'pytorch-grad-cam'):.2f}x"]
+                          for name, t in times.items()])
 
 
 def book_loop(pt, layer: str, size: int, steps: int, n: int):
@@ -167,15 +138,14 @@ def bench_filters(pt, rounds: int, log, layer: str = "block3_conv1", size: int =
                                                    range(n), size=size, steps=steps))
 
     log(f"filter-pattern sheet: {n} filters of {layer}, {size} px, {steps} steps, {rounds} rounds:")
-    times = interleave({"vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
-                        "book loop, TF": book_sheet}, rounds, log)
-    tf_s = statistics.median(times["book loop, TF"])
-    rows = [f"| {n}-filter sheet ({layer}, {size} px, {steps} steps) | seconds (median) | "
-            "rounds min–max s | speed-up vs TF loop |", "|---|---|---|---|"]
-    for name, t in times.items():
-        med = statistics.median(t)
-        rows.append(f"| {name} | {med:.2f} | {min(t):.2f}–{max(t):.2f} | {tf_s / med:.2f}x |")
-    return rows
+    times = harness.interleave({name: harness.Timer(fn) for name, fn in {
+        "vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
+        "book loop, TF": book_sheet}.items()}, rounds, log)
+    log.data["filter_sheet_seconds"] = {name: list(t) for name, t in times.items()}
+    return harness.table([f"{n}-filter sheet ({layer}, {size} px, {steps} steps)", "seconds (median)",
+                          "rounds min–max s", "speed-up vs TF loop"],
+                         [[name, f"{t.median:.2f}", t.spread(), f"{harness.speedup(times, name, 'book loop, TF'):.2f}x"]
+                          for name, t in times.items()])
 
 
 STYLE_LAYERS = ["block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1"]
@@ -247,12 +217,12 @@ def bench_style(rounds: int, steps: int, log, height: int = 400) -> list[str]:
     from vggjax.utils import images
     from vggjax.weights.preprocessing import preprocess_input
 
-    data = ROOT.parent / "shared/data/cats_and_dogs_small/train"
+    data = harness.DATA / "train"
     content_path, style_path = data / "cats/cat.1.jpg", data / "dogs/dog.1.jpg"
     for path in (content_path, style_path):
         if not path.is_file():
-            raise SystemExit(f"style transfer: no photo at {path} (../shared/data's "
-                             "cats_and_dogs_small); pass --skip-style")
+            raise SystemExit(f"style transfer: no photo at {path} (cats_and_dogs_small: set "
+                             "$VGGJAX_BENCH_DATA); pass --skip-style")
     size = style_transfer.image_size(content_path, height)
     model = vggjax.create("vgg19", include_top=False)
     variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
@@ -273,55 +243,56 @@ def bench_style(rounds: int, steps: int, log, height: int = 400) -> list[str]:
     log(f"  step-0 loss relative difference {start_gap:.1e}")
     if start_gap > 1e-3:
         raise SystemExit(f"style transfer: vggjax and the book's loop disagree at step 0 ({start_gap:.1e})")
-    times = interleave({"vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
-                        "book loop, TF": lambda: book(steps)}, rounds, log)
-    tf_s = statistics.median(times["book loop, TF"])
-    rows = [f"| style transfer (book2, VGG19, {size[0]}x{size[1]}) | s/step (median) | "
-            "rounds min–max s/step | speed-up vs TF loop |", "|---|---|---|---|"]
-    for name, t in times.items():
-        med = statistics.median(t)
-        rows.append(f"| {name} | {med / steps:.3f} | {min(t) / steps:.3f}–{max(t) / steps:.3f} | "
-                    f"{tf_s / med:.2f}x |")
-    return rows
+    times = harness.interleave({name: harness.Timer(fn) for name, fn in {
+        "vggjax (auto conv)": ours("auto"), "vggjax (direct conv)": ours("direct"),
+        "book loop, TF": lambda: book(steps)}.items()}, rounds, log)
+    log.data["style_seconds"] = {name: list(t) for name, t in times.items()}
+    return harness.table([f"style transfer (book2, VGG19, {size[0]}x{size[1]})", "s/step (median)",
+                          "rounds min–max s/step", "speed-up vs TF loop"],
+                         [[name, f"{t.median / steps:.3f}", t.spread(lambda s: s / steps, ".3f"),
+                           f"{harness.speedup(times, name, 'book loop, TF'):.2f}x"] for name, t in times.items()])
 
 
 def main(argv=None) -> None:
-    if os.environ.get("GLIBC_TUNABLES") != HUGETLB:  # glibc reads it at start-up: restart once
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=HUGETLB))
+    harness.with_hugepages()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--filter-rounds", type=int, default=2)
+    p.add_argument("--filters", type=int, default=64, help="filters in the sheet")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--skip-filters", action="store_true")
     p.add_argument("--style-rounds", type=int, default=2)
     p.add_argument("--style-steps", type=int, default=5)
     p.add_argument("--skip-style", action="store_true")
     p.add_argument("--skip-grad-cam", action="store_true")
+    harness.arguments(p, results="results_viz")
     a = p.parse_args(argv)
-    if min(a.rounds, a.filter_rounds, a.batch, a.style_rounds, a.style_steps) < 1:
-        p.error("--rounds, --filter-rounds, --batch, --style-rounds and --style-steps must be >= 1")
-    log = Log()
-
+    small = {}
+    if a.smoke:  # one round of each part at its smallest: Grad-CAM at 32x32, 2 filters, 1 style step
+        a.rounds = a.filter_rounds = a.style_rounds = a.style_steps = a.batch = 1
+        a.filters, small = 2, dict(size=32, steps=2)
+    if min(a.rounds, a.filter_rounds, a.batch, a.style_rounds, a.style_steps, a.filters) < 1:
+        p.error("--rounds, --filter-rounds, --filters, --batch, --style-rounds and --style-steps must be >= 1")
     import torch
 
     reference.install_torchvision_standin()
-    load = os.getloadavg()[0]
-    log(f"# vggjax.viz.convnet benchmark {time.strftime('%Y-%m-%d %H:%M:%S')}: {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average at start {load:.1f}")
+    log = harness.Log(f"vggjax.viz.convnet benchmark: torch {torch.__version__} ({torch.get_num_threads()} threads)")
     with tempfile.TemporaryDirectory() as tmp:
         net, pt = same_weights(Path(tmp))
-    def write(table):  # after each part, so a long filter run never loses the Grad-CAM table
-        report = log[:1] + [""] + table + ["", "## log", "```"] + log[1:] + ["```", ""]
-        (ROOT / "benchmarks" / "results_viz.md").write_text("\n".join(report))
+    table: list[str] = []
 
-    table = [] if a.skip_grad_cam else bench_grad_cam(net, pt, a.rounds, a.batch, log)
-    write(table)
+    def write():  # after each part, so a long filter run never loses the Grad-CAM table
+        log.save(harness.out_path(a), log[:2] + table + ["", "## log", "```"] + log[2:] + ["```"])
+
+    if not a.skip_grad_cam:
+        table += bench_grad_cam(net, pt, a.rounds, a.batch, log, small.get("size", 224))
+        write()
     if not a.skip_filters:
-        table += [""] + bench_filters(pt, a.filter_rounds, log)
-        write(table)
+        table += [""] + bench_filters(pt, a.filter_rounds, log, n=a.filters, **small)
+        write()
     if not a.skip_style:
-        table += [""] + bench_style(a.style_rounds, a.style_steps, log)
-        write(table)
+        table += [""] + bench_style(a.style_rounds, a.style_steps, log, height=48 if a.smoke else 400)
+        write()
     print("\n".join(table))
 
 

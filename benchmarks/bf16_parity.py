@@ -1,6 +1,6 @@
 """bf16 vs fp32 on real photos: VGG16 with its top, logits' relative error and top-1 agreement.
 
-    python benchmarks/bf16_parity.py [--images 4000] [--batch 32]
+    python -m benchmarks.bf16_parity [--images 4000] [--batch 32] [--smoke] [--out F]
 
 Real ImageNet weights cannot be downloaded here, so the model has seeded random weights
 (He-initialised convs, the classifier scaled so that logits spread like a trained model's);
@@ -19,12 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from bench import DATA, ROOT  # the benchmark's photos (run from benchmarks/ as a script)
-
-sys.path.insert(0, str(ROOT))
-import vggjax  # noqa: E402
-from vggjax.model.vgg import init_random  # noqa: E402
-from vggjax.weights.preprocessing import preprocess_input  # noqa: E402
+import vggjax
+from benchmarks import harness
+from vggjax.model.vgg import init_random
+from vggjax.weights.preprocessing import preprocess_input
 
 
 def photos(root: Path, limit: int):
@@ -40,32 +38,46 @@ def load(files) -> np.ndarray:
                      for f in files]).astype(np.float32)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--data", default=str(DATA), help="cats_and_dogs_small folder")
-    p.add_argument("--runs", default="fp32 auto,bf16 auto,bf16 direct",
-                   help="comma-separated subset of: fp32 auto, bf16 auto, bf16 direct")
-    a = p.parse_args(argv)
+RUNS = {"fp32 auto": {}, "bf16 auto": dict(dtype=jnp.bfloat16), "bf16 direct": dict(
+    dtype=jnp.bfloat16, conv_impl="direct")}
+
+
+def models(runs: dict):
+    """(variables, {"ref": fp32 direct logits fn, run name: that run's logits fn}), all jitted
+    f(variables, x) -> float32 (N, 1000), VGG16 with top, random weights."""
     ref_model = vggjax.create("vgg16", classifier_activation=None)
     variables = init_random(ref_model)
     # Scale the classifier so logits spread over several units, as a trained model's do
     # (Flax's default init leaves them nearly equal, and top-1 would be a coin toss).
     params = dict(variables["params"])
     params["predictions"] = dict(params["predictions"], kernel=params["predictions"]["kernel"] * 8)
-    variables = {"params": params}
-    runs = {"fp32 auto": {}, "bf16 auto": dict(dtype=jnp.bfloat16), "bf16 direct": dict(
-        dtype=jnp.bfloat16, conv_impl="direct")}
-    wanted = [r.strip() for r in a.runs.split(",")]
-    if not wanted or set(wanted) - set(runs):
-        p.error(f"--runs: expected names from {list(runs)}, found {a.runs!r}")
-    runs = {name: runs[name] for name in wanted}
     fns = {"ref": jax.jit(lambda v, x: ref_model.apply(v, x))}
     for name, kw in runs.items():
-        kw = {"conv_impl": "auto", **kw}
-        m = vggjax.create("vgg16", classifier_activation=None, **kw)
+        m = vggjax.create("vgg16", classifier_activation=None, **{"conv_impl": "auto", **kw})
         fns[name] = jax.jit(lambda v, x, m=m: m.apply(v, x).astype(jnp.float32))
+    return {"params": params}, fns
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--data", default=str(harness.DATA), help="cats_and_dogs_small folder")
+    p.add_argument("--runs", default="fp32 auto,bf16 auto,bf16 direct",
+                   help="comma-separated subset of: fp32 auto, bf16 auto, bf16 direct")
+    harness.arguments(p, results=None)
+    a = p.parse_args(argv)
+    if a.smoke:  # 4 photos (generated JPEGs where the photos are absent)
+        a.images, a.batch = 4, 2
+        if not Path(a.data).is_dir():
+            a.data = harness.image_folder(2)[0]
+    if a.images < 1 or a.batch < 1:
+        p.error("--images and --batch must be >= 1")
+    wanted = [r.strip() for r in a.runs.split(",")]
+    if not wanted or set(wanted) - set(RUNS):
+        p.error(f"--runs: expected names from {list(RUNS)}, found {a.runs!r}")
+    runs = {name: RUNS[name] for name in wanted}
+    variables, fns = models(runs)
     files = photos(a.data, a.images)
     err = {n: 0.0 for n in runs}
     agree = {n: 0 for n in runs}
@@ -85,12 +97,14 @@ def main(argv=None) -> None:
             ties[name] += int(close.sum())
             near[name] += int((close & (got.argmax(-1) != ref.argmax(-1))).sum())
         print(f"{min(i + a.batch, len(files))}/{len(files)}", end="\r", file=sys.stderr)
-    print(f"{len(files)} photos, VGG16 with top at 224x224, random weights; against fp32 'direct':")
-    for name in runs:
-        print(f"  {name:12s} max relative logit error {err[name]:.2e}, "
-              f"top-1 agreement {100 * agree[name] / len(files):.2f}% "
-              f"({len(files) - agree[name]} differ, {near[name]} of them near-ties; "
-              f"{ties[name]} images have a fp32 top-2 margin below this run's error)")
+    log = harness.Log("bf16 vs fp32 on real photos")
+    log(f"{len(files)} photos, VGG16 with top at 224x224, random weights; against fp32 'direct':\n")
+    log.data.update(photos=len(files), max_relative_error=err, top1_agree=agree, near_ties=near, ties=ties)
+    log.table(["run", "max relative logit error", "top-1 agreement", "differ", "of them near-ties",
+               "images with a fp32 top-2 margin below the error"],
+              [[name, f"{err[name]:.2e}", f"{100 * agree[name] / len(files):.2f}%", len(files) - agree[name],
+                near[name], ties[name]] for name in runs])
+    log.save(harness.out_path(a))
 
 
 if __name__ == "__main__":

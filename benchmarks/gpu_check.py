@@ -1,24 +1,23 @@
 """One-GPU check of vggjax: bf16 vs fp32 parity and img/s at 224 against PyTorch (AMP, channels_last).
 
-Run through benchmarks/gpu_check.sh. Needs only jax, flax and optax (synthetic arrays, no
-TensorFlow); the PyTorch rows appear when torch with CUDA is importable. `--cpu-smoke` runs
-the same code at 32x32, batch 2, on the CPU, to show the script works end to end.
+Run through benchmarks/gpu_check.sh (or `python -m benchmarks.gpu_check`). Needs only jax, flax
+and optax (synthetic arrays, no TensorFlow); the PyTorch rows appear when torch with CUDA is
+importable. `--cpu-smoke` (or `--smoke`) runs the same code at 32x32, batch 2, on the CPU, to
+show the script works end to end.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from vggjax.inference import classifier
-from vggjax.train import freezing, loop
-
 from vggjax.model import vgg
+from vggjax.train import freezing, loop
 from vggjax.weights.preprocessing import CAFFE_MEAN_BGR, preprocess_input
-
 
 
 def images(batch: int, size: int, seed: int = 0) -> np.ndarray:
@@ -26,16 +25,6 @@ def images(batch: int, size: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, (batch, size // 8 + 1, size // 8 + 1, 3))
     return np.clip(np.repeat(np.repeat(coarse, 8, 1), 8, 2)[:, :size, :size], 0, 255).astype(np.uint8)
-
-
-def timed(fn, min_seconds: float) -> float:
-    """Seconds per call of `fn` (which blocks), after one warm-up call, over >= min_seconds."""
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < min_seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
 
 
 def jax_rows(size, infer_batch, train_batch, min_seconds):
@@ -59,7 +48,7 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
         notes.append(f"parity {name:13s} vs fp32 'highest': max abs {err:.3g} "
                      f"(features up to {scale:.3g}, relative {err / scale:.2e})")
         xd = jnp.asarray(x)
-        sec = timed(lambda: fn(variables, xd).block_until_ready(), min_seconds)
+        sec = harness.per_call(lambda: fn(variables, xd).block_until_ready(), min_seconds)
         rows.append((f"vggjax {name}", "inference", infer_batch / sec))
 
     xt = images(train_batch, size, seed=1)
@@ -74,7 +63,7 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
         def run():
             state[0], metrics = step(state[0], batch)
             metrics["loss"].block_until_ready()
-        rows.append((f"vggjax {name}", "fine-tune step", train_batch / timed(run, min_seconds)))
+        rows.append((f"vggjax {name}", "fine-tune step", train_batch / harness.per_call(run, min_seconds)))
     return rows, notes
 
 
@@ -97,7 +86,7 @@ def torch_rows(size, infer_batch, train_batch, min_seconds, device):
             with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=amp):
                 feats(prep(x))
             sync()
-        rows.append((f"torch {name}", "inference", infer_batch / timed(infer, min_seconds)))
+        rows.append((f"torch {name}", "inference", infer_batch / harness.per_call(infer, min_seconds)))
     side = size // 32
     net = nn.Sequential(feats, nn.Flatten(), nn.Linear(512 * side * side, 256), nn.ReLU(),
                         nn.Dropout(0.5), nn.Linear(256, 1)).to(device, memory_format=torch.channels_last)
@@ -114,21 +103,23 @@ def torch_rows(size, infer_batch, train_batch, min_seconds, device):
             loss.backward()
             opt.step()
             sync()
-        rows.append((f"torch {name}", "fine-tune step", train_batch / timed(train, min_seconds)))
+        rows.append((f"torch {name}", "fine-tune step", train_batch / harness.per_call(train, min_seconds)))
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="32x32, batch 2, on the CPU: checks the script only")
+    harness.arguments(p, results=None)
     a = p.parse_args(argv)
+    a.smoke = a.cpu_smoke = a.smoke or a.cpu_smoke
     if a.cpu_smoke:
         jax.config.update("jax_platforms", "cpu")
         size, infer_batch, train_batch, min_seconds = 32, 2, 2, 0.0
     else:
         size, infer_batch, train_batch, min_seconds = 224, 64, 32, 3.0
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
-          f"VGG16 at {size}x{size}, inference batch {infer_batch}, fine-tune batch {train_batch}")
+    log = harness.Log(f"One-device check: jax on {jax.devices()[0].device_kind}; VGG16 at {size}x{size}, "
+                      f"inference batch {infer_batch}, fine-tune batch {train_batch}")
     rows, notes = jax_rows(size, infer_batch, train_batch, min_seconds)
     try:
         import torch
@@ -145,12 +136,12 @@ def main(argv=None):
             notes.append(f"torch {torch.__version__} on {device}")
     best_torch = {task: max((r[2] for r in rows if r[0].startswith("torch") and r[1] == task), default=None)
                   for task in ("inference", "fine-tune step")}
-    print(f"\n| {'run':22s} | {'task':14s} | {'img/s':>9s} | vs best torch |")
-    print(f"|{'-' * 24}|{'-' * 16}|{'-' * 11}|---------------|")
-    for name, task, rate in rows:
-        ref = best_torch[task]
-        print(f"| {name:22s} | {task:14s} | {rate:9.1f} | {f'{rate / ref:.2f}x' if ref else '-':>13s} |")
-    print("\n" + "\n".join(notes))
+    log.data.update(rows=rows, notes=notes)
+    log.table(["run", "task", "img/s", "vs best torch"],
+              [[name, task, f"{rate:.1f}", f"{rate / best_torch[task]:.2f}x" if best_torch[task] else "-"]
+               for name, task, rate in rows])
+    log("\n" + "\n".join(notes))
+    log.save(harness.out_path(a))
 
 
 if __name__ == "__main__":

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec python benchmarks/gpu_check.py "$@"
+exec python -m benchmarks.gpu_check "$@"

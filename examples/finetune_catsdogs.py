@@ -67,7 +67,7 @@ SMOKE_WORKDIR = "runs/smoke_{pipeline}"  # one per pipeline: make demo's (grain)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", metavar="DIR", help="converted weights (default: Keras VGG16 no-top, "
+    p.add_argument("--weights", metavar="DIR", help="converted weights, or a classifier (tools/convert_weights.py; --phases finetune continues from it) (default: Keras VGG16 no-top, "
                    "downloaded and converted into $VGGJAX_CACHE on first use)")
     p.add_argument("--workdir", help="where the run keeps its checkpoints, results and exports "
                    f"(default {WORKDIR}; with --smoke {SMOKE_WORKDIR.format(pipeline='PIPELINE')}, so "

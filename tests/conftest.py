@@ -1,5 +1,4 @@
 """Shared fixtures: Keras on TensorFlow's CPU backend, seeded random VGG weights, a script environment."""
-import fcntl
 import os
 import shutil
 import tempfile
@@ -8,6 +7,7 @@ import tempfile
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import filelock
 import pytest
 
 from helpers import random_variables, script_env, write_vgg16
@@ -57,8 +57,7 @@ def shared_dir(tmp_path_factory):
 def built_once(directory, build):
     """`build(directory)` by one process of this run; the others wait for it, then reuse the
     directory (tests only read it). Returns `directory`."""
-    with open(f"{directory}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits here while one builds
+    with filelock.FileLock(f"{directory}.lock"):  # the other worker waits here while one builds
         if not (directory / "complete").exists():
             shutil.rmtree(directory, ignore_errors=True)  # what a worker killed mid-build left
             directory.mkdir()
@@ -102,9 +101,9 @@ def subprocess_env(tmp_path):
 
 def pytest_report_header(config):
     """The CPU kind of this run (the fast paths depend on it), in pytest's header."""
-    from vggjax.model import onednn
+    from vggjax.model import cpu
 
-    return f"vggjax CPU: {onednn.describe_cpu()}"
+    return f"vggjax CPU: {cpu.describe_cpu()}"
 
 
 SLOW_TIMEOUT = 900  # s: the slow end-to-end runs (kill -9 and resume, multi-process) take minutes

@@ -22,7 +22,7 @@ def test_a_directory_appears_complete_and_replaces_only_a_vggjax_one(tmp_path):
     out = tmp_path / "out"
     write_dir(out)
     assert sorted(p.name for p in out.iterdir()) == ["data.bin", "vggjax.json"]
-    with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True to replace it"):
         write_dir(out)
     write_dir(out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "out"]  # no temp or old dir left

@@ -201,3 +201,22 @@ def test_a_damaged_export_is_refused_on_load(trained, tmp_path):
     save_file(head, str(tmp_path / "export" / classifier.HEAD))
     with pytest.raises(ValueError, match=r"do not match the head_sha256"):
         classifier.load_classifier(tmp_path / "export")
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "torch"])
+def test_head_pools_and_stacks_hidden_layers_as_imported_models_need(pooling):
+    """The heads of imported models: global or torchvision pooling, two hidden layers without
+    activation, Dropout in front of every Dense but the first; classifier.json round trip."""
+    head = Head(units=(6, 4), dropout_rate=0.5, num_outputs=3, pooling=pooling, activation=None)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 7, 5))
+    p = head.init(jax.random.PRNGKey(1), x)["params"]
+    assert sorted(p) == ["hidden", "hidden_1", "logits"]
+    v = np.asarray(x)
+    # On a 7x7 grid torchvision's adaptive pool is the identity: the features are flattened.
+    v = {"avg": v.mean((1, 2)), "max": v.max((1, 2)), "torch": v.reshape(2, -1)}[pooling]
+    for name in ("hidden", "hidden_1", "logits"):
+        v = v @ p[name]["kernel"] + p[name]["bias"]
+    np.testing.assert_allclose(head.apply({"params": p}, x), v, rtol=1e-5, atol=1e-5)
+    assert classifier.head_from_config(classifier.head_config(head)) == head
+    with pytest.raises(ValueError, match=r"head pooling must be one of"):
+        Head(pooling="mean").apply({"params": p}, x)

@@ -73,7 +73,7 @@ def test_cli_runs_from_anywhere_and_timm_needs_input(subprocess_env, tmp_path):
     env = {k: v for k, v in subprocess_env.items() if k != "PYTHONPATH"}
     result = run_cli(env, "--source", "timm", "--arch", "vgg16", cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: timm weights have no checksum pinned")
+    assert result.stderr.startswith("error: no Hub commit is pinned for timm vgg16 in vggjax: give one with --revision SHA")
     assert "--input FILE" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -173,3 +173,31 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_nor_harms_the_previous_outpu
             f"error: no space left on device while writing {out}; nothing was written: free some "
             "space or choose another place\n")
         assert failed["left"] == outcome
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "keras", "--input", "m.keras"], "importing a model as a classifier needs --input FILE and --output DIR"),
+    (["--source", "keras", "--arch", "vgg16", "--preprocess", "rescale"],
+     "--preprocess only apply to importing a whole Keras model"),
+    (["--source", "torchvision", "--input", "f.pth", "--output", "o", "--class-names", "a,b"],
+     "--source torchvision needs --arch"),
+    (["--source", "torchvision", "--arch", "vgg16", "--input", "f.pth", "--output", "o", "--class-names",
+      "a,b", "--preprocess", "caffe"], "--preprocess only apply to importing a whole Keras model"),
+    (["--source", "keras", "--input", "m.h5", "--output", "o", "--include-top"],
+     "--include-top is for weights; a classifier import keeps the model's head"),
+    (["--source", "keras", "--arch", "vgg16", "--revision", "0" * 40], "--revision is for --source timm"),
+])
+def test_classifier_import_flags_are_checked_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        convert_weights.main(args)
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_class_names_come_from_a_list_or_a_file(tmp_path):
+    from vggjax.inference.imported import parse_class_names
+
+    assert parse_class_names("cats, dogs") == ("cats", "dogs")
+    (tmp_path / "names.txt").write_text("cats\ndogs\n\n")
+    assert parse_class_names(str(tmp_path / "names.txt")) == ("cats", "dogs")
+    with pytest.raises(ValueError, match=r"--class-names 'a,a': expected distinct names"):
+        parse_class_names("a,a")

@@ -160,7 +160,7 @@ def test_without_weights_or_network_it_stops_at_once_saying_what_to_provide(tmp_
     proc = _run(["--data", str(tmp_path / "no_such_folder"), "--workdir", str(tmp_path / "run")], env,
                 timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert ("python tools/convert_weights.py --source keras --arch vgg16 "
+    assert ("vggjax convert --source keras --arch vgg16 "
             "--input vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5") in proc.stderr
     assert "--weights DIR" in proc.stderr
     assert f"--data {tmp_path / 'no_such_folder'} lacks" in proc.stderr and "--data DIR" in proc.stderr

@@ -178,7 +178,7 @@ def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, ca
         ([str(directory), "--format", "jax", "--output", str(tmp_path / "c"), "--image-size", "64"],
          "classifies 32x32 images (its top fixes the size); found --image-size 64"),
         ([str(directory), "--format", "jax", "--output", str(artifacts["jax"])],
-         "already exists and is not empty; pass overwrite=True (--overwrite)"),
+         "already exists and is not empty; add --overwrite to replace it"),
         ([str(directory), "--format", "jax", "--output", str(directory / "inside")],
          f"is inside the input {directory}; vggjax does not write into its input"),
     ]

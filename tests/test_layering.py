@@ -12,7 +12,8 @@ from helpers import REPO
 
 PACKAGE = Path(REPO) / "vggjax"
 # Each package and the vggjax packages it may import from (lazily or not): the README's graph,
-#   utils <- model <- weights <- inference <- {losses, viz, train, export} ; train <- nnx
+#   utils <- model <- weights <- inference <- {losses, viz, train, export} ; train <- nnx ;
+#   {viz, export} <- cli
 BELOW = {
     "utils": set(),
     "model": {"utils"},
@@ -24,6 +25,7 @@ BELOW = {
     "export": {"inference", "weights", "model", "utils"},
     "nnx": {"train", "inference", "weights", "model", "utils"},
     "testing": {"weights", "model", "utils"},
+    "cli": {"viz", "export", "inference", "weights", "model", "utils"},
 }
 ALLOWED = {package: below | {package} for package, below in BELOW.items()}
 
@@ -136,7 +138,8 @@ def test_import_vggjax_loads_neither_tensorflow_nor_torch(subprocess_env):
     ("vggjax.train.classifier", "vggjax.inference.classifier", "load_classifier"),
     ("vggjax.viz.predict_files", "vggjax.inference.predictor", "load_predictor"),
     ("vggjax.export.serving", "vggjax.inference.serving", "from_source"),
-    ("vggjax.export.artifact", "vggjax.inference.artifact", "load")])
+    ("vggjax.export.artifact", "vggjax.inference.artifact", "load"),
+    ("vggjax.model.onednn", "vggjax.model.cpu", "describe_cpu")])
 def test_a_moved_name_still_works_for_a_release_with_a_warning(old, new, name):
     import importlib
 

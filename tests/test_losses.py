@@ -245,7 +245,7 @@ def test_lpips_bf16_agrees_with_fp32(trunk, pairs):
     real = d32 > 1e-6
     rel = np.abs(np.asarray(d16) - d32)[real] / d32[real]
     print(f"\nLPIPS bf16 vs fp32: max relative difference {rel.max():.2e}")
-    assert rel.max() <= 1e-2  # real photos: benchmarks/bench_losses.py --photos
+    assert rel.max() <= 1e-2  # real photos: python -m benchmarks.bench_losses --photos
 
 
 # --- feature, style and total-variation losses against NumPy ---------------------------------

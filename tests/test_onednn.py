@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model import conv, onednn
+from vggjax.model import conv, cpu, onednn
 from vggjax.weights.preprocessing import preprocess_input
 from test_winograd import _data, _photos  # the same random convs and smooth photos
 
@@ -80,7 +80,7 @@ def test_bf16_kernel_gradient_by_matmul_on_small_maps_without_amx(monkeypatch):
     np.testing.assert_allclose(db, dy.astype(jnp.bfloat16).astype(jnp.float32).sum((0, 1, 2)), rtol=1e-5)
     small, large = jnp.zeros((1, 10, 10, 4), jnp.bfloat16), jnp.zeros((1, 11, 10, 4), jnp.bfloat16)
     for isa, small_by_matmul in (("avx512_core_bf16", True), ("avx512_core_amx", False)):
-        monkeypatch.setattr(onednn, "effective_isa", lambda: isa)
+        monkeypatch.setattr(cpu, "effective_isa", lambda: isa)
         assert onednn._kernel_grad_by_matmul(small) == small_by_matmul, isa
         assert not onednn._kernel_grad_by_matmul(large) and not onednn._kernel_grad_by_matmul(
             small.astype(jnp.float32)), isa
@@ -198,7 +198,7 @@ def test_vgg16_features_and_logits_parity(make_variables):
 
 def test_auto_picks_onednn_where_it_suits_the_cpu(monkeypatch):
     x, kernel, bias = _data(1, 16, 16, 64, 128)
-    isa = onednn.effective_isa()
+    isa = cpu.effective_isa()
     native_bf16 = isa in ("avx512_core_bf16", "avx512_core_fp16", "avx512_core_amx", "avx512_core_amx_fp16")
     for dtype, fast in ((jnp.bfloat16, native_bf16), (jnp.float32, isa.startswith("avx"))):
         jaxpr = str(jax.make_jaxpr(lambda x, k: conv.conv(x, k, impl="auto"))(x.astype(dtype), kernel))
@@ -211,12 +211,12 @@ def test_auto_picks_onednn_where_it_suits_the_cpu(monkeypatch):
              "avx512_core": ("direct", "onednn", True),
              "avx512_core_bf16": ("onednn", "onednn", True), "avx512_core_amx": ("onednn", "onednn", True)}
     for kind, (bf16_impl, fp32_impl, bf16_runs) in kinds.items():
-        monkeypatch.setattr(onednn, "effective_isa", lambda: kind)
+        monkeypatch.setattr(cpu, "effective_isa", lambda: kind)
         assert conv.choose_impl(x.shape, 128, jnp.bfloat16) == bf16_impl, kind
         assert conv.choose_impl(x.shape, 128, jnp.float32) == fp32_impl, kind
         assert onednn.supports(jnp.bfloat16) == bf16_runs and onednn.supports(jnp.float32), kind
     # An AVX2-only CPU: XLA's bf16 conv (oneDNN has none there), oneDNN's fp32 one.
-    monkeypatch.setattr(onednn, "effective_isa", lambda: "avx2")
+    monkeypatch.setattr(cpu, "effective_isa", lambda: "avx2")
     with pytest.raises(ValueError, match="bfloat16 conv needs AVX512_CORE.*oneDNN ISA avx2"):
         onednn.conv3x3(x.astype(jnp.bfloat16), kernel)
 
@@ -227,9 +227,9 @@ def test_an_isa_capped_process_reads_the_cap_and_names_refusals(subprocess_env):
     oneDNN itself refuses (the custom call reached directly) names the shape, dtype and ISA."""
     code = """
 import jax.numpy as jnp
-from vggjax.model import conv, onednn
-assert onednn.effective_isa() == "avx2", onednn.effective_isa()
-assert "capped by ONEDNN_MAX_CPU_ISA=AVX2" in onednn.describe_cpu()
+from vggjax.model import conv, cpu, onednn
+assert cpu.effective_isa() == "avx2", cpu.effective_isa()
+assert "capped by ONEDNN_MAX_CPU_ISA=AVX2" in cpu.describe_cpu()
 x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
 assert conv.choose_impl((1, 32, 32, 64), 64, jnp.bfloat16) == "direct"
 assert float(onednn.conv3x3(x, k)[0, 4, 4, 0]) == 36.0
@@ -256,8 +256,8 @@ def test_winograd_transforms_for_each_isa_match_direct_conv(cap, subprocess_env)
     AVX2 or baseline x86-64): capped to AVX2 and to SSE4.1, the values are still the direct conv's."""
     code = """
 import jax, jax.numpy as jnp, numpy as np
-from vggjax.model import conv, onednn
-assert onednn.effective_isa() == "%s".lower(), onednn.effective_isa()
+from vggjax.model import conv, cpu, onednn
+assert cpu.effective_isa() == "%s".lower(), cpu.effective_isa()
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.normal(size=(2, 13, 10, 40)), jnp.float32)
 k = jnp.asarray(rng.normal(size=(3, 3, 40, 24)) * 0.1, jnp.float32)

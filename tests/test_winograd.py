@@ -1,11 +1,12 @@
 """Winograd conv3x3 against XLA's direct conv: values, gradients, and the whole VGG16 conv base."""
+import re
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model import conv, winograd
+from vggjax.model import conv, onednn_build, winograd
 from vggjax.weights.preprocessing import preprocess_input
 
 # (N, H, W, Cin, Cout): VGG's odd sizes (37, 9, 75 -> partial tiles), sizes below one tile,
@@ -112,3 +113,34 @@ def test_conv_impl_keeps_parameter_names_and_shapes():
         shapes[impl] = jax.tree.map(lambda a: a.shape, params)
     assert shapes["direct"] == shapes["winograd"] == shapes["auto"]
     assert shapes["direct"]["block1_conv1"] == {"kernel": (3, 3, 3, 64), "bias": (64,)}
+
+
+def _cc_transform(name: str, rows_in: int) -> np.ndarray:
+    """The matrix that onednn_conv.cc's hand-expanded transform `name` (bt6, at6) applies,
+    evaluated from its C++ statements on each unit vector: (rows_out, rows_in)."""
+    source = onednn_build.SOURCE.read_text()
+    body = source[source.index(f"void {name}("):]
+    body = body[body.index("for (int k"):body.index("\n}\n")]
+    statements = [s.strip() for s in body.replace("const float", ";").split(";")]
+    columns = []
+    for unit in np.eye(rows_in):
+        scope = {f"in{i}": v for i, v in enumerate(unit)} | {f"d{i}": v for i, v in enumerate(unit)}
+        out = {}
+        for statement in statements:
+            for part in re.split(r",\s*(?=[a-z]\w* =)", statement):  # "a = ..., b = ..."
+                if m := re.fullmatch(r"(out\[(\d)\]\[k\]|[a-z]\w*) = (.+)", part.strip(), re.S):
+                    value = eval(re.sub(r"in\[(\d)\]\[k\]", r"in\1", m[3]), {}, scope)
+                    if m[2] is None:
+                        scope[m[1]] = value
+                    else:
+                        out[int(m[2])] = value
+        columns.append([out[i] for i in range(len(out))])
+    return np.array(columns).T
+
+
+def test_the_cc_transforms_are_the_python_f43_matrices():
+    """onednn_conv.cc expands B^T and A^T of F(4,3) by hand for speed; both must be the
+    matrices of `winograd.MATRICES` (G is applied in Python: `transform_kernel`)."""
+    bt, _, at = (np.array(m, np.float64) for m in winograd.MATRICES[4])
+    np.testing.assert_array_equal(_cc_transform("bt6", 6), bt)
+    np.testing.assert_array_equal(_cc_transform("at6", 6), at)

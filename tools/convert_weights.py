@@ -1,56 +1,18 @@
-"""Command line for converting official Keras / torchvision / timm VGG weights into a vggjax checkpoint.
+"""Convert official Keras / torchvision / timm VGG weights into a vggjax checkpoint: `vggjax convert` from a checkout.
 
-    python tools/convert_weights.py --source keras --arch vgg16            # conv base, downloads
-    python tools/convert_weights.py --source keras --arch vgg16 --include-top --input vgg16.h5
-    python tools/convert_weights.py --source timm --arch vgg16_bn --input model.safetensors
+    python tools/convert_weights.py --help
 
-The logic lives in vggjax.weights.convert_file; this file only parses arguments.
+The command lives in vggjax/cli/convert.py (installed as `vggjax convert`); this file only runs it.
 """
-from __future__ import annotations
-
-import argparse
+import importlib.util
 import os
 import sys
 
-try:
-    import vggjax
-except ImportError:  # run from a checkout without installing: the repo root is one level up
+if importlib.util.find_spec("vggjax") is None:  # a checkout, not installed: the repo root is one level up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import vggjax
 
-from vggjax import weights
-from vggjax.utils import console, interrupts
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, choices=sorted(weights.SOURCES))
-    parser.add_argument("--arch", required=True, choices=sorted(vggjax.ARCHS))
-    parser.add_argument("--include-top", action="store_true",
-                        help="keep the 1000-class classifier (fc1, fc2, predictions)")
-    parser.add_argument("--input", metavar="FILE",
-                        help="weights file already on disk (default: download the official one)")
-    parser.add_argument("--output", metavar="DIR", help="default: $VGGJAX_CACHE/converted/"
-                        "<source>_<arch>[_notop], with $VGGJAX_CACHE defaulting to ~/.cache/vggjax")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    console.add_quiet(parser)
-    args = parser.parse_args(argv)
-    output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
-    try:
-        with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C: one line, nothing written
-            meta = weights.convert_file(args.source, args.arch, args.input, output,
-                                        include_top=args.include_top, overwrite=args.overwrite,
-                                        progress=not args.quiet)
-    except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return getattr(err, "status", 130)
-    top = "with" if meta["include_top"] else "without"
-    print(f"converted {args.source} {args.arch} ({top} top) to {os.path.abspath(output)}")
-    return 0
-
+from vggjax.cli.convert import INTERRUPTED, main
+from vggjax.utils import interrupts
 
 if __name__ == "__main__":
-    interrupts.run_command(main, "nothing was written")
+    interrupts.run_command(main, INTERRUPTED)

@@ -1,81 +1,18 @@
-"""Classify image files with converted VGG weights (top-k ImageNet classes) or an exported cats-vs-dogs classifier.
+"""Classify image files with converted VGG weights or an exported classifier: `vggjax predict` from a checkout.
 
-    python tools/predict.py elephant.jpg --weights ~/.cache/vggjax/converted/keras_vgg16
-    python tools/predict.py a.jpg b.png --weights DIR --top 3 --cam cams/ --json
-    python tools/predict.py cat.jpg --weights runs/catsdogs/export/finetune     # prints P(dog)
+    python tools/predict.py --help
 
-Images are read and resized as keras.utils.load_img(target_size=(224, 224)) does (nearest by
-default). The logic lives in vggjax.inference.predictor; this file only parses arguments and prints.
+The command lives in vggjax/cli/predict.py (installed as `vggjax predict`); this file only runs it.
 """
-from __future__ import annotations
-
-import argparse
-import json
+import importlib.util
 import os
 import sys
 
-try:
-    import vggjax
-except ImportError:  # run from a checkout without installing: the repo root is one level up
+if importlib.util.find_spec("vggjax") is None:  # a checkout, not installed: the repo root is one level up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import vggjax
 
-from vggjax.utils import images, interrupts
-
-from vggjax.inference.predictor import load_predictor, predict_files
-from vggjax.viz import convnet
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, found {value}")
-    return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--weights", required=True, metavar="DIR",
-                        help="converted weights with their top, or an exported classifier")
-    parser.add_argument("--top", type=positive_int,
-                        help="classes to print (default 5, or all when there are fewer)")
-    parser.add_argument("--cam", metavar="OUTDIR", help="write a Grad-CAM overlay PNG per image")
-    parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
-    parser.add_argument("--interpolation", choices=images.INTERPOLATIONS, default="nearest",
-                        help="resizing filter, as keras.utils.load_img (default nearest)")
-    args = parser.parse_args(argv)
-    if args.cam is not None and os.path.exists(args.cam) and not os.path.isdir(args.cam):
-        parser.error(f"--cam {args.cam} exists and is not a directory")
-    try:
-        predictor = load_predictor(args.weights)
-        if args.top is not None and args.top > predictor.num_classes:
-            parser.error(f"--top {args.top} exceeds the {predictor.num_classes} classes of {args.weights}")
-        top = args.top or min(5, predictor.num_classes)
-        records = predict_files(predictor, args.images, top, args.cam, args.interpolation,
-                                cam_overlay=convnet.cam_overlay)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for r in records:
-        if "error" in r:
-            print(f"skipped {r['error']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(records, indent=2))
-    else:
-        for r in (r for r in records if "top" in r):
-            print(r["file"])
-            if predictor.num_classes == 2 and predictor.class_names:
-                best = r["top"][0]  # a binary head: the class it predicts, then P(positive class)
-                p = best["probability"] if best["index"] == 1 else 1.0 - best["probability"]
-                print(f"  {best['name']} ({best['probability']:.4f}); P({predictor.class_names[1]}) = {p:.4f}")
-            else:
-                for t in r["top"]:
-                    print(f"  {t['probability']:.4f}  {t['index']:4d}  {t['name']}")
-            if "cam" in r:
-                print(f"  Grad-CAM: {r['cam']}")
-    return 0 if any("top" in r for r in records) else 2
-
+from vggjax.cli.predict import INTERRUPTED, main
+from vggjax.utils import interrupts
 
 if __name__ == "__main__":
-    interrupts.run_command(main, "the files written so far are complete")
+    interrupts.run_command(main, INTERRUPTED)

@@ -21,6 +21,9 @@ def write(serving, directory: Path) -> dict:
     onnx.checker; returns the manifest's format fields."""
     # jax2onnx logs a traceback for each optional plugin whose library is absent (dm_pix, ...).
     logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+    # onnx_ir warns for each metadata field it does not serialise ("Skipping serialization ..."):
+    # nothing the user can act on, the model is complete.
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     to_onnx = require("jax2onnx", "the onnx export").to_onnx
     onnx = require("onnx", "the onnx export")
     (batch,) = jax.export.symbolic_shape("batch")

@@ -1,6 +1,7 @@
 """Running a trained classifier: the classifier-directory format and the logits -> probabilities
 rule (`classifier`), classifying image files (`predictor`), reading exported artifacts
-(`artifact`), and the serving function that `vggjax.export` ships (`serving`).
+(`artifact`), the serving function that `vggjax.export` ships (`serving`), and classifiers
+trained in Keras or PyTorch written in that format (`imported`).
 
     clf = vggjax.inference.load_classifier("WORKDIR/export/finetune")   # a phase's classifier
     probs = vggjax.inference.predict(clf, images)          # (N, 150, 150, 3) uint8 -> (N, 2)

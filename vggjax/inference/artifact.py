@@ -1,5 +1,5 @@
 """Reading an artifact of `vggjax.export`: its manifest, and the artifact run by its own runtime
-(jax, TensorFlow or onnxruntime) with the interface `tools/predict.py` uses."""
+(jax, TensorFlow or onnxruntime) with the interface `vggjax predict` uses."""
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +54,7 @@ def is_artifact(directory: str | os.PathLike) -> bool:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Artifact:
     """An exported artifact run by its runtime (jax, TensorFlow or onnxruntime); the attributes
-    `tools/predict.py` reads from a `Predictor`. No gradients: `cam_layer` is None."""
+    `vggjax predict` reads from a `Predictor`. No gradients: `cam_layer` is None."""
 
     directory: Path
     manifest: dict

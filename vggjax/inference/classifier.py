@@ -30,7 +30,7 @@ import numpy as np
 from vggjax import weights
 
 from vggjax.utils import atomic
-from vggjax.model.vgg import VGG
+from vggjax.model.vgg import VGG, torch_pool
 from vggjax.utils.batches import pad_batch
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
 from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
@@ -38,18 +38,29 @@ from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
 BASE, HEAD, CLASSIFIER = "base", "head.safetensors", "classifier.json"
 
 
-class Head(nn.Module):
-    """flatten -> Dense(units) relu -> Dropout -> Dense(num_outputs): the book's densely connected head.
+POOLINGS = ("flatten", "avg", "max", "torch")  # how the head turns (N, H, W, C) features into vectors
+ACTIVATIONS = ("relu", None)  # of the hidden layers: the book's relu, or none (its 2nd edition)
 
-    Input: (N, ...) features, e.g. (N, 4, 4, 512) VGG16 features of 150x150 images.
+
+class Head(nn.Module):
+    """pool -> [Dense(units) activation -> Dropout] ... -> Dense(num_outputs): the book's densely
+    connected head, and the heads of Keras and torchvision models it imports.
+
+    Input: (N, H, W, C) features, e.g. (N, 4, 4, 512) VGG16 features of 150x150 images.
+    `pooling`: "flatten" (H, W, C order), global "avg" or "max", or "torch" (torchvision's
+    adaptive average pool to 7x7, then flatten). `units`: one hidden layer's width, or a tuple
+    of widths (() for none). Dropout sits in front of every Dense but the first hidden one.
     Output: (N, num_outputs) logits. With num_outputs=1 they are binary logits (the sigmoid
     lives in the loss); with more, class logits for softmax cross-entropy.
-    Param names: "hidden" {kernel (D, units), bias} and "logits" {kernel (units, num_outputs), bias}.
+    Param names: "hidden", "hidden_1", ... {kernel (D, units), bias} and "logits" {kernel
+    (units, num_outputs), bias}.
     """
 
-    units: int = 256
+    units: int | tuple[int, ...] = 256
     dropout_rate: float = 0.5
     num_outputs: int = 1
+    pooling: str = "flatten"
+    activation: str | None = "relu"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -62,11 +73,41 @@ class Head(nn.Module):
 HEAD_KERNEL_INIT = nn.initializers.glorot_uniform()
 
 
+def hidden_layers(config: Head) -> list[tuple[str, int]]:
+    """[(param name, width)] of the head's hidden Dense layers: "hidden", "hidden_1", ..."""
+    widths = (config.units,) if isinstance(config.units, int) else tuple(config.units)
+    return [("hidden" if i == 0 else f"hidden_{i}", w) for i, w in enumerate(widths)]
+
+
+def check_head(config: Head) -> None:
+    """ValueError (one line) for a pooling, activation or width the head does not have."""
+    widths = [w for _, w in hidden_layers(config)]
+    if config.pooling not in POOLINGS:
+        raise ValueError(f"head pooling must be one of {POOLINGS}, found {config.pooling!r}")
+    if config.activation not in ACTIVATIONS:
+        raise ValueError(f"head activation must be one of {ACTIVATIONS}, found {config.activation!r}")
+    if not all(type(w) is int and w > 0 for w in [*widths, config.num_outputs]):
+        raise ValueError(f"head widths must be positive integers, found units {config.units!r}, "
+                         f"num_outputs {config.num_outputs!r}")
+
+
+def pool_features(pooling: str, x):
+    """(N, H, W, C) features -> (N, D) vectors, as `Head.pooling` says."""
+    if pooling in ("avg", "max"):
+        return jnp.mean(x, axis=(1, 2)) if pooling == "avg" else jnp.max(x, axis=(1, 2))
+    if pooling == "torch":
+        x = torch_pool(x)
+    return x.reshape(x.shape[0], -1)
+
+
 def head_forward(config: Head, layers, x):
     """The head's one forward pass, for both faces (Linen here, vggjax.nnx there): `layers`
-    runs "hidden", the dropout and "logits". x: (N, ...) features -> (N, num_outputs) logits."""
-    x = jnp.asarray(x, config.dtype).reshape(x.shape[0], -1)
-    x = nn.relu(layers.dense("hidden", config.units, x))
+    runs the Dense layers by name and the dropout. x: (N, ...) features -> (N, num_outputs) logits."""
+    check_head(config)
+    x = pool_features(config.pooling, jnp.asarray(x, config.dtype))
+    for i, (name, width) in enumerate(hidden_layers(config)):
+        x = layers.dense(name, width, layers.dropout(x) if i else x)
+        x = nn.relu(x) if config.activation == "relu" else x
     return layers.dense("logits", config.num_outputs, layers.dropout(x))
 
 
@@ -182,8 +223,7 @@ def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_met
     if "batch_stats" in classifier.variables:
         base_variables["batch_stats"] = classifier.variables["batch_stats"]["base"]
     meta = dict(base_meta, include_top=False, preprocessing=classifier.preprocessing)
-    config = {"head": {"units": head.units, "dropout_rate": head.dropout_rate,
-                       "num_outputs": head.num_outputs},
+    config = {"head": head_config(head),
               "image_size": classifier.image_size, "preprocessing": classifier.preprocessing,
               "class_names": list(classifier.class_names), "base": BASE, **dict(info or {})}
 
@@ -194,6 +234,22 @@ def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_met
         save_file({k: np.asarray(v) for k, v in flatten(params["head"]).items()}, str(tmp / HEAD))
         (tmp / CLASSIFIER).write_text(json.dumps(config, indent=2) + "\n")
     return Path(directory)
+
+
+def head_config(head: Head) -> dict:
+    """The head's options as classifier.json stores them (widths as a list when several)."""
+    units = head.units if isinstance(head.units, int) else list(head.units)
+    return {"units": units, "dropout_rate": head.dropout_rate, "num_outputs": head.num_outputs,
+            "pooling": head.pooling, "activation": head.activation}
+
+
+def head_from_config(config: Mapping) -> Head:
+    """`head_config`'s inverse; exports written before pooling and activation existed get the
+    book's flatten and relu."""
+    units = config["units"]
+    return Head(units=units if isinstance(units, int) else tuple(units),
+                dropout_rate=config["dropout_rate"], num_outputs=config["num_outputs"],
+                pooling=config.get("pooling", "flatten"), activation=config.get("activation", "relu"))
 
 
 def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None = None,
@@ -212,12 +268,12 @@ def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None
         raise FileNotFoundError(f"{directory} is not an exported classifier: {CLASSIFIER} is missing")
     try:
         config = json.loads(where.read_text())
-        head = Head(**{k: config["head"][k] for k in ("units", "dropout_rate", "num_outputs")})
+        head = head_from_config(config["head"])
         image_size, mode, names = config["image_size"], config["preprocessing"], config["class_names"]
         ok = (type(image_size) is int and isinstance(mode, str) and mode in MODES
               and isinstance(names, list) and all(isinstance(n, str) for n in names)
-              and type(head.units) is int and type(head.num_outputs) is int
               and isinstance(config["base"], str))
+        check_head(head)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{where} is corrupt: {type(err).__name__}: {err}") from None
     if not ok:

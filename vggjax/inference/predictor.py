@@ -1,5 +1,5 @@
 """Classify image files with converted ImageNet weights, a classifier directory or an exported
-artifact (tools/predict.py); the Grad-CAM overlays it can draw come from the caller (`vggjax.viz`)."""
+artifact (`vggjax predict`); the Grad-CAM overlays it can draw come from the caller (`vggjax.viz`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +52,7 @@ class Predictor:
 def load_predictor(directory: str | os.PathLike, conv_impl: str | None = None):
     """A `Predictor` from converted weights with their top (`vggjax.load`) or from an exported
     cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json); for an
-    artifact of `tools/export.py` (its manifest.json), the artifact itself (`vggjax.inference.artifact`,
+    artifact of `vggjax export` (its manifest.json), the artifact itself (`vggjax.inference.artifact`,
     no Grad-CAM). `conv_impl`: the base's conv (None: as loaded)."""
     directory = Path(directory).expanduser()
     if artifact.is_artifact(directory):

@@ -83,7 +83,7 @@ class LPIPS:
     @classmethod
     def load(cls, trunk: str | os.PathLike, lin: str | os.PathLike | None = None,
              version: str = "0.1", dtype=jnp.float32, conv_impl: str = "auto") -> "LPIPS":
-        """`trunk`: a directory from `tools/convert_weights.py --source torchvision --arch vgg16`
+        """`trunk`: a directory from `vggjax convert --source torchvision --arch vgg16`
         (with or without top); `lin`: lpips's `weights/v<version>/vgg.pth`, None = the one in
         an installed `lpips` package (never downloaded). `dtype=jnp.bfloat16` runs the trunk in
         bf16; distances stay float32. `conv_impl`: see `vggjax.VGG` ("auto" is faster on CPU)."""

@@ -292,7 +292,8 @@ struct Tiles {
   }
 };
 
-// B^T applied to six rows of kVec channels (in[i][k] -> out[i][k]).
+// B^T applied to six rows of kVec channels (in[i][k] -> out[i][k]). This and at6 expand
+// winograd.MATRICES[4] by hand; tests/test_winograd.py evaluates both against that one source.
 static inline __attribute__((always_inline)) void bt6(float (*in)[kVec], float (*out)[kVec]) {
 #pragma omp simd
   for (int k = 0; k < kVec; ++k) {

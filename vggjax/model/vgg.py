@@ -77,6 +77,16 @@ def conv_names(block_sizes: Sequence[int]) -> list[str]:
     return [f"block{b}_conv{i}" for b, n in enumerate(block_sizes, 1) for i in range(1, n + 1)]
 
 
+def torch_pool(x):
+    """torchvision's AdaptiveAvgPool2d((7, 7)) in front of its classifier: (N, H, W, C) ->
+    (N, 7, 7, C), the identity on a 7x7 grid (224x224 images)."""
+    if x.shape[1:3] == (TOP_GRID, TOP_GRID):
+        return x
+    ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], TOP_GRID), x.dtype)
+    pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], TOP_GRID), x.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+
+
 def adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) float32 averaging matrix with torch's AdaptiveAvgPool bin edges.
 
@@ -111,8 +121,7 @@ class VGG(nn.Module):
     dropout_rate: float = 0.0  # torchvision's head trains with 0.5; Keras' has no dropout
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    # "winograd": fewer multiplies; "onednn": oneDNN's kernels (bf16 dot units); "auto": picks
-    # by device, dtype and CPU (vggjax.model.conv.choose_impl)
+    # one of vggjax.model.conv.IMPLS; "auto" is vggjax.model.conv.choose_impl's policy
     conv_impl: str = "direct"
 
     def layer_names(self) -> list[str]:
@@ -207,10 +216,8 @@ def features(config: VGG, layers, x, taps: "_Taps"):
 
 def top(config: VGG, layers, x, taps: "_Taps"):
     """The ImageNet classifier: conv features -> (N, num_classes) probabilities or logits."""
-    if config.top_input == "torch" and x.shape[1:3] != (TOP_GRID, TOP_GRID):
-        ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], TOP_GRID), x.dtype)
-        pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], TOP_GRID), x.dtype)
-        x = jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+    if config.top_input == "torch":
+        x = torch_pool(x)
     # H, W, C flatten order: the Keras layout, and the one the converter gives torch's fc1.
     x = x.reshape(x.shape[0], -1)
     if taps("flatten", x):

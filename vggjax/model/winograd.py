@@ -92,7 +92,7 @@ def _output_transform_t(dy, tile: int):
 def choose_tile(shape, cout: int, dtype=jnp.float32) -> int | None:
     """The "auto" policy: Winograd tile for an NHWC input `shape` and Cout, or None = direct.
 
-    Measured on 2 AVX-512 cores, VGG16 (benchmarks/README.md): below Cin*Cout = 64*64 (block1)
+    From VGG16 runs (benchmarks/results_library.md): below Cin*Cout = 64*64 (block1)
     the matmul is too thin to pay for the transforms' memory passes; F(4,3) from 32 pixels up;
     F(2,3) below, where F(4,3) pads more (9 -> 12) and its 36 products per tile outweigh the
     saving. Off the CPU (cuDNN, ...) and for narrower dtypes than float32 (which `conv3x3`
@@ -153,7 +153,7 @@ def _conv_bwd(tile, res, dy):
     # A SAME 3x3 stride-1 conv's input gradient is the same conv of dy with the kernel rotated
     # 180 degrees and in/out swapped; its kernel gradient contracts x and dy over every tile.
     # Both stay in the Winograd domain (XLA's filter-gradient conv transposes whole
-    # activations first and cost 3x as much on VGG's block5).
+    # activations first: benchmarks/results_library.md).
     dx = _conv(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), None, tile)
     dk = _kernel_grad(x, dy, tile).astype(kernel.dtype)
     return dx, dk, dy.sum((0, 1, 2)).astype(kernel.dtype)

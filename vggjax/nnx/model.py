@@ -121,16 +121,18 @@ def _layer_shapes(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
 
 class Head(nnx.Module):
     """The book's head (flatten -> Dense(units) relu -> Dropout -> Dense(num_outputs)) in NNX;
-    `in_features` is the flattened feature size (4*4*512 for VGG16 at 150x150). Keyword
+    `in_features` is the pooled feature size (4*4*512 for VGG16 at 150x150, flattened). Keyword
     arguments as the Linen `vggjax.inference.classifier.Head`."""
 
     def __init__(self, in_features: int, *, rngs: nnx.Rngs, **options):
         self.config = classifier.Head(**options)
         c, init = self.config, classifier.HEAD_KERNEL_INIT
         dtypes = dict(dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init)
-        self.hidden = nnx.Linear(in_features, c.units, rngs=rngs, **dtypes)
+        for name, width in classifier.hidden_layers(c):
+            setattr(self, name, nnx.Linear(in_features, width, rngs=rngs, **dtypes))
+            in_features = width
         self.dropout = nnx.Dropout(c.dropout_rate, deterministic=True, rngs=rngs)
-        self.logits = nnx.Linear(c.units, c.num_outputs, rngs=rngs, **dtypes)
+        self.logits = nnx.Linear(in_features, c.num_outputs, rngs=rngs, **dtypes)
 
     def __call__(self, x):
         return classifier.head_forward(self.config, self, x)
@@ -217,7 +219,9 @@ def from_linen(module, linen_variables: Mapping, preprocessing: str | None = Non
         rngs = nnx.Rngs(0)
         if isinstance(module, classifier.Classifier):
             base = VGG(rngs=rngs, preprocessing=preprocessing, **_fields(module.base))
-            size = int(linen_variables["params"]["head"]["hidden"]["kernel"].shape[0])
+            head_params = linen_variables["params"]["head"]
+            first = ([name for name, _ in classifier.hidden_layers(module.head)] + ["logits"])[0]
+            size = int(head_params[first]["kernel"].shape[0])
             head = Head(size, rngs=rngs, **_fields(module.head))
             return Classifier(base, head, module.train_base_batch_norm)
         return VGG(rngs=rngs, preprocessing=preprocessing, **_fields(module))

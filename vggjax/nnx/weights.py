@@ -14,7 +14,7 @@ from vggjax.nnx.model import from_linen, set_variables, variables
 
 
 def load(directory: str | os.PathLike, conv_impl: str | None = None, verify: bool = True):
-    """The NNX VGG of a directory that `tools/convert_weights.py` (or `vggjax.weights.save`)
+    """The NNX VGG of a directory that `vggjax convert` (or `vggjax.weights.save`)
     wrote, digest-verified as `vggjax.load` does; `model.preprocessing` is the weights' mode,
     `model.preprocess(images)` applies it. `conv_impl` picks the conv algorithm (default "direct")."""
     from vggjax.weights import load as load_linen

@@ -123,7 +123,7 @@ def warp(images, matrices, fill_mode: str = "nearest") -> jax.Array:
     flips, 90-degree turns) reproduce input pixels exactly. One gather fetches the 4
     neighbours of every output pixel; it keeps the batch as a gather batch dimension, so a
     batch sharded over devices is warped where it lies, with no collective. (Flattening the
-    batch into the gathered axis runs 2x faster on one CPU but makes XLA all-gather the
+    batch into the gathered axis runs faster on one CPU but makes XLA all-gather the
     indices and all-reduce the pixels under data parallelism.)
     """
     if fill_mode not in FILL_MODES:

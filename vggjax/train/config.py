@@ -85,11 +85,8 @@ class Config:
     patience: int | None = _flag(None, "stop a phase after this many epochs without a lower "
                                  "validation loss (Keras' EarlyStopping(patience)); default: never", int)
     progress: bool = True  # progress bars (the command lines' --quiet turns them off)
-    # "auto" (vggjax.model.conv.choose_impl): on one CPU device, oneDNN where it suits the
-    # dtype (fp32 from AVX2 up, as Winograd F(4,3) on oneDNN's matmul from block1_conv2 on;
-    # bf16 on AVX512-BF16/AMX), else XLA-side Winograd for fp32 convs wider than 64x64 (~1e-5
-    # relative rounding); on GPU/TPU or several devices,
-    # XLA's own conv. The exact-parity default of VGG itself stays "direct" (see benchmarks/).
+    # "auto": the fastest conv for the device, dtype and CPU (vggjax.model.conv.choose_impl
+    # states the policy). The exact-parity default of VGG itself stays "direct".
     conv_impl: str = "auto"
     # "bf16": every phase (feature extraction too) computes in bfloat16 with fp32 parameters,
     # optimizer state and loss; on CPUs with AVX512-BF16/AMX "auto" then runs oneDNN's bf16 conv.

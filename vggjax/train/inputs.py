@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vggjax.inference.classifier import CLASSIFIER
 from vggjax.model.vgg import create, without_top
 from vggjax.weights import download, store
 from vggjax.train.config import SPLITS
@@ -21,12 +22,12 @@ def resolve_weights(weights: str | None) -> str:
     use. Raises MissingInputError saying what to provide when that is impossible (offline)."""
     how = ("provide converted weights with --weights DIR, made from Keras' "
            f"{_KERAS_NOTOP.filename} ({_KERAS_NOTOP.url}) by\n"
-           f"  python tools/convert_weights.py --source keras --arch vgg16 "
+           f"  {download.CONVERT_COMMAND} --source keras --arch vgg16 "
            f"--input {_KERAS_NOTOP.filename} --output DIR")
     if weights is not None:
-        if not (Path(weights) / store.METADATA).is_file():
-            raise MissingInputError(f"--weights {weights} is not a converted weights directory "
-                                    f"(no {store.METADATA} in it); {how}")
+        if not any((Path(weights) / name).is_file() for name in (store.METADATA, CLASSIFIER)):
+            raise MissingInputError(f"--weights {weights} is neither a converted weights directory "
+                                    f"nor a classifier (no {store.METADATA} or {CLASSIFIER} in it); {how}")
         return str(weights)
     default = store.default_output_dir("keras", "vgg16", include_top=False)
     if not (default / store.METADATA).is_file():

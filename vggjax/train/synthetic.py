@@ -27,9 +27,9 @@ MARKER = "generated_by_vggjax.txt"
 RANDOM_H5 = "random_{arch}_notop_seed{seed}.h5"
 
 # Config settings of a smoke run: 48x48 images (VGG16 features 1x1x512) and few epochs,
-# so that all three phases finish in about a minute on 2 CPU cores. Not 32x32: XLA's CPU
-# convolutions are ~4x slower on block5's 2x2 maps (inputs of 32..47 px) than on its 3x3 maps
-# at 48 px. With so few steps the heads need larger learning rates than the book's.
+# so that all three phases finish quickly on 2 CPU cores. Not 32x32: XLA's CPU convolutions
+# are slower on block5's 2x2 maps (inputs of 32..47 px) than on its 3x3 maps at 48 px
+# (benchmarks/results_library.md). With so few steps the heads need larger learning rates than the book's.
 SETTINGS = dict(image_size=48, batch_size=20, epochs={"features": 10, "frozen": 2, "finetune": 2},
                 learning_rates={"features": 1e-4, "frozen": 1e-4, "finetune": 2e-5})
 

@@ -43,14 +43,16 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
+import optax
 
 from vggjax.utils import atomic, locks
 
 from vggjax.train import splits
 from vggjax.train import feature_cache, freezing, metric_writers, parallel, report, loop, synthetic
-from vggjax.inference.classifier import CLASSIFIER, Classifier, Head, TrainedClassifier, export, init_classifier
+from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
+                                         init_classifier, load_classifier)
 from vggjax.utils.trees import digest
-from vggjax.weights import store
+from vggjax.weights import download, store
 from vggjax.train.config import PHASE_FREEZING, PHASES, SPLITS, Config
 from vggjax.train.inputs import conv_base
 from vggjax.train.run_identity import claim_workdir, make_workdir, run_identity
@@ -184,9 +186,17 @@ def run(config: Config, restart: bool = False) -> dict:
                          "in a single process; run the frozen and finetune phases multi-host")
     if config.data != "tfds":
         splits.check_image_folder(config.data, SPLITS)
-    weights = store.load(config.weights)
+    start = None
+    if (Path(config.weights) / CLASSIFIER).is_file():  # a classifier: finetune continues from it
+        start = load_classifier(config.weights)
+        weights = store.load(Path(config.weights) / start.meta["base"])
+    else:
+        weights = store.load(config.weights)
     mode = config.preprocess or weights.meta["preprocessing"]
     sha = weights.meta.get("variables_sha256") or digest(weights.variables)
+    if start is not None:
+        _check_start(config, start, mode)
+        sha += "+head:" + digest(start.variables["params"]["head"])
     identity = run_identity(config, weights.meta, sha, mode)
     workdir = Path(config.workdir).absolute()
     make_workdir(workdir)
@@ -195,10 +205,26 @@ def run(config: Config, restart: bool = False) -> dict:
             else contextlib.nullcontext())
     with lock:
         claim_workdir(workdir, identity, restart)
-        return _run(config, weights, mode, identity, workdir)
+        return _run(config, weights, mode, identity, workdir, start)
 
 
-def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path) -> dict:
+def _check_start(config: Config, start: TrainedClassifier, mode: str) -> None:
+    """A classifier given as --weights must fit the run: its image size, its preprocessing, and
+    only `finetune` (and `features`) start from it, since `frozen` trains a fresh head."""
+    problems = []
+    if start.image_size != config.image_size:
+        problems.append(f"it takes {start.image_size}x{start.image_size} images: add --image-size "
+                        f"{start.image_size}")
+    if mode != start.preprocessing:
+        problems.append(f"it was trained with --preprocess {start.preprocessing}, not {mode}")
+    if "frozen" in config.phases:
+        problems.append("--phases frozen would train a fresh head; use --phases finetune")
+    if problems:
+        raise ValueError(f"--weights {config.weights} is a classifier: " + "; ".join(problems))
+
+
+def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path,
+         start: TrainedClassifier | None = None) -> dict:
     """`run` after the checks, in the claimed and locked workdir."""
     load_split = splits.loader(config.pipeline, config.tfds_data_dir)
     n_proc = jax.process_count()
@@ -219,7 +245,7 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
     run_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     r = _Run(config, weights, base_model, base_variables, mode, loaded, mesh, run_sha256)
 
-    phases = config.phases_to_run
+    phases = config.phases if start is not None else config.phases_to_run
     if "frozen" in phases and "frozen" not in config.phases:
         logger.info("phase finetune continues from phase frozen: running (or restoring) it first")
     results = {}
@@ -227,6 +253,9 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
         results["features"] = features_phase(r)
     if "frozen" in phases:
         results["frozen"], frozen = frozen_phase(r)
+    elif "finetune" in phases:
+        logger.info(f"phase finetune continues from the classifier {config.weights}")
+        frozen = _from_classifier(r, start)
     if "finetune" in phases:
         results["finetune"] = finetune_phase(r, *frozen)
     return results
@@ -268,6 +297,21 @@ def frozen_phase(r: _Run):
     state, history = r.fit("frozen", state, train_step, eval_step, r.splits["train"], r.splits["validation"])
     results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, loop.TrainState.variables)
     return results, (model, state, eval_step)
+
+
+def _from_classifier(r: _Run, start: TrainedClassifier):
+    """(model, state, eval_step) as `frozen_phase` gives them, from a classifier given as --weights
+    (the base rebuilt with the run's conv_impl). Its classes must be the data's, in order."""
+    names = tuple(r.splits["train"].class_names)
+    if tuple(start.class_names) != names:
+        raise ValueError(f"--weights {r.config.weights} classifies {list(start.class_names)}, the "
+                         f"data's classes are {list(names)}: import it again with `{download.CONVERT_COMMAND} "
+                         f"--class-names {','.join(names)}` if they are the same classes")
+    model = Classifier(base=r.base_model, head=start.model.head)
+    state = loop.TrainState.create(start.variables, optax.identity(), r.config.seed)
+    eval_step = loop.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
+                                    compute_dtype=r.config.compute_dtype)
+    return model, state, eval_step
 
 
 def finetune_phase(r: _Run, model: Classifier, frozen_state, eval_step) -> dict:

@@ -17,7 +17,6 @@ edited in) a vggjax output makes the whole output foreign to vggjax.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import filelock
 
 from vggjax.utils.disk import no_space
 from vggjax.utils.interrupts import sigterm_interrupts
@@ -82,11 +83,11 @@ def check_target(final: str | os.PathLike, *, directory: bool, overwrite: bool =
     if not any(final.iterdir()):
         return final
     if not overwrite:
-        raise RefusedError(f"{final} already exists and is not empty; pass overwrite=True "
-                           "(--overwrite) to replace it")
+        raise RefusedError(f"{final} already exists and is not empty; pass overwrite=True to "
+                           "replace it")
     if others := foreign(final):
         raise RefusedError(f"{final} holds files vggjax did not write ({_listing(final, others)}), "
-                           "so --overwrite will not delete it; choose another output directory")
+                           "so overwrite=True will not delete it; choose another output directory")
     return final
 
 
@@ -250,6 +251,22 @@ def _read_manifest(directory: Path) -> dict:
         return {}  # absent, or damaged: then nothing there is provably vggjax's
 
 
+def _lock_directory(directory: Path) -> int | None:
+    """A descriptor of `directory` holding its exclusive lock (filelock's flock), so writers
+    beside each other take turns; None where a directory cannot be opened or locked (Windows,
+    a platform without fcntl): there one vggjax writer a folder at a time."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except PermissionError:
+        return None
+    try:
+        filelock.lock_descriptor(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def _manifest(directory: Path) -> Iterator[dict]:
     """The manifest of `directory` to update in place: under an exclusive lock (concurrent
@@ -257,9 +274,8 @@ def _manifest(directory: Path) -> Iterator[dict]:
     if not directory.is_dir():
         yield {}
         return
-    fd = os.open(directory, os.O_RDONLY)
+    fd = _lock_directory(directory)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         entries = _read_manifest(directory)
         yield entries
         entries = {k: v for k, v in entries.items() if os.path.lexists(directory / k)}
@@ -274,7 +290,8 @@ def _manifest(directory: Path) -> Iterator[dict]:
             tmp.unlink(missing_ok=True)
             raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def remove(path: Path) -> None:

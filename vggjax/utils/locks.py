@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from pathlib import Path
 from typing import Iterator
 
+import filelock
+
 from vggjax.utils.atomic import RefusedError
 
 LOCK = ".vggjax-lock"
+# flock (POSIX) or LockFileEx (Windows): held by an open file, so it dies with its process. Where
+# neither exists filelock falls back to a marker file, which it alone writes and deletes.
+NATIVE = not issubclass(filelock.FileLock, filelock.SoftFileLock)
 
 
 class BusyError(RefusedError):
@@ -22,16 +26,29 @@ def locked(directory: str | os.PathLike, what: str, wait: bool = False) -> Itera
     for the block; BusyError naming that pid when another process holds it, or with `wait`,
     wait for it. The lock dies with its process, so a killed run never leaves a stale lock."""
     path = Path(directory) / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = filelock.FileLock(path, blocking=wait, preserve_lock_file=NATIVE,
+                             on_acquired=_write_pid if NATIVE else None)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise BusyError(f"{what} is in use by another vggjax run (pid {holder}); wait for it "
-                            "to finish or choose another one") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        lock.acquire()
+    except filelock.Timeout:
+        raise BusyError(f"{what} is in use by another vggjax run (pid {_holder(path)}); wait for "
+                        "it to finish or choose another one") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
+
+
+def _holder(path: Path) -> str:
+    """The pid the holder wrote, or "unknown" (not yet written, a marker lock, Windows' lock)."""
+    try:
+        pid = path.read_text(errors="replace").strip()
+    except OSError:
+        return "unknown"
+    return pid if pid.isdigit() else "unknown"

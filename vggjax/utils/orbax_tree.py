@@ -13,7 +13,7 @@ from vggjax.utils import interrupts
 
 
 def ocp():
-    """The `orbax.checkpoint` module, imported on first use (~1 s: only when a checkpoint is touched)."""
+    """The `orbax.checkpoint` module, imported on first use (slow to import: only when a checkpoint is touched)."""
     import orbax.checkpoint
 
     return orbax.checkpoint

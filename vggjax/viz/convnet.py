@@ -187,7 +187,7 @@ def overlay(image, cam, alpha: float = 0.4) -> np.ndarray:
 
 
 def cam_overlay(predictor, pixels, original) -> np.ndarray:
-    """The Grad-CAM overlay `tools/predict.py --cam` draws: the map of the top class (the paper's
+    """The Grad-CAM overlay `vggjax predict --cam` draws: the map of the top class (the paper's
     pre-softmax score) at `predictor.cam_layer` of `pixels` (1, S, S, 3) uint8, the image the
     predictor classifies, over `original` (H, W, 3) uint8, the file at its own size.
     `predictor`: a `vggjax.inference.predictor.Predictor`. Returns (H, W, 3) uint8."""
@@ -228,7 +228,7 @@ def filter_pattern(model: VGG, variables, layer: str, filter_index, size: int = 
                          f"found {index.tolist()}")
     if init is None:
         # NumPy's generator, as the book draws it (np.random.random): jax.random's first call
-        # compiles its hash, 0.7 s on 2 cores, 6% of the book's 64-filter sheet.
+        # compiles its hash (benchmarks/results_library.md).
         init = np.random.default_rng(seed).random(shape, np.float32) * 20 + 128
     # The image accumulates in float32 even for a bfloat16 model (float64 under jax x64).
     dtype = jnp.promote_types(model.dtype, jnp.float32)

@@ -39,6 +39,9 @@ TORCHVISION_FILES = {
 }
 TIMM_PAGE = "https://huggingface.co/timm/{arch}.tv_in1k"
 TIMEOUT_S = 10.0
+# How messages name the converter: the installed command (`python tools/convert_weights.py`
+# in a checkout runs the same code with the same flags).
+CONVERT_COMMAND = "vggjax convert"
 
 
 class DownloadError(OSError):
@@ -85,7 +88,7 @@ def official_file(source: str, arch: str, include_top: bool) -> WeightFile:
         raise ValueError(
             f"timm weights have no checksum pinned in vggjax, so they are not downloaded for you: "
             f"get model.safetensors from {TIMM_PAGE.format(arch=arch)} and convert it with "
-            f"`python tools/convert_weights.py --source timm --arch {arch} --input FILE`")
+            f"`{CONVERT_COMMAND} --source timm --arch {arch} --input FILE`")
     raise ValueError(f"unknown weights source {source!r}; expected keras, torchvision or timm")
 
 
@@ -117,9 +120,8 @@ def download(url: str, dest: str | os.PathLike, algorithm: str, expected: str,
             except OSError as err:  # URLError, timeouts and refused connections are OSErrors
                 raise DownloadError(
                     f"could not download {url} ({err}). If this machine is offline, download "
-                    f"that file elsewhere, copy it here and convert it with `python "
-                    f"tools/convert_weights.py --input FILE` (in Python: convert_file(..., "
-                    f"input_path=FILE))") from None
+                    f"that file elsewhere, copy it here and convert it with `{CONVERT_COMMAND} "
+                    f"--input FILE` (in Python: convert_file(..., input_path=FILE))") from None
         if not matches(h.hexdigest(), expected):
             raise DownloadError(f"{url} does not have the expected {algorithm} {expected} "
                                 f"(got {h.hexdigest()}); the download was discarded")

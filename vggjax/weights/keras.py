@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from typing import Iterator, Mapping
 
 import numpy as np
 
 from vggjax.model.vgg import BLOCK_SIZES, TOP, conv_names, find_arch
-from vggjax.weights.download import KERAS_ARCHS, check_keras_arch
+from vggjax.weights.download import CONVERT_COMMAND, KERAS_ARCHS, check_keras_arch
 from vggjax.weights.spec import check_floats, check_variables
 
 LAYER_RE = re.compile(r"block(\d+)_conv(\d+)")
@@ -27,7 +28,7 @@ def read_keras_h5(path: str | os.PathLike, arch: str) -> tuple[dict, bool]:
     check_keras_arch(arch)
     path = os.fspath(path)
     layers = _read_layers(path, arch)
-    params = {name: _kernel_and_bias(path, name, arrays) for name, arrays in layers.items()}
+    params = {name: kernel_and_bias(path, name, arrays) for name, arrays in layers.items()}
     include_top = any(name in params for name in TOP)
     variables = {"params": params}
     try:
@@ -49,6 +50,10 @@ def _read_layers(path: str, arch: str) -> dict[str, list[np.ndarray]]:
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path} is empty (0 bytes), not a Keras weights file; "
                          "was its download interrupted?")
+    if zipfile.is_zipfile(path):  # h5py would call it unreadable HDF5
+        raise ValueError(f"{path} is a Keras 3 .keras model (a zip), not a weights file: import the "
+                         f"whole model as a classifier with `{CONVERT_COMMAND} --source keras --input FILE "
+                         "--output DIR` (no --arch)")
     try:
         import h5py  # lazily: `import vggjax` must work where only jax/flax/optax are installed
 
@@ -59,9 +64,9 @@ def _read_layers(path: str, arch: str) -> dict[str, list[np.ndarray]]:
     try:
         with f:
             root = f
-            if _attr_list(f, "layer_names") is None and "model_weights" in f:
+            if attr_list(f, "layer_names") is None and "model_weights" in f:
                 root = f["model_weights"]  # full-model file written by model.save("x.h5")
-            if _attr_list(root, "layer_names") is not None:
+            if attr_list(root, "layer_names") is not None:
                 return dict(_legacy_layers(root, path))
             if isinstance(f.get("layers"), h5py.Group):
                 return _keras3_layers(f["layers"], arch)
@@ -73,7 +78,7 @@ def _read_layers(path: str, arch: str) -> dict[str, list[np.ndarray]]:
         raise ValueError(f"{path} is a damaged or truncated HDF5 file: {err}") from None
 
 
-def _attr_list(group: h5py.Group, name: str) -> list[str] | None:
+def attr_list(group: h5py.Group, name: str) -> list[str] | None:
     """A string-list attribute, joined back when Keras split it into name0, name1, ...
     (HDF5 caps an object header at 64 KiB); None when absent."""
     if name in group.attrs:
@@ -90,13 +95,13 @@ def _attr_list(group: h5py.Group, name: str) -> list[str] | None:
 
 
 def _legacy_layers(root: h5py.Group, path: str) -> Iterator[tuple[str, list[np.ndarray]]]:
-    for name in _attr_list(root, "layer_names"):
+    for name in attr_list(root, "layer_names"):
         if name not in root:
             raise ValueError(f"{path}: layer_names lists {name!r} but the file has no such group")
         group = root[name]
         # Weight names are paths relative to the layer group: "block1_conv1_W_1:0" (Keras 1)
         # or "block1_conv1/kernel:0" (Keras 2, a nested group).
-        arrays = [np.asarray(group[w]) for w in _attr_list(group, "weight_names") or []]
+        arrays = [np.asarray(group[w]) for w in attr_list(group, "weight_names") or []]
         if arrays:
             yield name, arrays
 
@@ -126,7 +131,7 @@ def _natural_key(key: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2) or 0)
 
 
-def _kernel_and_bias(path: str, layer: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+def kernel_and_bias(path: str, layer: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Tell kernel from bias by rank, not by name: names differ between Keras versions."""
     kernels = [a for a in arrays if a.ndim >= 2]
     biases = [a for a in arrays if a.ndim == 1]

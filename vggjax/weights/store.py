@@ -17,7 +17,7 @@ from vggjax.utils.orbax_tree import restore_tree, save_tree
 from vggjax.model.vgg import ARCHS, TOP_INPUTS, VGG, create, without_top
 from vggjax.weights.preprocessing import MODES, prepare_images
 from vggjax.utils.trees import digest, flatten
-from vggjax.weights import download
+from vggjax.weights import download, hub
 from vggjax.weights.keras import read_keras_h5
 from vggjax.weights.spec import check_variables
 
@@ -74,11 +74,11 @@ def read_weights(source: str, arch: str, path: str | os.PathLike) -> tuple[dict,
 
 def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = None,
                  output_dir: str | os.PathLike | None = None, include_top: bool = False,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, revision: str | None = None, progress: bool = True) -> dict:
     """Convert an official weights file into a checked vggjax checkpoint; return its metadata.
 
-    `input_path=None` downloads the official file (checksum-verified, cached; `progress`: its
-    bar). A file holding
+    `input_path=None` downloads the official file (checksum-verified, cached, `progress`: its bar;
+    timm's from the Hugging Face Hub at the commit `hub.revision_for(arch, revision)` gives). A file holding
     the classifier can be converted without it (`include_top=False`), not the other way
     round. The output directory appears complete or not at all; `overwrite` replaces only a
     previous vggjax output, never a directory holding the input file or the working directory.
@@ -92,7 +92,9 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     protect = [input_path] if input_path is not None else []
     atomic.check_target(output_dir, directory=True, overwrite=overwrite,
                         protect=protect)  # before any download or reading
-    if input_path is None:
+    if input_path is None and source == "timm":
+        input_path = hub.fetch(arch, revision)
+    elif input_path is None:
         input_path = download.fetch(source, arch, include_top, progress=progress)
     input_path = os.fspath(input_path)
     if os.path.isdir(input_path):
@@ -140,10 +142,10 @@ def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
 
 
 def load(directory: str | os.PathLike, verify: bool = True) -> Pretrained:
-    """Load a directory written by `save` / `convert_file` (or tools/convert_weights.py).
+    """Load a directory written by `save` / `convert_file` (or `vggjax convert`).
 
-    The arrays must have the recorded `variables_sha256` (a changed byte is refused; about 0.1 s
-    per 100 MB, `verify=False` skips it) and be finite, with the shapes of `meta["arch"]`.
+    The arrays must have the recorded `variables_sha256` (a changed byte is refused;
+    `verify=False` skips the digest) and be finite, with the shapes of `meta["arch"]`.
     """
     directory = Path(directory).expanduser().absolute()
     if not directory.is_dir():

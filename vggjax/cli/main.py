@@ -1,0 +1,36 @@
+"""`vggjax COMMAND ...`: one installed command whose subcommands are the tools."""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from typing import NoReturn
+
+import vggjax
+from vggjax.utils import interrupts
+
+# subcommand -> (module, what it does); modules load only when their command runs
+COMMANDS = {
+    "convert": ("vggjax.cli.convert", "official Keras / torchvision / timm weights to a vggjax checkpoint"),
+    "predict": ("vggjax.cli.predict", "classify image files (top-k ImageNet classes, or a fine-tuned classifier)"),
+    "export": ("vggjax.cli.export", "an artifact that runs without vggjax: StableHLO, SavedModel or ONNX"),
+}
+USAGE = "usage: vggjax {convert,predict,export} ... [-h]"
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The console script: `vggjax convert --source keras --arch vgg16`, `vggjax predict --help`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"vggjax {vggjax.__version__}")
+        sys.exit(0)
+    if not argv or argv[0] not in COMMANDS:
+        lines = [USAGE, "", "commands:"] + [f"  {name:<9} {what}" for name, (_, what) in COMMANDS.items()]
+        lines += ["", "`vggjax COMMAND --help` lists a command's options; --version prints vggjax's."]
+        wrong = argv and argv[0] not in ("-h", "--help")
+        print("\n".join(lines + ([f"\nvggjax: error: unknown command {argv[0]!r}"] if wrong else [])),
+              file=sys.stderr if wrong else sys.stdout)
+        sys.exit(2 if wrong else 0)
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    interrupts.run_command(functools.partial(module.main, argv[1:], prog=f"vggjax {argv[0]}"),
+                           module.INTERRUPTED)
