@@ -278,7 +278,8 @@ def test_a_full_disk_in_the_workdir_is_one_line_and_leaves_no_partial_file(tiny,
     data, weights = tiny
     workdir = tmp_path / "disk" / "run"
     run = [sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0", "--workdir", workdir,
-           "--phases", "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain"]
+           "--phases", "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain",
+           "--quiet"]  # stderr: the error line alone
     cache, ckpt = run_on_small_disk(workdir.parent, [("24k", run), ("300k", run)], script_env(tmp_path))
     # The feature cache is a memory map: without its blocks reserved, a full disk was a SIGBUS.
     assert cache["rc"] == 2 and re.fullmatch(
@@ -321,7 +322,7 @@ def test_sigterm_while_training_compiles_is_one_line_and_a_clean_exit(tiny, tmp_
     data, weights = tiny
     proc = subprocess.Popen([sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0",
                              "--workdir", tmp_path / "run", "--phases", "features", "--image-size", "32",
-                             "--batch-size", "4", "--pipeline", "grain"], env=script_env(tmp_path),
+                             "--batch-size", "4", "--pipeline", "grain", "--quiet"], env=script_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not proc.stdout.readline().startswith("phase features: trainable"):  # compiling its step now
         assert proc.poll() is None, proc.communicate()
