@@ -299,7 +299,7 @@ def memory_main(n_per_class: int, size: int = 150) -> None:
         split = data.load_split(root, "train", size, 20, shuffle=False)
         with tempfile.TemporaryDirectory() as cache:
             out = feature_cache.extract(base, variables, {"train": split}, cache,
-                                   preprocess_mode="caffe", log=lambda *_: None)
+                                   preprocess_mode="caffe", progress=False)
             stored = out["train"].features.nbytes / 2**20
     finally:
         shutil.rmtree(root)

@@ -36,7 +36,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 
 from vggjax.train import inputs, parallel, synthetic, workflow
 from vggjax.train.config import Config, add_arguments, config_arguments
-from vggjax.utils import interrupts
+from vggjax.utils import console, interrupts
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
 
@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restart", action="store_true", help="discard the run already in --workdir "
                    "(its checkpoints, results and exports) instead of refusing a different one")
     add_arguments(p)
+    console.add_quiet(p)
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
                    f"{synthetic.SETTINGS}; all phases in < 3 min on 2 CPU cores")
     args = p.parse_args(argv)
+    console.show_logs()
     given = config_arguments(args)
     if args.workdir is None:
         args.workdir = SMOKE_WORKDIR.format(pipeline=given.get("pipeline", "tfdata")) if args.smoke else WORKDIR
@@ -92,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             data, weights = synthetic.inputs(os.path.join(args.workdir, "smoke_inputs"), seed=given.get("seed", 0))
             print(f"smoke run: generated images in {data}, RANDOM VGG16 weights in {weights}; the "
-                  "accuracies show that the pipeline learns, not what ImageNet weights reach")
+                  "accuracies show that the pipeline learns, not what ImageNet weights reach", flush=True)
         else:
             data = given.get("data", "tfds")
             weights = inputs.resolve_inputs(args.weights, data)
             if data == "tfds":
                 check_tfds(given.get("pipeline", "tfdata"), given.get("tfds_data_dir"))
-        config = Config(weights=weights, workdir=args.workdir, progress=sys.stderr.isatty(),
+        config = Config(weights=weights, workdir=args.workdir, progress=not args.quiet,
                                  **{**(synthetic.SETTINGS if args.smoke else {}), **given, "data": data})
         with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable
             results = workflow.run(config, restart=args.restart)
@@ -110,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(err, "status", 130)
     for phase, r in results.items():
         best = "none: no epoch trained" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
-        print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {best})")
-    print(f"done in {time.time() - start:.0f} s; results, curves and exports in {os.path.abspath(args.workdir)}")
+        tested = "" if r["tested_epoch"] is None else f", epoch {r['tested_epoch']} ({r['evaluate']})"
+        print(f"{phase:>8}: test accuracy {r['test_accuracy']:.4f}  (best val {best}{tested})")
+    print(f"done in {time.time() - start:.0f} s; results, curves, exports and TensorBoard logs (tensorboard "
+          f"--logdir {os.path.join(args.workdir, 'tensorboard')}) in {os.path.abspath(args.workdir)}")
     return 0
 
 

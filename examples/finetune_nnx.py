@@ -5,14 +5,17 @@
 
 Phase "frozen" trains the head (RMSprop 2e-5, augmentation), phase "finetune" block5 and the head
 (1e-5); each ends in an Orbax checkpoint of the whole classifier in --workdir/<phase>, evaluated on
-the test split. The logic lives in vggjax.nnx (intentionally kept short); resuming mid-phase and
+the test split. As the Linen workflow: progress bars (--quiet: none), history.json, curves.png
+and TensorBoard event files (--workdir/tensorboard/<phase>) in --workdir. The logic lives in vggjax.nnx (intentionally kept short); resuming mid-phase and
 exports are the Linen workflow's (examples/finetune_catsdogs.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 try:
     import vggjax
@@ -24,8 +27,9 @@ import jax
 from flax import nnx
 
 import vggjax.nnx as vnnx
-from vggjax.train import augmentation, freezing, synthetic
-from vggjax.utils import atomic, interrupts, locks
+from vggjax import weights
+from vggjax.train import augmentation, freezing, metric_writers, report, synthetic
+from vggjax.utils import atomic, console, interrupts, locks
 
 PHASES = (("frozen", ("head",), 2e-5), ("finetune", ("block5", "head"), 1e-5))
 
@@ -48,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", choices=("tfdata", "grain"), default="tfdata")
     p.add_argument("--smoke", action="store_true", help="generated images and random weights, "
                    "48x48, 2 + 2 epochs (or --epochs), the smoke learning rates")
+    console.add_quiet(p)
     args = p.parse_args(argv)
+    console.show_logs()
     if args.smoke:
         args.data, args.weights = synthetic.inputs(os.path.join(args.workdir, "smoke_inputs"))
         args.image_size, args.epochs = synthetic.SETTINGS["image_size"], args.epochs or (2, 2)
@@ -77,13 +83,19 @@ def run(args) -> int:
     for (phase, groups, lr), epochs in zip(PHASES, args.epochs):
         lr = getattr(args, "learning_rates", {}).get(phase, lr)
         wrt = vnnx.trainable(*groups)
-        print(f"{phase}: {vnnx.trainable_report(model, wrt)}")
+        print(f"{phase}: {vnnx.trainable_report(model, wrt)}", flush=True)
         optimizer = nnx.Optimizer(model, freezing.book_rmsprop(lr), wrt=wrt)
-        vnnx.fit(model, optimizer, train_step, eval_step, splits["train"], splits["validation"],
-                 epochs=epochs, key=jax.random.PRNGKey(0), where=phase)
+        writer = metric_writers.TensorBoard(os.path.join(args.workdir, metric_writers.TENSORBOARD, phase))
+        history = vnnx.fit(model, optimizer, train_step, eval_step, splits["train"], splits["validation"],
+                           epochs=epochs, key=jax.random.PRNGKey(0), where=phase, progress=not args.quiet,
+                           writer=writer, learning_rate=lr)
+        writer.close()
         saved = vnnx.save(os.path.join(args.workdir, phase), model, overwrite=True)
-        test = vnnx.evaluate(model, eval_step, splits["test"])
-        print(f"{phase}: test accuracy {test['accuracy']:.3f} on {test['count']} images; saved {saved}")
+        test = vnnx.evaluate(model, eval_step, splits["test"], progress=not args.quiet, desc=f"{phase}: test")
+        print(f"{phase}: test accuracy {test['accuracy']:.3f} on {test['count']} images; saved {saved}", flush=True)
+        histories = report.update_json(os.path.join(args.workdir, report.HISTORY), phase, history)
+    report.plot_curves(histories, os.path.join(args.workdir, report.CURVES),
+                       notes=synthetic.notes(args.data, json.loads(Path(args.weights, weights.METADATA).read_text())))
     return 0
 
 

@@ -28,7 +28,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
 from vggjax.train import synthetic
 
 from vggjax.losses import style_transfer
-from vggjax.utils import interrupts
+from vggjax.utils import console, interrupts
 
 SMOKE = dict(size=64, steps=10, save_every=5)
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/style_transfer", help="output directory")
     p.add_argument("--smoke", action="store_true", help="instead of --content, --style, --weights: "
                    "generated images and random VGG19 weights converted from a Keras h5 file")
+    console.add_quiet(p)
     args = p.parse_args(argv)
     settings = dict(SMOKE) if args.smoke else dict(size=400)
     settings.update({k: v for k in ("size", "steps", "save_every") if (v := getattr(args, k)) is not None})
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             print(f"smoke run: generated images, RANDOM VGG19 weights in {args.weights}")
         result = style_transfer.run(pretrained, args.content, args.style, args.out, **settings,
-                                    progress=sys.stderr.isatty())
+                                    progress=not args.quiet)
     except (ValueError, OSError) as err:  # flags, files, and a loss that became NaN
         print(f"error: {err}", file=sys.stderr)
         return 2

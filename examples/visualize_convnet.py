@@ -23,7 +23,8 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import atomic, images, interrupts
+from vggjax.utils import atomic, console, images, interrupts
+from vggjax.utils.progress import progress_bar
 
 from vggjax.viz import convnet
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--smoke", action="store_true",
                         help="random weights and a generated image, smaller filter patterns")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     if args.smoke and (args.weights or args.image):
         parser.error("--smoke runs on random weights and a generated image: drop --weights/--image")
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
         images.save_png(out / f"activations_{name}.png", convnet.activation_grid(acts[name]))
 
     fast = model.clone(conv_impl="auto")  # the fastest conv on this CPU (oneDNN / Winograd)
-    for name in FILTER_LAYERS:  # 64 filters per layer in one compiled call
+    # 64 filters per layer in one compiled call
+    for name in progress_bar(FILTER_LAYERS, desc="filter patterns", unit="layer", enabled=not args.quiet):
         tiles = convnet.filter_pattern(fast, variables, name, range(64), size=size, steps=steps)
         images.save_png(out / f"filters_{name}.png", convnet.grid(tiles))
 

@@ -1,6 +1,8 @@
 """What several test files share: seeded random weights and images, a converted Keras VGG16 with
 JPEGs, the parity assertion, and running the repo's scripts as a user would (a subprocess with its
 own cache), on a disk that fills up."""
+import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -16,6 +18,37 @@ import vggjax
 from vggjax.utils.trees import unflatten
 from vggjax.weights.keras import write_legacy_h5
 from vggjax.weights.spec import expected_shapes
+
+@contextlib.contextmanager
+def logged():
+    """The messages vggjax logs (logger "vggjax", INFO and up) inside the block, as a list."""
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("vggjax")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def tensorboard_scalars(logdir) -> dict:
+    """{run: {tag: [(step, value), ...]}} of the event files under `logdir` (one run per
+    subfolder, as Keras lays them out), read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for run in sorted(p for p in Path(logdir).iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run))
+        events.Reload()
+        runs[run.name] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                          for tag in events.Tags()["scalars"]}
+    return runs
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # fp32 max abs error against the reference frameworks (probabilities, logits, features)

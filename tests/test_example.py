@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, run_on_small_disk, run_script, script_env
+from helpers import REPO, run_on_small_disk, run_script, script_env, tensorboard_scalars
 from vggjax.inference import classifier
 from vggjax.train import data, report, synthetic
 from vggjax.utils import locks
@@ -39,12 +39,12 @@ def smoke_run(tmp_path_factory):
     start = time.time()
     proc = _run(["--smoke", "--workdir", str(tmp / "run")], script_env(tmp))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return tmp / "run", proc.stdout, time.time() - start
+    return tmp / "run", proc.stdout, time.time() - start, proc.stderr
 
 
 @pytest.mark.slow  # the default (tf.data) smoke job; `make demo` runs it with --pipeline grain (test_grain.py)
 def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
-    workdir, stdout, seconds = smoke_run
+    workdir, stdout, seconds, stderr = smoke_run
     assert f"{SIZE}x{SIZE}" in stdout and "RANDOM VGG16 weights" in stdout
     results = json.loads((workdir / report.RESULTS).read_text())
     history = json.loads((workdir / report.HISTORY).read_text())
@@ -56,6 +56,27 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
         assert [e["epoch"] for e in history[phase]] == list(range(1, EPOCHS[phase] + 1))
     with Image.open(workdir / report.CURVES) as png:
         assert png.format == "PNG"
+    for phase, r in results.items():  # the best epoch by validation loss was tested and exported
+        best = min(history[phase], key=lambda h: h["val_loss"])["epoch"]
+        assert r["evaluate"] == "best" and r["tested_epoch"] == best, (phase, r)
+        # TensorBoard's files, read by its own reader: every epoch as history.json has it.
+        runs = tensorboard_scalars(workdir / "tensorboard" / phase)
+        for run, prefix in (("train", ""), ("validation", "val_")):
+            assert runs[run]["epoch_loss"] == [(h["epoch"], pytest.approx(h[prefix + "loss"], rel=1e-6))
+                                               for h in history[phase]]
+        assert [e for e, _ in runs["train"]["epoch_learning_rate"]] == [h["epoch"] for h in history[phase]]
+
+    # stderr is a pipe, as a log file: every phase's bars, in whole lines, at most ~11 per bar.
+    bars = {}
+    for line in stderr.splitlines():
+        if match := re.fullmatch(r"(.+?): +\d+%\|[# 0-9]{10}\| \d+/\d+ \[.*img/s.*\]", line):
+            bars.setdefault(match[1], []).append(line)
+    for desc in ("features of 'train'", "features of 'validation'", "features of 'test'", "features 1/10",
+                 "phase features epoch 1: validation", "phase features: test", "frozen 2/2",
+                 "phase frozen epoch 2: validation", "finetune 1/2", "phase finetune: test"):
+        assert bars.get(desc) and "100%" in bars[desc][-1], (desc, sorted(bars))
+    assert "loss=" in bars["finetune 1/2"][-1] and "accuracy=" in bars["finetune 1/2"][-1]
+    assert max(map(len, bars.values())) <= 12 and "\r" not in stderr
 
     # The exported fine-tuned classifier, run on the test JPEGs from disk, scores what
     # results.json says, and its base is a weights directory with the input's layer names.
@@ -71,7 +92,7 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
 
 @pytest.mark.slow
 def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run, tmp_path):
-    reference, _, _ = smoke_run
+    reference = smoke_run[0]
     workdir = tmp_path / "run"
     # Same seeded inputs; copied only to save the time of making them again.
     shutil.copytree(reference / "smoke_inputs", workdir / "smoke_inputs")
@@ -111,7 +132,7 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
 
 @pytest.mark.slow
 def test_data_parallel_run_over_two_devices(smoke_run, tmp_path):
-    reference, _, _ = smoke_run
+    reference = smoke_run[0]
     workdir = tmp_path / "run"
     shutil.copytree(reference / "smoke_inputs", workdir / "smoke_inputs")
     env = dict(script_env(tmp_path), XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -185,6 +206,7 @@ def test_a_workdir_is_resumed_only_by_the_same_run_and_epochs_0_only_evaluates(t
     assert proc.returncode == 0, proc.stderr
     result = json.loads((workdir / report.RESULTS).read_text())["features"]
     assert result["epochs"] == 0 and result["best_val_accuracy"] is None and result["test_examples"] == 8
+    assert result["tested_epoch"] is None  # the initial parameters: no epoch trained
     assert json.loads((workdir / report.HISTORY).read_text()) == {"features": []}
     assert not (workdir / report.CURVES).exists()
     assert "features: test accuracy" in proc.stdout and "epoch 1/" not in proc.stdout
@@ -256,7 +278,8 @@ def test_a_full_disk_in_the_workdir_is_one_line_and_leaves_no_partial_file(tiny,
     data, weights = tiny
     workdir = tmp_path / "disk" / "run"
     run = [sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0", "--workdir", workdir,
-           "--phases", "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain"]
+           "--phases", "features", "--image-size", "32", "--batch-size", "4", "--pipeline", "grain",
+           "--quiet"]  # stderr: the error line alone
     cache, ckpt = run_on_small_disk(workdir.parent, [("24k", run), ("300k", run)], script_env(tmp_path))
     # The feature cache is a memory map: without its blocks reserved, a full disk was a SIGBUS.
     assert cache["rc"] == 2 and re.fullmatch(
@@ -299,7 +322,7 @@ def test_sigterm_while_training_compiles_is_one_line_and_a_clean_exit(tiny, tmp_
     data, weights = tiny
     proc = subprocess.Popen([sys.executable, SCRIPT, "--data", data, "--weights", weights / "weights0",
                              "--workdir", tmp_path / "run", "--phases", "features", "--image-size", "32",
-                             "--batch-size", "4", "--pipeline", "grain"], env=script_env(tmp_path),
+                             "--batch-size", "4", "--pipeline", "grain", "--quiet"], env=script_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not proc.stdout.readline().startswith("phase features: trainable"):  # compiling its step now
         assert proc.poll() is None, proc.communicate()

@@ -155,6 +155,7 @@ def test_conv_features_of_weights_without_top_and_a_bf16_artifact(tmp_path, caps
         tmp_path / "features" / "model.jaxexport").stat().st_size
     np.testing.assert_allclose(half, want, atol=0.05 * float(np.abs(want).max()), rtol=0)
     (photo,) = write_jpegs(tmp_path, [(64, 64)], seed=1)
+    assert "export jax: writing" in capsys.readouterr().err  # the exports' progress bars
     for top in ([], ["--top", "1"]):  # predict on features: one sentence, no traceback
         assert predict.main([str(photo), "--weights", str(tmp_path / "features"), *top]) == 1
         assert capsys.readouterr().err == (f"error: {tmp_path / 'features'} holds conv features, not a "

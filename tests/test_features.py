@@ -78,13 +78,13 @@ def test_features_equal_a_direct_forward_pass_and_batches_follow_the_split(folde
 def test_second_run_reuses_the_cache_without_a_forward_pass(folder, base, tmp_path, monkeypatch):
     model, variables = base
     calls = _count_forward_passes(monkeypatch)
-    first = feature_cache.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, log=print)
+    first = feature_cache.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, progress=False)
     assert len(calls) == 3 + 1  # train: 3 batches of 4, test: 1 batch
     mtime = (first["train"].directory / feature_cache.FEATURES).stat().st_mtime_ns
     info = json.loads((first["train"].directory / feature_cache.INFO).read_text())
     assert info["shape"] == [10, 1, 1, 512] and info["inputs"]["preprocessing"] == MODE
 
-    again = feature_cache.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, log=print)
+    again = feature_cache.extract(model, variables, _splits(folder), tmp_path, preprocess_mode=MODE, progress=False)
     assert len(calls) == 4 and again["train"].reused and again["test"].reused
     assert (again["train"].directory / feature_cache.FEATURES).stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(again["train"].features, first["train"].features)

@@ -221,3 +221,6 @@ def test_the_smoke_workflow_and_its_resume_run_with_tensorflow_blocked(tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finetune: test accuracy" in runs[0].stdout
     assert "already finished" in runs[1].stdout or "already reported" in runs[1].stdout
+    # TensorBoard's event files, written without TensorFlow (tensorboardX).
+    assert all(list((tmp_path / "run" / "tensorboard" / phase / "validation").glob("events.out.tfevents.*"))
+               for phase in ("features", "frozen", "finetune"))

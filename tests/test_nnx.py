@@ -1,5 +1,6 @@
 """vggjax.nnx: the NNX face computes what the Linen one does, loads every weights layout, freezes
 by the workflow's specs and round-trips through Orbax and Linen."""
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +13,10 @@ from flax import nnx
 
 import vggjax
 import vggjax.nnx as vnnx
-from helpers import REPO, TOL, assert_parity, normal_images, random_variables, script_env
+from helpers import REPO, TOL, assert_parity, normal_images, random_variables, script_env, tensorboard_scalars
 from vggjax.testing.reference import random_vgg
 from vggjax.inference import classifier
-from vggjax.train import freezing, loop
+from vggjax.train import freezing, loop, report
 from vggjax.utils.trees import flatten
 
 TAPS = ("block1_conv1_preact", "block2_pool", "block3_conv1", "block4_conv2", "block5_pool")
@@ -228,6 +229,14 @@ def test_finetune_nnx_smoke_trains_both_phases_and_saves_checkpoints(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "frozen: trainable params 131,585 of 14,846,273" in proc.stdout
     assert "finetune: test accuracy" in proc.stdout
+    # The Linen workflow's outputs: history.json, curves.png, TensorBoard files equal to the history.
+    history = json.loads((tmp_path / "run" / report.HISTORY).read_text())
+    assert [[h["epoch"] for h in history[p]] for p in ("frozen", "finetune")] == [[1], [1]]
+    for phase in history:
+        runs = tensorboard_scalars(tmp_path / "run" / "tensorboard" / phase)
+        assert runs["validation"]["epoch_accuracy"] == [(1, pytest.approx(history[phase][0]["val_accuracy"]))]
+    assert (tmp_path / "run" / report.CURVES).read_bytes()[:4] == b"\x89PNG"
+    assert "finetune 1/1: 100%" in proc.stderr  # the progress bars' last lines (stderr is a pipe)
     blank = nnx.eval_shape(lambda: vnnx.book_classifier(
         nnx.eval_shape(lambda: vnnx.VGG16(include_top=False, rngs=nnx.Rngs(0))), 48))
     restored = vnnx.restore(tmp_path / "run" / "finetune", blank)

@@ -28,7 +28,7 @@ def test_bf16_run_of_all_three_phases(tmp_path):
         image_size=48, batch_size=20, epochs=dict.fromkeys(PHASES, 1),
         learning_rates=synthetic.SETTINGS["learning_rates"], steps_per_epoch=2, checkpoint_every=None,
         progress=False, precision="bf16")
-    results = workflow.run(config, log=lambda *_: None)
+    results = workflow.run(config)
     assert set(results) == set(PHASES)
     for phase, r in results.items():
         assert np.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1, phase

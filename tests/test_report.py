@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggjax.train import report
+from vggjax.train import report, synthetic
 from vggjax.utils import atomic
 
 
@@ -41,3 +41,31 @@ def test_curves_png_has_one_column_per_phase(tmp_path):
     with pytest.raises(ValueError, match="no history"):
         report.plot_curves({"features": []}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_smooth_curve_is_the_book_s_exponential_moving_average():
+    points = [1.0, 0.0, 0.0, 1.0]
+    assert report.smooth_curve(points) == pytest.approx([1.0, 0.8, 0.64, 0.712])  # prev * 0.8 + point * 0.2
+    assert report.smooth_curve(points, factor=0.0) == points and report.smooth_curve([]) == []
+    with pytest.raises(ValueError, match=r"factor must be in \[0, 1\), found 1"):
+        report.smooth_curve(points, factor=1)
+
+
+def test_the_figure_says_in_red_when_the_weights_are_random_or_the_data_synthetic(tmp_path):
+    def red_rows(path):
+        with Image.open(path) as png:
+            rgb = np.asarray(png.convert("RGB")).astype(int)
+        red = (rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)
+        return np.flatnonzero(red.any(axis=1))
+
+    histories = {"features": _history(2)}
+    assert len(red_rows(report.plot_curves(histories, tmp_path / "real.png"))) == 0
+    # What the smoke run's inputs are called: generated images, weights converted from random_*.h5.
+    data = synthetic.make_image_folder(tmp_path / "data", sizes={"train": 1})
+    meta = {"arch": "vgg16", "source_file": str(tmp_path / synthetic.RANDOM_H5.format(arch="vgg16", seed=3))}
+    notes = synthetic.notes(str(data), meta)
+    assert notes == ["random weights", "synthetic data"]
+    assert synthetic.notes(str(tmp_path), dict(meta, source_file="vgg16_weights_tf_dim_ordering.h5")) == []
+    rows = red_rows(report.plot_curves(histories, tmp_path / "smoke.png", notes=notes))
+    with Image.open(tmp_path / "smoke.png") as png:
+        assert len(rows) > 5 and rows.max() < 0.05 * png.height  # a title line above the panels

@@ -1,5 +1,6 @@
 """The train/eval steps and the resumable fit loop: masking, checkpoints, best epoch, kill -9 and resume."""
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -16,7 +17,8 @@ import optax
 import pytest
 
 import vggjax
-from vggjax.train import augmentation, freezing, loop
+from helpers import logged, tensorboard_scalars
+from vggjax.train import augmentation, freezing, loop, metric_writers
 from vggjax.inference.classifier import Head
 from vggjax.train.splits import ArraySplit, epoch_order
 
@@ -62,14 +64,20 @@ def identity(spec, seed=3):
     return {"freeze_spec": [list(r) for r in freezing.resolve(spec)], "seed": seed}
 
 
-def tiny_run(delay=0.0):
-    """(model, fresh state, train step, eval step, train split, val split) of the tiny run."""
+@functools.lru_cache(maxsize=None)
+def _tiny_model():
+    """(model, initial variables, optimizer, train step, eval step): compiled once for the file."""
     model = TinyNet()
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     tx = freezing.make_optimizer(optax.adam(1e-2), variables["params"], RULES)
-    state = loop.TrainState.create(variables, tx, seed=3)
     train_step = loop.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
-    eval_step = loop.make_eval_step(model, preprocess_mode="caffe")
+    return model, variables, tx, train_step, loop.make_eval_step(model, preprocess_mode="caffe")
+
+
+def tiny_run(delay=0.0):
+    """(model, fresh state, train step, eval step, train split, val split) of the tiny run."""
+    model, variables, tx, train_step, eval_step = _tiny_model()
+    state = loop.TrainState.create(variables, tx, seed=3)  # copies: the cached arrays are never donated
     train = SlowSplit(name="train", arrays=images(24, 1), batch_size=4, shuffle=True, seed=1,
                       delay=delay)  # 6 steps per epoch
     val = SlowSplit(name="validation", arrays=images(10, 2), batch_size=4)  # last batch: 2 real, 2 padded
@@ -149,10 +157,9 @@ def test_evaluate_sees_every_example_once_with_a_padded_last_batch(tmp_path):
 
 def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     _, state, train_step, eval_step, train, val = tiny_run()
-    lines = []
-    state, history = loop.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
-                                  phase="head", identity=identity(RULES), checkpoint_every=4,
-                                  log=lines.append, progress=False)
+    with logged() as lines:
+        state, history = loop.fit(state, train_step, eval_step, train, val, epochs=3, workdir=tmp_path,
+                                  phase="head", identity=identity(RULES), checkpoint_every=4, progress=False)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert set(history[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
     assert history[-1]["loss"] < history[0]["loss"]
@@ -166,9 +173,10 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     def must_not_train(state, batch):
         raise AssertionError("a finished phase was trained again")
 
-    again, history_again = loop.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
+    with logged() as lines:
+        again, history_again = loop.fit(tiny_run()[1], must_not_train, eval_step, train, val, epochs=3,
                                         workdir=tmp_path, phase="head", identity=identity(RULES),
-                                        log=lines.append, progress=False)
+                                        progress=False)
     assert history_again == history and "already finished" in lines[-1]
     np.testing.assert_array_equal(again.params["head"]["logits"]["kernel"], state.params["head"]["logits"]["kernel"])
     with pytest.raises(ValueError, match="freeze_spec"):
@@ -181,7 +189,7 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     tuned = loop.TrainState.create(state.variables(), tx, seed=4)
     tuned, tuned_history = loop.fit(tuned, loop.make_train_step(model, tx), eval_step, train, val,
                                         epochs=1, workdir=tmp_path, phase="all", identity=identity("all", seed=4),
-                                        log=lines.append, progress=False)
+                                        progress=False)
     assert len(tuned_history) == 1 and (tmp_path / "all").is_dir()
     assert not np.array_equal(tuned.params["bn"]["scale"], state.params["bn"]["scale"])
 
@@ -195,14 +203,66 @@ def test_a_flipped_byte_in_the_latest_checkpoint_resumes_from_the_previous_one(t
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    lines = []
-    again, history_again = loop.fit(tiny_run()[1], train_step, eval_step, train, val, log=lines.append, **args)
+    with logged() as lines:
+        again, history_again = loop.fit(tiny_run()[1], train_step, eval_step, train, val, **args)
     assert re.fullmatch(r"checkpoint 18 in .*tiny is damaged \(its files differ from what was written\); "
                         r"set aside as damaged-18, trying the previous one", lines[0]), lines
     assert "resuming at epoch 3" in lines[1] and (tmp_path / "tiny" / "damaged-18").is_dir()
     assert history_again == history  # epoch 3 trained again from epoch 2's checkpoint: bit-exact
     for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(final.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_early_stopping_stops_as_keras_does_and_a_resumed_run_stops_at_the_same_epoch(tmp_path):
+    _, state, train_step, eval_step, train, val = tiny_run()
+    args = dict(epochs=12, identity=identity(RULES), progress=False, monitor="val_accuracy", patience=2)
+    writer = metric_writers.TensorBoard(tmp_path / "tensorboard")
+    final, history = loop.fit(state, train_step, eval_step, train, val, workdir=tmp_path / "a", phase="tiny",
+                              checkpoint_every=None, writer=writer,
+                              learning_rate=optax.linear_schedule(1e-2, 0.0, 72), **args)
+    writer.close()
+    # Keras' EarlyStopping(patience=2): stop after 2 epochs in a row without a higher val_accuracy.
+    accuracy, wait, stop = [h["val_accuracy"] for h in history], 0, None
+    for i, value in enumerate(accuracy):
+        wait = 0 if value > max(accuracy[:i], default=-1) else wait + 1
+        if wait >= 2:
+            stop = i + 1
+            break
+    assert stop is not None and stop == len(history) < 12, accuracy
+
+    # Every epoch in TensorBoard's event files (read by its own reader) as in the history.
+    runs = tensorboard_scalars(tmp_path / "tensorboard")
+    assert sorted(runs) == ["train", "validation"] and sorted(runs["validation"]) == ["epoch_accuracy", "epoch_loss"]
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        for metric in ("loss", "accuracy"):  # float32 in the event files
+            assert runs[run][f"epoch_{metric}"] == [(h["epoch"], pytest.approx(h[prefix + metric], rel=1e-6))
+                                                    for h in history]
+    assert runs["train"]["epoch_learning_rate"] == [(e, pytest.approx(1e-2 * (1 - 6 * e / 72)))
+                                                    for e in range(1, stop + 1)]  # after 6 steps an epoch
+    assert [e for e, v in runs["train"]["epoch_images_per_second"] if v > 0] == list(range(1, stop + 1))
+
+    # Interrupted in the middle of the epoch that stops, then run again with the same arguments.
+    steps, kill_at = [], 6 * (stop - 1) + 3
+
+    def interrupted(state, batch):
+        if len(steps) == kill_at:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return train_step(state, batch)
+
+    resume = dict(workdir=tmp_path / "b", phase="tiny", checkpoint_every=kill_at - 1, **args)
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit(tiny_run()[1], interrupted, eval_step, train, val, **resume)
+    with logged() as lines:
+        resumed, again = loop.fit(tiny_run()[1], train_step, eval_step, train, val, **resume)
+    assert again == history and f"resuming at epoch {stop}, batch 2" in lines[0]
+    assert re.fullmatch(rf"phase tiny: stopping early after epoch {stop}: val_accuracy has not improved "
+                        r"for 2 epochs \(best: epoch \d+, \d\.\d{4}\)", lines[-1]), lines
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(a, b)
+    with logged() as lines:  # a stopped phase is finished, whatever --epochs says
+        loop.fit(tiny_run()[1], None, eval_step, train, val, **resume)
+    assert "already finished" in lines[-1]
 
 
 def test_a_nan_training_loss_stops_the_phase_before_it_is_saved(tmp_path):
@@ -294,4 +354,7 @@ def test_kill_9_and_resume_gives_bit_identical_parameters(tmp_path, subprocess_e
 
 
 if __name__ == "__main__":
+    from vggjax.utils import console
+
+    console.show_logs()
     child_fit(sys.argv[1], sys.argv[2])

@@ -38,6 +38,8 @@ def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=SPLITS, siz
     (dict(batch_size=100000), r"batch_size \(--batch-size\) 100000 at image_size \(--image-size\) 150 needs at "
                               r"least \d+\.\d GiB for its first conv layer alone, more than the \d+\.\d GiB here"),
     (dict(image_size=5000, batch_size=64), r"batch_size \(--batch-size\) 64 at image_size \(--image-size\) 5000"),
+    (dict(patience=0), r"patience \(--patience\) must be an integer >= 1 or None, found 0"),
+    (dict(evaluate="first"), r"evaluate \(--evaluate\) must be one of \['best', 'last'\], found 'first'"),
 ], ids=lambda v: str(v)[:30])
 def test_config_refuses_values_that_mean_nothing(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -127,7 +129,7 @@ def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_output
     (tmp_path / "data" / "test" / "cats" / "cats.0.jpg").write_bytes(b"other image")
     with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: the data's files \("):
         run_identity.claim_workdir(workdir, identity(tmp_path))
-    run_identity.claim_workdir(workdir, other_weights, restart=True, log=lambda line: None)
+    run_identity.claim_workdir(workdir, other_weights, restart=True)
     assert sorted(p.name for p in workdir.iterdir()) == [atomic.MANIFEST, "my_notes.txt", run_identity.RUN]
     assert json.loads((workdir / run_identity.RUN).read_text()) == other_weights
 
@@ -142,7 +144,7 @@ def test_restart_refuses_before_deleting_anything_when_the_user_s_files_are_amon
     (workdir / "config.json").write_text("{}")  # the user's own, under a name vggjax also writes
     before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
     with pytest.raises(atomic.RefusedError, match=r"holds files vggjax did not write .*refusing to delete"):
-        run_identity.claim_workdir(workdir, identity(tmp_path, seed=1), restart=True, log=lambda line: None)
+        run_identity.claim_workdir(workdir, identity(tmp_path, seed=1), restart=True)
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
     assert (workdir / "checkpoints" / "mymodel.pt").read_bytes() == b"the user's model"
 

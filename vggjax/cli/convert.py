@@ -23,7 +23,7 @@ import vggjax
 
 from vggjax.cli import errors
 from vggjax import weights
-from vggjax.utils import interrupts
+from vggjax.utils import console, interrupts
 from vggjax.weights.preprocessing import MODES
 
 INTERRUPTED = "nothing was written"  # what an interrupt leaves
@@ -51,6 +51,7 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     group.add_argument("--image-size", type=int, help="for a Keras model whose Input leaves it open; "
                        "torchvision/timm: default 224")
     group.add_argument("--architecture", metavar="JSON", help="model.to_json() of a .weights.h5 --input")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     args.classifier = args.class_names is not None or (args.source == "keras" and args.arch is None)
     given = [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if getattr(args, f) is not None]
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
             meta = weights.convert_file(args.source, args.arch, args.input, output,
                                         include_top=args.include_top, overwrite=args.overwrite,
-                                        revision=args.revision)
+                                        revision=args.revision, progress=not args.quiet)
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(errors.error_line(err), file=sys.stderr)
         return 1

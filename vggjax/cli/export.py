@@ -13,7 +13,7 @@ import sys
 from vggjax.cli import errors
 from vggjax.export import artifact
 from vggjax.inference import serving
-from vggjax.utils import interrupts
+from vggjax.utils import console, interrupts
 
 INTERRUPTED = "nothing was written"  # what an interrupt leaves
 
@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="input size for conv features (default 224); "
                         "a classifier keeps the size it was trained at")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier vggjax export")
+    console.add_quiet(parser)
     args = parser.parse_args(argv)
     try:
         with interrupts.sigterm_interrupts():
             manifest = artifact.export(args.src, args.format, args.output, args.precision,
-                                       args.image_size, args.overwrite)
+                                       args.image_size, args.overwrite, progress=not args.quiet)
     except (ValueError, OSError, ImportError) as err:
         print(errors.error_line(err), file=sys.stderr)
         return 1

@@ -11,20 +11,22 @@ from vggjax.inference.artifact import MANIFEST, RUNNERS
 from vggjax.inference.serving import PORTABLE_CONV, from_source
 from vggjax.utils import atomic
 from vggjax.utils.deprecation import moved_module
+from vggjax.utils.progress import progress_bar
 
 FORMATS = {"jax": stablehlo, "savedmodel": savedmodel, "onnx": onnx_model}
 assert FORMATS.keys() == RUNNERS.keys()  # each format written here is read back there
 
 
 def export(src: str | os.PathLike, format: str, output: str | os.PathLike, precision: str = "fp32",
-           image_size: int | None = None, overwrite: bool = False) -> dict:
+           image_size: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Write `src` (an exported classifier or a converted weights directory) as a `format`
     artifact in `output`; return its manifest.
 
     The artifact takes uint8 RGB NHWC images (any batch size) with the preprocessing baked in
     and always runs XLA's convolution. `output` appears complete or not at all; `overwrite`
     replaces only an earlier vggjax output (`vggjax.utils.atomic`). Every argument is checked
-    before any work: ValueError (one line).
+    before any work: ValueError (one line). `progress`: a bar over its two steps (loading the
+    source, tracing and writing the artifact).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, found {format!r}")
@@ -33,7 +35,19 @@ def export(src: str | os.PathLike, format: str, output: str | os.PathLike, preci
         raise ValueError(f"the {format} format carries precision {' or '.join(writer.PRECISIONS)}, "
                          f"found {precision!r}")
     atomic.check_target(output, directory=True, overwrite=overwrite, protect=[src])
-    serving = from_source(src, precision, image_size)
+    bar = progress_bar(total=2, desc=f"export {format}: loading {os.path.basename(os.path.abspath(src))}",
+                       unit="step", enabled=progress)
+    with bar:
+        serving = from_source(src, precision, image_size)
+        bar.update()
+        bar.set_description(f"export {format}: writing {output}", refresh=False)
+        manifest = _write(serving, src, format, writer, precision, output, overwrite)
+        bar.update()
+    return manifest
+
+
+def _write(serving, src, format: str, writer, precision: str, output, overwrite: bool) -> dict:
+    """`export`'s second step: the manifest and the artifact, written atomically."""
     s = serving.image_size
     manifest = {"format": format, "vggjax_version": __version__, "source": os.path.abspath(src),
                 **serving.info, "precision": precision,

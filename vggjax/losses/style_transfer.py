@@ -18,6 +18,7 @@ from vggjax.utils import atomic, images
 
 from vggjax.losses import perceptual
 from vggjax.utils.extras import require
+from vggjax.utils.progress import progress_bar
 from vggjax.model.vgg import MIN_SIZE, VGG
 from vggjax.weights.preprocessing import deprocess_input
 
@@ -160,18 +161,16 @@ def run(pretrained, content_path, style_path, out_dir, preset: str = "book1", st
     style = pretrained.preprocess(images.load_image(style_path, checked["size"])[None])  # the book resizes both alike
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
     mode = pretrained.meta["preprocessing"]
     history = []
-    bar = tqdm(total=steps, disable=not progress, desc=f"style transfer ({preset})")
+    bar = progress_bar(total=steps, enabled=progress, desc=f"style transfer ({preset})", unit="step")
     for i, x, value in optimise(pretrained.model, pretrained.variables, content, style, preset, steps):
         history.append(value)
         if i % save_every == 0 or i == steps:
             images.save_png(out_dir / f"step_{i:05d}.png", deprocess_input(x, mode)[0])  # = outputs()
         if i < steps:
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4g}")
     bar.close()
     images.save_png(out_dir / "final.png", deprocess_input(x, mode)[0])
     plot_losses(history, out_dir / "loss.png", preset)

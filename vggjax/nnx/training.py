@@ -3,7 +3,8 @@ its trainable report, and jitted train / eval steps with the workflow's loss, in
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 from vggjax.train import freezing
 from vggjax.train import loop
 from vggjax.train.loop import batch_metrics, model_inputs
+from vggjax.train.metric_writers import MetricWriter
 
 GROUPS = ("block1", "block2", "block3", "block4", "block5", "fc1", "fc2", "predictions", "head")
 
@@ -92,32 +94,40 @@ def make_eval_step(*, preprocess_mode: str | None = None) -> Callable:
     return eval_step
 
 
-def evaluate(model: nnx.Module, eval_step: Callable, split) -> dict:
+def evaluate(model: nnx.Module, eval_step: Callable, split, *, progress: bool = False,
+             desc: str = "evaluating") -> dict:
     """{"loss", "accuracy", "count"} over every example of `split` once, in eval mode (the
     workflow's `loop.evaluate`, with the NNX model where the train state goes)."""
     model.eval()
-    return loop.evaluate(model, eval_step, split)
+    return loop.evaluate(model, eval_step, split, progress=progress, desc=desc)
 
 
 def fit(model: nnx.Module, optimizer: nnx.Optimizer, train_step: Callable, eval_step: Callable,
         train_split, val_split, *, epochs: int, key: jax.Array, where: str = "training",
-        log: Callable[[str], Any] = print) -> list[dict]:
+        progress: bool = True, writer: MetricWriter | None = None,
+        learning_rate: float | Callable[[int], float] | None = None) -> list[dict]:
     """`epochs` passes over `train_split` (step k draws its augmentation from fold_in(key, k)),
     each followed by `evaluate` on `val_split`; returns one {"epoch", "loss", "accuracy",
-    "val_loss", "val_accuracy"} per epoch. A NaN training loss stops it with ValueError."""
+    "val_loss", "val_accuracy"} per epoch. A NaN training loss stops it with ValueError.
+    As the Linen loop (`loop.fit`): progress bars (`progress`), a log line per epoch, and
+    each epoch to `writer` with `learning_rate` and images/s (`loop.write_epoch`)."""
     history, step = [], 0
     for epoch in range(epochs):
+        what, images, start = f"{where} epoch {epoch + 1}", 0, time.perf_counter()
         model.train()
         totals = loop.metric_totals()
-        for batch in train_split.batches(epoch):
-            totals = loop.accumulate(totals, train_step(model, optimizer, batch, jax.random.fold_in(key, step)))
-            step += 1
-        train = loop.check_finite(loop.epoch_means(totals), f"{where}, epoch {epoch + 1}")
-        val = evaluate(model, eval_step, val_split)
-        history.append({"epoch": epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
-                        "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
-        log(f"{where} epoch {epoch + 1}/{epochs}: loss {train['loss']:.4f} acc {train['accuracy']:.3f}"
-            f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}")
+        with loop.epoch_bar(train_split, train_split.steps_per_epoch, f"{where} {epoch + 1}/{epochs}",
+                            progress) as bar:
+            for batch in train_split.batches(epoch):
+                totals = loop.accumulate(totals, train_step(model, optimizer, batch, jax.random.fold_in(key, step)))
+                step, images = step + 1, images + len(batch["label"])
+                loop.advance_epoch(bar, batch, totals)
+            jax.block_until_ready(totals)
+        speed = images / max(time.perf_counter() - start, 1e-9)
+        train = loop.check_finite(loop.epoch_means(totals), what)
+        val = evaluate(model, eval_step, val_split, progress=progress, desc=f"{what}: validation")
+        history.append(loop.epoch_record(epoch + 1, train, val, what, epochs))
+        loop.write_epoch(writer, history[-1], learning_rate, step, speed)
     return history
 
 

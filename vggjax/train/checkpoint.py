@@ -2,6 +2,7 @@
 damaged checkpoints set aside. A plain tree of arrays on disk is `vggjax.utils.orbax_tree`."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -11,6 +12,7 @@ import jax
 from vggjax.utils import atomic, disk, interrupts
 from vggjax.utils.orbax_tree import ocp as _ocp, quiet as _quiet
 
+logger = logging.getLogger(__name__)
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}
 
 
@@ -77,8 +79,7 @@ def restore(mngr, step: int, template: Any) -> tuple[Any, dict]:
     return restored.state, dict(restored.meta)
 
 
-def restore_latest(mngr, template: Any, check_meta: Callable[[dict], None],
-                   log: Callable[[str], Any] = print) -> tuple[Any, dict] | None:
+def restore_latest(mngr, template: Any, check_meta: Callable[[dict], None]) -> tuple[Any, dict] | None:
     """(state, meta) of the newest intact checkpoint, or None when there is no checkpoint.
 
     `check_meta(meta)` runs on the metadata before the arrays are read (it raises to refuse
@@ -105,7 +106,7 @@ def restore_latest(mngr, template: Any, check_meta: Callable[[dict], None],
         aside = directory / f"{atomic.DAMAGED}{step}"
         os.replace(directory / str(step), aside)
         mngr.reload()
-        log(f"checkpoint {step} in {directory} is damaged ({reason}); set aside as {aside.name}, "
+        logger.warning(f"checkpoint {step} in {directory} is damaged ({reason}); set aside as {aside.name}, "
             "trying the previous one")
     if any(directory.glob(f"{atomic.DAMAGED}*")):
         raise ValueError(f"every checkpoint in {directory} is damaged (set aside as damaged-<step>); "

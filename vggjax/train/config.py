@@ -25,6 +25,7 @@ BOOK_EPOCHS = {"features": 30, "frozen": 30, "finetune": 100}
 BOOK_LEARNING_RATES = {"features": 2e-5, "frozen": 2e-5, "finetune": 1e-5}
 PHASE_FREEZING = {"features": "all", "frozen": "head", "finetune": "block5+head"}  # freezing presets
 SPLITS = ("train", "validation", "test")
+EVALUATE = ("best", "last")  # Config.evaluate: the best epoch's parameters (by validation loss) or the last
 
 
 def _flag(default, help: str, parse: Callable | None = None, **kwargs):
@@ -77,7 +78,13 @@ class Config:
     data_parallel: bool = _flag(False, "split each batch over all devices, multi-host too (see "
                                 "vggjax.train.parallel); --batch-size is the global batch and must "
                                 "divide by the device count")
-    progress: bool = True
+    # Which parameters each phase tests and exports (results.json's "tested_epoch").
+    evaluate: str = _flag("best", "which parameters each phase tests and exports: best (the epoch "
+                          "with the lowest validation loss, as the book's ModelCheckpoint("
+                          "save_best_only=True)) or last", str, choices=EVALUATE)
+    patience: int | None = _flag(None, "stop a phase after this many epochs without a lower "
+                                 "validation loss (Keras' EarlyStopping(patience)); default: never", int)
+    progress: bool = True  # progress bars (the command lines' --quiet turns them off)
     # "auto": the fastest conv for the device, dtype and CPU (vggjax.model.conv.choose_impl
     # states the policy). The exact-parity default of VGG itself stays "direct".
     conv_impl: str = "auto"
@@ -133,6 +140,8 @@ class Config:
         need(self.preprocess is None or self.preprocess in MODES, "preprocess",
              f"None or one of {sorted(MODES)}", self.preprocess)
         need(isinstance(self.data, str) and self.data != "", "data", "'tfds' or a folder", self.data)
+        need(self.evaluate in EVALUATE, "evaluate", f"one of {list(EVALUATE)}", self.evaluate)
+        need(integer(self.patience, 1, True), "patience", "an integer >= 1 or None", self.patience)
         need(self.precision in PRECISIONS, "precision", f"one of {sorted(PRECISIONS)}", self.precision)
         need(self.pipeline in PIPELINES, "pipeline", f"one of {sorted(PIPELINES)}", self.pipeline)
         if not problems:

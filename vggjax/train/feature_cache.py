@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,7 +34,10 @@ from vggjax.utils import atomic, disk
 from vggjax.model.vgg import VGG, arch_name
 from vggjax.train.splits import PIXELS, ArraySplit
 from vggjax.weights.preprocessing import preprocess_input
+from vggjax.utils.progress import progress_bar
 from vggjax.utils.trees import digest
+
+logger = logging.getLogger(__name__)
 
 FEATURES, LABELS, INFO = "features.npy", "labels.npy", "info.json"
 CACHE_VERSION = 4  # bump when the stored format or what goes into the key change (pixels: splits.PIXELS)
@@ -103,7 +107,7 @@ def cache_key(model: VGG, weights_id: str, split, preprocess_mode: str,
 
 def extract(model: VGG, variables: Mapping, splits: Mapping[str, Any], cache_dir: str | os.PathLike,
             *, preprocess_mode: str, weights_meta: Mapping | None = None,
-            log: Callable[[str], Any] = print) -> dict[str, FeatureSplit]:
+            progress: bool = True) -> dict[str, FeatureSplit]:
     """{name: FeatureSplit} with the conv features of every example of each `data.Split` in
     `splits`, cached under `cache_dir`.
 
@@ -111,7 +115,7 @@ def extract(model: VGG, variables: Mapping, splits: Mapping[str, Any], cache_dir
     Images are preprocessed with `preprocess_mode` inside the jitted forward pass (compiled
     once for all splits). Only real (unmasked) examples are stored, in each split's unshuffled
     file order. A split whose cache key is already on disk is opened memory-mapped without
-    running the model (`FeatureSplit.reused`).
+    running the model (`FeatureSplit.reused`). `progress`: a bar per split extracted.
     """
     cache_dir = Path(cache_dir).absolute()
     weights_id = digest(variables)
@@ -121,19 +125,21 @@ def extract(model: VGG, variables: Mapping, splits: Mapping[str, Any], cache_dir
         key, description = cache_key(model, weights_id, split, preprocess_mode, weights_meta)
         final = cache_dir / f"{split.name}-{key}"
         if (final / INFO).is_file():
-            log(f"features of {split.name!r}: reusing {final}")
+            logger.info(f"features of {split.name!r}: reusing {final}")
             out[name] = _open(final, split, reused=True)
             continue
         step = step or make_extract_step(model, preprocess_mode)
-        log(f"features of {split.name!r}: extracting {split.num_examples} examples to {final}")
-        _write(final, step, variables, split, {"key": key, "inputs": description})
+        logger.info(f"features of {split.name!r}: extracting {split.num_examples} examples to {final}")
+        _write(final, step, variables, split, {"key": key, "inputs": description}, progress)
         out[name] = _open(final, split, reused=False)
     return out
 
 
-def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -> None:
+def _write(final: Path, step: Callable, variables: Mapping, split, info: dict, progress: bool) -> None:
     """Run `step` over `split` in file order into `final`, via a temp dir renamed at the end."""
-    with atomic.writing(final, directory=True, overwrite=True) as tmp:
+    with (atomic.writing(final, directory=True, overwrite=True) as tmp,
+          progress_bar(total=split.num_examples, desc=f"features of {split.name!r}", unit="img",
+                       enabled=progress) as bar):
         tmp.mkdir()
         n = split.num_examples
         features, labels, done = None, np.empty((n,), np.int32), 0
@@ -148,6 +154,7 @@ def _write(final: Path, step: Callable, variables: Mapping, split, info: dict) -
             features[done:done + count] = out[real]
             labels[done:done + count] = batch["label"][real]
             done += count
+            bar.update(count)
         if done != n:
             raise RuntimeError(f"split {split.name!r} gave {done} examples, expected {n}")
         features_shape = features.shape

@@ -1,22 +1,22 @@
 """The workflow's inputs: the weights (converted, or the Keras download) and the image data, found or refused in one line."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Callable
-
 
 from vggjax.inference.classifier import CLASSIFIER
 from vggjax.model.vgg import create, without_top
 from vggjax.weights import download, store
 from vggjax.train.config import SPLITS
 
+logger = logging.getLogger(__name__)
 _KERAS_NOTOP = download.official_file("keras", "vgg16", include_top=False)
 
 class MissingInputError(RuntimeError):
     """The weights or the images a run needs are not on this machine and cannot be fetched."""
 
 
-def resolve_weights(weights: str | None, log: Callable[[str], Any] = print) -> str:
+def resolve_weights(weights: str | None) -> str:
     """The weights directory a run uses: `weights` when given (it must exist), else the cached
     conversion of Keras' VGG16 no-top file, downloaded (checksum-verified) and converted on first
     use. Raises MissingInputError saying what to provide when that is impossible (offline)."""
@@ -31,7 +31,7 @@ def resolve_weights(weights: str | None, log: Callable[[str], Any] = print) -> s
         return str(weights)
     default = store.default_output_dir("keras", "vgg16", include_top=False)
     if not (default / store.METADATA).is_file():
-        log(f"weights: converting Keras VGG16 (no top) into {default}")
+        logger.info(f"weights: converting Keras VGG16 (no top) into {default}")
         try:
             store.convert_file("keras", "vgg16", None, default, include_top=False)
         except download.DownloadError as err:
@@ -51,12 +51,12 @@ def check_data(data: str) -> None:
             raise MissingInputError(f"--data {data} lacks the folder(s) {missing}; {how}")
 
 
-def resolve_inputs(weights: str | None, data: str, log: Callable[[str], Any] = print) -> str:
+def resolve_inputs(weights: str | None, data: str) -> str:
     """`resolve_weights` and `check_data` together: the weights directory to use, or one
     MissingInputError naming everything that is missing and how to provide it."""
     problems = []
     try:
-        weights = resolve_weights(weights, log)
+        weights = resolve_weights(weights)
     except MissingInputError as err:
         problems.append(str(err))
     try:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import json
+import logging
+import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -13,13 +15,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax.training.early_stopping import EarlyStopping
 
 from vggjax.train import augmentation, checkpoint
+from vggjax.train.metric_writers import MetricWriter
 from vggjax.inference.classifier import class_logits
 from vggjax.train.parallel import batch_sharding, replicated, shard_batch
 from vggjax.model.compute_dtype import with_compute_dtype
 from vggjax.train.splits import Batches
+from vggjax.utils.progress import advance, progress_bar
 from vggjax.weights.preprocessing import preprocess_input
+
+logger = logging.getLogger(__name__)
 
 @flax.struct.dataclass
 class TrainState:
@@ -187,12 +194,22 @@ def epoch_means(totals) -> dict:
     return {"loss": float(t["loss_sum"]) / max(n, 1), "accuracy": int(t["correct"]) / max(n, 1), "count": n}
 
 
-def evaluate(state: TrainState, eval_step: Callable, split: Batches, mesh=None) -> dict:
-    """{"loss", "accuracy", "count"} over every example of `split` exactly once (padding masked)."""
+def evaluate(state: TrainState, eval_step: Callable, split: Batches, mesh=None, *,
+             progress: bool = False, desc: str = "evaluating") -> dict:
+    """{"loss", "accuracy", "count"} over every example of `split` exactly once (padding masked);
+    `progress`: a bar named `desc` (`vggjax.utils.progress`)."""
     totals = metric_totals()
-    for batch in split.batches(0):
-        totals = accumulate(totals, eval_step(state, shard_batch(batch, mesh) if mesh else batch))
+    with progress_bar(total=split.steps_per_epoch * split.batch_size, desc=desc, unit="img",
+                      enabled=progress, leave=False) as bar:
+        for batch in split.batches(0):
+            totals = accumulate(totals, eval_step(state, shard_batch(batch, mesh) if mesh else batch))
+            advance(bar, _images(batch))
     return epoch_means(totals)
+
+
+def _images(batch) -> int:
+    """The examples (padding rows too) of a global batch of which this process holds `batch`."""
+    return len(batch["label"]) * jax.process_count()
 
 
 def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
@@ -216,8 +233,9 @@ def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
 def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_split, val_split, *,
         epochs: int, workdir: str | Path, phase: str, identity: Mapping | None = None,
         steps_per_epoch: int | None = None, checkpoint_every: int | None = 100, mesh=None,
-        log: Callable[[str], Any] = print, monitor: str = "val_loss",
-        progress: bool = True) -> tuple[TrainState, list[dict]]:
+        monitor: str = "val_loss", progress: bool = True, writer: MetricWriter | None = None,
+        learning_rate: float | Callable[[int], float] | None = None,
+        patience: int | None = None) -> tuple[TrainState, list[dict]]:
     """Train `epochs` epochs of one phase, resumable, with checkpoints under workdir/<phase>/.
 
     train_split / val_split: `splits.Batches` (a `Split`, an `ArraySplit`, cached features)
@@ -229,24 +247,32 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
     Each checkpoint holds the state and JSON metadata: phase, `identity` (JSON: whatever makes
     two runs the same run, e.g. weights digest, freeze rules, seed), steps_per_epoch, history so
     far and the position in the epoch.
+    `patience`: stop after that many epochs without `monitor` improving (Keras'
+    EarlyStopping(patience), through flax.training.early_stopping; None: never early).
+    Progress (`progress`): a bar per epoch with the running loss and accuracy, images/s and
+    ETA, and one per validation pass; a log line (logging, INFO) per epoch. `writer` (a
+    `metric_writers.MetricWriter`) gets each epoch's history record plus "learning_rate"
+    (`learning_rate`, a float or an optax schedule of the step) and "images_per_second".
     Resume: run again with the same arguments after an interruption (even kill -9) and it
     continues from the latest checkpoint, skipping the batches already done, and ends with
-    the same parameters as an uninterrupted run. A finished phase is returned as is. A
+    the same parameters as an uninterrupted run; early stopping replays the history, so it
+    stops where the uninterrupted run does. A finished phase is returned as is. A
     checkpoint whose phase, identity or steps_per_epoch differ is refused with a ValueError
     naming what differs, before any training. Unfreezing is a new phase with a new state and
     train step.
     Returns (final state, history): one dict per epoch with epoch, loss, accuracy, val_loss,
     val_accuracy.
     """
-    if jax.process_index() != 0:  # one log and one progress bar per job, not per host
-        log, progress = (lambda line: None), False
+    if jax.process_index() != 0:  # one log, one progress bar and one writer per job, not per host
+        progress, writer = False, None
+    log = logger.info if jax.process_index() == 0 else (lambda line: None)
     spe = steps_per_epoch or train_split.steps_per_epoch
     identity = {"phase": phase, **json.loads(json.dumps(dict(identity or {}))), "steps_per_epoch": spe}
     directory = Path(workdir).absolute() / phase
     mngr = checkpoint.manager(directory, monitor)
     try:
-        state, at = _resume(mngr, state, identity, directory, log)
-        if at.epoch >= epochs:
+        state, at = _resume(mngr, state, identity, directory)
+        if at.epoch >= epochs or stopped_early(at.history, monitor, patience):
             log(f"phase {phase}: already finished ({at.epoch} epochs) in {directory}; not retraining")
             return state, at.history
         if at.step:
@@ -255,29 +281,85 @@ def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_spli
         def save(state, metrics):
             checkpoint.save(mngr, at.step, state, at.meta(identity), metrics)
 
-        while at.epoch < epochs:
-            bar = dict(desc=f"{phase} {at.epoch + 1}/{epochs}", disable=not progress)
-            state = _train_epoch(state, at, train_step, train_split, spe, mesh, checkpoint_every, save, bar)
-            record = _end_epoch(state, at, eval_step, val_split, mesh, f"phase {phase} epoch {at.epoch + 1}",
-                                epochs, directory, log)
+        while at.epoch < epochs and not stopped_early(at.history, monitor, patience, phase):
+            what = f"phase {phase} epoch {at.epoch + 1}"
+            bar = epoch_bar(train_split, spe, f"{phase} {at.epoch + 1}/{epochs}", progress, at.done)
+            state, speed = _train_epoch(state, at, train_step, train_split, spe, mesh, checkpoint_every,
+                                        save, bar)
+            record = _end_epoch(state, at, eval_step, val_split, mesh, what, epochs, directory, progress)
             save(state, {k: v for k, v in record.items() if k != "epoch"})
+            write_epoch(writer, record, learning_rate, at.step, speed)
         mngr.wait_until_finished()
     finally:
         mngr.close()
     return state, at.history
 
 
+def write_epoch(writer: MetricWriter | None, record: Mapping, learning_rate, step: int,
+                images_per_second: float) -> None:
+    """Write an epoch's history `record` to `writer` (None: nothing) at step record["epoch"],
+    with "learning_rate" (a float, or an optax schedule read at optimizer step `step`; None:
+    left out) and "images_per_second"."""
+    if writer is None:
+        return
+    rate = learning_rate(step) if callable(learning_rate) else learning_rate
+    writer.write_scalars(record["epoch"], {**{k: v for k, v in record.items() if k != "epoch"},
+                                           **({} if rate is None else {"learning_rate": float(rate)}),
+                                           "images_per_second": images_per_second})
+    writer.flush()
+
+
+def epoch_record(epoch: int, train: Mapping, val: Mapping, what: str, epochs: int) -> dict:
+    """An epoch's history record {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"} from
+    its training and validation means; logged as one line "<what>/<epochs>: loss ..."."""
+    record = {"epoch": epoch, "loss": train["loss"], "accuracy": train["accuracy"],
+              "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    if jax.process_index() == 0:
+        logger.info(f"{what}/{epochs}: loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
+                    f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f}")
+    return record
+
+
+def epoch_bar(split: Batches, steps: int, desc: str, progress: bool, done: int = 0):
+    """The progress bar of a training epoch of `steps` batches of `split` (`done` of them
+    already), in images; advance it with `advance_epoch`."""
+    size = split.batch_size
+    return progress_bar(total=steps * size, initial=done * size, desc=desc, unit="img", enabled=progress)
+
+
+def advance_epoch(bar, batch, totals) -> None:
+    """Count `batch` on an `epoch_bar`, the running loss and accuracy of `totals` beside it."""
+    advance(bar, _images(batch), postfix=lambda: _running(totals))
+
+
+def stopped_early(history: list[dict], monitor: str, patience: int | None, phase: str | None = None) -> bool:
+    """Whether early stopping (`fit`'s `patience`) ends a phase after `history`: flax's
+    EarlyStopping fed the history's `monitor` values (so a resumed run stops where an
+    uninterrupted one does); with `phase`, says so in a log line."""
+    if patience is None:
+        return False
+    if patience < 1:
+        raise ValueError(f"patience must be an integer >= 1 or None, found {patience!r}")
+    sign = 1.0 if checkpoint.MONITORS[monitor] == "min" else -1.0  # flax's EarlyStopping minimises
+    # flax counts the epochs without improvement before the one that stops, Keras these and it.
+    stopper = EarlyStopping(patience=patience - 1)
+    for record in history:
+        stopper = stopper.update(sign * record[monitor])
+    if stopper.should_stop and phase is not None:
+        best = min(history, key=lambda r: sign * r[monitor])
+        logger.info(f"phase {phase}: stopping early after epoch {len(history)}: {monitor} has not "
+                    f"improved for {patience} epochs (best: epoch {best['epoch']}, {best[monitor]:.4f})")
+    return stopper.should_stop
+
+
 def _end_epoch(state, at, eval_step, val_split, mesh, what: str, epochs: int, directory: Path,
-               log) -> dict:
+               progress: bool) -> dict:
     """Close the epoch `at` is in: its training means (refused if not finite), the validation
     metrics, one history record (returned) and its log line; `at` moves to the next epoch."""
     train = check_finite(epoch_means(at.totals), what, directory)
-    val = evaluate(state, eval_step, val_split, mesh)
-    record = {"epoch": at.epoch + 1, "loss": train["loss"], "accuracy": train["accuracy"],
-              "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    val = evaluate(state, eval_step, val_split, mesh, progress=progress, desc=f"{what}: validation")
+    record = epoch_record(at.epoch + 1, train, val, what, epochs)
     at.history.append(record)
-    log(f"{what}/{epochs}: loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} "
-        f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f}")
     at.epoch, at.done, at.totals = at.epoch + 1, 0, metric_totals()
     return record
 
@@ -300,7 +382,7 @@ class _Position:
                                  "count": int(t["count"])}}
 
 
-def _resume(mngr, state, identity: Mapping, directory: Path, log) -> tuple[Any, _Position]:
+def _resume(mngr, state, identity: Mapping, directory: Path) -> tuple[Any, _Position]:
     """(state, position) of the newest intact checkpoint (`checkpoint.restore_latest`), or the
     fresh `state` at step 0. Another run's checkpoint: ValueError naming what differs."""
     def same_run(meta):  # the metadata first: another run's state may not even fit the template
@@ -310,7 +392,7 @@ def _resume(mngr, state, identity: Mapping, directory: Path, log) -> tuple[Any, 
                              + "; ".join(f"{k}: checkpoint {a!r}, asked {b!r}" for k, (a, b) in differs.items())
                              + ". Use another workdir or phase name.")
 
-    restored = checkpoint.restore_latest(mngr, state, same_run, log)
+    restored = checkpoint.restore_latest(mngr, state, same_run)
     if restored is None:
         return state, _Position()
     state, meta = restored
@@ -319,20 +401,28 @@ def _resume(mngr, state, identity: Mapping, directory: Path, log) -> tuple[Any, 
 
 
 def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, checkpoint_every,
-                 save: Callable, bar: dict):
+                 save: Callable, bar) -> tuple[Any, float]:
     """The rest of epoch `at.epoch` from batch `at.done`, advancing `at`; a mid-epoch checkpoint
-    every `checkpoint_every` steps. ValueError when the split runs out of batches."""
-    from tqdm import tqdm
-
+    every `checkpoint_every` steps. Returns (state, images per second of this pass).
+    ValueError when the split runs out of batches."""
     batches = itertools.islice(train_split.batches(at.epoch, skip=at.done), spe - at.done)
-    with tqdm(total=spe, initial=at.done, leave=False, **bar) as progress:
+    images, start = 0, time.perf_counter()
+    with bar:
         for batch in batches:
             state, metrics = train_step(state, shard_batch(batch, mesh) if mesh else batch)
             at.totals = accumulate(at.totals, metrics)
             at.step, at.done = at.step + 1, at.done + 1
-            progress.update()
+            images += _images(batch)
+            advance_epoch(bar, batch, at.totals)
             if checkpoint_every and at.step % checkpoint_every == 0 and at.done < spe:
                 save(state, {})
+        jax.block_until_ready(at.totals)
     if at.done < spe:
         raise ValueError(f"train split gave {at.done} batches in epoch {at.epoch + 1}, expected {spe}")
-    return state
+    return state, images / max(time.perf_counter() - start, 1e-9)
+
+
+def _running(totals) -> dict:
+    """The progress bar's postfix: the epoch's running loss and accuracy (a device sync)."""
+    means = epoch_means(totals)
+    return {"loss": f"{means['loss']:.4f}", "accuracy": f"{means['accuracy']:.4f}"}

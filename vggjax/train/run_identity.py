@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
 import jax
 
@@ -15,15 +16,18 @@ from vggjax.utils import atomic
 from vggjax.train.splits import PIXELS
 from vggjax.train import report
 from vggjax.train.config import Config
+from vggjax.train.metric_writers import TENSORBOARD
+
+logger = logging.getLogger(__name__)
 
 RUN = "run.json"  # the run's identity, written into its workdir before any work
 # What a workdir holds for a run: all that `--restart` deletes (nothing else in the workdir).
 RUN_OUTPUTS = (RUN, "config.json", "checkpoints", "features_cache", "export", report.HISTORY,
-               report.RESULTS, report.CURVES)
+               report.RESULTS, report.CURVES, TENSORBOARD)
 # Config fields that do not change what a run computes: not part of its identity. `weights` and
 # `data` enter as the weights' digest and the data's fingerprint, not as paths.
 _NOT_IDENTITY = {"weights", "workdir", "data", "phases", "epochs", "progress", "checkpoint_every",
-                 "data_parallel", "tfds_data_dir"}
+                 "data_parallel", "tfds_data_dir", "evaluate", "patience"}
 
 
 class RunMismatchError(ValueError):
@@ -56,8 +60,7 @@ def run_identity(config: Config, weights_meta: Mapping, weights_sha256: str, mod
                                   "vggjax_version": __version__}, default=str))
 
 
-def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
-                  log: Callable[[str], Any] = print) -> None:
+def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False) -> None:
     """Make `workdir` this run's: resume only when its run.json is `identity`.
 
     A workdir of another run (or of a run without run.json) raises RunMismatchError naming what
@@ -91,7 +94,7 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False,
         return
     if restart:
         atomic.remove_owned([workdir / name for name in RUN_OUTPUTS])
-        log(f"--restart: discarded the run in {workdir}")
+        logger.info(f"--restart: discarded the run in {workdir}")
     with atomic.writing(path) as tmp:
         tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
 

@@ -10,12 +10,21 @@ import numpy as np
 from vggjax.utils import atomic
 from vggjax.utils.extras import require
 
-# Two classes that differ in colour, shape and texture at once, each drawn with random position,
-# size, brightness and pixel noise, so a random-weights conv base still separates them while the
-# task is not a constant image per class. Sorted names give labels 0 (discs) and 1 (stripes).
+# Two classes, a disc on a warm background or stripes on a cool one, each drawn with random
+# position, size, brightness, contrast and pixel noise, and with the other class's colours now and
+# then: a random-weights conv base separates them, but not at once, and training and validation
+# curves differ as the book's do. Sorted names give labels 0 (discs) and 1 (stripes).
 CLASSES = ("discs", "stripes")
+COLOURS = {"discs": (0.75, 0.45, 0.25), "stripes": (0.25, 0.45, 0.75)}
+COLOUR_AGREEMENT = 0.85  # the share of images in their class's colours
+CONTRAST, NOISE = (0.3, 0.6), 0.1  # the shape's contrast range, the pixel noise's sd (of 0..1)
 SPLIT_SIZES = {"train": 80, "validation": 40, "test": 40}  # per class
 JPEG_SIZE = 64  # written larger than the smoke image size so the pipeline's resizing runs too
+# What marks these inputs as made here, so a run's figure can say so (`notes`): a file in the
+# image folder's root (beside the split folders, where no image is looked for), and the name of
+# the h5 file the random weights were converted from (their metadata's source_file).
+MARKER = "generated_by_vggjax.txt"
+RANDOM_H5 = "random_{arch}_notop_seed{seed}.h5"
 
 # Config settings of a smoke run: 48x48 images (VGG16 features 1x1x512) and few epochs,
 # so that all three phases finish quickly on 2 CPU cores. Not 32x32: XLA's CPU convolutions
@@ -28,20 +37,20 @@ SETTINGS = dict(image_size=48, batch_size=20, epochs={"features": 10, "frozen": 
 def _draw(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """One (size, size, 3) uint8 RGB image of class `kind`."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    tint = rng.uniform(0.7, 1.0)
+    # The class's own colour only COLOUR_AGREEMENT of the time: colour alone gets that far,
+    # the rest is the faint shape under the noise, learnt over epochs.
+    other = CLASSES[1 - CLASSES.index(kind)]
+    base = np.array(COLOURS[kind if rng.uniform() < COLOUR_AGREEMENT else other]) * rng.uniform(0.7, 1.0)
     if kind == "discs":
-        # warm background, a bright disc somewhere
-        base = np.array([0.75, 0.45, 0.25]) * tint
         cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
         shape = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.float32)
-    else:
-        # cool background, stripes at a random angle and frequency
-        base = np.array([0.25, 0.45, 0.75]) * tint
+    else:  # stripes at a random angle and frequency
         angle, freq = rng.uniform(0, np.pi), rng.uniform(3, 6)
         phase = np.cos(angle) * xx + np.sin(angle) * yy
         shape = (np.sin(2 * np.pi * freq * phase + rng.uniform(0, 2 * np.pi)) > 0).astype(np.float32)
-    img = base[None, None, :] * (0.6 + 0.4 * shape[..., None])
-    img = img + rng.normal(0, 0.08, img.shape)
+    contrast = rng.uniform(*CONTRAST)
+    img = base[None, None, :] * (1 - contrast + contrast * shape[..., None])
+    img = img + rng.normal(0, NOISE, img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
@@ -59,6 +68,8 @@ def make_image_folder(root: str | os.PathLike, *, seed: int = 0, sizes: dict | N
         return root
     sizes = SPLIT_SIZES if sizes is None else sizes
     with atomic.writing(root, directory=True) as tmp:
+        tmp.mkdir()
+        (tmp / MARKER).write_text(f"images drawn by vggjax.train.synthetic (seed {seed}), not photos\n")
         rng = np.random.default_rng(seed)
         for split, n in sizes.items():
             for kind in CLASSES:
@@ -89,7 +100,7 @@ def make_random_weights(directory: str | os.PathLike, arch: str = "vgg16", seed:
         return directory
     model = create(arch, include_top=False)
     params = jax.device_get(init_random(model, seed)["params"])
-    h5 = directory.parent / f"random_{arch}_notop_seed{seed}.h5"
+    h5 = directory.parent / RANDOM_H5.format(arch=arch, seed=seed)
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_legacy_h5(params, h5)
@@ -97,6 +108,16 @@ def make_random_weights(directory: str | os.PathLike, arch: str = "vgg16", seed:
     finally:
         h5.unlink(missing_ok=True)
     return directory
+
+
+def notes(data: str, weights_meta: dict) -> list[str]:
+    """What a figure of a run on `data` with these weights must say: "random weights" when they
+    are `make_random_weights`', "synthetic data" when `data` is `make_image_folder`'s."""
+    source = Path(str(weights_meta.get("source_file", ""))).name
+    arch = weights_meta.get("arch", "")
+    random = source.startswith(RANDOM_H5.format(arch=arch, seed="").removesuffix(".h5"))
+    return ((["random weights"] if random else [])
+            + (["synthetic data"] if (Path(data) / MARKER).is_file() else []))
 
 
 def inputs(directory: str | os.PathLike, seed: int = 0) -> tuple[str, str]:

@@ -8,8 +8,11 @@
   (RMSprop 1e-5) and a new compiled step. Book: 96.8% test accuracy.
 
 Every phase logs its trainable-parameter report, trains with `loop.fit` (resumable, even
-after kill -9; a finished phase is not retrained), evaluates its final parameters on the test
-split and exports its classifier. `finetune` needs `frozen`: asking for it runs (or, when
+after kill -9; a finished phase is not retrained; `Config.patience` stops it early), evaluates
+on the test split the parameters of its best epoch (lowest validation loss, the book's
+`ModelCheckpoint(save_best_only=True)`; `Config.evaluate="last"`: its final ones) and exports
+them as its classifier. Progress bars and log lines (`logging`, logger "vggjax") show every
+long step; TensorBoard event files record every epoch. `finetune` needs `frozen`: asking for it runs (or, when
 finished, restores) `frozen` first.
 
 Output directory (`Config.workdir`):
@@ -18,8 +21,10 @@ Output directory (`Config.workdir`):
     features_cache/            <split>-<key>/{features.npy, labels.npy, info.json} (features phase)
     checkpoints/<phase>/       Orbax checkpoints of loop.fit: the 2 latest and the best epoch
     history.json               {phase: [{"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}]}
-    results.json               {phase: {"test_accuracy", "test_loss", ...}}
-    curves.png                 accuracy and loss per epoch, one column per phase
+    results.json               {phase: {"test_accuracy", "test_loss", "evaluate", "tested_epoch", ...}}
+    curves.png                 accuracy and loss per epoch, one column per phase, and smoothed
+    tensorboard/<phase>/{train,validation}/   event files: epoch_loss, epoch_accuracy (both),
+                               epoch_learning_rate and epoch_images_per_second (train), per epoch
     export/<phase>/            the phase's classifier: base/ (vggjax.load), head.safetensors,
                                classifier.json; `classifier.load_classifier` / `classifier.predict`
 
@@ -32,6 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -42,7 +48,7 @@ import optax
 from vggjax.utils import atomic, locks
 
 from vggjax.train import splits
-from vggjax.train import feature_cache, freezing, parallel, report, loop
+from vggjax.train import feature_cache, freezing, metric_writers, parallel, report, loop, synthetic
 from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
                                          init_classifier, load_classifier)
 from vggjax.utils.trees import digest
@@ -50,6 +56,9 @@ from vggjax.weights import download, store
 from vggjax.train.config import PHASE_FREEZING, PHASES, SPLITS, Config
 from vggjax.train.inputs import conv_base
 from vggjax.train.run_identity import claim_workdir, make_workdir, run_identity
+
+logger = logging.getLogger(__name__)
+MONITOR = "val_loss"  # the best epoch's metric, as the book's ModelCheckpoint
 
 
 @dataclasses.dataclass
@@ -63,7 +72,6 @@ class _Run:
     mode: str
     splits: dict
     mesh: Any
-    log: Callable[[str], Any]
     run_sha256: str  # digest of the run's identity (run.json), stored with checkpoints and results
 
     @property
@@ -83,19 +91,24 @@ class _Run:
         the trainable-parameter report."""
         params = variables["params"]
         spec = PHASE_FREEZING[phase]
-        self.log(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, spec)))
+        logger.info(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, spec)))
         tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params, spec)
         state = loop.TrainState.create(variables, tx, self.config.seed)
         return (parallel.replicate(state, self.mesh) if self.mesh else state), tx
 
     def fit(self, phase: str, state, train_step, eval_step, train_split, val_split):
-        cap = self.config.steps_per_epoch
-        return loop.fit(state, train_step, eval_step, train_split, val_split,
-                            epochs=self.config.epochs[phase], workdir=self.workdir / "checkpoints",
+        cap, c = self.config.steps_per_epoch, self.config
+        writer = metric_writers.TensorBoard(self.workdir / metric_writers.TENSORBOARD / phase)
+        try:
+            return loop.fit(state, train_step, eval_step, train_split, val_split,
+                            epochs=c.epochs[phase], workdir=self.workdir / "checkpoints",
                             phase=phase, identity=self.identity(phase),
                             steps_per_epoch=min(cap, train_split.steps_per_epoch) if cap else None,
-                            checkpoint_every=self.config.checkpoint_every, mesh=self.mesh,
-                            log=self.log, progress=self.config.progress)
+                            checkpoint_every=c.checkpoint_every, mesh=self.mesh, monitor=MONITOR,
+                            progress=c.progress, writer=writer,
+                            learning_rate=c.learning_rates[phase], patience=c.patience)
+        finally:
+            writer.close()
 
     def identity(self, phase: str) -> dict:
         """What a checkpoint of `phase` must match to be resumed: the run, freezing rules, seed."""
@@ -103,41 +116,61 @@ class _Run:
                 "freeze_spec": [list(r) for r in freezing.resolve(PHASE_FREEZING[phase])]}
 
     def finish(self, phase: str, state, history: list, eval_step, test_split, model: Classifier,
-               variables: Mapping) -> dict:
+               variables: Callable[[Any], Mapping]) -> dict:
         """Test accuracy, history.json, results.json, curves.png and export/<phase> (the classifier
-        `model` with `variables`); a phase already finished and reported (same history, export
-        present) is not redone."""
+        `model` with `variables(state)`) of the epoch `Config.evaluate` picks (best: restored
+        from its checkpoint; last: `state`); a phase already finished and reported the same way
+        (same history, export present) is not redone."""
         export_dir = self.workdir / "export" / phase
         done = _read_json(self.workdir / report.RESULTS).get(phase)
-        if (done and _read_json(self.workdir / report.HISTORY).get(phase) == history
+        if (done and done.get("evaluate") == self.config.evaluate
+                and _read_json(self.workdir / report.HISTORY).get(phase) == history
                 and (export_dir / CLASSIFIER).is_file()):
-            self.log(f"phase {phase}: already reported (test accuracy {done['test_accuracy']:.4f})")
+            logger.info(f"phase {phase}: already reported (test accuracy {done['test_accuracy']:.4f})")
             return done
-        test = loop.evaluate(state, eval_step, test_split, self.mesh)
+        state, epoch = self.tested(phase, state, history)
+        test = loop.evaluate(state, eval_step, test_split, self.mesh, progress=self.config.progress,
+                             desc=f"phase {phase}: test")
         result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
                   "test_examples": test["count"], "epochs": len(history),
+                  "evaluate": self.config.evaluate, "tested_epoch": epoch,
                   "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
                   "best_val_accuracy": max((r["val_accuracy"] for r in history), default=None),
                   "image_size": self.config.image_size, "preprocessing": self.mode,
                   "run_sha256": self.run_sha256}
-        self.log(f"phase {phase}: test accuracy {test['accuracy']:.4f} "
-                 f"({test['count']} images), test loss {test['loss']:.4f}")
+        logger.info(f"phase {phase}: test accuracy {test['accuracy']:.4f} ({test['count']} images), "
+                    f"test loss {test['loss']:.4f}, " + (f"epoch {epoch}'s parameters ({self.config.evaluate})"
+                                                         if epoch else "the initial parameters"))
         if jax.process_index() != 0:  # every process evaluates (a collective); one writes
             return result
         histories = report.update_json(self.workdir / report.HISTORY, phase, history)
         report.update_json(self.workdir / report.RESULTS, phase, result)
         if any(histories.values()):  # --epochs 0 trains nothing: no curves to draw
             report.plot_curves({p: histories[p] for p in PHASES if p in histories},
-                               self.workdir / report.CURVES)
+                               self.workdir / report.CURVES, notes=self.notes())
         classifier = TrainedClassifier(
-            model=model, variables=dict(variables), preprocessing=self.mode,
+            model=model, variables=dict(variables(state)), preprocessing=self.mode,
             image_size=self.config.image_size, class_names=self.splits["train"].class_names)
         export(export_dir, classifier, self.weights.meta, info={"phase": phase, **result},
                overwrite=True)
         return result
 
+    def tested(self, phase: str, state, history: list) -> tuple[Any, int | None]:
+        """(state, epoch) to test: the best epoch's, restored from its checkpoint, or the last
+        (`Config.evaluate`); epoch None when no epoch was trained."""
+        if not history:
+            return state, None
+        if self.config.evaluate == "last":
+            return state, history[-1]["epoch"]
+        best, meta = loop.restore_checkpoint(state, self.workdir / "checkpoints", phase, "best", MONITOR)
+        return best, meta["epoch"]
 
-def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False) -> dict:
+    def notes(self) -> list[str]:
+        """What the figure must say about its inputs: random weights, generated data."""
+        return synthetic.notes(self.config.data, self.weights.meta)
+
+
+def run(config: Config, restart: bool = False) -> dict:
     """Run `config.phases` (plus `frozen` when `finetune` needs it) in the book's order.
 
     Before any work: the data folder is checked (`data.check_image_folder`), the weights loaded
@@ -171,8 +204,8 @@ def run(config: Config, log: Callable[[str], Any] = print, restart: bool = False
     lock = (locks.locked(workdir, f"--workdir {workdir}") if jax.process_index() == 0
             else contextlib.nullcontext())
     with lock:
-        claim_workdir(workdir, identity, restart, log)
-        return _run(config, weights, mode, identity, workdir, log, start)
+        claim_workdir(workdir, identity, restart)
+        return _run(config, weights, mode, identity, workdir, start)
 
 
 def _check_start(config: Config, start: TrainedClassifier, mode: str) -> None:
@@ -191,7 +224,7 @@ def _check_start(config: Config, start: TrainedClassifier, mode: str) -> None:
 
 
 def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path,
-         log: Callable[[str], Any], start: TrainedClassifier | None = None) -> dict:
+         start: TrainedClassifier | None = None) -> dict:
     """`run` after the checks, in the claimed and locked workdir."""
     load_split = splits.loader(config.pipeline, config.tfds_data_dir)
     n_proc = jax.process_count()
@@ -205,23 +238,23 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
                                shuffle=name == "train", seed=config.seed).shard(jax.process_index(), n_proc)
               for name in SPLITS}
     mesh = parallel.make_mesh() if config.data_parallel else None
-    log(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in loaded.items())
+    logger.info(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in loaded.items())
         + f" images at {config.image_size}x{config.image_size}, classes {list(loaded['train'].class_names)}; "
         f"weights {config.weights} ({weights.meta['arch']}), preprocessing {mode!r}"
         + (f"; batches split over {mesh.size} devices" if mesh else ""))
     run_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    r = _Run(config, weights, base_model, base_variables, mode, loaded, mesh, log, run_sha256)
+    r = _Run(config, weights, base_model, base_variables, mode, loaded, mesh, run_sha256)
 
     phases = config.phases if start is not None else config.phases_to_run
     if "frozen" in phases and "frozen" not in config.phases:
-        log("phase finetune continues from phase frozen: running (or restoring) it first")
+        logger.info("phase finetune continues from phase frozen: running (or restoring) it first")
     results = {}
     if "features" in phases:
         results["features"] = features_phase(r)
     if "frozen" in phases:
         results["frozen"], frozen = frozen_phase(r)
     elif "finetune" in phases:
-        log(f"phase finetune continues from the classifier {config.weights}")
+        logger.info(f"phase finetune continues from the classifier {config.weights}")
         frozen = _from_classifier(r, start)
     if "finetune" in phases:
         results["finetune"] = finetune_phase(r, *frozen)
@@ -232,7 +265,8 @@ def features_phase(r: _Run) -> dict:
     """Feature extraction: conv features computed once (cached), a fresh head trained on them."""
     base = loop.with_compute_dtype(r.base_model, r.config.compute_dtype)
     feats = feature_cache.extract(base, r.base_variables, r.splits, r.workdir / "features_cache",
-                             preprocess_mode=r.mode, weights_meta=r.weights.meta, log=r.log)
+                             preprocess_mode=r.mode, weights_meta=r.weights.meta,
+                             progress=r.config.progress)
     head = r.head()
     state, tx = r.start("features", head.init(r.key("features"), np.asarray(feats["train"].features[:1])))
     train_step = loop.make_train_step(head, tx, input_key="features", mesh=r.mesh,
@@ -240,9 +274,12 @@ def features_phase(r: _Run) -> dict:
     eval_step = loop.make_eval_step(head, input_key="features", mesh=r.mesh,
                                         compute_dtype=r.config.compute_dtype)
     state, history = r.fit("features", state, train_step, eval_step, feats["train"], feats["validation"])
-    # Exported as the original base under the trained head: the same predictions, from images.
-    variables = {k: {"base": v} for k, v in r.base_variables.items()}
-    variables["params"]["head"] = state.params
+
+    def variables(state):  # the original base under the trained head: the same predictions, from images
+        tree = {k: {"base": v} for k, v in r.base_variables.items()}
+        tree["params"]["head"] = state.params
+        return tree
+
     return r.finish("features", state, history, eval_step, feats["test"],
                     Classifier(base=r.base_model, head=head), variables)
 
@@ -258,7 +295,7 @@ def frozen_phase(r: _Run):
     eval_step = loop.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
                                         compute_dtype=r.config.compute_dtype)
     state, history = r.fit("frozen", state, train_step, eval_step, r.splits["train"], r.splits["validation"])
-    results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, state.variables())
+    results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, loop.TrainState.variables)
     return results, (model, state, eval_step)
 
 
@@ -278,14 +315,15 @@ def _from_classifier(r: _Run, start: TrainedClassifier):
 
 
 def finetune_phase(r: _Run, model: Classifier, frozen_state, eval_step) -> dict:
-    """Unfreeze block5 from the frozen phase's final parameters: new optimizer, new train step."""
+    """Unfreeze block5 from the frozen phase's final parameters (where it stopped, whichever
+    epoch it tested): new optimizer, new train step."""
     state, tx = r.start("finetune", frozen_state.variables())
     train_step = loop.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
                                           mesh=r.mesh, compute_dtype=r.config.compute_dtype)
     # Same model and inputs as the frozen phase: its compiled eval step is reused.
     state, history = r.fit("finetune", state, train_step, eval_step, r.splits["train"],
                            r.splits["validation"])
-    return r.finish("finetune", state, history, eval_step, r.splits["test"], model, state.variables())
+    return r.finish("finetune", state, history, eval_step, r.splits["test"], model, loop.TrainState.variables)
 
 
 def _read_json(path: Path) -> dict:

@@ -7,7 +7,7 @@ from types import ModuleType
 # top-level module -> the pyproject extra that installs it
 EXTRAS = {"tensorflow": "train", "tensorflow_datasets": "train", "matplotlib": "train",
           "PIL": "train", "torch": "torch", "onnx": "export", "onnxruntime": "export", "jax2onnx": "export", "grain": "grain",
-          "simplejpeg": "grain", "huggingface_hub": "hub"}
+          "simplejpeg": "grain", "huggingface_hub": "hub", "tensorboardX": "train"}
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vggjax.utils import atomic
 from vggjax.utils.cache import cache_dir
+from vggjax.utils.progress import progress_bar
 
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # (arch, include_top) -> (path under KERAS_URL, md5): keras/src/applications/vgg16.py, vgg19.py.
@@ -97,21 +98,25 @@ def matches(digest: str, expected: str) -> bool:
 
 
 def download(url: str, dest: str | os.PathLike, algorithm: str, expected: str,
-             timeout: float = TIMEOUT_S) -> Path:
+             timeout: float = TIMEOUT_S, progress: bool = True) -> Path:
     """Fetch `url` to `dest` only if its checksum matches `expected`.
 
     Streams into a hidden temp file next to `dest` (`atomic.writing`), hashing on the way, and
     renames it into place only after the check, so `dest` never holds a partial or wrong file.
     Raises DownloadError (with the temp file deleted) when offline, on timeout or on a mismatch.
+    `progress`: a bar in bytes (`vggjax.utils.progress`), as Keras' get_file shows.
     """
     with atomic.writing(dest) as tmp:
         h = hashlib.new(algorithm)
         with open(tmp, "wb") as out:
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
+                with (urllib.request.urlopen(url, timeout=timeout) as response,
+                      progress_bar(total=_size(response), desc=f"downloading {Path(dest).name}", unit="B",
+                                   unit_scale=True, unit_divisor=1024, enabled=progress) as bar):
                     for chunk in iter(lambda: response.read(1 << 20), b""):
                         h.update(chunk)
                         out.write(chunk)
+                        bar.update(len(chunk))
             except OSError as err:  # URLError, timeouts and refused connections are OSErrors
                 raise DownloadError(
                     f"could not download {url} ({err}). If this machine is offline, download "
@@ -123,7 +128,14 @@ def download(url: str, dest: str | os.PathLike, algorithm: str, expected: str,
     return Path(dest)
 
 
-def fetch(source: str, arch: str, include_top: bool, timeout: float = TIMEOUT_S) -> Path:
+def _size(response) -> int | None:
+    """The bytes a response announces (Content-Length; file:// URLs too), None when unknown."""
+    size = response.headers.get("Content-Length", "")
+    return int(size) if size.isdigit() else None
+
+
+def fetch(source: str, arch: str, include_top: bool, timeout: float = TIMEOUT_S,
+          progress: bool = True) -> Path:
     """Path of the official file in `cache_dir()/downloads`, downloaded and verified if absent.
 
     Only verified files are ever renamed into the cache, so a cached file is trusted as is.
@@ -132,4 +144,4 @@ def fetch(source: str, arch: str, include_top: bool, timeout: float = TIMEOUT_S)
     dest = cache_dir() / "downloads" / wf.filename
     if dest.is_file():
         return dest
-    return download(wf.url, dest, wf.algorithm, wf.digest, timeout)
+    return download(wf.url, dest, wf.algorithm, wf.digest, timeout, progress)

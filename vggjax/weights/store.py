@@ -74,11 +74,11 @@ def read_weights(source: str, arch: str, path: str | os.PathLike) -> tuple[dict,
 
 def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = None,
                  output_dir: str | os.PathLike | None = None, include_top: bool = False,
-                 overwrite: bool = False, revision: str | None = None) -> dict:
+                 overwrite: bool = False, revision: str | None = None, progress: bool = True) -> dict:
     """Convert an official weights file into a checked vggjax checkpoint; return its metadata.
 
-    `input_path=None` downloads the official file (checksum-verified, cached; timm's from the
-    Hugging Face Hub at the commit `hub.revision_for(arch, revision)` gives). A file holding
+    `input_path=None` downloads the official file (checksum-verified, cached, `progress`: its bar;
+    timm's from the Hugging Face Hub at the commit `hub.revision_for(arch, revision)` gives). A file holding
     the classifier can be converted without it (`include_top=False`), not the other way
     round. The output directory appears complete or not at all; `overwrite` replaces only a
     previous vggjax output, never a directory holding the input file or the working directory.
@@ -95,7 +95,7 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     if input_path is None and source == "timm":
         input_path = hub.fetch(arch, revision)
     elif input_path is None:
-        input_path = download.fetch(source, arch, include_top)
+        input_path = download.fetch(source, arch, include_top, progress=progress)
     input_path = os.fspath(input_path)
     if os.path.isdir(input_path):
         raise ValueError(f"--input {input_path} is a directory; expected a weights file "
