@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -123,22 +125,14 @@ show_curves({"finetune": history("finetune")}, "finetune")
 
 # %% [markdown]
 # The curves are noisy; the book smooths them with an exponential moving average of each point
-# and the previous smoothed one (factor 0.8) to see the trend:
-
+# and the previous smoothed one (factor 0.8) to see the trend. The two lower rows of each figure
+# above are those smoothed curves (`report.smooth_curve`, the book's last figure); the same
+# function on the validation accuracy:
 
 # %%
-def smooth_curve(points, factor=0.8):  # TODO(merge): use report.smooth_curve
-    smoothed = []
-    for point in points:
-        smoothed.append(smoothed[-1] * factor + point * (1 - factor) if smoothed else point)
-    return smoothed
-
-
-records = history("finetune")
-metrics = ("loss", "accuracy", "val_loss", "val_accuracy")
-curves = {m: smooth_curve([r[m] for r in records]) for m in metrics}
-smoothed = [dict(r, **{m: curves[m][i] for m in metrics}) for i, r in enumerate(records)]
-show_curves({"smoothed": smoothed}, "finetune_smoothed")
+val_accuracy = [r["val_accuracy"] for r in history("finetune")]
+for epoch, (raw, smooth) in enumerate(zip(val_accuracy, report.smooth_curve(val_accuracy)), 1):
+    print(f"epoch {epoch}: validation accuracy {raw:.3f}, smoothed {smooth:.3f}")
 
 # %% [markdown]
 # ## Test accuracy

@@ -34,7 +34,7 @@ def test_the_notebook_runs_the_three_phases_on_generated_data(tmp_path):
     assert result.returncode == 0, result.stdout[-5000:]
     plots = tmp_path / "runs" / "notebook_smoke_plots"
     assert sorted(p.name for p in plots.glob("*.png")) == [
-        "features.png", "finetune.png", "finetune_smoothed.png", "frozen.png"]
+        "features.png", "finetune.png", "frozen.png"]
     results = json.loads((tmp_path / "runs" / "notebook_smoke" / "results.json").read_text())
     assert sorted(results) == ["features", "finetune", "frozen"]
     assert all(0 <= r["test_accuracy"] <= 1 for r in results.values())
