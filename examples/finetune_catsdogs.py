@@ -8,7 +8,7 @@
 
 A full run with the real Keras ImageNet weights on the book's 2000/1000/1000 images should
 approach those numbers. Every phase evaluates on the test split, writes history.json,
-results.json and curves.png in --workdir, exports its classifier to --workdir/export/<phase>
+results.json and curves.png in --workdir, exports its classifier to --workdir/classifiers/<phase>
 (`vggjax.inference.classifier.load_classifier` / `predict`), and resumes where it stopped if interrupted.
 Defaults are the 1st edition's: 150x150, batch 20, RMSprop 2e-5 (heads) and 1e-5 (block5),
 30 / 30 / 100 epochs, the ImageDataGenerator augmentation; `--preprocess rescale` feeds x/255

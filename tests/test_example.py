@@ -82,7 +82,7 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
     # results.json says, and its base is a weights directory with the input's layer names.
     test = data.load_split(str(workdir / "smoke_inputs" / "data"), "test", SIZE, 20, shuffle=False)
     images = np.concatenate([b["image"][b["mask"]] for b in test.batches(0)])
-    clf = classifier.load_classifier(workdir / "export" / "finetune")
+    clf = classifier.load_classifier(workdir / "classifiers" / "finetune")
     accuracy = np.mean(classifier.predict(clf, images).argmax(-1) == test.labels)
     assert accuracy == pytest.approx(results["finetune"]["test_accuracy"])
     assert clf.class_names == synthetic.CLASSES
@@ -112,7 +112,7 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not (workdir / "export" / "finetune").exists()
+    assert not (workdir / "classifiers" / "finetune").exists()
 
     resumed = _run(args, env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -123,8 +123,8 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
 
     for name in (report.HISTORY, report.RESULTS):
         assert json.loads((workdir / name).read_text()) == json.loads((reference / name).read_text())
-    want = flatten(classifier.load_classifier(reference / "export" / "finetune").variables)
-    have = flatten(classifier.load_classifier(workdir / "export" / "finetune").variables)
+    want = flatten(classifier.load_classifier(reference / "classifiers" / "finetune").variables)
+    have = flatten(classifier.load_classifier(workdir / "classifiers" / "finetune").variables)
     assert set(have) == set(want)
     different = [k for k in want if not np.array_equal(np.asarray(have[k]), np.asarray(want[k]))]
     assert different == []

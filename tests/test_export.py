@@ -170,7 +170,7 @@ def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, ca
     (mine / "notes.txt").write_text("mine")
     cases = [
         ([str(mine), "--format", "jax", "--output", str(tmp_path / "a")],
-         "is neither an exported classifier (classifier.json) nor converted weights (vggjax.json)"),
+         "is neither a classifier directory (classifier.json) nor converted weights (vggjax.json)"),
         ([str(directory), "--format", "jax", "--output", str(mine), "--overwrite"],
          "mine holds files vggjax did not write (mine/notes.txt)"),
         ([str(directory), "--format", "onnx", "--output", str(tmp_path / "b"), "--precision", "bf16"],

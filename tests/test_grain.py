@@ -202,7 +202,7 @@ def test_the_workflow_runs_with_tensorflow_blocked(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "features: test accuracy" in proc.stdout
-    assert (tmp_path / "run" / "export" / "features" / "classifier.json").is_file()
+    assert (tmp_path / "run" / "classifiers" / "features" / "classifier.json").is_file()
 
 
 @pytest.mark.slow  # the smoke job `make demo` runs (--pipeline grain), its three phases twice

@@ -241,7 +241,7 @@ def test_imported_keras_model_predicts_exports_to_onnx_and_fine_tunes(book_model
     assert "continues from the classifier" in done.stdout + done.stderr
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert list(history) == ["finetune"] and len(history["finetune"]) == 1
-    tuned = classifier.load_classifier(tmp_path / "run" / "export" / "finetune")
+    tuned = classifier.load_classifier(tmp_path / "run" / "classifiers" / "finetune")
     assert tuned.model.head == classifier.load_classifier(clf_dir).model.head
 
 

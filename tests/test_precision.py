@@ -41,7 +41,7 @@ def test_bf16_run_of_all_three_phases(tmp_path):
     feats = [np.load(p, mmap_mode="r") for p in (run / "features_cache").glob("train-*/features.npy")]
     assert feats[0].dtype == np.float32 and np.isfinite(feats[0]).all()
     # The exported classifier keeps fp32 parameters.
-    head = (run / "export" / "finetune" / "head.safetensors")
+    head = (run / "classifiers" / "finetune" / "head.safetensors")
     assert head.is_file()
     from safetensors.numpy import load_file
     assert {a.dtype for a in load_file(head).values()} == {np.dtype(np.float32)}

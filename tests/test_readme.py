@@ -38,12 +38,12 @@ RUN = {
     "python examples/finetune_catsdogs.py --smoke": ["--epochs", "0"],
     "python examples/finetune_catsdogs.py --data path/to/cats_and_dogs_small "
     "--weights weights/vgg16_notop": FINETUNE_SMALL,
-    "vggjax predict cat.jpg --weights runs/finetune_catsdogs/export/finetune": [],
+    "vggjax predict cat.jpg --weights runs/finetune_catsdogs/classifiers/finetune": [],
     "python examples/style_transfer.py --smoke": ["--steps", "2", "--save-every", "1"],
-    "vggjax export runs/finetune_catsdogs/export/finetune --format jax --output catsdogs-jax": [],
-    "vggjax export runs/finetune_catsdogs/export/finetune --format savedmodel "
+    "vggjax export runs/finetune_catsdogs/classifiers/finetune --format jax --output catsdogs-jax": [],
+    "vggjax export runs/finetune_catsdogs/classifiers/finetune --format savedmodel "
     "--output catsdogs-tf": [],
-    "vggjax export runs/finetune_catsdogs/export/finetune --format onnx --output catsdogs-onnx": [],
+    "vggjax export runs/finetune_catsdogs/classifiers/finetune --format onnx --output catsdogs-onnx": [],
     "vggjax predict cat.jpg --weights catsdogs-onnx": [],
     "export GLIBC_TUNABLES=glibc.malloc.hugetlb=1": [],
     # Coming from Keras or PyTorch: on the fine_tuning.keras and photo.jpg its Python block writes
@@ -179,10 +179,10 @@ def test_readme_outputs_are_where_the_prose_says(readme_run):
     folder, results = readme_run
     run = folder / "runs" / "finetune_catsdogs"  # the default --workdir
     for name in ("history.json", "results.json", "run.json", "config.json",  # curves.png: once an epoch ran
-                 "export/finetune/base/vggjax.json"):
+                 "classifiers/finetune/base/vggjax.json"):
         assert (run / name).is_file(), name
-    assert (folder / "runs" / "smoke_grain" / "export" / "finetune").is_dir()  # make demo
-    assert (folder / "runs" / "smoke_tfdata" / "export" / "finetune").is_dir()  # --smoke
+    assert (folder / "runs" / "smoke_grain" / "classifiers" / "finetune").is_dir()  # make demo
+    assert (folder / "runs" / "smoke_tfdata" / "classifiers" / "finetune").is_dir()  # --smoke
     converted = output(results, [c for c in RUN if "--output weights/vgg16_notop" in c][0])
     assert converted.strip() == f"converted keras vgg16 (without top) to {folder / 'weights' / 'vgg16_notop'}"
     exported = output(results, [c for c in RUN if "--format jax" in c][0])

@@ -1,4 +1,4 @@
-"""Classify image files with converted VGG weights or an exported classifier: `vggjax predict` from a checkout.
+"""Classify image files with converted VGG weights or a classifier directory: `vggjax predict` from a checkout.
 
     python tools/predict.py --help
 

@@ -1,6 +1,6 @@
 """Export a fine-tuned classifier or converted VGG weights to StableHLO (jax), a TF SavedModel or ONNX.
 
-    vggjax export runs/finetune_catsdogs/export/finetune --format onnx --output catsdogs-onnx
+    vggjax export runs/finetune_catsdogs/classifiers/finetune --format onnx --output catsdogs-onnx
     vggjax export ~/.cache/vggjax/converted/keras_vgg16 --format jax --output vgg16-jax
 
 The artifact takes uint8 RGB images (N, S, S, 3), any batch size, preprocessing inside, and runs
@@ -20,7 +20,7 @@ INTERRUPTED = "nothing was written"  # what an interrupt leaves
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("src", metavar="SRC", help="an exported classifier (export/<phase>) or a "
+    parser.add_argument("src", metavar="SRC", help="a classifier directory (a run's classifiers/<phase>) or a "
                         "converted weights directory (vggjax convert)")
     parser.add_argument("--format", required=True, choices=sorted(artifact.FORMATS))
     parser.add_argument("--output", required=True, metavar="OUT")

@@ -2,7 +2,7 @@
 
     vggjax predict elephant.jpg --weights ~/.cache/vggjax/converted/keras_vgg16
     vggjax predict a.jpg b.png --weights DIR --top 3 --cam cams/ --json
-    vggjax predict cat.jpg --weights runs/finetune_catsdogs/export/finetune   # the class, then P(dogs)
+    vggjax predict cat.jpg --weights runs/finetune_catsdogs/classifiers/finetune   # the class, then P(dogs)
 
 Images are read and resized as keras.utils.load_img(target_size=(224, 224)) does (nearest by
 default). The logic lives in vggjax.inference.predictor; this file only parses arguments and prints.
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--weights", required=True, metavar="DIR",
-                        help="converted weights with their top, or an exported classifier")
+                        help="converted weights with their top, or a classifier directory")
     parser.add_argument("--top", type=positive_int,
                         help="classes to print (default 5, or all when there are fewer)")
     parser.add_argument("--cam", metavar="OUTDIR", help="write a Grad-CAM overlay PNG per image")

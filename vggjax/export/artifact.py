@@ -19,7 +19,7 @@ assert FORMATS.keys() == RUNNERS.keys()  # each format written here is read back
 
 def export(src: str | os.PathLike, format: str, output: str | os.PathLike, precision: str = "fp32",
            image_size: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write `src` (an exported classifier or a converted weights directory) as a `format`
+    """Write `src` (a classifier directory or a converted weights directory) as a `format`
     artifact in `output`; return its manifest.
 
     The artifact takes uint8 RGB NHWC images (any batch size) with the preprocessing baked in

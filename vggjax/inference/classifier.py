@@ -1,5 +1,5 @@
 """A new classification head on a pretrained VGG conv base (the book's transfer-learning model),
-and the exported classifier: written once, loaded and run on raw images without the training code.
+and the classifier directory: written once, loaded and run on raw images without the training code.
 
 Exported classifier layout (`export`):
 
@@ -265,7 +265,7 @@ def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None
     directory = Path(directory).expanduser().absolute()
     where = directory / CLASSIFIER
     if not where.is_file():
-        raise FileNotFoundError(f"{directory} is not an exported classifier: {CLASSIFIER} is missing")
+        raise FileNotFoundError(f"{directory} is not a classifier directory: {CLASSIFIER} is missing")
     try:
         config = json.loads(where.read_text())
         head = head_from_config(config["head"])

@@ -51,7 +51,7 @@ class Predictor:
 
 def load_predictor(directory: str | os.PathLike, conv_impl: str | None = None):
     """A `Predictor` from converted weights with their top (`vggjax.load`) or from an exported
-    cats-vs-dogs classifier (`export/<phase>/`, recognised by its classifier.json); for an
+    cats-vs-dogs classifier (`classifiers/<phase>/`, recognised by its classifier.json); for an
     artifact of `vggjax export` (its manifest.json), the artifact itself (`vggjax.inference.artifact`,
     no Grad-CAM). `conv_impl`: the base's conv (None: as loaded)."""
     directory = Path(directory).expanduser()

@@ -41,7 +41,7 @@ class Serving:
 
 
 def from_source(src: str | os.PathLike, precision: str = "fp32", image_size: int | None = None) -> Serving:
-    """The `Serving` of an exported classifier directory or of a converted weights directory:
+    """The `Serving` of a classifier directory or of a converted weights directory:
     with top, class probabilities and ids; without, the conv features (N, h, w, 512).
 
     `image_size`: the input size (a classifier: its trained size, the only one allowed; weights
@@ -51,7 +51,7 @@ def from_source(src: str | os.PathLike, precision: str = "fp32", image_size: int
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, found {precision!r}")
     if not ((src / CLASSIFIER).is_file() or (src / METADATA).is_file()):
-        raise ValueError(f"{src} is neither an exported classifier ({CLASSIFIER}) nor converted "
+        raise ValueError(f"{src} is neither a classifier directory ({CLASSIFIER}) nor converted "
                          f"weights ({METADATA}): nothing to export")
     if (src / CLASSIFIER).is_file() or vggjax.load(src, verify=False).meta["include_top"]:
         return _classes(src, precision, image_size)

@@ -20,9 +20,11 @@ from vggjax.train.metric_writers import TENSORBOARD
 
 logger = logging.getLogger(__name__)
 
+CLASSIFIERS = "classifiers"  # <workdir>/classifiers/<phase>: each phase's classifier directory
 RUN = "run.json"  # the run's identity, written into its workdir before any work
 # What a workdir holds for a run: all that `--restart` deletes (nothing else in the workdir).
-RUN_OUTPUTS = (RUN, "config.json", "checkpoints", "features_cache", "export", report.HISTORY,
+# "export": where CLASSIFIERS were written before 0.1 (older workdirs).
+RUN_OUTPUTS = (RUN, "config.json", "checkpoints", "features_cache", CLASSIFIERS, "export", report.HISTORY,
                report.RESULTS, report.CURVES, TENSORBOARD)
 # Config fields that do not change what a run computes: not part of its identity. `weights` and
 # `data` enter as the weights' digest and the data's fingerprint, not as paths.

@@ -25,7 +25,7 @@ Output directory (`Config.workdir`):
     curves.png                 accuracy and loss per epoch, one column per phase, and smoothed
     tensorboard/<phase>/{train,validation}/   event files: epoch_loss, epoch_accuracy (both),
                                epoch_learning_rate and epoch_images_per_second (train), per epoch
-    export/<phase>/            the phase's classifier: base/ (vggjax.load), head.safetensors,
+    classifiers/<phase>/       the phase's classifier: base/ (vggjax.load), head.safetensors,
                                classifier.json; `classifier.load_classifier` / `classifier.predict`
 
 The settings and their flags live in `vggjax.train.config`, the inputs' checks in
@@ -55,7 +55,7 @@ from vggjax.utils.trees import digest
 from vggjax.weights import download, store
 from vggjax.train.config import PHASE_FREEZING, PHASES, SPLITS, Config
 from vggjax.train.inputs import conv_base
-from vggjax.train.run_identity import claim_workdir, make_workdir, run_identity
+from vggjax.train.run_identity import CLASSIFIERS, claim_workdir, make_workdir, run_identity
 
 logger = logging.getLogger(__name__)
 MONITOR = "val_loss"  # the best epoch's metric, as the book's ModelCheckpoint
@@ -117,11 +117,11 @@ class _Run:
 
     def finish(self, phase: str, state, history: list, eval_step, test_split, model: Classifier,
                variables: Callable[[Any], Mapping]) -> dict:
-        """Test accuracy, history.json, results.json, curves.png and export/<phase> (the classifier
+        """Test accuracy, history.json, results.json, curves.png and classifiers/<phase> (the classifier
         `model` with `variables(state)`) of the epoch `Config.evaluate` picks (best: restored
         from its checkpoint; last: `state`); a phase already finished and reported the same way
         (same history, export present) is not redone."""
-        export_dir = self.workdir / "export" / phase
+        export_dir = self.workdir / CLASSIFIERS / phase
         done = _read_json(self.workdir / report.RESULTS).get(phase)
         if (done and done.get("evaluate") == self.config.evaluate
                 and _read_json(self.workdir / report.HISTORY).get(phase) == history
