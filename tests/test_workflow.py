@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vggjax.train import data, run_identity
-from vggjax.train.config import Config, PHASES, SPLITS, add_arguments, config_arguments
+from vggjax.train.config import Config, PHASES, add_arguments, config_arguments
+from vggjax.train.splits import SPLITS
 from vggjax.utils import atomic
 
 

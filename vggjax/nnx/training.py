@@ -133,14 +133,9 @@ def fit(model: nnx.Module, optimizer: nnx.Optimizer, train_step: Callable, eval_
 
 def book_splits(data: str, image_size: int, batch_size: int, pipeline: str = "tfdata",
                 seed: int = 0) -> dict:
-    """{"train" (shuffled), "validation", "test"}: the workflow's `Split`s of an image folder
-    (DIR/<split>/<class>/*.jpg) or "tfds", decoded by `pipeline` ("tfdata" or "grain")."""
+    """{"train" (shuffled), "validation", "test"}: the workflow's `Split`s (`splits.load_book_splits`)."""
     from vggjax.train import splits
-    if data != "tfds":
-        splits.check_image_folder(data)
-    load_split = splits.loader(pipeline)
-    return {name: load_split(data, name, image_size, batch_size, shuffle=name == "train", seed=seed)
-            for name in ("train", "validation", "test")}
+    return splits.load_book_splits(data, image_size, batch_size, pipeline=pipeline, seed=seed)
 
 
 def book_classifier(base, image_size: int, num_classes: int = 2, units: int = 256,

@@ -24,7 +24,6 @@ PRECISIONS = {"fp32": None, "bf16": jnp.bfloat16}
 BOOK_EPOCHS = {"features": 30, "frozen": 30, "finetune": 100}
 BOOK_LEARNING_RATES = {"features": 2e-5, "frozen": 2e-5, "finetune": 1e-5}
 PHASE_FREEZING = {"features": "all", "frozen": "head", "finetune": "block5+head"}  # freezing presets
-SPLITS = ("train", "validation", "test")
 EVALUATE = ("best", "last")  # Config.evaluate: the best epoch's parameters (by validation loss) or the last
 
 
@@ -47,7 +46,7 @@ def _per_phase(text: str) -> dict[str, int]:
 class Config:
     """One run of the workflow. Defaults are the book's (1st edition) protocol.
 
-    data: "tfds" (cats_vs_dogs, sliced 2000/1000/1000) or a folder DIR/{train,validation,test}/
+    data: "tfds" (cats_vs_dogs, sliced as `splits.BOOK_SPLITS`) or a folder DIR/{train,validation,test}/
     <class>/*.jpg. weights: a converted weights directory (`vggjax.load`). preprocess: None for
     the weights' own mode, or e.g. "rescale" to reproduce the 1st edition (x/255 fed to caffe
     weights). steps_per_epoch caps each epoch's batches (None: the whole train split).

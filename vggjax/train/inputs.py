@@ -7,7 +7,7 @@ from pathlib import Path
 from vggjax.inference.classifier import CLASSIFIER
 from vggjax.model.vgg import create, without_top
 from vggjax.weights import download, store
-from vggjax.train.config import SPLITS
+from vggjax.train.splits import BOOK_SPLITS, SPLITS
 
 logger = logging.getLogger(__name__)
 _KERAS_NOTOP = download.official_file("keras", "vgg16", include_top=False)
@@ -44,7 +44,7 @@ def check_data(data: str) -> None:
     book's layout ("tfds" is checked by tfds itself when the run loads it)."""
     how = ("provide the images with --data DIR in the book's layout: DIR/train/cats/*.jpg, "
            "DIR/train/dogs/*.jpg, and the same under DIR/validation and DIR/test "
-           "(the book: 1000+1000, 500+500, 500+500 images)")
+           f"(the book: {', '.join(f'{n}+{n}' for n in BOOK_SPLITS.values())} images)")
     if data != "tfds":
         missing = [s for s in SPLITS if not (Path(data) / s).is_dir()]
         if missing:

@@ -30,6 +30,7 @@ PIPELINES = {"tfdata": "vggjax.train.data", "grain": "vggjax.train.grain_data"}
 PIXELS = {"tfdata": 1, "grain": 2}
 # Images per class in each split, in slicing order (the book's protocol: 2000/1000/1000).
 BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}
+SPLITS = tuple(BOOK_SPLITS)  # the split names, a folder's DIR/<split>/ too
 # What tfds.folder_dataset.ImageFolder lists (its _SUPPORTED_IMAGE_FORMAT); anything else is ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # How many skipped files the warning names before summarising the rest.
@@ -196,7 +197,18 @@ def loader(pipeline: str, tfds_data_dir: str | None = None):
     return functools.partial(load_split, data_dir=tfds_data_dir)
 
 
-def check_image_folder(root: str, splits=("train", "validation", "test")) -> dict[str, dict[str, int]]:
+def load_book_splits(data: str, image_size: int, batch_size: int, *, pipeline: str = "tfdata",
+                     seed: int = 0, tfds_data_dir: str | None = None) -> dict[str, Split]:
+    """{"train" (shuffled), "validation", "test"}: the book's splits of an image folder
+    (DIR/<split>/<class>/*.jpg, checked first) or of "tfds", decoded by `pipeline`."""
+    if data != "tfds":
+        check_image_folder(data)
+    load_split = loader(pipeline, tfds_data_dir)
+    return {name: load_split(data, name, image_size, batch_size, shuffle=name == "train", seed=seed)
+            for name in SPLITS}
+
+
+def check_image_folder(root: str, splits=SPLITS) -> dict[str, dict[str, int]]:
     """{split: {class: number of images}} of `root/<split>/<class>/*`, checked before any decoding.
 
     ValueError naming the folder when a split is missing or empty, has fewer than 2 classes, a

@@ -53,7 +53,7 @@ from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedCl
                                          init_classifier, load_classifier)
 from vggjax.utils.trees import digest
 from vggjax.weights import download, store
-from vggjax.train.config import PHASE_FREEZING, PHASES, SPLITS, Config
+from vggjax.train.config import PHASE_FREEZING, PHASES, Config
 from vggjax.train.inputs import conv_base
 from vggjax.train.run_identity import CLASSIFIERS, claim_workdir, make_workdir, run_identity
 
@@ -185,7 +185,7 @@ def run(config: Config, restart: bool = False) -> dict:
         raise ValueError("the features phase (one pass of the conv base, then a tiny head) runs "
                          "in a single process; run the frozen and finetune phases multi-host")
     if config.data != "tfds":
-        splits.check_image_folder(config.data, SPLITS)
+        splits.check_image_folder(config.data)
     start = None
     if (Path(config.weights) / CLASSIFIER).is_file():  # a classifier: finetune continues from it
         start = load_classifier(config.weights)
@@ -226,7 +226,6 @@ def _check_start(config: Config, start: TrainedClassifier, mode: str) -> None:
 def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping, workdir: Path,
          start: TrainedClassifier | None = None) -> dict:
     """`run` after the checks, in the claimed and locked workdir."""
-    load_split = splits.loader(config.pipeline, config.tfds_data_dir)
     n_proc = jax.process_count()
     if jax.process_index() == 0:
         with atomic.writing(workdir / "config.json") as tmp:
@@ -234,9 +233,9 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
     base_model, base_variables = conv_base(weights, config.conv_impl)
 
     # One input pipeline per process, each reading its rows of every global batch.
-    loaded = {name: load_split(config.data, name, config.image_size, config.batch_size,
-                               shuffle=name == "train", seed=config.seed).shard(jax.process_index(), n_proc)
-              for name in SPLITS}
+    loaded = {name: split.shard(jax.process_index(), n_proc) for name, split in splits.load_book_splits(
+        config.data, config.image_size, config.batch_size, pipeline=config.pipeline,
+        seed=config.seed, tfds_data_dir=config.tfds_data_dir).items()}
     mesh = parallel.make_mesh() if config.data_parallel else None
     logger.info(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in loaded.items())
         + f" images at {config.image_size}x{config.image_size}, classes {list(loaded['train'].class_names)}; "
