@@ -46,7 +46,9 @@ def test_every_arch_computes_what_linen_does(arch):
         assert isinstance(model.block1_conv1_bn.mean, nnx.BatchStat)
 
 
-@pytest.mark.parametrize("options", [dict(conv_impl="winograd", pooling="avg"),
+# winograd-avg compiles XLA-side Winograd for every layer (~30 s): slow; the others stay default.
+@pytest.mark.parametrize("options", [pytest.param(dict(conv_impl="winograd", pooling="avg"),
+                                                  marks=pytest.mark.slow),
                                      dict(conv_impl="auto", pooling="max"),
                                      dict(dtype=jax.numpy.bfloat16)], ids=["winograd-avg", "auto-max", "bf16"])
 def test_the_linen_keyword_arguments_compute_what_linen_does(options):
@@ -89,6 +91,7 @@ def test_linen_to_nnx_to_linen_is_exact_and_orbax_round_trips(tmp_path):
     assert "block5_conv2" in repr(model)  # nnx.display / repr name the layers as Keras does
 
 
+@pytest.mark.slow  # two VGG16s with top (~30 s); NNX's loading of converted weights is default above
 def test_load_reproduces_torchvision_and_timm_files(torch_vgg16_files, tmp_path):
     ref = random_vgg("vgg16", seed=0)  # the weights of the files, written once per run
     x = normal_images(2, 64, seed=7)  # the torch top pools any size to 7x7
@@ -220,6 +223,7 @@ print("OK", jax.device_count())
     assert proc.returncode == 0 and "OK 2" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # the whole example (~50 s); its flags' refusals and fit's steps are default tests
 def test_finetune_nnx_smoke_trains_both_phases_and_saves_checkpoints(tmp_path):
     env = script_env(tmp_path)
     # One epoch per phase (the smoke job's 2 + 2 add no code path): both phases train and save.

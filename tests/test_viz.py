@@ -77,6 +77,7 @@ def test_grad_cam_book_and_paper_match_tf(keras, book_vgg16):
                                paper[1:], atol=1e-5)
 
 
+@pytest.mark.slow  # the book's TF gradient-ascent loop (~40 s); the sheet's own tests are default
 def test_filter_patterns_match_the_books_tf_loop(keras, make_variables):
     """40 free-running steps agree in float64 on both sides. In float32 they cannot: the
     ascent is piecewise linear, and every few steps a max-pool or ReLU near-tie resolves

@@ -92,6 +92,7 @@ def test_vgg16_timm_safetensors_logits_match_torchvision(vgg16):
     jax.tree.map(np.testing.assert_array_equal, variables, pretrained.variables)
 
 
+@pytest.mark.slow  # a VGG16_BN with top (~45 s); BN parity is default in from_state_dict[vgg19_bn-96]
 def test_vgg16_bn_safetensors_logits_match_torchvision(tmp_path):
     model = random_vgg("vgg16_bn", seed=3)
     # torchvision's layout in safetensors (as on the Hugging Face hub), num_batches_tracked included.
