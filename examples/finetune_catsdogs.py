@@ -34,9 +34,14 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
+from vggjax.utils import interrupts
+
+INTERRUPTED = "run the same command again to resume"  # what the line "error: interrupted; ..." adds
+if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
+    interrupts.command(INTERRUPTED)
+
 from vggjax.train import inputs, parallel, synthetic, workflow
 from vggjax.train.config import Config, add_arguments, config_arguments
-from vggjax.utils import interrupts
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
 
@@ -116,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    interrupts.run_command(main, "run the same command again to resume")
+    interrupts.run_command(main, INTERRUPTED)

@@ -18,8 +18,13 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax import weights
 from vggjax.utils import interrupts
+
+INTERRUPTED = "nothing was written"  # what the line "error: interrupted; ..." adds
+if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
+    interrupts.command(INTERRUPTED)
+
+from vggjax import weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,19 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
     try:
-        with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C: one line, nothing written
+        with interrupts.handling():  # SIGTERM ends like Ctrl-C: one line, nothing written
             meta = weights.convert_file(args.source, args.arch, args.input, output,
                                         include_top=args.include_top, overwrite=args.overwrite)
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return getattr(err, "status", 130)
     top = "with" if meta["include_top"] else "without"
     print(f"converted {args.source} {args.arch} ({top} top) to {os.path.abspath(output)}")
     return 0
 
 
 if __name__ == "__main__":
-    interrupts.run_command(main, "nothing was written")
+    interrupts.run_command(main, INTERRUPTED)

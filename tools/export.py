@@ -16,9 +16,14 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
+from vggjax.utils import interrupts
+
+INTERRUPTED = "nothing was written"  # what the line "error: interrupted; ..." adds
+if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
+    interrupts.command(INTERRUPTED)
+
 from vggjax.export import artifact
 from vggjax.inference import serving
-from vggjax.utils import interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,15 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier vggjax export")
     args = parser.parse_args(argv)
     try:
-        with interrupts.sigterm_interrupts():
+        with interrupts.handling():
             manifest = artifact.export(args.src, args.format, args.output, args.precision,
                                        args.image_size, args.overwrite)
     except (ValueError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return getattr(err, "status", 130)
     s = manifest["input"]["shape"][1]
     print(f"wrote {args.format} artifact to {os.path.abspath(args.output)}: uint8 (N, {s}, {s}, 3) -> "
           + ", ".join(manifest["outputs"]) + f" ({manifest['precision']})")
@@ -50,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    interrupts.run_command(main, "nothing was written")
+    interrupts.run_command(main, INTERRUPTED)

@@ -20,7 +20,13 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import images, interrupts
+from vggjax.utils import interrupts
+
+INTERRUPTED = "the files written so far are complete"  # what the line "error: interrupted; ..." adds
+if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
+    interrupts.command(INTERRUPTED)
+
+from vggjax.utils import images
 
 from vggjax.inference.predictor import load_predictor, predict_files
 from vggjax.viz import convnet
@@ -78,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    interrupts.run_command(main, "the files written so far are complete")
+    interrupts.run_command(main, INTERRUPTED)
