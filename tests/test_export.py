@@ -1,6 +1,7 @@
 """tools/export.py: each artifact (jax, savedmodel, onnx) run by its own runtime equals vggjax on real
 JPEGs, for batches of 1 and 7; the jax one runs without vggjax/flax/orbax; refusals are one line."""
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -218,3 +219,56 @@ def test_a_full_disk_is_one_line_even_from_tensorflow(source, tmp_path, subproce
     assert full["rc"] == 1 and full["left"] == [] and full["stderr"].splitlines()[-1:] == [
         f"error: no space left on device while writing {out}; nothing was written: free some space or "
         "choose another place"] and "Traceback" not in full["stderr"], full["stderr"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _edit_manifest(change):
+    def edit(path: Path) -> None:
+        manifest = json.loads(path.read_text())
+        change(manifest)
+        path.write_text(json.dumps(manifest))
+    return edit
+
+
+@pytest.mark.parametrize("fmt, name, damage, message", [
+    ("onnx", "model.onnx", _truncate, "{file} is damaged or was changed: its sha256 differs from the one "
+                                      "recorded in {manifest}; export it again"),
+    ("jax", "model.jaxexport", _truncate, "{file} is damaged or was changed: its sha256 differs from "
+                                          "the one recorded in {manifest}; export it again"),
+    ("onnx", "manifest.json", _edit_manifest(lambda m: m["input"].update(shape=[None, 64, 64, 3])),
+     "{manifest} does not match {dir}/model.onnx: it says uint8 (N, 64, 64, 3), the model takes uint8 "
+     "(N, 32, 32, 3); was it edited?"),
+    ("savedmodel", "manifest.json", _edit_manifest(lambda m: m["input"].update(shape=[None, 64, 64, 3])),
+     "{manifest} does not match {dir}: it says uint8 (N, 64, 64, 3), the model takes uint8 "
+     "(N, 32, 32, 3); was it edited?"),
+    ("jax", "manifest.json", _edit_manifest(lambda m: m.pop("input")),
+     "{manifest} is damaged or was edited: its 'input' entry is missing"),
+], ids=["truncated-onnx", "truncated-jaxexport", "onnx-input-size-edited", "savedmodel-input-size-edited",
+        "no-input-key"])
+def test_a_damaged_or_edited_artifact_is_one_line_naming_the_file(source, artifacts, tmp_path, capsys,
+                                                                   fmt, name, damage, message):
+    _, _, paths, _ = source
+    directory = tmp_path / fmt
+    shutil.copytree(artifacts[fmt], directory)
+    damage(directory / name)
+    assert predict.main([str(paths[0]), "--weights", str(directory)]) == 1
+    want = message.format(file=directory / name, manifest=directory / "manifest.json", dir=directory)
+    assert capsys.readouterr().err == f"error: {want}\n"
+
+
+def test_an_artifact_without_digests_still_loads_with_a_note(artifacts, tmp_path, caplog):
+    directory = tmp_path / "jax"
+    shutil.copytree(artifacts["jax"], directory)
+    _edit_manifest(lambda m: m.pop("files"))(directory / "manifest.json")  # as an older vggjax wrote it
+    for _ in range(2):
+        assert vggjax.inference.artifact.load(directory).image_size == SIZE
+    assert [r.getMessage() for r in caplog.records] == [
+        f"note: {directory / 'manifest.json'} has no file digests (an older vggjax wrote it), so the "
+        f"files of {directory} are not verified"]
+    _truncate(directory / "model.jaxexport")  # no digest to catch it: the runtime's failure, in one line
+    with pytest.raises(ValueError, match=rf"^{directory / 'model.jaxexport'} is damaged: jax.export cannot "
+                                         r"load it \(\w+: [^\n]*\)$"):
+        vggjax.inference.artifact.load(directory)

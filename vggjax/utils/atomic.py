@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -27,7 +26,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from vggjax.utils import interrupts, temps
-from vggjax.utils.disk import no_space
+from vggjax.utils.digests import file_digest  # noqa: F401 (also part of this module's interface)
+from vggjax.utils.disk import fsync, fsync_tree, no_space
 from vggjax.utils.temps import remove  # noqa: F401 (part of this module's interface)
 
 _KINDS = ("tmp", "old")
@@ -108,7 +108,7 @@ def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: boo
             interrupts.check()
             if not tmp.exists():
                 raise RuntimeError(f"nothing was written for {final}")
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             check_target(final, directory=directory, overwrite=overwrite, protect=protect)
             # The rename and its record are one step: an interrupt then takes effect after it,
             # saying that `final` was written (Interrupted.written).
@@ -116,7 +116,7 @@ def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: boo
                 _replace(tmp, final)
                 temps.forget(tmp)
                 tmp = final  # from here, a failure (the manifest on a full disk) takes the output back
-                _fsync(final.parent)
+                fsync(final.parent)
                 record(final)
         except BaseException as err:
             if getattr(err, "written", None) != final:
@@ -249,15 +249,6 @@ def _files(path: Path) -> Iterator[tuple[str, Path]]:
             yield os.path.relpath(os.path.join(root, name), path), Path(root) / name
 
 
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_manifest(directory: Path) -> dict:
     try:
         return json.loads((directory / MANIFEST).read_text())
@@ -317,23 +308,3 @@ def _replace(tmp: Path, final: Path) -> None:
         temps.forget(old)
         raise
     temps.discard(old)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and directory under `path` (the data, then the names), so a crash after
-    the rename cannot leave a complete-looking but empty output."""
-    if path.is_dir():
-        for root, dirs, files in os.walk(path):
-            for name in files:
-                _fsync(Path(root) / name)
-            _fsync(Path(root))
-    else:
-        _fsync(path)
