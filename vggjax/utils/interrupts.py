@@ -76,6 +76,10 @@ def handling() -> Iterator[None]:
         for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
             if signal.getsignal(sig) == default:
                 _State.previous[sig] = signal.signal(sig, _handler)
+                # SA_RESTART: a system call that the signal lands in (any thread's: TensorStore's
+                # reads) resumes instead of failing with EINTR, which C++ libraries report as a
+                # damaged file ("initialization failed"). Python retries its own calls anyway.
+                signal.siginterrupt(sig, False)
         sys.unraisablehook = _unraisable
     _State.depth += 1
     try:
@@ -150,6 +154,8 @@ def run_command(main: Callable[[], int], interrupted: str) -> NoReturn:
     try:
         status = main()
         _State.unwinding = True  # from here a signal is only recorded: the work is done
+        if status != 0 and _State.pending:  # it failed and said so, as the signal came
+            _end(128 + _State.pending[0], message=False)
         check()
     except KeyboardInterrupt as err:
         _State.unwinding = True
