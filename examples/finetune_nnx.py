@@ -25,6 +25,7 @@ from flax import nnx
 
 import vggjax.nnx as vnnx
 from vggjax.train import augmentation, freezing, synthetic
+from vggjax.train.config import Config
 from vggjax.utils import atomic, interrupts, locks
 
 PHASES = (("frozen", ("head",), 2e-5), ("finetune", ("block5", "head"), 1e-5))
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     elif not (args.weights and args.data):
         p.error("give --weights and --data (or --smoke)")
     args.epochs = args.epochs or (30, 100)
-    try:
+    try:  # the Linen example's checks of these flags (sizes that cannot fit, ...), before any work
+        Config(weights=args.weights, workdir=args.workdir, data=args.data, phases=("frozen", "finetune"),
+               image_size=args.image_size, batch_size=args.batch_size, pipeline=args.pipeline,
+               epochs=dict(zip(("frozen", "finetune"), args.epochs)))
         os.makedirs(args.workdir, exist_ok=True)
         with interrupts.sigterm_interrupts(), locks.locked(args.workdir, f"--workdir {args.workdir}"):
             return run(args)  # a second run into the same --workdir is refused, naming this one's pid
