@@ -34,7 +34,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import interrupts
+from vggjax.utils import interrupts, logs
 
 INTERRUPTED = "run the same command again to resume"  # what the line "error: interrupted; ..." adds
 if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
                    f"{synthetic.SETTINGS}; all phases in < 3 min on 2 CPU cores")
+    logs.add_verbose(p)
     args = p.parse_args(argv)
+    logs.third_party(args.verbose)  # before TensorFlow or onnx load
     given = config_arguments(args)
     if args.workdir is None:
         args.workdir = SMOKE_WORKDIR.format(pipeline=given.get("pipeline", "tfdata")) if args.smoke else WORKDIR

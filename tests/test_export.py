@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from helpers import random_variables, run_on_small_disk, write_jpegs
+from helpers import random_variables, run_on_small_disk, script_env, write_jpegs
 from vggjax.export import artifact
 import vggjax.inference.artifact
 from vggjax.inference import classifier
@@ -272,3 +272,19 @@ def test_an_artifact_without_digests_still_loads_with_a_note(artifacts, tmp_path
     with pytest.raises(ValueError, match=rf"^{directory / 'model.jaxexport'} is damaged: jax.export cannot "
                                          r"load it \(\w+: [^\n]*\)$"):
         vggjax.inference.artifact.load(directory)
+
+
+@pytest.mark.slow  # two onnx exports in subprocesses; tests/test_logs.py is the fast check
+def test_an_onnx_export_shows_third_party_logs_only_with_verbose(source, tmp_path):
+    """onnx_ir's 12 "value type ... not known" warnings, TensorFlow's C++ lines: kept out of sight
+    at their source (loggers, TF_CPP_MIN_LOG_LEVEL), shown with --verbose."""
+    _, directory, _, _ = source
+    env = {k: v for k, v in script_env(tmp_path).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for extra, noisy in (([], False), (["--verbose"], True)):
+        out = tmp_path / f"onnx{len(extra)}"
+        proc = subprocess.run([sys.executable, TOOLS / "export.py", directory, "--format", "onnx", "--output",
+                               out, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.startswith(f"wrote onnx artifact to {out}"), proc.stderr
+        assert ("onnx_ir" in proc.stderr) == noisy, proc.stderr
+        if not noisy:
+            assert proc.stderr == ""

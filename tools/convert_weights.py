@@ -18,7 +18,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import interrupts
+from vggjax.utils import interrupts, logs
 
 INTERRUPTED = "nothing was written"  # what the line "error: interrupted; ..." adds
 if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", metavar="DIR", help="default: $VGGJAX_CACHE/converted/"
                         "<source>_<arch>[_notop], with $VGGJAX_CACHE defaulting to ~/.cache/vggjax")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    logs.add_verbose(parser)
     args = parser.parse_args(argv)
+    logs.third_party(args.verbose)  # before TensorFlow or onnx load
     output = args.output or weights.default_output_dir(args.source, args.arch, args.include_top)
     try:
         with interrupts.handling():  # SIGTERM ends like Ctrl-C: one line, nothing written

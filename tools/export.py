@@ -16,7 +16,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import interrupts
+from vggjax.utils import interrupts, logs
 
 INTERRUPTED = "nothing was written"  # what the line "error: interrupted; ..." adds
 if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="input size for conv features (default 224); "
                         "a classifier keeps the size it was trained at")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier vggjax export")
+    logs.add_verbose(parser)
     args = parser.parse_args(argv)
+    logs.third_party(args.verbose)  # before TensorFlow or onnx load
     try:
         with interrupts.handling():
             manifest = artifact.export(args.src, args.format, args.output, args.precision,

@@ -20,7 +20,7 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
-from vggjax.utils import interrupts
+from vggjax.utils import interrupts, logs
 
 INTERRUPTED = "the files written so far are complete"  # what the line "error: interrupted; ..." adds
 if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     parser.add_argument("--interpolation", choices=images.INTERPOLATIONS, default="nearest",
                         help="resizing filter, as keras.utils.load_img (default nearest)")
+    logs.add_verbose(parser)
     args = parser.parse_args(argv)
+    logs.third_party(args.verbose)  # before TensorFlow or onnx load
     if args.cam is not None and os.path.exists(args.cam) and not os.path.isdir(args.cam):
         parser.error(f"--cam {args.cam} exists and is not a directory")
     try:
