@@ -30,7 +30,6 @@ from vggjax.utils.digests import file_digest  # noqa: F401 (also part of this mo
 from vggjax.utils.disk import fsync, fsync_tree, no_space
 from vggjax.utils.temps import remove  # noqa: F401 (part of this module's interface)
 
-_KINDS = ("tmp", "old")
 MANIFEST = ".vggjax-manifest.json"
 
 
@@ -100,8 +99,8 @@ def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: boo
     protect = list(protect)
     final = check_target(final, directory=directory, overwrite=overwrite, protect=protect)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(final)
-    tmp = temps.new(final, "tmp")
+    temps.remove_stale(final)
+    tmp = temps.new(final, temps.TMP)
     with interrupts.handling():
         try:
             yield tmp
@@ -272,7 +271,7 @@ def _manifest(directory: Path) -> Iterator[dict]:
         if not entries:
             (directory / MANIFEST).unlink(missing_ok=True)
             return
-        tmp = temps.new(directory / MANIFEST, "tmp", recorded=False)
+        tmp = temps.new(directory / MANIFEST, temps.TMP, recorded=False)
         try:
             tmp.write_text(json.dumps(entries, sort_keys=True))
             os.replace(tmp, directory / MANIFEST)
@@ -283,23 +282,11 @@ def _manifest(directory: Path) -> Iterator[dict]:
         os.close(fd)
 
 
-def remove_stale(final: Path) -> list[Path]:
-    """Delete the temporaries beside `final` whose writing process is dead; return them."""
-    removed = []
-    for kind in _KINDS:
-        for path in final.parent.glob(f".{final.name}.{kind}-*"):
-            pid = path.name.rsplit(f".{kind}-", 1)[-1].split("-")[0]
-            if pid.isdigit() and not temps.alive(int(pid)):
-                remove(path)
-                removed.append(path)
-    return removed
-
-
 def _replace(tmp: Path, final: Path) -> None:
     if not (final.is_dir() and any(final.iterdir())):
         os.replace(tmp, final)  # a file over a file, or a directory over nothing / an empty one
         return
-    old = temps.new(final, "old")
+    old = temps.new(final, temps.OLD)
     os.replace(final, old)
     try:
         os.replace(tmp, final)

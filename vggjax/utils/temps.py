@@ -18,6 +18,9 @@ from pathlib import Path
 from vggjax.utils.cache import cache_dir
 
 
+TMP, OLD = "tmp", "old"  # kinds: a new output being written, a replaced one being deleted
+
+
 def registry() -> Path:
     """The directory of the records: $VGGJAX_CACHE/temps."""
     return cache_dir() / "temps"
@@ -26,7 +29,7 @@ def registry() -> Path:
 def new(final: Path, kind: str, recorded: bool = True) -> Path:
     """A fresh temporary path beside `final` (not created), recorded unless `recorded=False` (a
     temporary short enough not to matter, e.g. a manifest's). The record is best effort: a
-    read-only cache leaves only the cleanup beside the same target (`atomic.remove_stale`)."""
+    read-only cache leaves only the cleanup beside the same target (`remove_stale`)."""
     token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     path = final.parent / f".{final.name}.{kind}-{token}"
     if recorded:
@@ -63,6 +66,19 @@ def remove_mine() -> list[Path]:
     """Remove this process's recorded temporaries: what an interrupt left while writer threads
     (Orbax's) were still busy. Called as a command ends on an interrupt."""
     return _recorded(lambda pid: pid == os.getpid())
+
+
+def remove_stale(final: Path) -> list[Path]:
+    """Delete the temporaries beside `final` whose process is dead, recorded or not (the record
+    may be in another $VGGJAX_CACHE); return them."""
+    removed = []
+    for kind in (TMP, OLD):
+        for path in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = path.name.rsplit(f".{kind}-", 1)[-1].split("-")[0]
+            if pid.isdigit() and not alive(int(pid)):
+                discard(path)
+                removed.append(path)
+    return removed
 
 
 def _recorded(which) -> list[Path]:
