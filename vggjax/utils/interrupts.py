@@ -108,12 +108,19 @@ def signals_deferred(written: Path | None = None) -> Iterator[None]:
     they run lets Python exit under them ("terminate called", "Event loop is closed", thread
     tracebacks) and leaves their files behind. A few seconds' delay is the price of a clean exit.
     """
-    with handling():
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main one only
+        yield
+        return
+    with handling():  # also over a notebook's own handlers, for the block
+        replaced = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(sig) is not _handler}
         _State.deferred += 1
         try:
             yield
         finally:
             _State.deferred -= 1
+            for sig, handler in replaced.items():
+                signal.signal(sig, handler)
         if _State.pending and not _State.deferred:
             _State.unwinding = True
             raise Interrupted(_State.pending[0], written)
