@@ -129,8 +129,9 @@ def signals_deferred(written: Path | None = None) -> Iterator[None]:
 def command(interrupted: str) -> None:
     """Make this process a vggjax command: call first in its `__main__` block, before the imports
     that take seconds (JAX), so that Ctrl-C or SIGTERM at any instant ends it with one line,
-    "error: interrupted; <interrupted>", and status 130 / 143; remove the temporaries that
-    killed vggjax processes left (`temps.sweep`)."""
+    "error: interrupted; <interrupted>", and status 130 / 143 (one during the imports takes
+    effect as `run_command` starts); remove the temporaries that killed vggjax processes left
+    (`temps.sweep`)."""
     _State.message = interrupted
     previous_hook = sys.excepthook
 
@@ -143,6 +144,9 @@ def command(interrupted: str) -> None:
     if _State.depth == 0:  # for the life of the process (kept: collecting it would end it)
         _State.process = handling()
         _State.process.__enter__()
+        # Deferred until `run_command` starts: an exception raised inside an extension module's
+        # initialisation (JAX's, TensorFlow's) can crash the interpreter (SIGSEGV) before any line.
+        _State.deferred += 1
     temps.sweep()
 
 
@@ -159,10 +163,17 @@ def run_command(main: Callable[[], int], interrupted: str) -> NoReturn:
     command(interrupted)
     status = None
     try:
+        if _State.process is not None and _State.deferred:  # the imports are done
+            _State.deferred -= 1
+            check()
         status = main()
         _State.unwinding = True  # from here a signal is only recorded: the work is done
         if status != 0 and _State.pending:  # it failed and said so, as the signal came
             _end(128 + _State.pending[0], message=False)
+        # Ignored from here: Python's shutdown would reset vggjax's handlers to the default, under
+        # which SIGTERM kills silently (-15). What came before is acted on below.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         check()
     except KeyboardInterrupt as err:
         _State.unwinding = True
