@@ -34,9 +34,14 @@ except ImportError:  # run from a checkout without installing: the repo root is 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vggjax
 
+from vggjax.utils import console, interrupts
+
+INTERRUPTED = "run the same command again to resume"  # what the line "error: interrupted; ..." adds
+if __name__ == "__main__":  # first: Ctrl-C while JAX loads ends in one line too
+    interrupts.command(INTERRUPTED)
+
 from vggjax.train import inputs, parallel, synthetic, workflow
 from vggjax.train.config import Config, add_arguments, config_arguments
-from vggjax.utils import console, interrupts
 
 TFDS_HOST = "download.microsoft.com"  # where tfds fetches cats_vs_dogs from
 
@@ -79,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
                    f"{synthetic.SETTINGS}; all phases in < 3 min on 2 CPU cores")
+    console.add_verbose(p)
     args = p.parse_args(argv)
     console.show_logs()
+    console.third_party(args.verbose)  # before TensorFlow or onnx load
     given = config_arguments(args)
     if args.workdir is None:
         args.workdir = SMOKE_WORKDIR.format(pipeline=given.get("pipeline", "tfdata")) if args.smoke else WORKDIR
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_tfds(given.get("pipeline", "tfdata"), given.get("tfds_data_dir"))
         config = Config(weights=weights, workdir=args.workdir, progress=not args.quiet,
                                  **{**(synthetic.SETTINGS if args.smoke else {}), **given, "data": data})
-        with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C, resumable
+        with interrupts.handling():  # SIGTERM ends like Ctrl-C, resumable
             results = workflow.run(config, restart=args.restart)
     except (inputs.MissingInputError, ValueError, OSError, ImportError) as err:  # flags, data, workdir, extras
         print(f"error: {err}", file=sys.stderr)
@@ -120,4 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    interrupts.run_command(main, "run the same command again to resume")
+    interrupts.run_command(main, INTERRUPTED)

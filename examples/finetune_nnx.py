@@ -29,6 +29,7 @@ from flax import nnx
 import vggjax.nnx as vnnx
 from vggjax import weights
 from vggjax.train import augmentation, freezing, metric_writers, report, synthetic
+from vggjax.train.config import Config
 from vggjax.utils import atomic, console, interrupts, locks
 
 PHASES = (("frozen", ("head",), 2e-5), ("finetune", ("block5", "head"), 1e-5))
@@ -62,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     elif not (args.weights and args.data):
         p.error("give --weights and --data (or --smoke)")
     args.epochs = args.epochs or (30, 100)
-    try:
+    try:  # the Linen example's checks of these flags (sizes that cannot fit, ...), before any work
+        Config(weights=args.weights, workdir=args.workdir, data=args.data, phases=("frozen", "finetune"),
+               image_size=args.image_size, batch_size=args.batch_size, pipeline=args.pipeline,
+               epochs=dict(zip(("frozen", "finetune"), args.epochs)))
         os.makedirs(args.workdir, exist_ok=True)
-        with interrupts.sigterm_interrupts(), locks.locked(args.workdir, f"--workdir {args.workdir}"):
+        with interrupts.handling(), locks.locked(args.workdir, f"--workdir {args.workdir}"):
             return run(args)  # a second run into the same --workdir is refused, naming this one's pid
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
         print("error: interrupted; the finished phases' checkpoints are kept", file=sys.stderr)

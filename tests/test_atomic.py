@@ -94,7 +94,7 @@ def test_a_signal_while_writing_leaves_nothing_behind(tmp_path, sig, subprocess_
     script = textwrap.dedent(f"""
         import time
         from vggjax.utils import atomic
-        with atomic.writing({str(tmp_path / "out")!r}, directory=True) as tmp:
+        with atomic.writing({str(tmp_path / "d" / "out")!r}, directory=True) as tmp:
             tmp.mkdir()
             (tmp / "part").write_bytes(b"x")
             print("writing", flush=True)
@@ -107,7 +107,8 @@ def test_a_signal_while_writing_leaves_nothing_behind(tmp_path, sig, subprocess_
     proc.wait(timeout=30)
     assert proc.returncode != 0
     time.sleep(0.1)
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "d").iterdir()) == []
+    assert list((tmp_path / "cache" / "temps").iterdir()) == []  # nor its record
 
 
 def test_only_what_vggjax_wrote_and_nobody_changed_is_replaced(tmp_path):
@@ -142,7 +143,7 @@ def test_remove_owned_deletes_exactly_what_vggjax_wrote_or_nothing(tmp_path):
         tmp.write_text("{}")
     (work / "checkpoints" / "frozen" / "1").mkdir(parents=True)
     (work / "checkpoints" / "frozen" / "1" / "state").write_bytes(b"orbax")
-    atomic.record(work / "checkpoints" / "frozen", orbax=True)
+    atomic.record(work / "checkpoints" / "frozen", unverified=[r"\d+\.orbax-checkpoint-tmp"])
     (work / "checkpoints" / "frozen" / "2.orbax-checkpoint-tmp-7").mkdir()  # an interrupted save
     (work / "checkpoints" / "mymodel.pt").write_bytes(b"the user's")
     targets = [work / "run.json", work / "export", work / "checkpoints", work / "absent"]

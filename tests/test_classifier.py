@@ -191,15 +191,35 @@ def test_a_damaged_export_is_refused_on_load(trained, tmp_path):
         classifier.load_classifier(tmp_path / "export")
     assert classifier.load_classifier(tmp_path / "export", base=outside).image_size == SIZE
     (tmp_path / "export" / classifier.CLASSIFIER).write_text(json.dumps(config))
-    # NaN in the head, or a changed value, is caught.
-    head = load_file(str(tmp_path / "export" / classifier.HEAD))
+    # Every file has its sha256 in classifier.json: a changed or truncated one is named.
+    head_file = tmp_path / "export" / classifier.HEAD
+    head, pristine = load_file(str(head_file)), head_file.read_bytes()
+    head["logits/bias"] = np.full_like(head["logits/bias"], 0.25)
+    save_file(head, str(head_file))
+    changed = (f"{head_file} is damaged or was changed: its sha256 differs from the one recorded in "
+               f"{tmp_path / 'export' / classifier.CLASSIFIER}; export it again")
+    with pytest.raises(ValueError) as err:
+        classifier.load_classifier(tmp_path / "export")
+    assert str(err.value) == changed
+    base_file = tmp_path / "export" / classifier.BASE / "vggjax.json"
+    base_file.write_text(base_file.read_text() + " ")
+    head_file.write_bytes(pristine)
+    with pytest.raises(ValueError, match=rf"{base_file} is damaged or was changed"):
+        classifier.load_classifier(tmp_path / "export")
+    # An export without digests (an older vggjax's) still loads; its other checks still hold.
+    (tmp_path / "export" / classifier.CLASSIFIER).write_text(json.dumps(
+        {k: v for k, v in config.items() if k != "files"}))
+    assert classifier.load_classifier(tmp_path / "export").image_size == SIZE
     head["logits/bias"] = np.full_like(head["logits/bias"], np.nan)
-    save_file(head, str(tmp_path / "export" / classifier.HEAD))
+    save_file(head, str(head_file))
     with pytest.raises(ValueError, match=r"head.safetensors is corrupt: logits/bias: contains NaN"):
         classifier.load_classifier(tmp_path / "export")
     head["logits/bias"] = np.full_like(head["logits/bias"], 0.25)
-    save_file(head, str(tmp_path / "export" / classifier.HEAD))
+    save_file(head, str(head_file))
     with pytest.raises(ValueError, match=r"do not match the head_sha256"):
+        classifier.load_classifier(tmp_path / "export")
+    head_file.write_bytes(pristine[:100])
+    with pytest.raises(ValueError, match=rf"^{head_file} is damaged: SafetensorError: "):
         classifier.load_classifier(tmp_path / "export")
 
 

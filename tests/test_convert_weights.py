@@ -1,5 +1,4 @@
 """tools/convert_weights.py: one success line, or 'error: ...' and exit 1 with nothing written."""
-import importlib.util
 import re
 import signal
 import subprocess
@@ -13,13 +12,10 @@ import pytest
 import vggjax
 from helpers import REPO, run_on_small_disk, run_script
 from vggjax.weights.keras import write_legacy_h5
+from vggjax.cli import convert  # the command's main(), in-process, where a subprocess is not worth it
 from vggjax.utils import atomic
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_weights.py"
-# The CLI's main(), in-process, for the cases not worth a subprocess.
-_spec = importlib.util.spec_from_file_location("convert_weights", SCRIPT)
-convert_weights = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_weights)
 
 
 def run_cli(env, *args, cwd=REPO):
@@ -80,10 +76,10 @@ def test_cli_runs_from_anywhere_and_timm_needs_input(subprocess_env, tmp_path):
 def test_cli_refuses_to_overwrite_without_flag(notop_h5, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--source", "keras", "--arch", "vgg16", "--input", str(notop_h5), "--output", str(out)]
-    assert convert_weights.main(args) == 0
-    assert convert_weights.main(args) == 1
+    assert convert.main(args) == 0
+    assert convert.main(args) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
-    assert convert_weights.main(args + ["--overwrite"]) == 0
+    assert convert.main(args + ["--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notop_h5.name, "out", atomic.MANIFEST])
 
 
@@ -189,7 +185,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_nor_harms_the_previous_outpu
 ])
 def test_classifier_import_flags_are_checked_before_any_work(args, message, capsys):
     with pytest.raises(SystemExit) as err:
-        convert_weights.main(args)
+        convert.main(args)
     assert err.value.code == 2 and message in capsys.readouterr().err
 
 

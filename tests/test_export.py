@@ -1,6 +1,7 @@
 """tools/export.py: each artifact (jax, savedmodel, onnx) run by its own runtime equals vggjax on real
 JPEGs, for batches of 1 and 7; the jax one runs without vggjax/flax/orbax; refusals are one line."""
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import vggjax
-from helpers import random_variables, run_on_small_disk, write_jpegs
+from helpers import random_variables, run_on_small_disk, script_env, write_jpegs
 from vggjax.export import artifact
 import vggjax.inference.artifact
 from vggjax.inference import classifier
@@ -20,9 +21,9 @@ from vggjax.utils import atomic
 from vggjax.utils.images import load_image
 
 TOOLS = Path(__file__).parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
-import export as tool  # noqa: E402  tools/export.py
-import predict  # noqa: E402  tools/predict.py
+# The commands' main(), in-process (a subprocess where its end matters: exit status, one line).
+from vggjax.cli import export  # noqa: E402
+from vggjax.cli import predict  # noqa: E402
 
 SIZE = 32
 FORMATS = sorted(artifact.FORMATS)
@@ -52,7 +53,7 @@ def artifacts(source, tmp_path_factory):
     _, directory, _, _ = source
     out = tmp_path_factory.mktemp("artifacts")
     for fmt in FORMATS:
-        assert tool.main([str(directory), "--format", fmt, "--output", str(out / fmt)]) == 0
+        assert export.main([str(directory), "--format", fmt, "--output", str(out / fmt)]) == 0
     return {fmt: out / fmt for fmt in FORMATS}
 
 
@@ -183,16 +184,16 @@ def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, ca
          f"is inside the input {directory}; vggjax does not write into its input"),
     ]
     for argv, message in cases:
-        assert tool.main(argv) == 1
+        assert export.main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (mine / "notes.txt").is_file()
     assert not (directory / "inside").exists() and atomic.foreign(directory) == []
     with pytest.raises(SystemExit):
-        tool.main([str(directory), "--format", "tflite", "--output", str(tmp_path / "d")])
+        export.main([str(directory), "--format", "tflite", "--output", str(tmp_path / "d")])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
     # --overwrite replaces a vggjax export (and only that).
-    assert tool.main([str(directory), "--format", "jax", "--output", str(artifacts["jax"]), "--overwrite"]) == 0
+    assert export.main([str(directory), "--format", "jax", "--output", str(artifacts["jax"]), "--overwrite"]) == 0
 
 
 @pytest.mark.slow  # 3 x 528 MB of VGG16 with top
@@ -219,3 +220,72 @@ def test_a_full_disk_is_one_line_even_from_tensorflow(source, tmp_path, subproce
     assert full["rc"] == 1 and full["left"] == [] and full["stderr"].splitlines()[-1:] == [
         f"error: no space left on device while writing {out}; nothing was written: free some space or "
         "choose another place"] and "Traceback" not in full["stderr"], full["stderr"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _edit_manifest(change):
+    def edit(path: Path) -> None:
+        manifest = json.loads(path.read_text())
+        change(manifest)
+        path.write_text(json.dumps(manifest))
+    return edit
+
+
+@pytest.mark.parametrize("fmt, name, damage, message", [
+    ("onnx", "model.onnx", _truncate, "{file} is damaged or was changed: its sha256 differs from the one "
+                                      "recorded in {manifest}; export it again"),
+    ("jax", "model.jaxexport", _truncate, "{file} is damaged or was changed: its sha256 differs from "
+                                          "the one recorded in {manifest}; export it again"),
+    ("onnx", "manifest.json", _edit_manifest(lambda m: m["input"].update(shape=[None, 64, 64, 3])),
+     "{manifest} does not match {dir}/model.onnx: it says uint8 (N, 64, 64, 3), the model takes uint8 "
+     "(N, 32, 32, 3); was it edited?"),
+    ("savedmodel", "manifest.json", _edit_manifest(lambda m: m["input"].update(shape=[None, 64, 64, 3])),
+     "{manifest} does not match {dir}: it says uint8 (N, 64, 64, 3), the model takes uint8 "
+     "(N, 32, 32, 3); was it edited?"),
+    ("jax", "manifest.json", _edit_manifest(lambda m: m.pop("input")),
+     "{manifest} is damaged or was edited: its 'input' entry is missing"),
+], ids=["truncated-onnx", "truncated-jaxexport", "onnx-input-size-edited", "savedmodel-input-size-edited",
+        "no-input-key"])
+def test_a_damaged_or_edited_artifact_is_one_line_naming_the_file(source, artifacts, tmp_path, capsys,
+                                                                   fmt, name, damage, message):
+    _, _, paths, _ = source
+    directory = tmp_path / fmt
+    shutil.copytree(artifacts[fmt], directory)
+    damage(directory / name)
+    assert predict.main([str(paths[0]), "--weights", str(directory)]) == 1
+    want = message.format(file=directory / name, manifest=directory / "manifest.json", dir=directory)
+    assert capsys.readouterr().err == f"error: {want}\n"
+
+
+def test_an_artifact_without_digests_still_loads_with_a_note(artifacts, tmp_path, caplog):
+    directory = tmp_path / "jax"
+    shutil.copytree(artifacts["jax"], directory)
+    _edit_manifest(lambda m: m.pop("files"))(directory / "manifest.json")  # as an older vggjax wrote it
+    for _ in range(2):
+        assert vggjax.inference.artifact.load(directory).image_size == SIZE
+    assert [r.getMessage() for r in caplog.records] == [
+        f"note: {directory / 'manifest.json'} has no file digests (an older vggjax wrote it), so the "
+        f"files of {directory} are not verified"]
+    _truncate(directory / "model.jaxexport")  # no digest to catch it: the runtime's failure, in one line
+    with pytest.raises(ValueError, match=rf"^{directory / 'model.jaxexport'} is damaged: jax.export cannot "
+                                         r"load it \(\w+: [^\n]*\)$"):
+        vggjax.inference.artifact.load(directory)
+
+
+@pytest.mark.slow  # two onnx exports in subprocesses; tests/test_console.py is the fast check
+def test_an_onnx_export_shows_third_party_logs_only_with_verbose(source, tmp_path):
+    """onnx_ir's 12 "value type ... not known" warnings, TensorFlow's C++ lines: kept out of sight
+    at their source (loggers, TF_CPP_MIN_LOG_LEVEL), shown with --verbose."""
+    _, directory, _, _ = source
+    env = {k: v for k, v in script_env(tmp_path).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for extra, noisy in (([], False), (["--verbose"], True)):
+        out = tmp_path / f"onnx{len(extra)}"
+        proc = subprocess.run([sys.executable, TOOLS / "export.py", directory, "--format", "onnx", "--output",
+                               out, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.startswith(f"wrote onnx artifact to {out}"), proc.stderr
+        assert ("onnx_ir" in proc.stderr) == noisy, proc.stderr
+        if not noisy:
+            assert proc.stderr == ""

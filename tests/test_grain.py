@@ -27,6 +27,24 @@ def _both(root, split, **kwargs):
     return out
 
 
+def test_a_class_with_no_decodable_image_is_refused_by_both_pipelines(tmp_path):
+    (tmp_path / "train" / "cats").mkdir(parents=True)
+    write_jpegs(tmp_path / "train" / "cats", [(20, 20)] * 3)
+    dogs = tmp_path / "train" / "dogs"
+    dogs.mkdir()
+    for k in range(3):
+        (dogs / f"dog{k}.jpg").write_bytes(b"not a jpeg")
+    for module in (data, grain_data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the one line below, no warning before it
+            with pytest.raises(ValueError) as err:
+                module.load_split(str(tmp_path), "train", SIZE, BATCH, shuffle=False)
+        assert str(err.value) == (
+            f"{tmp_path / 'train'}: class 'dogs' has no image that can be decoded (skipped "
+            f"{dogs / 'dog0.jpg'}, {dogs / 'dog1.jpg'}, {dogs / 'dog2.jpg'}): fix or remove those files, "
+            "or that class"), module
+
+
 def test_grain_gives_the_tfdata_batches_for_the_same_seed(folder):  # noqa: F811
     root, expected, bad = folder
     (tf_split, tf_warned), (g_split, g_warned) = _both(root, "train", shuffle=True, seed=3)

@@ -26,7 +26,9 @@ print(sorted(p.name for p in folder.iterdir()), (folder / "out.txt").read_text()
 
 
 def test_import_lock_and_write_without_fcntl(tmp_path):
-    result = subprocess.run([sys.executable, "-c", WITHOUT_FCNTL, str(tmp_path)], env=script_env(tmp_path),
+    folder = tmp_path / "w"  # beside the cache that script_env points at
+    folder.mkdir()
+    result = subprocess.run([sys.executable, "-c", WITHOUT_FCNTL, str(folder)], env=script_env(tmp_path),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     busy, listing = result.stdout.splitlines()

@@ -180,6 +180,26 @@ def test_trainable_takes_workflow_specs_and_refuses_unknown_groups():
         nnx.state(model, vnnx.trainable([(r"head/.*", "train")]))
 
 
+def test_a_trainable_spec_that_selects_nothing_is_refused_naming_what_exists():
+    v = random_variables("vgg11", include_top=False, seed=12)
+    model = vnnx.from_linen(vggjax.create("vgg11", include_top=False), v)  # no head, no fc layers
+    groups = "block1, block2, block3, block4, block5"
+    for spec, what in (("head", "trainable('head')"),  # the preset "head"
+                       ("fc1", "trainable('fc1'): group(s) ['fc1']"),
+                       ("predictions", "trainable('predictions'): group(s) ['predictions']")):
+        want = f"{what} matches no parameter of this model, whose parameters are in {groups}; choose from those"
+        with pytest.raises(ValueError) as err:
+            vnnx.trainable(spec, model=model)
+        assert str(err.value) == want
+        with pytest.raises(ValueError) as err:  # the report the example prints before the optimizer
+            vnnx.trainable_report(model, vnnx.trainable(spec))
+        assert str(err.value) == want
+    with pytest.raises(ValueError, match=rf"^freeze spec 'head' matches no parameter of this model, "
+                                         rf"whose parameters are in {groups}; choose from those$"):
+        freezing.labels(v["params"], "head")  # the Linen workflow's specs: the same check
+    assert "block5" in vnnx.trainable_report(model, vnnx.trainable("block5", model=model))
+
+
 def test_losses_and_grad_cam_take_an_nnx_vgg_through_to_linen():
     from vggjax.losses.perceptual import feature_loss
     from vggjax.viz.convnet import grad_cam
@@ -263,3 +283,15 @@ def test_finetune_nnx_refuses_a_workdir_another_run_holds(tmp_path):
         f"error: --workdir {workdir} is in use by another vggjax run (pid {os.getpid()}); wait for it "
         "to finish or choose another one\n")
     assert [p.name for p in workdir.iterdir()] == [locks.LOCK]
+
+
+def test_finetune_nnx_refuses_a_size_that_cannot_fit_before_any_work(tmp_path):
+    """The Linen example's checks (vggjax.train.config.Config), not a 3.2-billion-parameter head
+    built for 70 s before an out-of-memory error."""
+    proc = subprocess.run([sys.executable, f"{REPO}/examples/finetune_nnx.py", "--data", tmp_path / "d",
+                           "--weights", tmp_path / "w", "--workdir", tmp_path / "run", "--image-size", "5000"],
+                          env=script_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith(
+        "error: batch_size (--batch-size) 20 at image_size (--image-size) 5000 needs at least ")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("; lower either\n")
+    assert not (tmp_path / "run").exists()

@@ -17,9 +17,9 @@ from vggjax.utils.images import load_image
 from vggjax.weights.preprocessing import imagenet_classes
 from helpers import write_jpegs
 
+from vggjax.cli import predict  # the command's main(), in-process
+
 TOOLS = Path(__file__).parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
-import predict as tool  # noqa: E402  tools/predict.py
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def imagenet(keras, vgg16_with_top, tmp_path_factory):
 
 
 def run_json(capsys, argv):
-    assert tool.main(argv + ["--json"]) == 0
+    assert predict.main(argv + ["--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -69,7 +69,7 @@ def test_top5_equals_keras_predict_on_load_img(keras, imagenet, capsys, tmp_path
 
 def test_text_output_names_the_classes_and_interpolation_changes_the_pixels(imagenet, capsys):
     _, weights, paths, _ = imagenet
-    assert tool.main([str(paths[0]), "--weights", str(weights), "--top", "2"]) == 0
+    assert predict.main([str(paths[0]), "--weights", str(weights), "--top", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(paths[0]) and len(lines) == 3
     nearest = run_json(capsys, [str(paths[0]), "--weights", str(weights), "--top", "1"])
@@ -90,7 +90,7 @@ def test_bad_flags_are_refused_before_any_work(imagenet, capsys, extra, pattern,
     (tmp_path / "FILE").write_text("x")
     extra = [str(tmp_path / "FILE") if e == "FILE" else e for e in extra]
     with pytest.raises(SystemExit) as exit_:
-        tool.main([str(paths[0]), "--weights", str(weights), *extra])
+        predict.main([str(paths[0]), "--weights", str(weights), *extra])
     assert exit_.value.code == 2 and pattern in capsys.readouterr().err
 
 
@@ -99,7 +99,7 @@ def test_weights_without_top_are_refused(make_variables, capsys, tmp_path):
 
     write_legacy_h5(make_variables("vgg16", include_top=False)["params"], tmp_path / "w.h5")
     vggjax.convert_file("keras", "vgg16", tmp_path / "w.h5", tmp_path / "notop")
-    assert tool.main(["x.jpg", "--weights", str(tmp_path / "notop")]) == 1
+    assert predict.main(["x.jpg", "--weights", str(tmp_path / "notop")]) == 1
     assert "--include-top" in capsys.readouterr().err
 
 
@@ -131,7 +131,7 @@ def test_exported_classifier_prints_p_dog_and_writes_a_cam(exported, capsys, tmp
         np.testing.assert_allclose(got["dogs"], want, atol=1e-6)
         with Image.open(r["cam"]) as cam, Image.open(r["file"]) as original:
             assert cam.size == original.size
-    assert tool.main([str(paths[0]), "--weights", str(directory)]) == 0
+    assert predict.main([str(paths[0]), "--weights", str(directory)]) == 0
     name, p = ("dogs", p_dog[0]) if p_dog[0] >= 0.5 else ("cats", 1 - p_dog[0])
     assert capsys.readouterr().out.splitlines()[1] == f"  {name} ({p:.4f}); P(dogs) = {p_dog[0]:.4f}"
 
@@ -140,7 +140,7 @@ def test_top_1_names_the_winning_class_whichever_it_is(exported, capsys, tmp_pat
     clf, directory = exported
     paths = write_jpegs(tmp_path, [(40, 40), (44, 52), (60, 36), (36, 36)], seed=9)
     p_dog = classifier.predict(clf, np.stack([load_image(p, (32, 32)) for p in paths]))[:, 1]
-    assert tool.main([*map(str, paths), "--weights", str(directory), "--top", "1"]) == 0
+    assert predict.main([*map(str, paths), "--weights", str(directory), "--top", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()[1::2]
     for line, p in zip(lines, p_dog):
         assert line.startswith("  dogs (" if p >= 0.5 else "  cats (") and line.endswith(f"P(dogs) = {p:.4f}")
@@ -151,13 +151,13 @@ def test_a_cam_file_the_user_made_survives_and_vggjax_s_own_is_replaced(exported
     paths = write_jpegs(tmp_path, [(40, 40), (48, 40)], seed=5)
     cams = tmp_path / "cams"
     args = [*map(str, paths), "--weights", str(directory), "--cam", str(cams)]
-    assert tool.main(args) == 0  # vggjax's own CAMs: a second run replaces them
+    assert predict.main(args) == 0  # vggjax's own CAMs: a second run replaces them
     first = {p.name: p.read_bytes() for p in cams.glob("*.png")}
-    assert len(first) == 2 and tool.main(args) == 0
+    assert len(first) == 2 and predict.main(args) == 0
     capsys.readouterr()
     user = cams / f"{paths[1].stem}_cam.png"
     user.write_bytes(b"the user's drawing")
-    assert tool.main(args) == 1
+    assert predict.main(args) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(rf"error: .*{user.name} exists and vggjax did not write it .*\n", err), err
     assert user.read_bytes() == b"the user's drawing"
@@ -188,7 +188,7 @@ def test_a_decompression_bomb_is_one_line_and_the_other_images_are_classified(ex
     good, bomb = write_jpegs(tmp_path, [(40, 40), (120, 100)], seed=7)
     # Pillow's own limit, lowered so that a small file trips it (its real check, not a stand-in).
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 40 * 40)
-    assert tool.main([str(bomb), str(good), "--weights", str(directory)]) == 0
+    assert predict.main([str(bomb), str(good), "--weights", str(directory)]) == 0
     out, err = capsys.readouterr()
     assert re.fullmatch(rf"skipped {re.escape(str(bomb))}: too large to decode safely \(.*\)\n", err), err
     assert str(good) in out and "P(dogs)" in out

@@ -11,8 +11,7 @@ import sys
 if importlib.util.find_spec("vggjax") is None:  # a checkout, not installed: the repo root is one level up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vggjax.cli.convert import INTERRUPTED, main
-from vggjax.utils import interrupts
+from vggjax.cli.main import run
 
 if __name__ == "__main__":
-    interrupts.run_command(main, INTERRUPTED)
+    run("convert", sys.argv[1:])

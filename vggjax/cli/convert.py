@@ -26,7 +26,6 @@ from vggjax import weights
 from vggjax.utils import console, interrupts
 from vggjax.weights.preprocessing import MODES
 
-INTERRUPTED = "nothing was written"  # what an interrupt leaves
 MODEL_FLAGS = ("class_names", "preprocess", "image_size", "architecture")  # a classifier import's
 
 
@@ -52,6 +51,7 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
                        "torchvision/timm: default 224")
     group.add_argument("--architecture", metavar="JSON", help="model.to_json() of a .weights.h5 --input")
     console.add_quiet(parser)
+    console.add_verbose(parser)
     args = parser.parse_args(argv)
     args.classifier = args.class_names is not None or (args.source == "keras" and args.arch is None)
     given = [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if getattr(args, f) is not None]
@@ -96,8 +96,9 @@ def import_classifier(args) -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     args = parse_args(parser, argv)
+    console.third_party(args.verbose)  # before TensorFlow or onnx load
     try:
-        with interrupts.sigterm_interrupts():  # SIGTERM ends like Ctrl-C: one line, nothing written
+        with interrupts.handling():  # SIGTERM ends like Ctrl-C: one line, nothing written
             if args.classifier:
                 print(import_classifier(args))
                 return 0
@@ -108,9 +109,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except (ValueError, OSError, ImportError) as err:  # bad files, existing output, no network, no torch
         print(errors.error_line(err), file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interrupts.Interrupted, status 143)
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return getattr(err, "status", 130)
     top = "with" if meta["include_top"] else "without"
     print(f"converted {args.source} {args.arch} ({top} top) to {os.path.abspath(output)}")
     return 0

@@ -15,7 +15,6 @@ from vggjax.export import artifact
 from vggjax.inference import serving
 from vggjax.utils import console, interrupts
 
-INTERRUPTED = "nothing was written"  # what an interrupt leaves
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -30,17 +29,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         "a classifier keeps the size it was trained at")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier vggjax export")
     console.add_quiet(parser)
+    console.add_verbose(parser)
     args = parser.parse_args(argv)
+    console.third_party(args.verbose)  # before TensorFlow or onnx load
     try:
-        with interrupts.sigterm_interrupts():
+        with interrupts.handling():
             manifest = artifact.export(args.src, args.format, args.output, args.precision,
                                        args.image_size, args.overwrite, progress=not args.quiet)
     except (ValueError, OSError, ImportError) as err:
         print(errors.error_line(err), file=sys.stderr)
         return 1
-    except KeyboardInterrupt as err:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return getattr(err, "status", 130)
     s = manifest["input"]["shape"][1]
     print(f"wrote {args.format} artifact to {os.path.abspath(args.output)}: uint8 (N, {s}, {s}, 3) -> "
           + ", ".join(manifest["outputs"]) + f" ({manifest['precision']})")

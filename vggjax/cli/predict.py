@@ -15,9 +15,8 @@ import os
 import sys
 
 from vggjax.cli import errors
-from vggjax.utils import images
+from vggjax.utils import console, images
 
-INTERRUPTED = "the files written so far are complete"  # what an interrupt leaves
 
 from vggjax.inference.predictor import load_predictor, predict_files
 from vggjax.viz import convnet
@@ -41,7 +40,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     parser.add_argument("--interpolation", choices=images.INTERPOLATIONS, default="nearest",
                         help="resizing filter, as keras.utils.load_img (default nearest)")
+    console.add_verbose(parser)
     args = parser.parse_args(argv)
+    console.third_party(args.verbose)  # before TensorFlow or onnx load
     if args.cam is not None and os.path.exists(args.cam) and not os.path.isdir(args.cam):
         parser.error(f"--cam {args.cam} exists and is not a directory")
     try:

@@ -9,7 +9,7 @@ from vggjax import __version__
 from vggjax.export import onnx_model, savedmodel, stablehlo
 from vggjax.inference.artifact import MANIFEST, RUNNERS
 from vggjax.inference.serving import PORTABLE_CONV, from_source
-from vggjax.utils import atomic
+from vggjax.utils import atomic, digests
 from vggjax.utils.deprecation import moved_module
 from vggjax.utils.progress import progress_bar
 
@@ -24,7 +24,8 @@ def export(src: str | os.PathLike, format: str, output: str | os.PathLike, preci
 
     The artifact takes uint8 RGB NHWC images (any batch size) with the preprocessing baked in
     and always runs XLA's convolution. `output` appears complete or not at all; `overwrite`
-    replaces only an earlier vggjax output (`vggjax.utils.atomic`). Every argument is checked
+    replaces only an earlier vggjax output (`vggjax.utils.atomic`). The manifest holds
+    the sha256 of every file (`files`), checked by `load`. Every argument is checked
     before any work: ValueError (one line). `progress`: a bar over its two steps (loading the
     source, tracing and writing the artifact).
     """
@@ -59,6 +60,7 @@ def _write(serving, src, format: str, writer, precision: str, output, overwrite:
     with atomic.writing(output, directory=True, overwrite=overwrite, protect=[src]) as tmp:
         tmp.mkdir()
         manifest[format] = writer.write(serving, tmp)
+        manifest["files"] = digests.of_files(tmp)  # checked when it is loaded
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

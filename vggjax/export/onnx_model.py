@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from vggjax.utils import console
 from vggjax.utils.extras import require
 
 FILE = "model.onnx"
@@ -19,11 +19,10 @@ PRECISIONS = ("fp32",)
 def write(serving, directory: Path) -> dict:
     """`serving` with its weights as initializers, batch dimension dynamic ("batch"), checked by
     onnx.checker; returns the manifest's format fields."""
-    # jax2onnx logs a traceback for each optional plugin whose library is absent (dm_pix, ...).
-    logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
+    # jax2onnx logs a traceback for each optional plugin whose library is absent (dm_pix, ...);
     # onnx_ir warns for each metadata field it does not serialise ("Skipping serialization ..."):
     # nothing the user can act on, the model is complete.
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    console.quiet_by_default("jax2onnx", "onnx_ir")
     to_onnx = require("jax2onnx", "the onnx export").to_onnx
     onnx = require("onnx", "the onnx export")
     (batch,) = jax.export.symbolic_shape("batch")

@@ -11,34 +11,43 @@ from typing import Callable
 import jax
 import numpy as np
 
+from vggjax.utils import digests
 from vggjax.utils.extras import require
 
 MANIFEST = "manifest.json"
 
 
 def _run_jax(directory: Path, manifest: dict):
-    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by the serialized StableHLO alone."""
+    """(images uint8 (N, S, S, 3) -> tuple of NumPy outputs, the input's (S, S, 3) and dtype), by
+    the serialized StableHLO alone."""
     exported = jax.export.deserialize(bytearray((directory / manifest["jax"]["file"]).read_bytes()))
-    return lambda images: tuple(np.asarray(o) for o in exported.call(images))
+    (spec,) = exported.in_avals
+    return (lambda images: tuple(np.asarray(o) for o in exported.call(images))), spec.shape[1:], str(spec.dtype)
 
 
 def _run_savedmodel(directory: Path, manifest: dict):
-    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by TensorFlow running the SavedModel."""
+    """As `_run_jax`, by TensorFlow running the SavedModel."""
     tf = require("tensorflow", "running a savedmodel export")
     serve = tf.saved_model.load(str(directory)).signatures[manifest["savedmodel"]["signature"]]
     names = list(manifest["outputs"])
-    return lambda images: tuple(serve(images=tf.constant(images))[n].numpy() for n in names)
+    spec = serve.structured_input_signature[1]["images"]
+    return (lambda images: tuple(serve(images=tf.constant(images))[n].numpy() for n in names),
+            tuple(spec.shape[1:]), spec.dtype.name)
 
 
 def _run_onnx(directory: Path, manifest: dict):
-    """images uint8 (N, S, S, 3) -> tuple of NumPy outputs, by onnxruntime on CPU."""
+    """As `_run_jax`, by onnxruntime on CPU."""
     ort = require("onnxruntime", "running an onnx export")
     session = ort.InferenceSession(str(directory / manifest["onnx"]["file"]),
                                    providers=["CPUExecutionProvider"])
-    return lambda images: tuple(session.run(None, {"images": images}))
+    spec = session.get_inputs()[0]
+    return (lambda images: tuple(session.run(None, {"images": images})), tuple(spec.shape[1:]),
+            spec.type.removeprefix("tensor(").removesuffix(")"))
 
 
-# format name -> (directory, manifest) -> run(images); `vggjax.export.artifact` writes the same names.
+# format name -> (directory, manifest) -> (run(images), input (S, S, 3), input dtype);
+# `vggjax.export.artifact` writes the same names. The file each loads (savedmodel: the directory).
+RUNTIMES = {"jax": "jax.export", "savedmodel": "TensorFlow", "onnx": "onnxruntime"}
 RUNNERS: dict[str, Callable] = {"jax": _run_jax, "savedmodel": _run_savedmodel, "onnx": _run_onnx}
 
 
@@ -96,9 +105,47 @@ class Artifact:
 
 
 def load(directory: str | os.PathLike) -> Artifact:
-    """The artifact in `directory` (written by `export`), ready to run."""
+    """The artifact in `directory` (written by `export`), ready to run. Its files must have the
+    sha256 its manifest records and the model must take the input the manifest says: ValueError
+    (one line, naming the file) for a damaged or edited artifact."""
     directory = Path(directory).expanduser()
     if not is_artifact(directory):
         raise ValueError(f"{directory} is not a vggjax export ({MANIFEST} missing or not one)")
-    manifest = json.loads((directory / MANIFEST).read_text())
-    return Artifact(directory, manifest, RUNNERS[manifest["format"]](directory, manifest))
+    where = directory / MANIFEST
+    manifest = json.loads(where.read_text())
+    size = _check_manifest(manifest, where)
+    if "files" in manifest:
+        digests.check(directory, manifest["files"], where)
+    else:  # exported before vggjax recorded digests: still loads
+        digests.note_unverified(directory, where)
+    fmt = manifest["format"]
+    file = directory / manifest[fmt].get("file", "")
+    try:
+        run, shape, dtype = RUNNERS[fmt](directory, manifest)
+    except ImportError:
+        raise
+    except Exception as err:  # each runtime raises its own types for a damaged file
+        text = str(err).strip().splitlines()
+        raise ValueError(f"{file} is damaged: {RUNTIMES[fmt]} cannot load it ({type(err).__name__}: "
+                         f"{text[0][:160] if text else ''})") from None
+    if tuple(shape) != (size, size, 3) or dtype != "uint8":
+        raise ValueError(f"{where} does not match {file}: it says uint8 (N, {size}, {size}, 3), the "
+                         f"model takes {dtype} (N, {', '.join(map(str, shape))}); was it edited?")
+    return Artifact(directory, manifest, run)
+
+
+def _check_manifest(manifest: dict, where: Path) -> int:
+    """The input size S that `manifest` says (uint8 (None, S, S, 3)); ValueError naming `where`
+    for a missing or malformed key."""
+    fmt = manifest["format"]
+    shape = manifest.get("input", {}).get("shape") if isinstance(manifest.get("input"), dict) else None
+    if not isinstance(manifest.get(fmt), dict) or ("file" not in manifest[fmt] and fmt != "savedmodel"):
+        raise ValueError(f"{where} is damaged or was edited: its {fmt!r} entry is missing or invalid")
+    if fmt == "savedmodel" and "signature" not in manifest[fmt]:
+        raise ValueError(f"{where} is damaged or was edited: its 'savedmodel' entry has no 'signature'")
+    if "input" not in manifest:
+        raise ValueError(f"{where} is damaged or was edited: its 'input' entry is missing")
+    if not (isinstance(shape, list) and len(shape) == 4 and shape[0] is None and shape[3] == 3
+            and type(shape[1]) is int and shape[1] == shape[2] and shape[1] > 0):
+        raise ValueError(f"{where} is damaged or was edited: input shape {shape!r} is not [null, S, S, 3]")
+    return shape[1]

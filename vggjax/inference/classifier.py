@@ -29,7 +29,7 @@ import numpy as np
 
 from vggjax import weights
 
-from vggjax.utils import atomic
+from vggjax.utils import atomic, digests
 from vggjax.model.vgg import VGG, torch_pool
 from vggjax.utils.batches import pad_batch
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
@@ -232,6 +232,7 @@ def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_met
         tmp.mkdir()
         weights.save(tmp / BASE, jax.device_get(base_variables), meta)
         save_file({k: np.asarray(v) for k, v in flatten(params["head"]).items()}, str(tmp / HEAD))
+        config["files"] = digests.of_files(tmp)  # checked by load_classifier
         (tmp / CLASSIFIER).write_text(json.dumps(config, indent=2) + "\n")
     return Path(directory)
 
@@ -258,7 +259,8 @@ def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None
 
     The base is the one classifier.json names, which must lie inside `directory`; pass `base`
     to use another weights directory explicitly. The head must be finite, fit the base and
-    match the `head_sha256` recorded at export (`verify=False` skips the digests).
+    match the `head_sha256` recorded at export, and every file the sha256 classifier.json records
+    (`verify=False` skips the digests). ValueError (one line, naming the file) otherwise.
     """
     from safetensors.numpy import load_file
 
@@ -279,13 +281,21 @@ def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None
     if not ok:
         raise ValueError(f"{where} is invalid: image_size, preprocessing, class_names, head or "
                          "base has the wrong type or value")
+    if verify and "files" in config:
+        digests.check(directory, config["files"], where)
+    elif verify:  # exported before vggjax recorded digests: still loads
+        digests.note_unverified(directory, where)
     if base is None:
         base = (directory / config["base"]).resolve()
         if directory.resolve() not in base.parents:
             raise ValueError(f"{where} names base {config['base']!r}, outside the export; pass "
                              "base=... to load_classifier to use another weights directory")
     base_weights = weights.load(base, verify=verify)
-    head_params = unflatten(load_file(str(directory / HEAD)))
+    try:
+        head_params = unflatten(load_file(str(directory / HEAD)))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{directory / HEAD} is damaged: {type(err).__name__}: "
+                         f"{str(err).strip()[:160]}") from None
     features = jax.eval_shape(base_weights.model.apply, base_weights.variables,
                               jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
     want = jax.eval_shape(head.init, jax.random.PRNGKey(0), features)["params"]

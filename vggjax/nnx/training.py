@@ -18,14 +18,16 @@ from vggjax.train.metric_writers import MetricWriter
 GROUPS = ("block1", "block2", "block3", "block4", "block5", "fc1", "fc2", "predictions", "head")
 
 
-def trainable(*spec) -> Callable:
+def trainable(*spec, model: nnx.Module | None = None) -> Callable:
     """`wrt=` filter of the parameters to train: group names ("block5", "head", "fc2", ...; a
     parameter's group as the trainable report names it) or one freeze spec of the workflow (a
     preset such as "block5+head", or (regex, "train"|"freeze") rules over '/'-joined paths).
 
         nnx.Optimizer(model, optax.rmsprop(1e-5), wrt=trainable("block5", "head"))
 
-    Everything else is frozen: nnx.Optimizer keeps no state for it and never changes it.
+    Everything else is frozen: nnx.Optimizer keeps no state for it and never changes it. With
+    `model` (and in `trainable_report`), a spec that trains none of its parameters, or names a
+    group it lacks (e.g. "head" on a VGG without one), is refused: ValueError listing its groups.
     """
     if len(spec) == 1 and not isinstance(spec[0], str) or spec and spec[0] in freezing.PRESETS:
         if len(spec) != 1:
@@ -46,16 +48,26 @@ def trainable(*spec) -> Callable:
         def trains(path: str) -> bool:
             return freezing.group_name(path) in groups
 
-    return lambda path, value: isinstance(value, nnx.Param) and trains("/".join(map(str, path)))
+    def wrt(path, value) -> bool:
+        return isinstance(value, nnx.Param) and trains("/".join(map(str, path)))
+
+    wrt.spec = spec
+    if model is not None:
+        trainable_report(model, wrt)
+    return wrt
 
 
 def trainable_report(model: nnx.Module, wrt) -> str:
-    """The workflow's log line: trainable / total parameters overall and per block and head."""
+    """The workflow's log line: trainable / total parameters overall and per block and head;
+    ValueError when `wrt` (from `trainable`) trains nothing of `model` (see there)."""
     from vggjax.nnx.model import variables
     from vggjax.utils.trees import flatten, unflatten
     params = variables(model)["params"]
     train = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, wrt))}
     labels = {path: freezing.TRAIN if path in train else freezing.FREEZE for path in flatten(params)}
+    if (spec := getattr(wrt, "spec", None)) is not None:  # made by `trainable`
+        named = spec if all(isinstance(g, str) for g in spec) and spec[0] not in freezing.PRESETS else ()
+        freezing.check_selects(f"trainable{spec!r}".replace(",)", ")"), labels, train, named)
     return freezing.trainable_report(params, unflatten(labels))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -14,6 +15,10 @@ from vggjax.utils.orbax_tree import ocp as _ocp, quiet as _quiet
 
 logger = logging.getLogger(__name__)
 MONITORS = {"val_loss": "min", "val_accuracy": "max"}
+DAMAGED = "damaged-"  # prefix of a checkpoint step set aside as unreadable
+# Orbax's own temporaries of an interrupted save (`<step>.orbax-checkpoint-tmp-<n>`) have no
+# finished content to digest; inside a checkpoint directory vggjax recorded they are its own.
+_ORBAX_TMP = r"\d+\.orbax-checkpoint-tmp"
 
 
 def manager(directory: Path, monitor: str, create: bool = True):
@@ -40,17 +45,24 @@ def manager(directory: Path, monitor: str, create: bool = True):
 
 
 def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
-    """Save `state` (a pytree) and `meta` (JSON) as checkpoint `step` with `metrics` for ranking."""
+    """Save `state` (a pytree) and `meta` (JSON) as checkpoint `step` with `metrics` for ranking.
+
+    Saving and recording are one step: `step` is recorded as vggjax's before Orbax writes it
+    (unverified: no digests yet), and with the digests of its files once written
+    (`atomic.record`), all with Ctrl-C deferred. A kill -9 in between leaves a step that
+    `restore_latest` removes (never loads) and `--restart` may delete, since it is recorded.
+    """
     ocp = _ocp()
-    # Waited for, then recorded as vggjax's (atomic.record): a later --restart may then delete
-    # exactly these files. Orbax writes in the background otherwise; the state is small next to
-    # an epoch's work. Ctrl-C waits for the write (interrupts.signals_deferred): no abort, no half step.
     directory = Path(str(mngr.directory))
     try:
+        # Waited for: Orbax writes in the background otherwise; the state is small next to an
+        # epoch's work. Ctrl-C waits for the write (interrupts.signals_deferred): no half step.
         with interrupts.signals_deferred(), _quiet():
+            _record(directory, writing=step)
             mngr.save(step, metrics=dict(metrics), force=True, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))))
             mngr.wait_until_finished()
+            _record(directory)
     except Exception as err:
         for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):  # the half-written step
             atomic.remove(tmp)
@@ -59,8 +71,13 @@ def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
         if full is not None:
             raise full from None
         raise
-    if jax.process_index() == 0:
-        atomic.record(directory, orbax=True)
+
+
+def _record(directory: Path, writing: int | None = None) -> None:
+    """Record the checkpoints in `directory` as vggjax's; `writing`: a step about to be saved."""
+    if jax.process_index() == 0:  # multi-host: one process writes the record
+        mine = [_ORBAX_TMP] + ([rf"{writing}$"] if writing is not None else [])
+        atomic.record(directory, unverified=mine, skip=[DAMAGED])
 
 
 def read_meta(mngr, step: int) -> dict:
@@ -90,8 +107,17 @@ def restore_latest(mngr, template: Any, check_meta: Callable[[dict], None]) -> t
     """
     directory = Path(str(mngr.directory))
     differ = {Path(rel).parts[0] for rel in atomic.changed(directory) or ()}
+    entry = atomic.recorded(directory)
     for step in sorted(mngr.all_steps(), reverse=True):
         reason = "its files differ from what was written" if str(step) in differ else None
+        if entry is not None and _unrecorded(directory / str(step), entry["files"]):
+            if any(re.fullmatch(p, str(step)) for p in entry["unverified"]):
+                atomic.remove(directory / str(step))  # vggjax's, killed before it was recorded
+                mngr.reload()
+                logger.warning(f"checkpoint {step} in {directory} was cut short by a kill as it was "
+                               "saved; removed it, trying the previous one")
+                continue
+            reason = "vggjax has no record of writing it"
         if reason is None:
             try:
                 meta = read_meta(mngr, step)
@@ -103,15 +129,22 @@ def restore_latest(mngr, template: Any, check_meta: Callable[[dict], None]) -> t
                 return restore(mngr, step, template)
             except Exception as err:
                 reason = _first_line(err)
-        aside = directory / f"{atomic.DAMAGED}{step}"
+        aside = directory / f"{DAMAGED}{step}"
         os.replace(directory / str(step), aside)
         mngr.reload()
-        logger.warning(f"checkpoint {step} in {directory} is damaged ({reason}); set aside as {aside.name}, "
-            "trying the previous one")
-    if any(directory.glob(f"{atomic.DAMAGED}*")):
+        logger.warning(f"checkpoint {step} in {directory} is damaged ({reason}); set aside as "
+                       f"{aside.name}, trying the previous one")
+    if any(directory.glob(f"{DAMAGED}*")):
         raise ValueError(f"every checkpoint in {directory} is damaged (set aside as damaged-<step>); "
                          f"remove {directory} to train this phase from the start")
     return None
+
+
+def _unrecorded(step_dir: Path, files: Mapping) -> bool:
+    """Whether any file of the checkpoint at `step_dir` is missing from the record `files`."""
+    rel = step_dir.name
+    return any(os.path.join(rel, os.path.relpath(os.path.join(root, name), step_dir)) not in files
+               for root, _, names in os.walk(step_dir) for name in names)
 
 
 def _first_line(err: Exception) -> str:

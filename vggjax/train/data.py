@@ -101,7 +101,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     else:
         class_names, encoded, labels, names = _folder_examples(source, split)
         from_files, where = True, os.path.join(source, split)
-    keep, skipped = decodable(where, names, _decodable(encoded, from_files))
+    keep, skipped = decodable(where, names, _decodable(encoded, from_files), labels, class_names)
     return Split(name=split, class_names=tuple(class_names), image_size=image_size,
                  batch_size=batch_size, shuffle=shuffle, seed=seed,
                  labels=np.asarray(labels, np.int32)[keep],

@@ -65,7 +65,21 @@ def labels(params: Mapping, spec: Spec) -> dict:
         shown = ", ".join(unmatched[:20]) + (f", ... ({len(unmatched)} in all)" if len(unmatched) > 20 else "")
         raise ValueError(f"no freeze rule matches parameter(s) {shown}; add a rule for them "
                          "(e.g. a final ('.*', 'freeze'))")
+    check_selects(f"freeze spec {spec!r}", out, {path for path, a in out.items() if a == TRAIN})
     return unflatten(out)
+
+
+def check_selects(what: str, paths, trained: set, groups=()) -> None:
+    """ValueError (one line, listing the model's groups) when `what` (a spec, in words) trains
+    none of `paths`, or names `groups` that none of them is in: a spec meant for another model
+    (e.g. "head" on a VGG without one) would otherwise train nothing without a word."""
+    present = list(dict.fromkeys(group_name(p) for p in paths))
+    if missing := [g for g in groups if g not in present]:
+        what = f"{what}: group(s) {missing}"
+    elif trained:
+        return
+    raise ValueError(f"{what} matches no parameter of this model, whose parameters are in "
+                     f"{', '.join(present)}; choose from those")
 
 
 def group_name(path: str) -> str:

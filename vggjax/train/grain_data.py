@@ -62,7 +62,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
         ok = np.array(list(pool.map(functools.partial(_decodable, interpolation=interpolation), encoded)),
                       bool)
-    keep, skipped = decodable(where, names, ok)
+    keep, skipped = decodable(where, names, ok, labels, class_names)
     encoded = encoded.take(keep) if isinstance(encoded, Records) else tuple(encoded[i] for i in keep)
     return Split(name=split, class_names=tuple(class_names), image_size=image_size,
                  batch_size=batch_size, shuffle=shuffle, seed=seed,

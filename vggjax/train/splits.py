@@ -253,17 +253,25 @@ def check_image_folder(root: str, splits=SPLITS) -> dict[str, dict[str, int]]:
     return counts
 
 
-def decodable(where: str, names: Sequence[str], ok) -> tuple[np.ndarray, tuple[str, ...]]:
+def decodable(where: str, names: Sequence[str], ok, labels: Sequence[int],
+              class_names: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
     """(indices of the decodable examples, the names of the others) of a split listed at `where`,
-    `ok` a bool per name. The others are named in one SkippedFilesWarning; ValueError when no
-    example is decodable."""
+    `ok` a bool per name, `labels` its class index. The others are named in one
+    SkippedFilesWarning; ValueError when no example is decodable, or none of a class (a
+    "2-class" model would learn one class)."""
     ok = np.asarray(ok, bool)
     skipped = tuple(n for n, good in zip(names, ok) if not good)
+    if not ok.any():
+        raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
+    labels = np.asarray(labels)
+    for k, name in enumerate(class_names):
+        if (labels == k).any() and not ok[labels == k].any():
+            lost = [n for n, label in zip(names, labels) if label == k]
+            raise ValueError(f"{where}: class {name!r} has no image that can be decoded (skipped "
+                             f"{named(lost)}): fix or remove those files, or that class")
     if skipped:
         warnings.warn(f"{where}: skipped {len(skipped)} of {len(names)} files that could not be "
                       f"read or decoded as images: {named(skipped)}", SkippedFilesWarning, stacklevel=3)
-    if not ok.any():
-        raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
     return np.flatnonzero(ok), skipped
 
 

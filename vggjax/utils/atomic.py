@@ -6,8 +6,9 @@ vggjax itself wrote, and leaving no temporaries behind (not even after kill -9, 
     # here out_dir is the new content, fsynced; on any exception, Ctrl-C or SIGTERM, tmp is gone
 
 The temporary is `.<name>.tmp-<pid>-<random>` beside the target; a replaced directory is first
-moved to `.<name>.old-<pid>-<random>`. Both carry the writer's pid, so a later `writing` beside
-the same target deletes those whose process is dead.
+moved to `.<name>.old-<pid>-<random>`. Both are recorded in vggjax's cache while they exist
+(`vggjax.utils.temps`): the next vggjax command deletes those of a dead process wherever they are,
+and a later `writing` beside the same target deletes those whose process is dead.
 
 What vggjax wrote is proven by content, never by a name: every completed write is recorded in
 `.vggjax-manifest.json` beside it (each file's size, mtime and sha256). A target is replaced,
@@ -17,27 +18,20 @@ edited in) a vggjax output makes the whole output foreign to vggjax.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
-import shutil
-import time
-import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import filelock
 
-from vggjax.utils.disk import no_space
-from vggjax.utils.interrupts import sigterm_interrupts
+from vggjax.utils import interrupts, temps
+from vggjax.utils.digests import file_digest  # noqa: F401 (also part of this module's interface)
+from vggjax.utils.disk import fsync, fsync_tree, no_space
+from vggjax.utils.temps import remove  # noqa: F401 (part of this module's interface)
 
-_KINDS = ("tmp", "old")
 MANIFEST = ".vggjax-manifest.json"
-# Orbax's own temporaries of an interrupted save (`<step>.orbax-checkpoint-tmp-<n>`) have no
-# finished content to digest; inside a directory recorded as an Orbax manager's they are its own.
-DAMAGED = "damaged-"  # prefix of a checkpoint step set aside as unreadable
-_ORBAX_TMP = re.compile(r"^\d+\.orbax-checkpoint-tmp")
 
 
 class RefusedError(FileExistsError):
@@ -98,51 +92,71 @@ def writing(final: str | os.PathLike, *, directory: bool = False, overwrite: boo
 
     On normal exit its content is fsynced and renamed to `final` (a replaced directory is moved
     aside first and deleted after) and recorded in the manifest; on an exception,
-    KeyboardInterrupt or SIGTERM it is deleted and `final` is left as it was. `check_target`
-    rules decide what may be replaced; they are checked before the block runs and again just
-    before the rename.
+    KeyboardInterrupt or SIGTERM it is deleted and `final` is left as it was. A Ctrl-C that
+    Python swallowed within the block (raised in a gc callback) still stops it before the
+    rename (`interrupts.check`). `check_target` rules decide what may be replaced; they are
+    checked before the block runs and again just before the rename.
     """
     protect = list(protect)
     final = check_target(final, directory=directory, overwrite=overwrite, protect=protect)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(final)
-    tmp = _sibling(final, "tmp")
-    with sigterm_interrupts():
+    temps.remove_stale(final)
+    tmp = temps.new(final, temps.TMP)
+    with interrupts.handling():
         try:
             yield tmp
+            interrupts.check()
             if not tmp.exists():
                 raise RuntimeError(f"nothing was written for {final}")
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             check_target(final, directory=directory, overwrite=overwrite, protect=protect)
-            _replace(tmp, final)
-            tmp = final  # from here, a failure (the manifest on a full disk) takes the output back
-            _fsync(final.parent)
-            record(final)
+            # The rename and its record are one step: an interrupt then takes effect after it,
+            # saying that `final` was written (Interrupted.written).
+            with interrupts.signals_deferred(written=final):
+                _replace(tmp, final)
+                temps.forget(tmp)
+                tmp = final  # from here, a failure (the manifest on a full disk) takes the output back
+                fsync(final.parent)
+                record(final)
         except BaseException as err:
-            remove(tmp)
+            if getattr(err, "written", None) != final:
+                temps.discard(tmp)
             full = no_space(err, final, "nothing was written: free some space or choose another place")
             if full is not None:
                 raise full from None
             raise
 
 
-def record(path: str | os.PathLike, orbax: bool = False) -> None:
+def record(path: str | os.PathLike, unverified: Iterable[str] = (), skip: Iterable[str] = ()) -> None:
     """Record `path` (a file, or a directory with everything under it) as vggjax's, in the
-    manifest beside it. `orbax`: a CheckpointManager's directory, whose interrupted-save
-    temporaries are also its own. Digests are reused for files whose size and mtime did not
-    change, so recording a checkpoint directory after each save hashes only the new step."""
+    manifest beside it. Digests are reused for files whose size and mtime did not change, so
+    recording a checkpoint directory after each save hashes only the new step.
+
+    `unverified`: regular expressions of names directly under `path` that are vggjax's though
+    not digested (being written now, or another library's temporaries: Orbax's); `foreign`
+    accepts them, `recorded` leaves them out. `skip`: regular expressions of names directly
+    under `path` that are no longer provably vggjax's (set aside as damaged): not recorded."""
     path = Path(os.path.abspath(path))
+    unverified, skip = list(unverified), [re.compile(p) for p in skip]
     with _manifest(path.parent) as entries:
         known = entries.get(path.name, {}).get("files", {})
         files = {}
         for rel, file in _files(path):
-            if orbax and rel.startswith(DAMAGED):
-                continue  # set aside by checkpoint.restore_latest: no longer provably vggjax's
+            if any(p.match(rel) for p in skip):
+                continue
             st = file.stat()
             old = known.get(rel)
             same = old is not None and old[:2] == [st.st_size, st.st_mtime_ns]
             files[rel] = old if same else [st.st_size, st.st_mtime_ns, file_digest(file)]
-        entries[path.name] = {"files": files, "orbax": orbax}
+        entries[path.name] = {"files": files, "unverified": unverified}
+
+
+def recorded(path: str | os.PathLike) -> dict | None:
+    """The record of `path`: {"files": {relative file: [size, mtime_ns, sha256]}, "unverified":
+    [regular expressions, as `record` took them]}; None when there is none."""
+    path = Path(os.path.abspath(path))
+    entry = _read_manifest(path.parent).get(path.name)
+    return None if entry is None else {"files": entry["files"], "unverified": entry.get("unverified", [])}
 
 
 def foreign(path: str | os.PathLike) -> list[str]:
@@ -154,7 +168,7 @@ def foreign(path: str | os.PathLike) -> list[str]:
     for rel, file in _files(path):
         if entry is None:
             found.append(rel)
-        elif entry["orbax"] and _ORBAX_TMP.match(Path(rel).parts[0] if rel else ""):
+        elif rel and any(re.match(p, Path(rel).parts[0]) for p in entry.get("unverified", ())):
             continue
         elif (old := entry["files"].get(rel)) is None or old[0] != file.stat().st_size \
                 or old[2] != file_digest(file):
@@ -235,15 +249,6 @@ def _files(path: Path) -> Iterator[tuple[str, Path]]:
             yield os.path.relpath(os.path.join(root, name), path), Path(root) / name
 
 
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_manifest(directory: Path) -> dict:
     try:
         return json.loads((directory / MANIFEST).read_text())
@@ -282,7 +287,7 @@ def _manifest(directory: Path) -> Iterator[dict]:
         if not entries:
             (directory / MANIFEST).unlink(missing_ok=True)
             return
-        tmp = _sibling(directory / MANIFEST, "tmp")
+        tmp = temps.new(directory / MANIFEST, temps.TMP, recorded=False)
         try:
             tmp.write_text(json.dumps(entries, sort_keys=True))
             os.replace(tmp, directory / MANIFEST)
@@ -294,78 +299,16 @@ def _manifest(directory: Path) -> Iterator[dict]:
             os.close(fd)
 
 
-def remove(path: Path) -> None:
-    """Delete a file or directory tree if present. Deleting again if it reappears: a writer thread
-    (Orbax's) may still be finishing a file in it when an interrupt arrives."""
-    for _ in range(5):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        if not os.path.lexists(path):
-            time.sleep(0.05)
-            if not os.path.lexists(path):
-                return
-        time.sleep(0.1)
-
-
-def remove_stale(final: Path) -> list[Path]:
-    """Delete the temporaries beside `final` whose writing process is dead; return them."""
-    removed = []
-    for kind in _KINDS:
-        for path in final.parent.glob(f".{final.name}.{kind}-*"):
-            pid = path.name.rsplit(f".{kind}-", 1)[-1].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                remove(path)
-                removed.append(path)
-    return removed
-
-
-def _sibling(final: Path, kind: str) -> Path:
-    return final.parent / f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def _replace(tmp: Path, final: Path) -> None:
     if not (final.is_dir() and any(final.iterdir())):
         os.replace(tmp, final)  # a file over a file, or a directory over nothing / an empty one
         return
-    old = _sibling(final, "old")
+    old = temps.new(final, temps.OLD)
     os.replace(final, old)
     try:
         os.replace(tmp, final)
     except BaseException:
         os.replace(old, final)
+        temps.forget(old)
         raise
-    remove(old)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and directory under `path` (the data, then the names), so a crash after
-    the rename cannot leave a complete-looking but empty output."""
-    if path.is_dir():
-        for root, dirs, files in os.walk(path):
-            for name in files:
-                _fsync(Path(root) / name)
-            _fsync(Path(root))
-    else:
-        _fsync(path)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    temps.discard(old)

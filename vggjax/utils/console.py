@@ -1,9 +1,11 @@
 """What a command line shows: vggjax's log lines (the `logging` module, logger "vggjax") as plain
-lines on stdout, and `--quiet` to turn the progress bars (stderr) off."""
+lines on stdout, `--quiet` to turn the progress bars (stderr) off, and not the log output of the
+libraries underneath unless `--verbose`."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 LOGGER = "vggjax"
@@ -37,3 +39,39 @@ def show_logs(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False  # absl (TensorFlow, Orbax) handles the root logger: no second copy
+
+
+# Loggers whose records a command keeps out of sight: onnx_ir's serde warnings on every onnx export
+# ("The value type for shape ... is not known"), jax2onnx's plugin reports, asyncio's reports of
+# TensorStore futures nobody awaited, absl's and TensorFlow's Python-side lines.
+THIRD_PARTY = ("onnx_ir", "onnxscript", "jax2onnx", "asyncio", "absl", "tensorflow")
+
+
+def third_party(verbose: bool = False) -> None:
+    """Keep third-party log output out of a command's output, unless `verbose` (its --verbose).
+
+    At the source: those libraries' loggers at ERROR (asyncio's at CRITICAL: its ERROR records
+    are the unawaited futures), TensorFlow's C++ log (TF_CPP_MIN_LOG_LEVEL=2: errors only) set
+    before TensorFlow is imported, unless the environment sets it. A command's own errors and
+    every exception still show.
+    """
+    for name in THIRD_PARTY:  # set either way: the library's own default (`quiet_by_default`) yields
+        quiet = logging.CRITICAL if name == "asyncio" else logging.ERROR
+        logging.getLogger(name).setLevel(logging.INFO if verbose else quiet)
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def add_verbose(parser) -> None:
+    """A command's --verbose flag (argparse), which `third_party` takes."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the log output of the libraries underneath (TensorFlow, onnx, ...)")
+
+
+def quiet_by_default(*names: str) -> None:
+    """Library code's default for third-party loggers that only say what no user can act on:
+    ERROR, unless the application (a command's --verbose, `third_party`) set their level."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)

@@ -1,9 +1,11 @@
-"""A full disk as one line that says what happened to the output, and disk blocks reserved up front."""
+"""A full disk as one line that says what happened to the output, disk blocks reserved up front, and
+what was written forced to the disk (fsync)."""
 from __future__ import annotations
 
 import errno
 import os
 import re
+from pathlib import Path
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -33,3 +35,24 @@ def reserve(path: str | os.PathLike) -> None:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def fsync(path: Path) -> None:
+    """fsync the file or directory at `path`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under `path` (the data, then the names), so a crash after
+    the rename cannot leave a complete-looking but empty output."""
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in files:
+                fsync(Path(root) / name)
+            fsync(Path(root))
+    else:
+        fsync(path)

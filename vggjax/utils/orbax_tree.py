@@ -73,5 +73,6 @@ def save_tree(path: Path, tree: Mapping) -> None:
 def restore_tree(path: Path) -> dict:
     """The nested dict of NumPy arrays saved at `path`, with the stored shapes and dtypes."""
     orbax = ocp()
-    with orbax.Checkpointer(orbax.StandardCheckpointHandler()) as ckptr:
+    # Deferred as a save is: Ctrl-C inside TensorStore's reads prints "Event loop is closed".
+    with interrupts.signals_deferred(), orbax.Checkpointer(orbax.StandardCheckpointHandler()) as ckptr:
         return ckptr.restore(path)
