@@ -82,7 +82,7 @@ def prepare(work: Path, size: int, batch: int) -> None:
     params["head"] = head
     clf = classifier.TrainedClassifier(model=net, variables={**variables, "params": params},
                                        preprocessing="caffe", image_size=size, class_names=("cats", "dogs"))
-    classifier.export(work / "finetune", clf, dict(pretrained.meta))
+    classifier.save(work / "finetune", clf, dict(pretrained.meta))
     for fmt in ("jax", "onnx", "savedmodel"):
         artifact.export(work / "finetune", fmt, work / fmt)
     rng = np.random.default_rng(0)

@@ -107,7 +107,7 @@ def trained(make_variables):
 def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     clf, meta = trained
     images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
-    classifier.export(tmp_path / "export", clf, meta, info={"phase": "finetune"})
+    classifier.save(tmp_path / "export", clf, meta, info={"phase": "finetune"})
     assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "export"]
 
     # The base is a weights directory vggjax.load reads: same Keras names, same meta except
@@ -134,7 +134,7 @@ def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     assert 0.02 < np.std(in_memory[:, 1])  # the images get different probabilities
 
     # Exporting again (overwrite) replaces the directory as a whole.
-    classifier.export(tmp_path / "export", clf, meta, info={"phase": "frozen"}, overwrite=True)
+    classifier.save(tmp_path / "export", clf, meta, info={"phase": "frozen"}, overwrite=True)
     assert classifier.load_classifier(tmp_path / "export").meta["phase"] == "frozen"
     assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "export"]
 
@@ -181,7 +181,7 @@ def test_a_damaged_export_is_refused_on_load(trained, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     clf, meta = trained
-    classifier.export(tmp_path / "export", clf, meta)
+    classifier.save(tmp_path / "export", clf, meta)
     config = json.loads((tmp_path / "export" / classifier.CLASSIFIER).read_text())
     # classifier.json may only name a base inside the export, unless the caller passes one.
     outside = tmp_path / "elsewhere"

@@ -40,7 +40,7 @@ def source(tmp_path_factory):
     clf = classifier.TrainedClassifier(model=model, variables=variables, preprocessing="caffe",
                                        image_size=SIZE, class_names=("cats", "dogs"))
     directory = tmp / "finetune"
-    classifier.export(directory, clf, dict(arch="vgg11", source="keras", include_top=False,
+    classifier.save(directory, clf, dict(arch="vgg11", source="keras", include_top=False,
                                            top_input="keras", preprocessing="caffe"))
     paths = write_jpegs(tmp, [(40 + 7 * k, 50 - 3 * k) for k in range(7)], seed=8)
     pixels = np.stack([load_image(p, (SIZE, SIZE)) for p in paths])

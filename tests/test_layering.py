@@ -150,6 +150,13 @@ def test_a_moved_name_still_works_for_a_release_with_a_warning(old, new, name):
         getattr(importlib.import_module(old), "no_such_name")
 
 
+def test_classifier_export_is_save_for_a_release_with_a_warning():
+    from vggjax.inference import classifier
+    with pytest.warns(DeprecationWarning, match=r"classifier.export is now classifier.save"):
+        with pytest.raises(TypeError):
+            classifier.export()  # the warning comes first, then save's own argument check
+
+
 def test_the_public_api_is_reachable_from_its_package():
     import vggjax.inference
     import vggjax.losses

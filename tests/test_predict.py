@@ -114,7 +114,7 @@ def exported(make_variables, tmp_path_factory):
     meta = dict(arch="vgg11", source="keras", include_top=False, top_input="keras",
                 preprocessing="caffe")
     directory = tmp_path_factory.mktemp("export") / "finetune"
-    classifier.export(directory, clf, meta)
+    classifier.save(directory, clf, meta)
     return clf, directory
 
 

@@ -1,7 +1,7 @@
 """A new classification head on a pretrained VGG conv base (the book's transfer-learning model),
 and the classifier directory: written once, loaded and run on raw images without the training code.
 
-Exported classifier layout (`export`):
+Classifier directory layout (`save`):
 
     <export_dir>/
       base/              the conv base as a vggjax weights directory: `vggjax.load(export_dir/"base")`
@@ -10,7 +10,7 @@ Exported classifier layout (`export`):
       head.safetensors   the head's parameters, '/'-joined names ("hidden/kernel", "logits/bias", ...)
       classifier.json    head shape, image size, preprocessing, class names, phase
 
-    clf = load_classifier(export_dir)
+    clf = load_classifier(directory)
     probabilities = predict(clf, images)   # uint8 (N, S, S, 3) RGB at clf.image_size -> (N, K)
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import warnings
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -205,7 +206,7 @@ class TrainedClassifier:
         self.probabilities = jax.jit(functools.partial(class_probabilities, self.model, self.preprocessing))
 
 
-def export(directory: str | os.PathLike, classifier: TrainedClassifier, base_meta: Mapping,
+def save(directory: str | os.PathLike, classifier: TrainedClassifier, base_meta: Mapping,
            info: Mapping | None = None, overwrite: bool = False) -> Path:
     """Write `classifier` to `directory` in the layout of the module docstring; return the path.
 
@@ -339,3 +340,11 @@ def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_siz
         out.append(np.asarray(classifier.probabilities(classifier.variables, batch["image"]))[batch["mask"]])
     k = max(classifier.model.head.num_outputs, 2)
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+
+
+def export(*args, **kwargs) -> Path:
+    """Deprecated alias of `save` (the word "export" names the shipping package, vggjax.export);
+    goes in the next release."""
+    warnings.warn("vggjax.inference.classifier.export is now classifier.save; the old name goes in "
+                  "the next release", DeprecationWarning, stacklevel=2)
+    return save(*args, **kwargs)

@@ -1,5 +1,5 @@
 """Classifiers trained elsewhere, written as vggjax classifier directories (the layout of
-`classifier.export`, so load_classifier, `vggjax predict`, `vggjax export`, Grad-CAM and the
+`classifier.save`, so load_classifier, `vggjax predict`, `vggjax export`, Grad-CAM and the
 workflow's fine-tuning take them): a whole Keras model (`from_keras`), a fine-tuned torchvision
 or timm VGG state dict (`from_torch`).
 
@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from vggjax.inference.classifier import CLASSIFIER, Classifier, Head, TrainedClassifier, export, hidden_layers
+from vggjax.inference.classifier import CLASSIFIER, Classifier, Head, TrainedClassifier, hidden_layers, save
 from vggjax.model.vgg import TOP, create, without_top
 from vggjax.utils import atomic
 from vggjax.utils.trees import diff
@@ -145,6 +145,6 @@ def _write(path: str, output, arch: str, meta: Mapping, base: Mapping, head: Hea
     meta = dict(meta, source_file=source["file"], source_sha256=source["sha256"])
     clf = TrainedClassifier(model=model, variables=variables, preprocessing=meta["preprocessing"],
                             image_size=image_size, class_names=names)
-    written = export(output, clf, meta, info={"phase": "imported", "imported_from": source},
+    written = save(output, clf, meta, info={"phase": "imported", "imported_from": source},
                      overwrite=overwrite)  # the base is reloaded and compared there, bit for bit
     return dataclasses.replace(clf, meta=json.loads((written / CLASSIFIER).read_text()))

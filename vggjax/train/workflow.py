@@ -49,7 +49,7 @@ from vggjax.utils import atomic, locks
 
 from vggjax.train import splits
 from vggjax.train import feature_cache, freezing, metric_writers, parallel, report, loop, synthetic
-from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, export,
+from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, save,
                                          init_classifier, load_classifier)
 from vggjax.utils.trees import digest
 from vggjax.weights import download, store
@@ -121,11 +121,11 @@ class _Run:
         `model` with `variables(state)`) of the epoch `Config.evaluate` picks (best: restored
         from its checkpoint; last: `state`); a phase already finished and reported the same way
         (same history, export present) is not redone."""
-        export_dir = self.workdir / CLASSIFIERS / phase
+        classifier_dir = self.workdir / CLASSIFIERS / phase
         done = _read_json(self.workdir / report.RESULTS).get(phase)
         if (done and done.get("evaluate") == self.config.evaluate
                 and _read_json(self.workdir / report.HISTORY).get(phase) == history
-                and (export_dir / CLASSIFIER).is_file()):
+                and (classifier_dir / CLASSIFIER).is_file()):
             logger.info(f"phase {phase}: already reported (test accuracy {done['test_accuracy']:.4f})")
             return done
         state, epoch = self.tested(phase, state, history)
@@ -151,7 +151,7 @@ class _Run:
         classifier = TrainedClassifier(
             model=model, variables=dict(variables(state)), preprocessing=self.mode,
             image_size=self.config.image_size, class_names=self.splits["train"].class_names)
-        export(export_dir, classifier, self.weights.meta, info={"phase": phase, **result},
+        save(classifier_dir, classifier, self.weights.meta, info={"phase": phase, **result},
                overwrite=True)
         return result
 
