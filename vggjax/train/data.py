@@ -106,7 +106,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
                  batch_size=batch_size, shuffle=shuffle, seed=seed,
                  labels=np.asarray(labels, np.int32)[keep],
                  names=tuple(names[i] for i in keep), skipped=skipped,
-                 encoded=tuple(encoded[i] for i in keep), from_files=from_files)
+                 encoded=tuple(encoded[i] for i in keep), from_files=from_files, decode=decode)
 
 
 def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int]):

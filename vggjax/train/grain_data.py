@@ -67,7 +67,7 @@ def load_split(source: str, split: str, image_size: int, batch_size: int, *, shu
     return Split(name=split, class_names=tuple(class_names), image_size=image_size,
                  batch_size=batch_size, shuffle=shuffle, seed=seed,
                  labels=np.asarray(labels, np.int32)[keep], names=tuple(names[i] for i in keep),
-                 skipped=skipped, encoded=encoded, from_files=from_files, pipeline="grain",
+                 skipped=skipped, encoded=encoded, from_files=from_files, decode=decode,
                  interpolation=interpolation)
 
 

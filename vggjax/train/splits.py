@@ -16,13 +16,13 @@ import math
 import os
 import tempfile
 import warnings
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from vggjax.utils.batches import pad_batch
 
-# The module that decodes a Split's batches, per pipeline (Config.pipeline, --pipeline).
+# The module that loads and decodes the splits of each pipeline (Config.pipeline, --pipeline).
 PIPELINES = {"tfdata": "vggjax.train.data", "grain": "vggjax.train.grain_data"}
 # The revision of the pixels each pipeline decodes: bump it when they change (a decoder or a
 # resize rule), so feature caches and resumed runs made with the old pixels are not reused.
@@ -127,7 +127,8 @@ class Split:
     # Multi-host: this process reads rows [index*B/count, (index+1)*B/count) of every global batch.
     shard_index: int = 0
     shard_count: int = 1
-    pipeline: str = "tfdata"  # which module decodes the batches (PIPELINES)
+    # The pipeline's decoder (data.decode, grain_data.decode): (split, example indices) -> batches.
+    decode: Callable[["Split", np.ndarray], Iterator[dict[str, np.ndarray]]] | None = None
     interpolation: str = "bilinear"  # resizing filter ("nearest": grain only)
 
     @property
@@ -178,8 +179,7 @@ class Split:
             return iter([self._empty_batch()] * len(rows))
         # Only the epoch's last global batch can be short; a shard may then own none of its rows.
         missing = len(rows) - math.ceil(idx.size / self.local_batch_size)
-        backend = importlib.import_module(PIPELINES[self.pipeline])
-        return itertools.chain(backend.decode(self, idx), [self._empty_batch()] * missing)
+        return itertools.chain(self.decode(self, idx), [self._empty_batch()] * missing)
 
     def _empty_batch(self) -> dict[str, np.ndarray]:
         """A batch of padding only (mask all False), for a shard with no rows left."""
