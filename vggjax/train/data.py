@@ -34,7 +34,8 @@ truncated, not an image) are skipped and reported in ONE `SkippedFilesWarning` n
 interpolation (as Keras' `image_dataset_from_directory`, no aspect-preserving crop), rounds to
 uint8 and prefetches. Images stay uint8 until the device does the float work.
 
-This is the only vggjax module that imports TensorFlow. Importing it changes nothing global;
+This is the training side's only module that imports TensorFlow (`vggjax.export.savedmodel`, the
+SavedModel writer, is the other). Importing it changes nothing global;
 `load_split`, the first TF work, hides the GPUs from TF so that TF never claims memory JAX needs.
 """
 from __future__ import annotations
@@ -47,8 +48,8 @@ import numpy as np
 
 from vggjax.utils.extras import require
 from vggjax.train.splits import (BOOK_SPLITS, IMAGE_EXTENSIONS, SkippedFilesWarning, Split,  # noqa: F401
-                                 check_image_folder, check_tfds_split, decodable, tfds_scratch,
-                                 tfds_slice)
+                                 check_image_folder, check_tfds_split, decodable, list_folder,
+                                 tfds_scratch, tfds_slice)
 
 tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
 tfds = require("tensorflow_datasets", "vggjax.train.data")
@@ -133,23 +134,13 @@ def _folder_examples(root: str, split: str):
     if split not in splits:
         raise ValueError(f"image folder {root!r} has no split {split!r}; ImageFolder found {sorted(splits)}")
     label = builder.info.features["label"]
+    class_names, paths, indices = list_folder(root, split)  # the one listing rule, checked here
+    labels = [label.str2int(class_names[i]) for i in indices]
     split_dir = os.path.join(root, split)
-    paths, labels = [], []
-    for class_name in sorted(_subdirs(split_dir)):
-        class_dir = os.path.join(split_dir, class_name)
-        for file_name in sorted(tf.io.gfile.listdir(class_dir)):
-            if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(class_dir, file_name))
-                labels.append(label.str2int(class_name))
     if len(paths) != splits[split].num_examples:
         raise RuntimeError(f"{split_dir}: listed {len(paths)} images but ImageFolder counts "
                            f"{splits[split].num_examples}; its listing rule changed")
     return label.names, paths, labels, paths
-
-
-def _subdirs(path: str) -> list[str]:
-    return [d.rstrip("/") for d in tf.io.gfile.listdir(path)
-            if tf.io.gfile.isdir(os.path.join(path, d))]
 
 
 def _read(encoded: tf.Tensor, from_files: bool) -> tf.Tensor:
