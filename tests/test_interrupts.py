@@ -243,7 +243,7 @@ def test_sweep_an_export(weights_file, tmp_path, sig, fmt):
     out = tmp_path / "d" / "out"
     env = script_env(tmp_path)
     cmd = [sys.executable, EXPORT, weights, "--format", fmt, "--output", out, "--image-size", "32",
-           "--overwrite"]
+           "--overwrite", "--quiet"]  # no progress bar: stderr is the one line
     seconds = _timed(cmd, env)
     outcomes = _sweep(cmd, env, out, sig, _instants(seconds, 10), "nothing was written")
     assert outcomes.count("stopped") >= 5, outcomes
@@ -255,7 +255,7 @@ def smoke_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
     start = time.time()
     proc = run_script(FINETUNE, "--smoke", "--workdir", tmp / "run", "--checkpoint-every", "3",
-                      env=script_env(tmp), timeout=900)
+                      "--quiet", env=script_env(tmp), timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return tmp / "run", time.time() - start
 
@@ -264,12 +264,12 @@ def smoke_reference(tmp_path_factory):
 @pytest.mark.parametrize("sig", SIGNALS, ids=["SIGINT", "SIGTERM"])
 def test_sweep_a_training_run_and_resume_bit_identically(smoke_reference, tmp_path, sig):
     reference, seconds = smoke_reference
-    want = flatten(classifier.load_classifier(reference / "export" / "finetune").variables)
+    want = flatten(classifier.load_classifier(reference / "classifiers" / "finetune").variables)
     env = script_env(tmp_path)
     for k, t in enumerate(_instants(seconds, 5)[1:-1]):  # inside the run, Orbax's writes included
         workdir = tmp_path / f"run{k}"
         shutil.copytree(reference / "smoke_inputs", workdir / "smoke_inputs")  # the same seeded data
-        args = ["--smoke", "--workdir", workdir, "--checkpoint-every", "3"]
+        args = ["--smoke", "--workdir", workdir, "--checkpoint-every", "3", "--quiet"]
         status, out, err = interrupt([sys.executable, FINETUNE, *args], env, sig, after(t), timeout=900)
         assert "Traceback" not in err and "Exception ignored" not in err, err
         if status != 0:
@@ -280,5 +280,5 @@ def test_sweep_a_training_run_and_resume_bit_identically(smoke_reference, tmp_pa
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         for name in (report.HISTORY, report.RESULTS):
             assert json.loads((workdir / name).read_text()) == json.loads((reference / name).read_text())
-        have = flatten(classifier.load_classifier(workdir / "export" / "finetune").variables)
+        have = flatten(classifier.load_classifier(workdir / "classifiers" / "finetune").variables)
         assert [k for k in want if not np.array_equal(np.asarray(have[k]), np.asarray(want[k]))] == []
