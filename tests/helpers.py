@@ -199,3 +199,12 @@ def run_on_small_disk(mount: Path, steps, env: dict, timeout: float = 300) -> li
              "stderr": (results / f"{i}.err").read_text(),
              "left": [p[2:] for p in (results / f"{i}.left").read_text().splitlines()]}
             for i in range(len(steps))]
+
+
+def recorded_steps(directory) -> set[int]:
+    """The checkpoint steps in `directory` that vggjax saved and recorded (vggjax.train.checkpoint:
+    one killed between Orbax's write and its record is removed on resume, never resumed from)."""
+    from vggjax.utils import atomic
+
+    entry = atomic.recorded(directory) if os.path.isdir(directory) else None
+    return {int(rel.split("/")[0]) for rel in (entry or {"files": {}})["files"] if rel.split("/")[0].isdigit()}

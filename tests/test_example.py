@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, run_on_small_disk, run_script, script_env, tensorboard_scalars
+from helpers import REPO, recorded_steps, run_on_small_disk, run_script, script_env, tensorboard_scalars
 from vggjax.inference import classifier
 from vggjax.train import data, report, synthetic
-from vggjax.utils import atomic, locks
+from vggjax.utils import locks
 from vggjax.utils.trees import flatten
 
 SCRIPT = os.path.join(REPO, "examples", "finetune_catsdogs.py")
@@ -90,11 +90,6 @@ def test_smoke_run_learns_in_every_phase_and_writes_its_outputs(smoke_run):
           + ", ".join(f"{p} {r['test_accuracy']:.3f}" for p, r in results.items()))
 
 
-def _a_checkpoint_recorded(directory) -> bool:
-    entry = atomic.recorded(directory) if directory.is_dir() else None
-    return bool(entry) and any(rel.split("/")[0].isdigit() for rel in entry["files"])
-
-
 @pytest.mark.slow
 def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run, tmp_path):
     reference = smoke_run[0]
@@ -109,7 +104,7 @@ def test_kill_9_and_rerun_ends_bit_identical_to_the_uninterrupted_run(smoke_run,
     try:
         # Kill as soon as the fine-tuning phase has its first (mid-epoch) checkpoint, saved and
         # recorded (one killed between the two is removed on resume: tests/test_interrupts.py).
-        while proc.poll() is None and not _a_checkpoint_recorded(finetune):
+        while proc.poll() is None and not recorded_steps(finetune):
             time.sleep(0.1)
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import vggjax
-from helpers import logged, tensorboard_scalars
+from helpers import logged, recorded_steps, tensorboard_scalars
 from vggjax.train import augmentation, freezing, loop, metric_writers
 from vggjax.inference.classifier import Head
 from vggjax.train.splits import ArraySplit, epoch_order
@@ -296,12 +296,10 @@ def test_head_on_cached_features_in_bf16():
 
 
 def wait_for_checkpoint(directory, newer_than, proc, timeout=120):
-    """Poll until a finalized checkpoint (a step-number directory) newer than `newer_than` exists."""
+    """Poll until a checkpoint newer than `newer_than` is saved and recorded (`recorded_steps`)."""
     end = time.time() + timeout
     while time.time() < end:
-        names = os.listdir(directory) if os.path.isdir(directory) else []
-        # Orbax writes into "<step>.orbax-checkpoint-tmp" and renames it when complete.
-        steps = [int(n) for n in names if n.isdigit() and int(n) > newer_than]
+        steps = [n for n in recorded_steps(directory) if n > newer_than]
         if steps:
             return max(steps)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
