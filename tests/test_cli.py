@@ -72,8 +72,7 @@ def test_the_wheel_gives_the_command_and_its_onnx_extra(tmp_path, make_variables
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"converted keras vgg16 (without top) to {tmp_path / 'vgg16'}\n"
     assert run("--version").stdout.startswith("vggjax ")
-    # --quiet: no progress bar, so stderr is the error line alone
-    onnx = ["export", "vgg16", "--format", "onnx", "--output", "vgg16-onnx", "--image-size", "32", "--quiet"]
+    onnx = ["export", "vgg16", "--format", "onnx", "--output", "vgg16-onnx", "--image-size", "32"]
     result = run(*onnx)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     install = re.search(r"pip install 'vggjax(\[\w+\])'", result.stderr)  # the one pip command it names

@@ -11,6 +11,7 @@ from vggjax.inference.artifact import MANIFEST, RUNNERS
 from vggjax.inference.serving import PORTABLE_CONV, from_source
 from vggjax.utils import atomic, digests
 from vggjax.utils.deprecation import moved_module
+from vggjax.utils.extras import require
 from vggjax.utils.progress import progress_bar
 
 FORMATS = {"jax": stablehlo, "savedmodel": savedmodel, "onnx": onnx_model}
@@ -35,6 +36,8 @@ def export(src: str | os.PathLike, format: str, output: str | os.PathLike, preci
     if precision not in writer.PRECISIONS:
         raise ValueError(f"the {format} format carries precision {' or '.join(writer.PRECISIONS)}, "
                          f"found {precision!r}")
+    for module in writer.REQUIRES:  # a missing extra is one line before any work, not after loading
+        require(module, f"the {format} export")
     atomic.check_target(output, directory=True, overwrite=overwrite, protect=[src])
     bar = progress_bar(total=2, desc=f"export {format}: loading {os.path.basename(os.path.abspath(src))}",
                        unit="step", enabled=progress)

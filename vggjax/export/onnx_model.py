@@ -14,6 +14,7 @@ FILE = "model.onnx"
 OPSET = 23  # jax2onnx's default; onnxruntime >= 1.24 runs it
 # onnxruntime's CPU provider has no bfloat16 convolution: an fp16/bf16 ONNX would not run there.
 PRECISIONS = ("fp32",)
+REQUIRES = ("jax2onnx", "onnx")  # checked by artifact.export before any work
 
 
 def write(serving, directory: Path) -> dict:

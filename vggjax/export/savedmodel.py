@@ -8,6 +8,7 @@ import jax
 from vggjax.utils.extras import require
 
 PRECISIONS = ("fp32", "bf16")
+REQUIRES = ("tensorflow",)  # checked by artifact.export before any work
 SIGNATURE = "serving_default"
 
 

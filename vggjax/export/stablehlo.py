@@ -11,6 +11,7 @@ FILE = "model.jaxexport"
 # Lowered for each, so one artifact serves CPU, NVIDIA GPU and TPU hosts.
 PLATFORMS = ("cpu", "cuda", "tpu")
 PRECISIONS = ("fp32", "bf16")
+REQUIRES = ()  # jax itself
 
 
 def write(serving, directory: Path) -> dict:
