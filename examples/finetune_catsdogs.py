@@ -80,14 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--restart", action="store_true", help="discard the run already in --workdir "
                    "(its checkpoints, results and exports) instead of refusing a different one")
     add_arguments(p)
-    console.add_quiet(p)
     p.add_argument("--smoke", action="store_true", help="instead of --data and --weights: generated "
                    "two-class JPEGs and random VGG16 weights converted from a Keras h5 file, "
                    f"{synthetic.SETTINGS}; all phases in < 3 min on 2 CPU cores")
-    console.add_verbose(p)
-    args = p.parse_args(argv)
+    args = console.parse_command(p, argv)
     console.show_logs()
-    console.third_party(args.verbose)  # before TensorFlow or onnx load
     given = config_arguments(args)
     if args.workdir is None:
         args.workdir = SMOKE_WORKDIR.format(pipeline=given.get("pipeline", "tfdata")) if args.smoke else WORKDIR

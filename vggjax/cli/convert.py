@@ -50,9 +50,7 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     group.add_argument("--image-size", type=int, help="for a Keras model whose Input leaves it open; "
                        "torchvision/timm: default 224")
     group.add_argument("--architecture", metavar="JSON", help="model.to_json() of a .weights.h5 --input")
-    console.add_quiet(parser)
-    console.add_verbose(parser)
-    args = parser.parse_args(argv)
+    args = console.parse_command(parser, argv)
     args.classifier = args.class_names is not None or (args.source == "keras" and args.arch is None)
     given = [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if getattr(args, f) is not None]
     if args.classifier:
@@ -96,7 +94,6 @@ def import_classifier(args) -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     args = parse_args(parser, argv)
-    console.third_party(args.verbose)  # before TensorFlow or onnx load
     try:
         with interrupts.handling():  # SIGTERM ends like Ctrl-C: one line, nothing written
             if args.classifier:

@@ -28,10 +28,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="input size for conv features (default 224); "
                         "a classifier keeps the size it was trained at")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier vggjax export")
-    console.add_quiet(parser)
-    console.add_verbose(parser)
-    args = parser.parse_args(argv)
-    console.third_party(args.verbose)  # before TensorFlow or onnx load
+    args = console.parse_command(parser, argv)
     try:
         with interrupts.handling():
             manifest = artifact.export(args.src, args.format, args.output, args.precision,

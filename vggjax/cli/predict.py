@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     parser.add_argument("--interpolation", choices=images.INTERPOLATIONS, default="nearest",
                         help="resizing filter, as keras.utils.load_img (default nearest)")
-    console.add_verbose(parser)
-    args = parser.parse_args(argv)
-    console.third_party(args.verbose)  # before TensorFlow or onnx load
+    args = console.parse_command(parser, argv, quiet=False)  # predict draws no progress bar
     if args.cam is not None and os.path.exists(args.cam) and not os.path.isdir(args.cam):
         parser.error(f"--cam {args.cam} exists and is not a directory")
     try:

@@ -75,3 +75,14 @@ def quiet_by_default(*names: str) -> None:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.ERROR)
+
+
+def parse_command(parser: argparse.ArgumentParser, argv, quiet: bool = True) -> argparse.Namespace:
+    """A command's flags: adds --verbose (and --quiet when the command has progress bars), parses
+    `argv`, then applies `third_party` before TensorFlow or onnx can load."""
+    if quiet:
+        add_quiet(parser)
+    add_verbose(parser)
+    args = parser.parse_args(argv)
+    third_party(args.verbose)
+    return args
