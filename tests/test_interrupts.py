@@ -4,6 +4,7 @@ previous output intact (or the new one complete), and a resumed training run bit
 The default run sweeps a few instants (a swallowed Ctrl-C, a conversion while JAX loads and while
 Orbax writes, a killed writer's temporaries, a checkpoint killed before its record); the full
 sweeps of a conversion, an export and a training run are slow tests."""
+import importlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,7 +24,7 @@ import vggjax
 from helpers import REPO, run_script, script_env
 from vggjax.inference import classifier
 from vggjax.train import checkpoint, report
-from vggjax.utils import atomic
+from vggjax.utils import atomic, interrupts
 from vggjax.utils.trees import flatten
 from vggjax.weights.keras import write_legacy_h5
 
@@ -197,6 +199,29 @@ def test_a_checkpoint_killed_before_its_record_is_removed_on_resume_and_by_resta
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["1"]
     atomic.remove_owned([tmp_path / "ckpt"])
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_ctrl_c_while_orbax_reads_a_checkpoint_stops_the_resume_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """Orbax re-raises whatever its reads meet, Ctrl-C included, as a plain Exception: undeferred,
+    that printed a traceback (CI's training sweep) and would set a good checkpoint aside as damaged."""
+    state = {"w": jnp.arange(6, dtype=jnp.float32)}  # JAX arrays: read by TensorStore, as training's
+    mngr = checkpoint.manager(tmp_path / "ckpt", "val_loss")
+    checkpoint.save(mngr, 1, state, {"epoch": 1}, {"val_loss": 1.0})
+    serialization = importlib.import_module("orbax.checkpoint._src.serialization.serialization")
+    read_shard = serialization._read_shard
+
+    async def interrupted_read(*args, **kwargs):  # the signal lands inside Orbax's read
+        os.kill(os.getpid(), signal.SIGINT)
+        return await read_shard(*args, **kwargs)
+
+    monkeypatch.setattr(serialization, "_read_shard", interrupted_read)
+    with pytest.raises(interrupts.Interrupted), interrupts.handling():
+        checkpoint.restore_latest(mngr, state, lambda meta: None)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]  # not set aside
+    monkeypatch.undo()
+    restored, meta = checkpoint.restore_latest(checkpoint.manager(tmp_path / "ckpt", "val_loss"), state,
+                                               lambda meta: None)
+    assert meta == {"epoch": 1} and np.array_equal(restored["w"], state["w"])
 
 
 # --- slow: the sweeps ------------------------------------------------------------------------------

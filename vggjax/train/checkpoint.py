@@ -83,7 +83,8 @@ def _record(directory: Path, writing: int | None = None) -> None:
 def read_meta(mngr, step: int) -> dict:
     """The JSON metadata of checkpoint `step`, without touching its arrays."""
     ocp = _ocp()
-    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    with interrupts.signals_deferred():  # see `restore`
+        return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
 
 def restore(mngr, step: int, template: Any) -> tuple[Any, dict]:
@@ -91,8 +92,11 @@ def restore(mngr, step: int, template: Any) -> tuple[Any, dict]:
     dtypes and shardings (e.g. a freshly created state)."""
     ocp = _ocp()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    # Deferred: Orbax re-raises anything its reads meet, Ctrl-C included, as a plain Exception,
+    # which would pass for a damaged checkpoint (set aside by `restore_latest`) or a traceback.
+    with interrupts.signals_deferred():
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta)
 
 
