@@ -204,7 +204,7 @@ def run_on_small_disk(mount: Path, steps, env: dict, timeout: float = 300) -> li
 def recorded_steps(directory) -> set[int]:
     """The checkpoint steps in `directory` that vggjax saved and recorded (vggjax.train.checkpoint:
     one killed between Orbax's write and its record is removed on resume, never resumed from)."""
-    from vggjax.utils import atomic
+    from vggjax.utils import ownership
 
-    entry = atomic.recorded(directory) if os.path.isdir(directory) else None
+    entry = ownership.recorded(directory) if os.path.isdir(directory) else None
     return {int(rel.split("/")[0]) for rel in (entry or {"files": {}})["files"] if rel.split("/")[0].isdigit()}

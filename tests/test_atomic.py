@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vggjax.utils import atomic, locks
+from vggjax.utils import atomic, locks, ownership
 
 
 def write_dir(final, **kwargs):
@@ -25,7 +25,7 @@ def test_a_directory_appears_complete_and_replaces_only_a_vggjax_one(tmp_path):
     with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True to replace it"):
         write_dir(out)
     write_dir(out, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "out"]  # no temp or old dir left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, "out"]  # no temp or old dir left
 
 
 def test_overwrite_never_deletes_user_files_the_input_or_the_working_directory(tmp_path, monkeypatch):
@@ -62,7 +62,7 @@ def test_a_symlink_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(atomic.RefusedError, match="link is a symbolic link"):
         write_dir(tmp_path / "link", overwrite=True)
     assert (tmp_path / "link").is_symlink()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "link", "real"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, "link", "real"]
 
 
 def test_an_exception_removes_the_temporary_and_keeps_the_old_content(tmp_path):
@@ -74,7 +74,7 @@ def test_an_exception_removes_the_temporary_and_keeps_the_old_content(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("disk full")
     assert out.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "out.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, "out.json"]
 
 
 def test_temporaries_of_a_killed_process_are_removed_by_the_next_writer(tmp_path):
@@ -86,7 +86,7 @@ def test_temporaries_of_a_killed_process_are_removed_by_the_next_writer(tmp_path
     alive = tmp_path / f".out.tmp-{os.getpid()}-4567cdef"  # a writer of this very process: kept
     alive.mkdir()
     write_dir(tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, atomic.MANIFEST, "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, ownership.OWNED, "out"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -134,26 +134,6 @@ def test_only_what_vggjax_wrote_and_nobody_changed_is_replaced(tmp_path):
         with atomic.writing(cam) as tmp:
             tmp.write_bytes(content)
     assert cam.read_bytes() == b"second"
-
-
-def test_remove_owned_deletes_exactly_what_vggjax_wrote_or_nothing(tmp_path):
-    work = tmp_path / "work"
-    write_dir(work / "export" / "frozen")
-    with atomic.writing(work / "run.json") as tmp:
-        tmp.write_text("{}")
-    (work / "checkpoints" / "frozen" / "1").mkdir(parents=True)
-    (work / "checkpoints" / "frozen" / "1" / "state").write_bytes(b"orbax")
-    atomic.record(work / "checkpoints" / "frozen", unverified=[r"\d+\.orbax-checkpoint-tmp"])
-    (work / "checkpoints" / "frozen" / "2.orbax-checkpoint-tmp-7").mkdir()  # an interrupted save
-    (work / "checkpoints" / "mymodel.pt").write_bytes(b"the user's")
-    targets = [work / "run.json", work / "export", work / "checkpoints", work / "absent"]
-    with pytest.raises(atomic.RefusedError, match=r"checkpoints holds files vggjax did not write "
-                                                   r"\(checkpoints/mymodel.pt\); refusing to delete it"):
-        atomic.remove_owned(targets)
-    assert (work / "run.json").is_file() and (work / "export" / "frozen" / "data.bin").is_file()
-    (work / "checkpoints" / "mymodel.pt").unlink()
-    atomic.remove_owned(targets)
-    assert list(work.iterdir()) == []
 
 
 def test_a_locked_directory_refuses_a_second_process_naming_the_holder(tmp_path):

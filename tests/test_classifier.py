@@ -9,7 +9,7 @@ import vggjax
 from vggjax.inference import classifier
 from vggjax.inference.classifier import Classifier, Head, init_classifier
 from vggjax.utils.trees import digest, flatten
-from vggjax.utils import atomic
+from vggjax.utils import ownership
 
 SIZE = 32
 
@@ -108,7 +108,7 @@ def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     clf, meta = trained
     images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
     classifier.save(tmp_path / "export", clf, meta, info={"phase": "finetune"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, "export"]
 
     # The base is a weights directory vggjax.load reads: same Keras names, same meta except
     # the preprocessing the classifier was trained with, and the trained values.
@@ -136,7 +136,7 @@ def test_export_round_trip_predicts_like_the_model_in_memory(trained, tmp_path):
     # Exporting again (overwrite) replaces the directory as a whole.
     classifier.save(tmp_path / "export", clf, meta, info={"phase": "frozen"}, overwrite=True)
     assert classifier.load_classifier(tmp_path / "export").meta["phase"] == "frozen"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, "export"]
 
 
 def test_predict_names_the_expected_image_shape(trained):

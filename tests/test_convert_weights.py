@@ -13,7 +13,7 @@ import vggjax
 from helpers import REPO, run_on_small_disk, run_script
 from vggjax.weights.keras import write_legacy_h5
 from vggjax.cli import convert  # the command's main(), in-process, where a subprocess is not worth it
-from vggjax.utils import atomic
+from vggjax.utils import ownership
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_weights.py"
 
@@ -80,7 +80,7 @@ def test_cli_refuses_to_overwrite_without_flag(notop_h5, tmp_path, capsys):
     assert convert.main(args) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
     assert convert.main(args + ["--overwrite"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notop_h5.name, "out", atomic.MANIFEST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([notop_h5.name, "out", ownership.OWNED])
 
 
 def convert_args(h5, out, *extra):
@@ -152,7 +152,7 @@ def test_an_interrupted_conversion_leaves_nothing_after_the_next_run(notop_h5, t
         assert [p.name.startswith(".out.tmp-") for p in out.parent.iterdir()] == [True]
         result = run_cli(subprocess_env, *convert_args(notop_h5, out))
         assert result.returncode == 0, result.stderr
-        assert sorted(p.name for p in out.parent.iterdir()) == [atomic.MANIFEST, "out"]
+        assert sorted(p.name for p in out.parent.iterdir()) == [ownership.OWNED, "out"]
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing_nor_harms_the_previous_output(notop_h5, tmp_path,
@@ -163,7 +163,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_nor_harms_the_previous_outpu
     fresh, done, again = run_on_small_disk(disk, [
         ("2m", convert), ("80m", convert), ("80m", [*convert, "--overwrite"])],
         subprocess_env)  # 58 MB of weights: a second copy, before the first is replaced, does not fit
-    assert done["rc"] == 0 and done["left"][0] == atomic.MANIFEST, done["stderr"]
+    assert done["rc"] == 0 and done["left"][0] == ownership.OWNED, done["stderr"]
     for failed, outcome in ((fresh, []), (again, done["left"])):  # the previous output as it was
         assert failed["rc"] == 1 and failed["stderr"] == (
             f"error: no space left on device while writing {out}; nothing was written: free some "

@@ -299,7 +299,7 @@ def test_a_workdir_of_the_users_files_under_vggjax_s_names_survives_restart(tiny
     data, weights = tiny
     workdir = tmp_path / "run"
     mine = {"checkpoints/mymodel.pt": b"the user's model", "export/report.pdf": b"the user's report",
-            "config.json": b"{}"}  # what an older vggjax (no manifests) or the user left: no run.json
+            "config.json": b"{}"}  # what an older vggjax (no ownership records) or the user left: no run.json
     for rel, content in mine.items():
         (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
         (workdir / rel).write_bytes(content)

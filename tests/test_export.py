@@ -17,7 +17,7 @@ from vggjax.export import artifact
 import vggjax.inference.artifact
 from vggjax.inference import classifier
 from vggjax.inference.classifier import Head, init_classifier
-from vggjax.utils import atomic
+from vggjax.utils import ownership
 from vggjax.utils.images import load_image
 
 TOOLS = Path(__file__).parents[1] / "tools"
@@ -188,7 +188,7 @@ def test_refusals_are_one_line_and_write_nothing(source, artifacts, tmp_path, ca
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and (mine / "notes.txt").is_file()
-    assert not (directory / "inside").exists() and atomic.foreign(directory) == []
+    assert not (directory / "inside").exists() and ownership.foreign(directory) == []
     with pytest.raises(SystemExit):
         export.main([str(directory), "--format", "tflite", "--output", str(tmp_path / "d")])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
@@ -209,7 +209,7 @@ def test_vgg16_with_top_in_every_format_equals_the_model(tmp_path):
         art = vggjax.inference.artifact.load(tmp_path / fmt)
         for batch in (pixels, pixels[:1]):
             np.testing.assert_allclose(art.probabilities(batch), want[:len(batch)], atol=1e-5, rtol=0)
-        atomic.remove_owned([tmp_path / fmt])
+        ownership.remove_owned([tmp_path / fmt])
 
 
 def test_a_full_disk_is_one_line_even_from_tensorflow(source, tmp_path, subprocess_env):

@@ -8,7 +8,7 @@ import pytest
 import vggjax
 from vggjax.train import data, feature_cache, synthetic
 from vggjax.utils.trees import digest
-from vggjax.utils import atomic
+from vggjax.utils import ownership
 
 SIZE, BATCH = 32, 4
 MODE = "caffe"
@@ -130,7 +130,7 @@ def test_a_failed_extraction_leaves_no_cache_and_dead_temporaries_are_removed(fo
     (leftover / feature_cache.FEATURES).write_bytes(b"half")
     monkeypatch.setattr(feature_cache, "make_extract_step", real)
     done = feature_cache.extract(model, variables, {"train": splits["train"]}, tmp_path, preprocess_mode=MODE)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, done["train"].directory.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, done["train"].directory.name]
 
 
 def test_extraction_refuses_a_model_with_its_classifier():

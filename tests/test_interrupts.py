@@ -24,7 +24,7 @@ import vggjax
 from helpers import REPO, run_script, script_env
 from vggjax.inference import classifier
 from vggjax.train import checkpoint, report
-from vggjax.utils import atomic, interrupts
+from vggjax.utils import interrupts, ownership
 from vggjax.utils.trees import flatten
 from vggjax.weights.keras import write_legacy_h5
 
@@ -189,7 +189,7 @@ def test_a_checkpoint_killed_before_its_record_is_removed_on_resume_and_by_resta
         state=checkpoint._ocp().args.StandardSave({"w": state["w"] + 1}),
         meta=checkpoint._ocp().args.JsonSave({"epoch": 2})))
     mngr.wait_until_finished()
-    assert atomic.unowned(tmp_path, ["ckpt"]) is None  # vggjax's: --restart may delete it
+    assert ownership.unowned(tmp_path, ["ckpt"]) is None  # vggjax's: --restart may delete it
     with caplog.at_level(logging.WARNING, logger="vggjax"):
         restored, meta = checkpoint.restore_latest(mngr, state, lambda meta: None)
     logged = [r.getMessage() for r in caplog.records]
@@ -197,7 +197,7 @@ def test_a_checkpoint_killed_before_its_record_is_removed_on_resume_and_by_resta
     assert logged == [f"checkpoint 2 in {tmp_path / 'ckpt'} was cut short by a kill as it was saved; "
                       "removed it, trying the previous one"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["1"]
-    atomic.remove_owned([tmp_path / "ckpt"])
+    ownership.remove_owned([tmp_path / "ckpt"])
     assert not (tmp_path / "ckpt").exists()
 
 

@@ -33,4 +33,4 @@ def test_import_lock_and_write_without_fcntl(tmp_path):
     assert result.returncode == 0, result.stderr
     busy, listing = result.stdout.splitlines()
     assert busy == "--workdir w is in use by another vggjax run (pid unknown); wait for it to finish or choose another one"
-    assert listing == "['.vggjax-manifest.json', 'out.txt'] written"
+    assert listing == "['.vggjax-owned.json', 'out.txt'] written"

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from vggjax.train import report, synthetic
-from vggjax.utils import atomic
+from vggjax.utils import ownership
 
 
 def _history(n, start=0.5):
@@ -21,7 +21,7 @@ def test_update_json_accumulates_phases_and_leaves_no_temporaries(tmp_path):
     assert json.loads(path.read_text()) == content == {"features": _history(2), "frozen": _history(3)}
     report.update_json(path, "features", _history(1))  # a rerun replaces only its own phase
     assert json.loads(path.read_text())["features"] == _history(1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, report.HISTORY]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, report.HISTORY]
 
 
 def test_curves_png_has_one_column_per_phase(tmp_path):

@@ -17,7 +17,7 @@ from book_style_transfer import book_loss, keras_vgg19
 from helpers import REPO
 from vggjax.utils import images
 from vggjax.losses import perceptual, style_transfer
-from vggjax.utils import atomic
+from vggjax.utils import ownership
 
 H, W = 48, 64
 
@@ -102,7 +102,7 @@ def test_example_writes_images_and_loss_curve(setup, tmp_path, capsys):
                               "--weights", str(d / "weights"), "--size", str(H), "--steps", "3",
                               "--save-every", "2", "--out", str(out)])
     assert rc == 0, capsys.readouterr()
-    assert sorted(os.listdir(out)) == [atomic.MANIFEST, "final.png", "loss.png", "step_00000.png",
+    assert sorted(os.listdir(out)) == [ownership.OWNED, "final.png", "loss.png", "step_00000.png",
                                        "step_00002.png", "step_00003.png"]
     assert Image.open(out / "final.png").size == (W, H)
     assert Image.open(out / "loss.png").format == "PNG"

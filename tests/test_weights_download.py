@@ -9,7 +9,7 @@ import pytest
 
 from vggjax.weights import download
 from vggjax.weights.download import DownloadError
-from vggjax.utils import atomic
+from vggjax.utils import digests, ownership
 from vggjax.utils.cache import cache_dir
 
 
@@ -67,8 +67,8 @@ def test_download_keeps_a_file_whose_checksum_matches(served, tmp_path, algorith
     expected = digest[:8] if algorithm == "sha256" else digest  # torchvision pins a prefix
     dest = download.download(url, tmp_path / "cache" / "w.pth", algorithm, expected)
     assert dest.read_bytes() == payload
-    assert atomic.file_digest(dest, algorithm) == digest
-    assert sorted(p.name for p in dest.parent.iterdir()) == [atomic.MANIFEST, "w.pth"]  # no .part left
+    assert digests.file_digest(dest, algorithm) == digest
+    assert sorted(p.name for p in dest.parent.iterdir()) == [ownership.OWNED, "w.pth"]  # no .part left
 
 
 def test_download_refuses_a_checksum_mismatch_and_deletes_it(served, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 import vggjax
 from helpers import run_script
-from vggjax.utils import atomic
+from vggjax.utils import digests
 from vggjax.utils.trees import flatten
 from vggjax.weights import hub
 from vggjax.weights.download import DownloadError
@@ -20,7 +20,7 @@ def write_hub_cache(root: Path, arch: str, file: Path, revision: str = REV) -> P
     """The Hub cache's layout for one file: models--timm--<arch>.tv_in1k/blobs/<sha256>, the
     snapshot of `revision` linking to it, refs/main naming the commit. Returns the blob."""
     repo = root / f"models--timm--{arch}.tv_in1k"
-    blob = repo / "blobs" / atomic.file_digest(file)
+    blob = repo / "blobs" / digests.file_digest(file)
     snapshot = repo / "snapshots" / revision
     for folder in (blob.parent, snapshot, repo / "refs"):
         folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 
 import vggjax
 from vggjax.weights import store
-from vggjax.utils import atomic
+from vggjax.utils import ownership
 from vggjax.utils.trees import digest, flatten
 
 META = dict(arch="vgg11_bn", include_top=False, top_input="torch", preprocessing="torch")
@@ -112,7 +112,7 @@ def test_save_refuses_to_overwrite_unless_asked(bn_variables, tmp_path):
     store.save(directory, bn_variables, {**META, "run": 1})
     store.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
     assert vggjax.load(directory).meta["run"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "ckpt"]  # no temp or old dir left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, "ckpt"]  # no temp or old dir left
 
 
 @pytest.mark.parametrize("edit, pattern", [
@@ -135,7 +135,7 @@ def test_a_write_that_fails_midway_leaves_the_old_dir_and_no_temp(bn_variables, 
                                                                   tmp_path, monkeypatch):
     directory = tmp_path / "ckpt"
     shutil.copytree(saved_bn, directory)
-    atomic.record(directory)  # as if written here (a copy is not vggjax's by itself)
+    ownership.record(directory)  # as if written here (a copy is not vggjax's by itself)
 
     def corrupted_copy(tmp, variables, meta):
         raise RuntimeError(f"checkpoint in {tmp} reloaded differently")  # as a bad disk would
@@ -145,7 +145,7 @@ def test_a_write_that_fails_midway_leaves_the_old_dir_and_no_temp(bn_variables, 
         store.save(directory, bn_variables, {**META, "run": 2}, overwrite=True)
     with pytest.raises(RuntimeError):
         store.save(tmp_path / "new", bn_variables, META)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [atomic.MANIFEST, "ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.OWNED, "ckpt"]
     assert vggjax.load(directory).meta["epochs"] == 3  # the previous checkpoint, intact
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from vggjax.train import data, run_identity
 from vggjax.train.config import Config, PHASES, add_arguments, config_arguments
 from vggjax.train.splits import SPLITS
-from vggjax.utils import atomic
+from vggjax.utils import atomic, ownership
 
 
 def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=SPLITS, size=40):
@@ -131,7 +131,7 @@ def test_a_workdir_resumes_only_its_own_run_and_restart_discards_only_its_output
     with pytest.raises(run_identity.RunMismatchError, match=r"holds another run: the data's files \("):
         run_identity.claim_workdir(workdir, identity(tmp_path))
     run_identity.claim_workdir(workdir, other_weights, restart=True)
-    assert sorted(p.name for p in workdir.iterdir()) == [atomic.MANIFEST, "my_notes.txt", run_identity.RUN]
+    assert sorted(p.name for p in workdir.iterdir()) == [ownership.OWNED, "my_notes.txt", run_identity.RUN]
     assert json.loads((workdir / run_identity.RUN).read_text()) == other_weights
 
 

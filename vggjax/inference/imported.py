@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from vggjax.inference.classifier import CLASSIFIER, Classifier, Head, TrainedClassifier, hidden_layers, save
 from vggjax.model.vgg import TOP, create, without_top
-from vggjax.utils import atomic
+from vggjax.utils import atomic, digests
 from vggjax.utils.trees import diff
 from vggjax.weights.keras_model import read_keras_model
 from vggjax.weights.preprocessing import MODES
@@ -141,7 +141,7 @@ def _write(path: str, output, arch: str, meta: Mapping, base: Mapping, head: Hea
     variables = {"params": {"base": dict(base["params"]), "head": dict(head_params)}}
     if "batch_stats" in base:
         variables["batch_stats"] = {"base": dict(base["batch_stats"])}
-    source = dict(file=os.path.abspath(path), sha256=atomic.file_digest(path), **info)
+    source = dict(file=os.path.abspath(path), sha256=digests.file_digest(path), **info)
     meta = dict(meta, source_file=source["file"], source_sha256=source["sha256"])
     clf = TrainedClassifier(model=model, variables=variables, preprocessing=meta["preprocessing"],
                             image_size=image_size, class_names=names)

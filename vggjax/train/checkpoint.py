@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 
-from vggjax.utils import atomic, disk, interrupts
+from vggjax.utils import disk, interrupts, ownership, temps
 from vggjax.utils.orbax_tree import ocp as _ocp, quiet as _quiet
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
 
     Saving and recording are one step: `step` is recorded as vggjax's before Orbax writes it
     (unverified: no digests yet), and with the digests of its files once written
-    (`atomic.record`), all with Ctrl-C deferred. A kill -9 in between leaves a step that
+    (`ownership.record`), all with Ctrl-C deferred. A kill -9 in between leaves a step that
     `restore_latest` removes (never loads) and `--restart` may delete, since it is recorded.
     """
     ocp = _ocp()
@@ -65,7 +65,7 @@ def save(mngr, step: int, state: Any, meta: Mapping, metrics: Mapping) -> None:
             _record(directory)
     except Exception as err:
         for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):  # the half-written step
-            atomic.remove(tmp)
+            temps.remove(tmp)
         full = disk.no_space(err, f"checkpoint {step} in {directory}", "any checkpoints before it "
                                "are intact: free some space and run the same command to resume")
         if full is not None:
@@ -77,7 +77,7 @@ def _record(directory: Path, writing: int | None = None) -> None:
     """Record the checkpoints in `directory` as vggjax's; `writing`: a step about to be saved."""
     if jax.process_index() == 0:  # multi-host: one process writes the record
         mine = [_ORBAX_TMP] + ([rf"{writing}$"] if writing is not None else [])
-        atomic.record(directory, unverified=mine, skip=[DAMAGED])
+        ownership.record(directory, unverified=mine, skip=[DAMAGED])
 
 
 def read_meta(mngr, step: int) -> dict:
@@ -110,13 +110,13 @@ def restore_latest(mngr, template: Any, check_meta: Callable[[dict], None]) -> t
     is tried. ValueError naming the directory when every checkpoint is damaged.
     """
     directory = Path(str(mngr.directory))
-    differ = {Path(rel).parts[0] for rel in atomic.changed(directory) or ()}
-    entry = atomic.recorded(directory)
+    differ = {Path(rel).parts[0] for rel in ownership.changed(directory) or ()}
+    entry = ownership.recorded(directory)
     for step in sorted(mngr.all_steps(), reverse=True):
         reason = "its files differ from what was written" if str(step) in differ else None
         if entry is not None and _unrecorded(directory / str(step), entry["files"]):
             if any(re.fullmatch(p, str(step)) for p in entry["unverified"]):
-                atomic.remove(directory / str(step))  # vggjax's, killed before it was recorded
+                temps.remove(directory / str(step))  # vggjax's, killed before it was recorded
                 mngr.reload()
                 logger.warning(f"checkpoint {step} in {directory} was cut short by a kill as it was "
                                "saved; removed it, trying the previous one")

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import jax
 
-from vggjax.utils import atomic
+from vggjax.utils import atomic, ownership
 from vggjax.train.splits import PIXELS
 from vggjax.train import report
 from vggjax.train.config import Config
@@ -67,8 +67,8 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False) -> No
 
     A workdir of another run (or of a run without run.json) raises RunMismatchError naming what
     differs, unless `restart`, which deletes that run's outputs: what vggjax wrote there,
-    proven by the manifests (`atomic.remove_owned`); a user's file among them is refused before
-    anything is deleted. Outputs without run.json that no manifest proves vggjax's (an older
+    proven by the ownership records (`ownership.remove_owned`); a user's file among them is refused before
+    anything is deleted. Outputs without run.json that no ownership record proves vggjax's (an older
     vggjax's, or the user's under vggjax's names) are refused even with `restart`. OSError (one line) when the workdir cannot be created or written.
     """
     make_workdir(workdir)
@@ -76,8 +76,8 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False) -> No
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is None and any((workdir / name).exists() for name in RUN_OUTPUTS[1:]):
         old = {}  # outputs without an identity: made by an older vggjax, or damaged
-    if old == {} and (others := atomic.unowned(workdir, RUN_OUTPUTS)):
-        # An older vggjax wrote no manifests: --restart could not delete these either.
+    if old == {} and (others := ownership.unowned(workdir, RUN_OUTPUTS)):
+        # An older vggjax wrote no ownership records: --restart could not delete these either.
         raise RunMismatchError(f"--workdir {workdir} holds outputs without {RUN} that vggjax did not "
                                f"write ({others}): an older vggjax's or your own; remove them by hand "
                                "or use another --workdir")
@@ -95,7 +95,7 @@ def claim_workdir(workdir: Path, identity: Mapping, restart: bool = False) -> No
     if jax.process_index() != 0:  # multi-host: every process checks, one writes
         return
     if restart:
-        atomic.remove_owned([workdir / name for name in RUN_OUTPUTS])
+        ownership.remove_owned([workdir / name for name in RUN_OUTPUTS])
         logger.info(f"--restart: discarded the run in {workdir}")
     with atomic.writing(path) as tmp:
         tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")

@@ -28,7 +28,7 @@ def registry() -> Path:
 
 def new(final: Path, kind: str, recorded: bool = True) -> Path:
     """A fresh temporary path beside `final` (not created), recorded unless `recorded=False` (a
-    temporary short enough not to matter, e.g. a manifest's). The record is best effort: a
+    temporary short enough not to matter, e.g. an ownership record's). The record is best effort: a
     read-only cache leaves only the cleanup beside the same target (`remove_stale`)."""
     token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     path = final.parent / f".{final.name}.{kind}-{token}"

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vggjax.utils import atomic
+from vggjax.utils import atomic, digests
 from vggjax.utils.cache import cache_dir
 from vggjax.utils.orbax_tree import restore_tree, save_tree
 from vggjax.model.vgg import ARCHS, TOP_INPUTS, VGG, create, without_top
@@ -111,7 +111,7 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
                    else NUM_CLASSES)
     check_variables(variables, arch, include_top, source=input_path, num_classes=num_classes)
     meta = dict(arch=arch, source=source, source_file=os.path.abspath(input_path),
-                source_sha256=atomic.file_digest(input_path),
+                source_sha256=digests.file_digest(input_path),
                 include_top=include_top, **SOURCES[source], num_classes=num_classes)
     return save(output_dir, variables, meta, overwrite=overwrite, protect=[input_path])
 
