@@ -208,3 +208,12 @@ def recorded_steps(directory) -> set[int]:
 
     entry = ownership.recorded(directory) if os.path.isdir(directory) else None
     return {int(rel.split("/")[0]) for rel in (entry or {"files": {}})["files"] if rel.split("/")[0].isdigit()}
+
+
+def write_dir(final, **kwargs) -> None:
+    """A small output directory written the way vggjax writes one (`atomic.writing`, recorded)."""
+    from vggjax.utils import atomic
+    with atomic.writing(final, directory=True, **kwargs) as tmp:
+        tmp.mkdir()
+        (tmp / "vggjax.json").write_text("{}")
+        (tmp / "data.bin").write_bytes(b"new")

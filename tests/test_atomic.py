@@ -8,14 +8,8 @@ import time
 
 import pytest
 
+from helpers import write_dir
 from vggjax.utils import atomic, locks, ownership
-
-
-def write_dir(final, **kwargs):
-    with atomic.writing(final, directory=True, **kwargs) as tmp:
-        tmp.mkdir()
-        (tmp / "vggjax.json").write_text("{}")
-        (tmp / "data.bin").write_bytes(b"new")
 
 
 def test_a_directory_appears_complete_and_replaces_only_a_vggjax_one(tmp_path):

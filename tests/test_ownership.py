@@ -4,14 +4,8 @@ import json
 
 import pytest
 
+from helpers import write_dir
 from vggjax.utils import atomic, ownership
-
-
-def write_dir(final, **kwargs):
-    with atomic.writing(final, directory=True, **kwargs) as tmp:
-        tmp.mkdir()
-        (tmp / "vggjax.json").write_text("{}")
-        (tmp / "data.bin").write_bytes(b"new")
 
 
 def test_remove_owned_deletes_exactly_what_vggjax_wrote_or_nothing(tmp_path):
