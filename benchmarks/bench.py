@@ -58,7 +58,7 @@ def synthetic_batch(size: int, batch: int, seed: int = 0):
 # --------------------------------------------------------------------------- workers
 class JaxWorker:
     """vggjax through its own library code: feature_cache.make_extract_step, classifier, freezing,
-    loop.make_train_step; `impl` is the VGG conv_impl."""
+    steps.make_train_step; `impl` is the VGG conv_impl."""
 
     def __init__(self, impl: str, bf16: bool = False):
         import jax
@@ -70,7 +70,7 @@ class JaxWorker:
         import jax.numpy as jnp
         import numpy as np
         from vggjax.inference import classifier
-        from vggjax.train import feature_cache, freezing, loop
+        from vggjax.train import feature_cache, freezing, steps
         from vggjax.model import vgg
         base = vgg.create("vgg16", include_top=False, conv_impl=self.impl,
                             dtype=self.dtype or jnp.float32)
@@ -82,8 +82,8 @@ class JaxWorker:
             return lambda: step(base_vars, x).block_until_ready()
         net, variables = classifier.init_classifier(base_vars, base, classifier.Head(), size, key)
         tx = freezing.make_optimizer(freezing.book_rmsprop(lr), variables["params"], trainable)
-        step = loop.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=self.dtype)
-        state = [loop.TrainState.create(variables, tx)]
+        step = steps.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=self.dtype)
+        state = [steps.TrainState.create(variables, tx)]
         data = {"image": jnp.asarray(images), "label": jnp.asarray(labels),
                 "mask": jnp.ones((batch,), bool)}
 

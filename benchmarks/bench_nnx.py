@@ -20,7 +20,7 @@ import vggjax.nnx
 from benchmarks import harness
 from vggjax.inference import classifier
 from vggjax.model import vgg
-from vggjax.train import freezing, loop
+from vggjax.train import freezing, steps
 
 PHASES = {"frozen": ("head", ("head",)), "finetune": ("block5+head", ("block5", "head"))}
 
@@ -37,8 +37,8 @@ def setup(batch: int, size: int):
 
 def linen_runner(linen, v, data, spec):
     tx = freezing.make_optimizer(freezing.book_rmsprop(1e-5), v["params"], spec)
-    step = loop.make_train_step(linen, tx, preprocess_mode="caffe")
-    holder = {"state": loop.TrainState.create(v, tx)}
+    step = steps.make_train_step(linen, tx, preprocess_mode="caffe")
+    holder = {"state": steps.TrainState.create(v, tx)}
 
     def run():
         holder["state"], m = step(holder["state"], data)

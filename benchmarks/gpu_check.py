@@ -16,7 +16,7 @@ import numpy as np
 from benchmarks import harness
 from vggjax.inference import classifier
 from vggjax.model import vgg
-from vggjax.train import freezing, loop
+from vggjax.train import freezing, steps
 from vggjax.weights.preprocessing import CAFFE_MEAN_BGR, preprocess_input
 
 
@@ -57,8 +57,8 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
     for name, dtype in (("fp32", None), ("bf16", jnp.bfloat16)):
         net, v = classifier.init_classifier(variables, base, classifier.Head(), size, jax.random.PRNGKey(1))
         tx = freezing.make_optimizer(freezing.book_rmsprop(1e-5), v["params"], "block5+head")
-        step = loop.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=dtype)
-        state = [loop.TrainState.create(v, tx)]
+        step = steps.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=dtype)
+        state = [steps.TrainState.create(v, tx)]
 
         def run():
             state[0], metrics = step(state[0], batch)

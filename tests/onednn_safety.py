@@ -20,7 +20,7 @@ import numpy as np
 import vggjax
 from vggjax.model import conv, onednn
 from vggjax.inference import classifier
-from vggjax.train import freezing, loop
+from vggjax.train import freezing, steps
 
 SIDES = (1, 2, 3, 4, 5, 8, 9, 16)
 CHANNELS = ((3, 8), (64, 64), (512, 512))
@@ -72,17 +72,17 @@ def check_grid():
           f"{EAGER_SIDE}x{EAGER_SIDE}): ok")
 
 
-def _finetune_losses(conv_impl, steps=3, size=32):
+def _finetune_losses(conv_impl, n_steps=3, size=32):
     base = vggjax.create("vgg16", include_top=False, conv_impl=conv_impl)
     base_vars = vggjax.model.vgg.init_random(base, seed=1)
     model, variables = classifier.init_classifier(base_vars, base, classifier.Head(), size,
                                                   jax.random.key(2))
     tx = freezing.make_optimizer(freezing.book_rmsprop(1e-5), variables["params"], "block5+head")
-    state = loop.TrainState.create(variables, tx)
-    step = loop.make_train_step(model, tx, preprocess_mode="caffe")
+    state = steps.TrainState.create(variables, tx)
+    step = steps.make_train_step(model, tx, preprocess_mode="caffe")
     rng = np.random.default_rng(3)
     losses = []
-    for _ in range(steps):
+    for _ in range(n_steps):
         batch = {"image": jnp.asarray(rng.uniform(0, 255, (8, size, size, 3)), jnp.float32),
                  "label": jnp.asarray(rng.integers(0, 2, 8), jnp.int32), "mask": jnp.ones(8, bool)}
         state, metrics = step(state, batch)

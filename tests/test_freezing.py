@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import vggjax
-from vggjax.train import freezing, loop
+from vggjax.train import freezing, steps
 from vggjax.inference.classifier import Head, init_classifier
 from vggjax.utils.trees import flatten
 
@@ -33,8 +33,8 @@ def compiled_steps(tiny):
     def get(spec):
         if spec not in out:
             tx = freezing.make_optimizer(freezing.book_rmsprop(1e-3), variables["params"], spec)
-            state = loop.TrainState.create(variables, tx)
-            step = loop.make_train_step(model, tx, preprocess_mode="caffe")
+            state = steps.TrainState.create(variables, tx)
+            step = steps.make_train_step(model, tx, preprocess_mode="caffe")
             out[spec] = tx, step.lower(state, batch).compile()
         return out[spec]
 
@@ -97,7 +97,7 @@ def optimizer_state_size(opt_state) -> int:
 def test_frozen_parameters_stay_bit_identical_and_hold_no_state(tiny, compiled_steps):
     model, variables, batch = tiny
     tx, step = compiled_steps("block5+head")
-    state = loop.TrainState.create(variables, tx)
+    state = steps.TrainState.create(variables, tx)
     labels = flatten(freezing.labels(variables["params"], "block5+head"))
     trainable = sum(v.size for p, v in flatten(variables["params"]).items() if labels[p] == "train")
     # RMSprop keeps one accumulator per trainable scalar and none for frozen ones.

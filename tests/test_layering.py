@@ -139,7 +139,8 @@ def test_import_vggjax_loads_neither_tensorflow_nor_torch(subprocess_env):
     ("vggjax.viz.predict_files", "vggjax.inference.predictor", "load_predictor"),
     ("vggjax.export.serving", "vggjax.inference.serving", "from_source"),
     ("vggjax.export.artifact", "vggjax.inference.artifact", "load"),
-    ("vggjax.model.onednn", "vggjax.model.cpu", "describe_cpu")])
+    ("vggjax.model.onednn", "vggjax.model.cpu", "describe_cpu"),
+    ("vggjax.train.loop", "vggjax.train.steps", "make_train_step")])
 def test_a_moved_name_still_works_for_a_release_with_a_warning(old, new, name):
     import importlib
 
@@ -164,10 +165,10 @@ def test_the_public_api_is_reachable_from_its_package():
     import vggjax.viz
     from vggjax.inference import classifier
     from vggjax.losses import perceptual
-    from vggjax.train import loop
+    from vggjax.train import loop, steps
     from vggjax.viz import convnet
 
     assert vggjax.losses.LPIPS is perceptual.LPIPS and vggjax.losses.style_loss is perceptual.style_loss
     assert vggjax.viz.grad_cam is convnet.grad_cam and vggjax.viz.overlay is convnet.overlay
     assert vggjax.inference.load_classifier is classifier.load_classifier
-    assert vggjax.train.fit is loop.fit and vggjax.train.TrainState is loop.TrainState
+    assert vggjax.train.fit is loop.fit and vggjax.train.TrainState is steps.TrainState

@@ -23,7 +23,7 @@ def train_one_epoch(folder: str, out: str) -> None:
 
     import vggjax
     from conftest import random_variables
-    from vggjax.train import data, freezing, loop
+    from vggjax.train import data, freezing, steps
     from vggjax.inference.classifier import Head, init_classifier
 
     split = data.load_split(folder, "train", 32, STEPS_BATCH, shuffle=True, seed=3)
@@ -33,8 +33,8 @@ def train_one_epoch(folder: str, out: str) -> None:
                                        jax.random.PRNGKey(0))
     tx = freezing.make_optimizer(optax.sgd(0.05), variables["params"], "block5+head")
     mesh = parallel.make_mesh()
-    step = loop.make_train_step(model, tx, preprocess_mode="caffe", mesh=mesh)
-    state = parallel.replicate(loop.TrainState.create(variables, tx, seed=1), mesh)
+    step = steps.make_train_step(model, tx, preprocess_mode="caffe", mesh=mesh)
+    state = parallel.replicate(steps.TrainState.create(variables, tx, seed=1), mesh)
     counts = []
     for batch in split.batches(0):
         state, metrics = step(state, parallel.shard_batch(batch, mesh))

@@ -16,7 +16,7 @@ import vggjax.nnx as vnnx
 from helpers import REPO, TOL, assert_parity, normal_images, random_variables, script_env, tensorboard_scalars
 from vggjax.testing.reference import random_vgg
 from vggjax.inference import classifier
-from vggjax.train import freezing, loop, report
+from vggjax.train import freezing, report, steps
 from vggjax.utils.trees import flatten
 
 TAPS = ("block1_conv1_preact", "block2_pool", "block3_conv1", "block4_conv2", "block5_pool")
@@ -153,8 +153,8 @@ def test_trainable_block5_and_head_trains_exactly_those_as_the_workflow_does():
         step(model, optimizer, batch, jax.random.PRNGKey(k))
 
     tx = freezing.make_optimizer(freezing.book_rmsprop(1e-3), v["params"], "block5+head")
-    state = loop.TrainState.create(v, tx)
-    linen_step = loop.make_train_step(linen, tx, preprocess_mode="caffe")
+    state = steps.TrainState.create(v, tx)
+    linen_step = steps.make_train_step(linen, tx, preprocess_mode="caffe")
     for _ in range(3):
         state, _ = linen_step(state, batch)
     ours, before, theirs = flatten(vnnx.variables(model)["params"]), flatten(v["params"]), flatten(state.params)

@@ -18,7 +18,7 @@ def run_on_four_devices() -> dict:
 
     import vggjax
     from conftest import random_variables
-    from vggjax.train import augmentation, freezing, loop
+    from vggjax.train import augmentation, freezing, steps
     from vggjax.inference.classifier import Head, init_classifier
 
     assert jax.device_count() == 4, jax.devices()
@@ -32,17 +32,17 @@ def run_on_four_devices() -> dict:
              "label": rng.integers(0, 2, 8).astype(np.int32), "mask": np.arange(8) < 7}
     kwargs = dict(augment=augmentation.SECOND_EDITION, preprocess_mode="caffe")
 
-    one_step = loop.make_train_step(model, tx, **kwargs)
-    one_eval = loop.make_eval_step(model, preprocess_mode="caffe")
-    one_state, one_metrics = one_step(loop.TrainState.create(variables, tx, seed=7), batch)
+    one_step = steps.make_train_step(model, tx, **kwargs)
+    one_eval = steps.make_eval_step(model, preprocess_mode="caffe")
+    one_state, one_metrics = one_step(steps.TrainState.create(variables, tx, seed=7), batch)
     one_eval_metrics = one_eval(one_state, batch)
 
     mesh = parallel.make_mesh()
-    four_step = loop.make_train_step(model, tx, mesh=mesh, **kwargs)
-    four_eval = loop.make_eval_step(model, preprocess_mode="caffe", mesh=mesh)
+    four_step = steps.make_train_step(model, tx, mesh=mesh, **kwargs)
+    four_eval = steps.make_eval_step(model, preprocess_mode="caffe", mesh=mesh)
     sharded = parallel.shard_batch(batch, mesh)
     four_state, four_metrics = four_step(
-        parallel.replicate(loop.TrainState.create(variables, tx, seed=7), mesh), sharded)
+        parallel.replicate(steps.TrainState.create(variables, tx, seed=7), mesh), sharded)
     four_eval_metrics = four_eval(four_state, sharded)
 
     errors = {}

@@ -18,7 +18,7 @@ import pytest
 
 import vggjax
 from helpers import logged, recorded_steps, tensorboard_scalars
-from vggjax.train import augmentation, freezing, loop, metric_writers
+from vggjax.train import augmentation, freezing, loop, metric_writers, steps
 from vggjax.inference.classifier import Head
 from vggjax.train.splits import ArraySplit, epoch_order
 
@@ -70,14 +70,14 @@ def _tiny_model():
     model = TinyNet()
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
     tx = freezing.make_optimizer(optax.adam(1e-2), variables["params"], RULES)
-    train_step = loop.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
-    return model, variables, tx, train_step, loop.make_eval_step(model, preprocess_mode="caffe")
+    train_step = steps.make_train_step(model, tx, augment=augmentation.FIRST_EDITION, preprocess_mode="caffe")
+    return model, variables, tx, train_step, steps.make_eval_step(model, preprocess_mode="caffe")
 
 
 def tiny_run(delay=0.0):
     """(model, fresh state, train step, eval step, train split, val split) of the tiny run."""
     model, variables, tx, train_step, eval_step = _tiny_model()
-    state = loop.TrainState.create(variables, tx, seed=3)  # copies: the cached arrays are never donated
+    state = steps.TrainState.create(variables, tx, seed=3)  # copies: the cached arrays are never donated
     train = SlowSplit(name="train", arrays=images(24, 1), batch_size=4, shuffle=True, seed=1,
                       delay=delay)  # 6 steps per epoch
     val = SlowSplit(name="validation", arrays=images(10, 2), batch_size=4)  # last batch: 2 real, 2 padded
@@ -99,14 +99,14 @@ def test_batch_metrics_ignore_padded_examples():
     mask = np.array([True, True, True, False])
     labels = np.array([1, 0, 1, 0], np.int32)
     binary = jnp.array([[2.0], [-1.0], [-3.0], [1e9]])  # the padded logit would dominate
-    m = loop.batch_metrics(binary, labels, mask)
+    m = steps.batch_metrics(binary, labels, mask)
     expected = optax.sigmoid_binary_cross_entropy(binary[:3, 0], labels[:3].astype(np.float32)).mean()
     np.testing.assert_allclose(m["loss"], expected, rtol=1e-6)
     assert float(m["accuracy"]) == pytest.approx(2 / 3) and int(m["count"]) == 3
     classes = jnp.array([[0.0, 5.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 1.0], [np.nan] * 3])
-    m = loop.batch_metrics(classes, np.array([1, 0, 0, 2], np.int32), mask)
+    m = steps.batch_metrics(classes, np.array([1, 0, 0, 2], np.int32), mask)
     assert np.isfinite(float(m["loss"])) and float(m["accuracy"]) == pytest.approx(2 / 3)
-    empty = loop.batch_metrics(binary, labels, np.zeros(4, bool))
+    empty = steps.batch_metrics(binary, labels, np.zeros(4, bool))
     assert float(empty["loss"]) == 0 and int(empty["count"]) == 0
 
 
@@ -186,8 +186,8 @@ def test_fit_records_history_keeps_best_and_returns_a_finished_phase(tmp_path):
     # Unfreezing is a new phase: new optimizer, new state from the trained parameters, new step.
     model = TinyNet()
     tx = freezing.make_optimizer(optax.adam(1e-3), state.params, "all")
-    tuned = loop.TrainState.create(state.variables(), tx, seed=4)
-    tuned, tuned_history = loop.fit(tuned, loop.make_train_step(model, tx), eval_step, train, val,
+    tuned = steps.TrainState.create(state.variables(), tx, seed=4)
+    tuned, tuned_history = loop.fit(tuned, steps.make_train_step(model, tx), eval_step, train, val,
                                         epochs=1, workdir=tmp_path, phase="all", identity=identity("all", seed=4),
                                         progress=False)
     assert len(tuned_history) == 1 and (tmp_path / "all").is_dir()
@@ -268,8 +268,8 @@ def test_early_stopping_stops_as_keras_does_and_a_resumed_run_stops_at_the_same_
 def test_a_nan_training_loss_stops_the_phase_before_it_is_saved(tmp_path):
     model, state, _, eval_step, train, val = tiny_run()
     tx = freezing.make_optimizer(optax.sgd(1e30), state.params, "all")  # diverges at the first step
-    state = loop.TrainState.create(state.variables(), tx, seed=3)
-    train_step = loop.make_train_step(model, tx, preprocess_mode="caffe")
+    state = steps.TrainState.create(state.variables(), tx, seed=3)
+    train_step = steps.make_train_step(model, tx, preprocess_mode="caffe")
     with pytest.raises(ValueError, match=r"^phase diverge epoch 1: the training loss is (nan|inf); lower "
                                          r"the learning rate"):
         loop.fit(state, train_step, eval_step, train, val, epochs=2, workdir=tmp_path,
@@ -285,8 +285,8 @@ def test_head_on_cached_features_in_bf16():
     tx = freezing.make_optimizer(freezing.book_rmsprop(2e-5), variables["params"], "all")
     losses = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        step = loop.make_train_step(head, tx, input_key="features", compute_dtype=dtype)
-        new, metrics = step(loop.TrainState.create(variables, tx), batch)
+        step = steps.make_train_step(head, tx, input_key="features", compute_dtype=dtype)
+        new, metrics = step(steps.TrainState.create(variables, tx), batch)
         assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
         losses[dtype] = float(metrics["loss"])
     assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vggjax.train import freezing
-from vggjax.train import loop
-from vggjax.train.loop import batch_metrics, model_inputs
+from vggjax.train import loop, steps
+from vggjax.train.steps import batch_metrics, model_inputs
 from vggjax.train.metric_writers import MetricWriter
 
 GROUPS = ("block1", "block2", "block3", "block4", "block5", "fc1", "fc2", "predictions", "head")
@@ -127,16 +127,16 @@ def fit(model: nnx.Module, optimizer: nnx.Optimizer, train_step: Callable, eval_
     for epoch in range(epochs):
         what, images, start = f"{where} epoch {epoch + 1}", 0, time.perf_counter()
         model.train()
-        totals = loop.metric_totals()
+        totals = steps.metric_totals()
         with loop.epoch_bar(train_split, train_split.steps_per_epoch, f"{where} {epoch + 1}/{epochs}",
                             progress) as bar:
             for batch in train_split.batches(epoch):
-                totals = loop.accumulate(totals, train_step(model, optimizer, batch, jax.random.fold_in(key, step)))
+                totals = steps.accumulate(totals, train_step(model, optimizer, batch, jax.random.fold_in(key, step)))
                 step, images = step + 1, images + len(batch["label"])
                 loop.advance_epoch(bar, batch, totals)
             jax.block_until_ready(totals)
         speed = images / max(time.perf_counter() - start, 1e-9)
-        train = loop.check_finite(loop.epoch_means(totals), what)
+        train = loop.check_finite(steps.epoch_means(totals), what)
         val = evaluate(model, eval_step, val_split, progress=progress, desc=f"{what}: validation")
         history.append(loop.epoch_record(epoch + 1, train, val, what, epochs))
         loop.write_epoch(writer, history[-1], learning_rate, step, speed)

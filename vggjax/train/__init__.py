@@ -3,4 +3,5 @@ parallelism, checkpoints, the feature cache, the workflow (`config`, `workflow`)
 
     vggjax.train.make_train_step(model, tx), vggjax.train.fit(state, ...), vggjax.train.TrainState
 """
-from vggjax.train.loop import TrainState, evaluate, fit, make_eval_step, make_train_step
+from vggjax.train.loop import evaluate, fit
+from vggjax.train.steps import TrainState, make_eval_step, make_train_step

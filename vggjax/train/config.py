@@ -160,7 +160,7 @@ class Config:
 
     @property
     def compute_dtype(self):
-        """The phases' compute dtype for `loop.make_train_step` & co (None: float32)."""
+        """The phases' compute dtype for `steps.make_train_step` & co (None: float32)."""
         return PRECISIONS[self.precision]
 
     @property

@@ -1,4 +1,5 @@
-"""Training: the train state, jitted train/eval steps, and the resumable epoch loop with Orbax checkpoints."""
+"""The resumable epoch loop (`fit`): progress, history, early stopping and Orbax checkpoints around
+the steps of `vggjax.train.steps`."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,172 +11,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import flax.linen as nn
-import flax.struct
 import jax
-import jax.numpy as jnp
-import optax
 from flax.training.early_stopping import EarlyStopping
 
-from vggjax.train import augmentation, checkpoint
+from vggjax.train import checkpoint, steps
 from vggjax.train.metric_writers import MetricWriter
-from vggjax.inference.classifier import class_logits
-from vggjax.train.parallel import batch_sharding, replicated, shard_batch
-from vggjax.model.compute_dtype import with_compute_dtype
+from vggjax.train.parallel import shard_batch
 from vggjax.train.splits import Batches
+from vggjax.utils.deprecation import moved_names
 from vggjax.utils.progress import advance, progress_bar
-from vggjax.weights.preprocessing import preprocess_input
 
 logger = logging.getLogger(__name__)
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a training phase carries from step to step; a pytree, checkpointed as is.
-
-    step: int32 scalar, optimizer steps taken in this phase. params / batch_stats: the model's
-    variables (batch_stats {} without BatchNorm). opt_state: the phase's optimizer state.
-    rng: uint32[2] key; step k draws its dropout and augmentation randomness from
-    fold_in(rng, k), so a run resumed at step k draws exactly what an uninterrupted one would.
-    """
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    rng: jax.Array
-
-    @classmethod
-    def create(cls, variables: Mapping, tx: optax.GradientTransformation, seed: int = 0) -> "TrainState":
-        """Fresh state at step 0 for `variables` ({"params", ["batch_stats"]}) and optimizer `tx`.
-
-        The arrays are copied, so donating the state to a train step never deletes the caller's.
-        """
-        params = jax.tree.map(jnp.array, variables["params"])
-        return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   batch_stats=jax.tree.map(jnp.array, dict(variables.get("batch_stats", {}))),
-                   opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
-
-    def variables(self) -> dict:
-        """{"params": ..., ["batch_stats": ...]} for model.apply."""
-        return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
-
-
-def batch_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict:
-    """Masked loss and accuracy of one batch: padded examples (mask False) count zero.
-
-    logits (B, K): softmax cross-entropy against integer labels; a binary head's (B, 1) goes
-    through `classifier.class_logits`, the rule predicting uses, which makes this its sigmoid
-    cross-entropy against labels in {0, 1} and "correct" mean logit > 0. Returns float32 "loss"
-    and "accuracy" means over the real examples (0 when there are none) and int32 "count" of them.
-    """
-    logits = class_logits(logits)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = jnp.argmax(logits, axis=-1) == labels
-    count = jnp.sum(mask, dtype=jnp.int32)
-    denominator = jnp.maximum(count, 1).astype(jnp.float32)
-    return {"loss": jnp.sum(jnp.where(mask, losses, 0.0)) / denominator,
-            "accuracy": jnp.sum(jnp.where(mask, correct, False), dtype=jnp.float32) / denominator,
-            "count": count}
-
-
-def model_inputs(images, key, augment, preprocess_mode, dtype):
-    """What a step feeds the model: `images` augmented (when `augment` is a config, drawn from
-    `key`), preprocessed (when `preprocess_mode`), as `dtype` (None: float32)."""
-    if augment is not None:
-        images = augmentation.augment(key, images, augment)
-    if preprocess_mode is not None:
-        images = preprocess_input(images, preprocess_mode)
-    return jnp.asarray(images).astype(dtype or jnp.float32)
-
-
-
-def _apply(model, state, x, *, train, rngs=None):
-    """(logits, new batch_stats): BatchNorm models return updated running statistics."""
-    if not state.batch_stats:
-        return model.apply({"params": state.params}, x, train=train, rngs=rngs), state.batch_stats
-    logits, updates = model.apply(state.variables(), x, train=train, rngs=rngs, mutable=["batch_stats"])
-    return logits, updates["batch_stats"]
-
-
-def _jit(step, mesh, donate: bool):
-    """jax.jit with the state replicated and the batch split over `mesh` (when given)."""
-    kwargs = {"donate_argnums": 0} if donate else {}
-    if mesh is not None:
-        kwargs.update(in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                      out_shardings=(replicated(mesh), replicated(mesh)) if donate else replicated(mesh))
-    return jax.jit(step, **kwargs)
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *, input_key: str = "image",
-                    augment=None, preprocess_mode: str | None = None, mesh=None,
-                    compute_dtype=None) -> Callable:
-    """One jitted `train_step(state, batch) -> (state, metrics)`; the state's buffers are donated.
-
-    batch: {input_key: (B, ...) inputs, "label": int32 (B,), "mask": bool (B,)}. Inside one
-    jit: batch[input_key] -> `augmentation.augment` (when `augment` is a config; uint8 or 0..255
-    images) -> `preprocess_input(mode)` (when `preprocess_mode`) -> model.apply(train=True,
-    dropout) -> masked loss (`batch_metrics`) -> gradients -> tx.update -> new params. Keeping
-    all of it in one program lets XLA drop the backward pass through frozen blocks.
-    metrics: {"loss", "accuracy"} float32 means over the real examples, "count" int32.
-    With input_key="features" and a `Head` as model, it trains a head on cached conv features.
-    compute_dtype=jnp.bfloat16 runs the model in bf16 with fp32 parameters and fp32 loss
-    (`with_compute_dtype`); None keeps the model's own dtype.
-    With `mesh`, the state must be replicated (`parallel.replicate`) and the batch sharded
-    (`parallel.shard_batch`); XLA averages gradients across devices.
-    """
-    model = with_compute_dtype(model, compute_dtype)
-
-    def train_step(state: TrainState, batch):
-        augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-        x = model_inputs(batch[input_key], augment_key, augment, preprocess_mode, compute_dtype)
-
-        def loss_fn(params):
-            logits, batch_stats = _apply(model, state.replace(params=params), x, train=True,
-                                         rngs={"dropout": dropout_key})
-            metrics = batch_metrics(logits, batch["label"], batch["mask"])
-            return metrics["loss"], (metrics, batch_stats)
-
-        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                             opt_state=opt_state), metrics
-
-    return _jit(train_step, mesh, donate=True)
-
-
-def make_eval_step(model: nn.Module, *, input_key: str = "image", preprocess_mode: str | None = None,
-                   mesh=None, compute_dtype=None) -> Callable:
-    """Jitted `eval_step(state, batch) -> metrics` (inference mode, no augmentation).
-
-    Same batch contract and metrics as the train step: masked means plus the count of real
-    examples, so padded examples count zero and `evaluate` can weight batches exactly.
-    """
-    model = with_compute_dtype(model, compute_dtype)
-
-    def eval_step(state: TrainState, batch):
-        x = model_inputs(batch[input_key], None, None, preprocess_mode, compute_dtype)
-        logits, _ = _apply(model, state, x, train=False)
-        return batch_metrics(logits, batch["label"], batch["mask"])
-
-    return _jit(eval_step, mesh, donate=False)
-
-
-@jax.jit
-def accumulate(totals, metrics):
-    """`totals` (`metric_totals`) plus one step's `metrics` ("loss", "accuracy" means and
-    "count"), on the device: no host sync per step."""
-    count = metrics["count"]
-    return {"loss_sum": totals["loss_sum"] + metrics["loss"] * count,
-            # accuracy * count is an integer up to float rounding
-            "correct": totals["correct"] + jnp.round(metrics["accuracy"] * count).astype(jnp.int32),
-            "count": totals["count"] + count}
-
-
-def metric_totals(loss_sum: float = 0.0, correct: int = 0, count: int = 0) -> dict:
-    """Running sums of an epoch's metrics: float32 "loss_sum", int32 "correct" and "count"."""
-    return {"loss_sum": jnp.float32(loss_sum), "correct": jnp.int32(correct), "count": jnp.int32(count)}
-
+# Moved to `vggjax.train.steps`; `vggjax.train.<name>` is unchanged.
+__getattr__ = moved_names(__name__, dict.fromkeys(
+    ("TrainState", "make_train_step", "make_eval_step", "batch_metrics", "model_inputs", "accumulate",
+     "metric_totals", "epoch_means"), "vggjax.train.steps"))
 
 def check_finite(train: dict, where: str, directory: Path | None = None) -> dict:
     """`train` if its loss is finite; else ValueError before this epoch's state is saved (a NaN
@@ -187,24 +37,17 @@ def check_finite(train: dict, where: str, directory: Path | None = None) -> dict
     return train
 
 
-def epoch_means(totals) -> dict:
-    """{"loss", "accuracy"} means (Python floats) and "count" of `totals` (`metric_totals`)."""
-    t = jax.device_get(totals)
-    n = int(t["count"])
-    return {"loss": float(t["loss_sum"]) / max(n, 1), "accuracy": int(t["correct"]) / max(n, 1), "count": n}
-
-
-def evaluate(state: TrainState, eval_step: Callable, split: Batches, mesh=None, *,
+def evaluate(state: steps.TrainState, eval_step: Callable, split: Batches, mesh=None, *,
              progress: bool = False, desc: str = "evaluating") -> dict:
     """{"loss", "accuracy", "count"} over every example of `split` exactly once (padding masked);
     `progress`: a bar named `desc` (`vggjax.utils.progress`)."""
-    totals = metric_totals()
+    totals = steps.metric_totals()
     with progress_bar(total=split.steps_per_epoch * split.batch_size, desc=desc, unit="img",
                       enabled=progress, leave=False) as bar:
         for batch in split.batches(0):
-            totals = accumulate(totals, eval_step(state, shard_batch(batch, mesh) if mesh else batch))
+            totals = steps.accumulate(totals, eval_step(state, shard_batch(batch, mesh) if mesh else batch))
             advance(bar, _images(batch))
-    return epoch_means(totals)
+    return steps.epoch_means(totals)
 
 
 def _images(batch) -> int:
@@ -212,8 +55,8 @@ def _images(batch) -> int:
     return len(batch["label"]) * jax.process_count()
 
 
-def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
-                       which: str | int = "best", monitor: str = "val_loss") -> tuple[TrainState, dict]:
+def restore_checkpoint(state: steps.TrainState, workdir: str | Path, phase: str,
+                       which: str | int = "best", monitor: str = "val_loss") -> tuple[steps.TrainState, dict]:
     """(state, metadata) of phase `phase` under `workdir`: "best" (by `monitor`, as in `fit`),
     "latest" or a step number.
 
@@ -230,12 +73,12 @@ def restore_checkpoint(state: TrainState, workdir: str | Path, phase: str,
         mngr.close()
 
 
-def fit(state: TrainState, train_step: Callable, eval_step: Callable, train_split, val_split, *,
+def fit(state: steps.TrainState, train_step: Callable, eval_step: Callable, train_split, val_split, *,
         epochs: int, workdir: str | Path, phase: str, identity: Mapping | None = None,
         steps_per_epoch: int | None = None, checkpoint_every: int | None = 100, mesh=None,
         monitor: str = "val_loss", progress: bool = True, writer: MetricWriter | None = None,
         learning_rate: float | Callable[[int], float] | None = None,
-        patience: int | None = None) -> tuple[TrainState, list[dict]]:
+        patience: int | None = None) -> tuple[steps.TrainState, list[dict]]:
     """Train `epochs` epochs of one phase, resumable, with checkpoints under workdir/<phase>/.
 
     train_split / val_split: `splits.Batches` (a `Split`, an `ArraySplit`, cached features)
@@ -320,11 +163,11 @@ def epoch_record(epoch: int, train: Mapping, val: Mapping, what: str, epochs: in
     return record
 
 
-def epoch_bar(split: Batches, steps: int, desc: str, progress: bool, done: int = 0):
-    """The progress bar of a training epoch of `steps` batches of `split` (`done` of them
+def epoch_bar(split: Batches, total: int, desc: str, progress: bool, done: int = 0):
+    """The progress bar of a training epoch of `total` batches of `split` (`done` of them
     already), in images; advance it with `advance_epoch`."""
     size = split.batch_size
-    return progress_bar(total=steps * size, initial=done * size, desc=desc, unit="img", enabled=progress)
+    return progress_bar(total=total * size, initial=done * size, desc=desc, unit="img", enabled=progress)
 
 
 def advance_epoch(bar, batch, totals) -> None:
@@ -356,11 +199,11 @@ def _end_epoch(state, at, eval_step, val_split, mesh, what: str, epochs: int, di
                progress: bool) -> dict:
     """Close the epoch `at` is in: its training means (refused if not finite), the validation
     metrics, one history record (returned) and its log line; `at` moves to the next epoch."""
-    train = check_finite(epoch_means(at.totals), what, directory)
+    train = check_finite(steps.epoch_means(at.totals), what, directory)
     val = evaluate(state, eval_step, val_split, mesh, progress=progress, desc=f"{what}: validation")
     record = epoch_record(at.epoch + 1, train, val, what, epochs)
     at.history.append(record)
-    at.epoch, at.done, at.totals = at.epoch + 1, 0, metric_totals()
+    at.epoch, at.done, at.totals = at.epoch + 1, 0, steps.metric_totals()
     return record
 
 
@@ -372,7 +215,7 @@ class _Position:
     epoch: int = 0  # epochs finished
     done: int = 0  # batches done in the current epoch
     history: list = dataclasses.field(default_factory=list)
-    totals: dict = dataclasses.field(default_factory=lambda: metric_totals())
+    totals: dict = dataclasses.field(default_factory=lambda: steps.metric_totals())
 
     def meta(self, identity: Mapping) -> dict:
         t = jax.device_get(self.totals)
@@ -397,7 +240,7 @@ def _resume(mngr, state, identity: Mapping, directory: Path) -> tuple[Any, _Posi
         return state, _Position()
     state, meta = restored
     return state, _Position(meta["step"], meta["epoch"], meta["batches_done"], list(meta["history"]),
-                            metric_totals(**meta["epoch_totals"]))
+                            steps.metric_totals(**meta["epoch_totals"]))
 
 
 def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, checkpoint_every,
@@ -410,7 +253,7 @@ def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, 
     with bar:
         for batch in batches:
             state, metrics = train_step(state, shard_batch(batch, mesh) if mesh else batch)
-            at.totals = accumulate(at.totals, metrics)
+            at.totals = steps.accumulate(at.totals, metrics)
             at.step, at.done = at.step + 1, at.done + 1
             images += _images(batch)
             advance_epoch(bar, batch, at.totals)
@@ -424,5 +267,5 @@ def _train_epoch(state, at: _Position, train_step, train_split, spe: int, mesh, 
 
 def _running(totals) -> dict:
     """The progress bar's postfix: the epoch's running loss and accuracy (a device sync)."""
-    means = epoch_means(totals)
+    means = steps.epoch_means(totals)
     return {"loss": f"{means['loss']:.4f}", "accuracy": f"{means['accuracy']:.4f}"}

@@ -48,7 +48,8 @@ import optax
 from vggjax.utils import atomic, locks
 
 from vggjax.train import splits
-from vggjax.train import feature_cache, freezing, metric_writers, parallel, report, loop, synthetic
+from vggjax.train import feature_cache, freezing, loop, metric_writers, parallel, report, steps, synthetic
+from vggjax.model.compute_dtype import with_compute_dtype
 from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, save,
                                          init_classifier, load_classifier)
 from vggjax.utils.trees import digest
@@ -93,7 +94,7 @@ class _Run:
         spec = PHASE_FREEZING[phase]
         logger.info(f"phase {phase}: " + freezing.trainable_report(params, freezing.labels(params, spec)))
         tx = freezing.make_optimizer(freezing.book_rmsprop(self.config.learning_rates[phase]), params, spec)
-        state = loop.TrainState.create(variables, tx, self.config.seed)
+        state = steps.TrainState.create(variables, tx, self.config.seed)
         return (parallel.replicate(state, self.mesh) if self.mesh else state), tx
 
     def fit(self, phase: str, state, train_step, eval_step, train_split, val_split):
@@ -262,15 +263,15 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
 
 def features_phase(r: _Run) -> dict:
     """Feature extraction: conv features computed once (cached), a fresh head trained on them."""
-    base = loop.with_compute_dtype(r.base_model, r.config.compute_dtype)
+    base = with_compute_dtype(r.base_model, r.config.compute_dtype)
     feats = feature_cache.extract(base, r.base_variables, r.splits, r.workdir / "features_cache",
                              preprocess_mode=r.mode, weights_meta=r.weights.meta,
                              progress=r.config.progress)
     head = r.head()
     state, tx = r.start("features", head.init(r.key("features"), np.asarray(feats["train"].features[:1])))
-    train_step = loop.make_train_step(head, tx, input_key="features", mesh=r.mesh,
+    train_step = steps.make_train_step(head, tx, input_key="features", mesh=r.mesh,
                                           compute_dtype=r.config.compute_dtype)
-    eval_step = loop.make_eval_step(head, input_key="features", mesh=r.mesh,
+    eval_step = steps.make_eval_step(head, input_key="features", mesh=r.mesh,
                                         compute_dtype=r.config.compute_dtype)
     state, history = r.fit("features", state, train_step, eval_step, feats["train"], feats["validation"])
 
@@ -289,12 +290,12 @@ def frozen_phase(r: _Run):
     model, variables = init_classifier(r.base_variables, r.base_model, r.head(), r.config.image_size,
                                        r.key("frozen"))
     state, tx = r.start("frozen", variables)
-    train_step = loop.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
+    train_step = steps.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
                                           mesh=r.mesh, compute_dtype=r.config.compute_dtype)
-    eval_step = loop.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
+    eval_step = steps.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
                                         compute_dtype=r.config.compute_dtype)
     state, history = r.fit("frozen", state, train_step, eval_step, r.splits["train"], r.splits["validation"])
-    results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, loop.TrainState.variables)
+    results = r.finish("frozen", state, history, eval_step, r.splits["test"], model, steps.TrainState.variables)
     return results, (model, state, eval_step)
 
 
@@ -307,8 +308,8 @@ def _from_classifier(r: _Run, start: TrainedClassifier):
                          f"data's classes are {list(names)}: import it again with `{download.CONVERT_COMMAND} "
                          f"--class-names {','.join(names)}` if they are the same classes")
     model = Classifier(base=r.base_model, head=start.model.head)
-    state = loop.TrainState.create(start.variables, optax.identity(), r.config.seed)
-    eval_step = loop.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
+    state = steps.TrainState.create(start.variables, optax.identity(), r.config.seed)
+    eval_step = steps.make_eval_step(model, preprocess_mode=r.mode, mesh=r.mesh,
                                     compute_dtype=r.config.compute_dtype)
     return model, state, eval_step
 
@@ -317,12 +318,12 @@ def finetune_phase(r: _Run, model: Classifier, frozen_state, eval_step) -> dict:
     """Unfreeze block5 from the frozen phase's final parameters (where it stopped, whichever
     epoch it tested): new optimizer, new train step."""
     state, tx = r.start("finetune", frozen_state.variables())
-    train_step = loop.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
+    train_step = steps.make_train_step(model, tx, augment=r.config.augment, preprocess_mode=r.mode,
                                           mesh=r.mesh, compute_dtype=r.config.compute_dtype)
     # Same model and inputs as the frozen phase: its compiled eval step is reused.
     state, history = r.fit("finetune", state, train_step, eval_step, r.splits["train"],
                            r.splits["validation"])
-    return r.finish("finetune", state, history, eval_step, r.splits["test"], model, loop.TrainState.variables)
+    return r.finish("finetune", state, history, eval_step, r.splits["test"], model, steps.TrainState.variables)
 
 
 def _read_json(path: Path) -> dict:
