@@ -69,7 +69,7 @@ class JaxWorker:
     def setup(self, kind, size, batch, trainable=None, lr=None):
         import jax.numpy as jnp
         import numpy as np
-        from vggjax.inference import classifier
+        from vggjax.inference import heads
         from vggjax.train import feature_cache, freezing, steps
         from vggjax.model import vgg
         base = vgg.create("vgg16", include_top=False, conv_impl=self.impl,
@@ -80,7 +80,7 @@ class JaxWorker:
         if kind == "infer":
             step, x = feature_cache.make_extract_step(base, "caffe"), jnp.asarray(images)
             return lambda: step(base_vars, x).block_until_ready()
-        net, variables = classifier.init_classifier(base_vars, base, classifier.Head(), size, key)
+        net, variables = heads.init_classifier(base_vars, base, heads.Head(), size, key)
         tx = freezing.make_optimizer(freezing.book_rmsprop(lr), variables["params"], trainable)
         step = steps.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=self.dtype)
         state = [steps.TrainState.create(variables, tx)]

@@ -57,7 +57,7 @@ def prepare(work: Path, size: int, batch: int) -> None:
     import vggjax
     from vggjax.export import artifact
     from vggjax.inference import classifier
-    from vggjax.inference.classifier import Head, init_classifier
+    from vggjax.inference.heads import Head, init_classifier
     import jax
 
     keras.utils.set_random_seed(0)

@@ -18,7 +18,7 @@ from flax import nnx
 import vggjax
 import vggjax.nnx
 from benchmarks import harness
-from vggjax.inference import classifier
+from vggjax.inference import heads
 from vggjax.model import vgg
 from vggjax.train import freezing, steps
 
@@ -28,7 +28,7 @@ PHASES = {"frozen": ("head", ("head",)), "finetune": ("block5+head", ("block5", 
 def setup(batch: int, size: int):
     base = vggjax.create("vgg16", include_top=False, conv_impl="auto")
     base_v = vgg.init_random(base)
-    linen, v = classifier.init_classifier(base_v, base, classifier.Head(), size, jax.random.PRNGKey(1))
+    linen, v = heads.init_classifier(base_v, base, heads.Head(), size, jax.random.PRNGKey(1))
     rng = np.random.default_rng(0)
     data = {"image": rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32),
             "label": rng.integers(0, 2, batch).astype(np.int32), "mask": np.ones(batch, bool)}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from vggjax.inference import classifier
+from vggjax.inference import heads
 from vggjax.model import vgg
 from vggjax.train import freezing, steps
 from vggjax.weights.preprocessing import CAFFE_MEAN_BGR, preprocess_input
@@ -55,7 +55,7 @@ def jax_rows(size, infer_batch, train_batch, min_seconds):
     batch = {"image": jnp.asarray(xt), "label": jnp.asarray(np.arange(train_batch) % 2, jnp.int32),
              "mask": jnp.ones((train_batch,), bool)}
     for name, dtype in (("fp32", None), ("bf16", jnp.bfloat16)):
-        net, v = classifier.init_classifier(variables, base, classifier.Head(), size, jax.random.PRNGKey(1))
+        net, v = heads.init_classifier(variables, base, heads.Head(), size, jax.random.PRNGKey(1))
         tx = freezing.make_optimizer(freezing.book_rmsprop(1e-5), v["params"], "block5+head")
         step = steps.make_train_step(net, tx, preprocess_mode="caffe", compute_dtype=dtype)
         state = [steps.TrainState.create(v, tx)]

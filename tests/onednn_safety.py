@@ -19,7 +19,7 @@ import numpy as np
 
 import vggjax
 from vggjax.model import conv, onednn
-from vggjax.inference import classifier
+from vggjax.inference import heads
 from vggjax.train import freezing, steps
 
 SIDES = (1, 2, 3, 4, 5, 8, 9, 16)
@@ -75,7 +75,7 @@ def check_grid():
 def _finetune_losses(conv_impl, n_steps=3, size=32):
     base = vggjax.create("vgg16", include_top=False, conv_impl=conv_impl)
     base_vars = vggjax.model.vgg.init_random(base, seed=1)
-    model, variables = classifier.init_classifier(base_vars, base, classifier.Head(), size,
+    model, variables = heads.init_classifier(base_vars, base, heads.Head(), size,
                                                   jax.random.key(2))
     tx = freezing.make_optimizer(freezing.book_rmsprop(1e-5), variables["params"], "block5+head")
     state = steps.TrainState.create(variables, tx)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.inference import classifier
-from vggjax.inference.classifier import Classifier, Head, init_classifier
+from vggjax.inference import classifier, heads
+from vggjax.inference.heads import Classifier, Head, init_classifier
 from vggjax.utils.trees import digest, flatten
 from vggjax.utils import ownership
 
@@ -237,6 +237,6 @@ def test_head_pools_and_stacks_hidden_layers_as_imported_models_need(pooling):
     for name in ("hidden", "hidden_1", "logits"):
         v = v @ p[name]["kernel"] + p[name]["bias"]
     np.testing.assert_allclose(head.apply({"params": p}, x), v, rtol=1e-5, atol=1e-5)
-    assert classifier.head_from_config(classifier.head_config(head)) == head
+    assert heads.head_from_config(heads.head_config(head)) == head
     with pytest.raises(ValueError, match=r"head pooling must be one of"):
         Head(pooling="mean").apply({"params": p}, x)

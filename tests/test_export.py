@@ -16,7 +16,7 @@ from helpers import random_variables, run_on_small_disk, script_env, write_jpegs
 from vggjax.export import artifact
 import vggjax.inference.artifact
 from vggjax.inference import classifier
-from vggjax.inference.classifier import Head, init_classifier
+from vggjax.inference.heads import Head, init_classifier
 from vggjax.utils import ownership
 from vggjax.utils.images import load_image
 

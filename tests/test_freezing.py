@@ -7,7 +7,7 @@ import pytest
 
 import vggjax
 from vggjax.train import freezing, steps
-from vggjax.inference.classifier import Head, init_classifier
+from vggjax.inference.heads import Head, init_classifier
 from vggjax.utils.trees import flatten
 
 

@@ -24,7 +24,7 @@ def train_one_epoch(folder: str, out: str) -> None:
     import vggjax
     from conftest import random_variables
     from vggjax.train import data, freezing, steps
-    from vggjax.inference.classifier import Head, init_classifier
+    from vggjax.inference.heads import Head, init_classifier
 
     split = data.load_split(folder, "train", 32, STEPS_BATCH, shuffle=True, seed=3)
     split = split.shard(jax.process_index(), jax.process_count())

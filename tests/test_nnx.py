@@ -15,7 +15,7 @@ import vggjax
 import vggjax.nnx as vnnx
 from helpers import REPO, TOL, assert_parity, normal_images, random_variables, script_env, tensorboard_scalars
 from vggjax.testing.reference import random_vgg
-from vggjax.inference import classifier
+from vggjax.inference import heads
 from vggjax.train import freezing, report, steps
 from vggjax.utils.trees import flatten
 
@@ -129,9 +129,9 @@ def _classifier_pair():
     """(NNX classifier, its Linen twin and variables): VGG11 base at 32x32, head without
     dropout so that a train step is deterministic."""
     base_v = random_variables("vgg11", include_top=False, seed=10)
-    linen = classifier.Classifier(base=vggjax.create("vgg11", include_top=False),
-                                        head=classifier.Head(units=16, dropout_rate=0.0))
-    _, v = classifier.init_classifier(base_v, linen.base, linen.head, 32, jax.random.PRNGKey(0))
+    linen = heads.Classifier(base=vggjax.create("vgg11", include_top=False),
+                                        head=heads.Head(units=16, dropout_rate=0.0))
+    _, v = heads.init_classifier(base_v, linen.base, linen.head, 32, jax.random.PRNGKey(0))
     return vnnx.from_linen(linen, v), linen, v
 
 

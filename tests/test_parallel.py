@@ -19,7 +19,7 @@ def run_on_four_devices() -> dict:
     import vggjax
     from conftest import random_variables
     from vggjax.train import augmentation, freezing, steps
-    from vggjax.inference.classifier import Head, init_classifier
+    from vggjax.inference.heads import Head, init_classifier
 
     assert jax.device_count() == 4, jax.devices()
     base = vggjax.VGG11(include_top=False)

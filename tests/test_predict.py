@@ -12,7 +12,7 @@ from PIL import Image
 
 import vggjax
 from vggjax.inference import classifier
-from vggjax.inference.classifier import Head, init_classifier
+from vggjax.inference.heads import Head, init_classifier
 from vggjax.utils.images import load_image
 from vggjax.weights.preprocessing import imagenet_classes
 from helpers import write_jpegs

@@ -19,7 +19,7 @@ import pytest
 import vggjax
 from helpers import logged, recorded_steps, tensorboard_scalars
 from vggjax.train import augmentation, freezing, loop, metric_writers, steps
-from vggjax.inference.classifier import Head
+from vggjax.inference.heads import Head
 from vggjax.train.splits import ArraySplit, epoch_order
 
 

@@ -75,7 +75,7 @@ def parse_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
 
 def import_classifier(args) -> str:
     from vggjax.inference import imported
-    from vggjax.inference.classifier import hidden_layers
+    from vggjax.inference.heads import hidden_layers
 
     names = imported.parse_class_names(args.class_names) if args.class_names is not None else None
     if args.source == "keras":

@@ -1,5 +1,5 @@
-"""A new classification head on a pretrained VGG conv base (the book's transfer-learning model),
-and the classifier directory: written once, loaded and run on raw images without the training code.
+"""The classifier directory: a trained `heads.Classifier` (a new head on a pretrained VGG conv base)
+written once, loaded and run on raw images without the training code.
 
 Classifier directory layout (`save`):
 
@@ -21,7 +21,7 @@ import json
 import warnings
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -31,153 +31,18 @@ import numpy as np
 from vggjax import weights
 
 from vggjax.utils import atomic, digests
-from vggjax.model.vgg import VGG, torch_pool
+from vggjax.inference import heads
 from vggjax.utils.batches import pad_batch
+from vggjax.utils.deprecation import moved_names
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
 from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
 
 BASE, HEAD, CLASSIFIER = "base", "head.safetensors", "classifier.json"
-
-
-POOLINGS = ("flatten", "avg", "max", "torch")  # how the head turns (N, H, W, C) features into vectors
-ACTIVATIONS = ("relu", None)  # of the hidden layers: the book's relu, or none (its 2nd edition)
-
-
-class Head(nn.Module):
-    """pool -> [Dense(units) activation -> Dropout] ... -> Dense(num_outputs): the book's densely
-    connected head, and the heads of Keras and torchvision models it imports.
-
-    Input: (N, H, W, C) features, e.g. (N, 4, 4, 512) VGG16 features of 150x150 images.
-    `pooling`: "flatten" (H, W, C order), global "avg" or "max", or "torch" (torchvision's
-    adaptive average pool to 7x7, then flatten). `units`: one hidden layer's width, or a tuple
-    of widths (() for none). Dropout sits in front of every Dense but the first hidden one.
-    Output: (N, num_outputs) logits. With num_outputs=1 they are binary logits (the sigmoid
-    lives in the loss); with more, class logits for softmax cross-entropy.
-    Param names: "hidden", "hidden_1", ... {kernel (D, units), bias} and "logits" {kernel
-    (units, num_outputs), bias}.
-    """
-
-    units: int | tuple[int, ...] = 256
-    dropout_rate: float = 0.5
-    num_outputs: int = 1
-    pooling: str = "flatten"
-    activation: str | None = "relu"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        return head_forward(self, _LinenHeadLayers(self, train), x)
-
-
-# Keras Dense defaults (glorot_uniform kernel, zero bias), so the head starts as the book's.
-HEAD_KERNEL_INIT = nn.initializers.glorot_uniform()
-
-
-def hidden_layers(config: Head) -> list[tuple[str, int]]:
-    """[(param name, width)] of the head's hidden Dense layers: "hidden", "hidden_1", ..."""
-    widths = (config.units,) if isinstance(config.units, int) else tuple(config.units)
-    return [("hidden" if i == 0 else f"hidden_{i}", w) for i, w in enumerate(widths)]
-
-
-def check_head(config: Head) -> None:
-    """ValueError (one line) for a pooling, activation or width the head does not have."""
-    widths = [w for _, w in hidden_layers(config)]
-    if config.pooling not in POOLINGS:
-        raise ValueError(f"head pooling must be one of {POOLINGS}, found {config.pooling!r}")
-    if config.activation not in ACTIVATIONS:
-        raise ValueError(f"head activation must be one of {ACTIVATIONS}, found {config.activation!r}")
-    if not all(type(w) is int and w > 0 for w in [*widths, config.num_outputs]):
-        raise ValueError(f"head widths must be positive integers, found units {config.units!r}, "
-                         f"num_outputs {config.num_outputs!r}")
-
-
-def pool_features(pooling: str, x):
-    """(N, H, W, C) features -> (N, D) vectors, as `Head.pooling` says."""
-    if pooling in ("avg", "max"):
-        return jnp.mean(x, axis=(1, 2)) if pooling == "avg" else jnp.max(x, axis=(1, 2))
-    if pooling == "torch":
-        x = torch_pool(x)
-    return x.reshape(x.shape[0], -1)
-
-
-def head_forward(config: Head, layers, x):
-    """The head's one forward pass, for both faces (Linen here, vggjax.nnx there): `layers`
-    runs the Dense layers by name and the dropout. x: (N, ...) features -> (N, num_outputs) logits."""
-    check_head(config)
-    x = pool_features(config.pooling, jnp.asarray(x, config.dtype))
-    for i, (name, width) in enumerate(hidden_layers(config)):
-        x = layers.dense(name, width, layers.dropout(x) if i else x)
-        x = nn.relu(x) if config.activation == "relu" else x
-    return layers.dense("logits", config.num_outputs, layers.dropout(x))
-
-
-class _LinenHeadLayers:
-    def __init__(self, module: Head, train: bool):
-        self.m, self.train = module, train
-
-    def dense(self, name, units, x):
-        return nn.Dense(units, name=name, dtype=self.m.dtype, param_dtype=self.m.param_dtype,
-                        kernel_init=HEAD_KERNEL_INIT)(x)
-
-    def dropout(self, x):
-        return nn.Dropout(self.m.dropout_rate, deterministic=not self.train)(x)
-
-
-class Classifier(nn.Module):
-    """`head` on top of a headless VGG `base` (include_top=False).
-
-    `__call__(x, train=False)`: x (N, H, W, 3) float images already preprocessed for the base's
-    weights (see `preprocess_input`); returns (N, num_outputs) logits.
-    Variables: {"params": {"base": <VGG params, Keras names>, "head": {...}}} plus
-    {"batch_stats": {"base": ...}} for BatchNorm bases.
-    `train` switches the head's dropout. The base's BatchNorm layers use their running statistics
-    unless `train_base_batch_norm` is set, which is Keras' behaviour for a pretrained base
-    (frozen or fine-tuned): a small new dataset would otherwise overwrite ImageNet statistics.
-    """
-
-    base: VGG
-    head: Head
-    train_base_batch_norm: bool = False
-
-    def __call__(self, x, train: bool = False):
-        features = self.base(x, train=train and self.train_base_batch_norm)
-        return self.head(features, train=train)
-
-
-def init_classifier(base_variables: Mapping, base_model: VGG, head: Head,
-                    image_size: int | Sequence[int], key: jax.Array) -> tuple[Classifier, dict]:
-    """(Classifier(base=base_model, head=head), its variables) with the pretrained base dropped in.
-
-    base_variables: {"params": {...}[, "batch_stats": {...}]} of `base_model` (NumPy or JAX
-    arrays, e.g. from the converters), not re-initialised. Only the head is initialised, from
-    `key`, for the feature shape that `image_size` (int or (H, W)) gives. The variables are
-    {"params": {"base", "head"}[, "batch_stats": {"base"}]} of JAX arrays. Raises ValueError
-    when the base is not headless or `base_variables` does not fit `base_model`, naming the layers.
-    """
-    if base_model.include_top:
-        raise ValueError("the classifier's base must be headless: create it with include_top=False")
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    base_model.check_input((1, h, w, 3))
-    images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-    want = jax.eval_shape(base_model.init, key, images)
-    if problems := diff(base_variables, want):
-        raise ValueError("base variables do not fit the base model: " + "; ".join(problems))
-
-    features = jax.eval_shape(base_model.apply, want, images)
-    head_vars = head.init(key, jnp.zeros(features.shape, features.dtype))
-    variables = {"params": {"base": dict(base_variables["params"]), "head": head_vars["params"]}}
-    if "batch_stats" in base_variables:
-        variables["batch_stats"] = {"base": dict(base_variables["batch_stats"])}
-    return Classifier(base=base_model, head=head), jax.tree.map(jnp.asarray, variables)
-
-
-def class_logits(logits: jax.Array) -> jax.Array:
-    """float32 (N, K) logits of a classifier's output: a binary head's one logit l becomes
-    (-l/2, l/2), whose softmax is (1 - sigmoid(l), sigmoid(l)). Predicting, exporting and
-    Grad-CAM all go through this, so a binary head is two classes everywhere."""
-    logits = logits.astype(jnp.float32)
-    return jnp.concatenate([-logits / 2, logits / 2], axis=-1) if logits.shape[-1] == 1 else logits
+# Moved to `vggjax.inference.heads`.
+__getattr__ = moved_names(__name__, dict.fromkeys(
+    ("Head", "Classifier", "init_classifier", "class_logits", "hidden_layers", "head_forward", "check_head",
+     "pool_features", "head_config", "head_from_config", "HEAD_KERNEL_INIT", "POOLINGS", "ACTIVATIONS"),
+    "vggjax.inference.heads"))
 
 
 def class_probabilities(model: nn.Module, preprocessing: str, variables, pixels) -> jax.Array:
@@ -186,14 +51,14 @@ def class_probabilities(model: nn.Module, preprocessing: str, variables, pixels)
     `class_logits` (a binary head: (1 - sigmoid(l), sigmoid(l))). Traceable; `predict`, the
     files tool's `Predictor` and the exported serving function all run it."""
     logits = model.apply(variables, preprocess_input(pixels, preprocessing))
-    return jax.nn.softmax(class_logits(logits))
+    return jax.nn.softmax(heads.class_logits(logits))
 
 
 @dataclasses.dataclass(eq=False)
 class TrainedClassifier:
     """A headless VGG base plus a head, ready to classify raw images (see `predict`)."""
 
-    model: Classifier
+    model: heads.Classifier
     variables: dict  # {"params": {"base", "head"}[, "batch_stats": {"base"}]}
     preprocessing: str  # the preprocess_input mode the classifier was trained with
     image_size: int
@@ -224,7 +89,7 @@ def save(directory: str | os.PathLike, classifier: TrainedClassifier, base_meta:
     if "batch_stats" in classifier.variables:
         base_variables["batch_stats"] = classifier.variables["batch_stats"]["base"]
     meta = dict(base_meta, include_top=False, preprocessing=classifier.preprocessing)
-    config = {"head": head_config(head),
+    config = {"head": heads.head_config(head),
               "image_size": classifier.image_size, "preprocessing": classifier.preprocessing,
               "class_names": list(classifier.class_names), "base": BASE, **dict(info or {})}
 
@@ -236,22 +101,6 @@ def save(directory: str | os.PathLike, classifier: TrainedClassifier, base_meta:
         config["files"] = digests.of_files(tmp)  # checked by load_classifier
         (tmp / CLASSIFIER).write_text(json.dumps(config, indent=2) + "\n")
     return Path(directory)
-
-
-def head_config(head: Head) -> dict:
-    """The head's options as classifier.json stores them (widths as a list when several)."""
-    units = head.units if isinstance(head.units, int) else list(head.units)
-    return {"units": units, "dropout_rate": head.dropout_rate, "num_outputs": head.num_outputs,
-            "pooling": head.pooling, "activation": head.activation}
-
-
-def head_from_config(config: Mapping) -> Head:
-    """`head_config`'s inverse; exports written before pooling and activation existed get the
-    book's flatten and relu."""
-    units = config["units"]
-    return Head(units=units if isinstance(units, int) else tuple(units),
-                dropout_rate=config["dropout_rate"], num_outputs=config["num_outputs"],
-                pooling=config.get("pooling", "flatten"), activation=config.get("activation", "relu"))
 
 
 def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None = None,
@@ -271,12 +120,12 @@ def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None
         raise FileNotFoundError(f"{directory} is not a classifier directory: {CLASSIFIER} is missing")
     try:
         config = json.loads(where.read_text())
-        head = head_from_config(config["head"])
+        head = heads.head_from_config(config["head"])
         image_size, mode, names = config["image_size"], config["preprocessing"], config["class_names"]
         ok = (type(image_size) is int and isinstance(mode, str) and mode in MODES
               and isinstance(names, list) and all(isinstance(n, str) for n in names)
               and isinstance(config["base"], str))
-        check_head(head)
+        heads.check_head(head)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{where} is corrupt: {type(err).__name__}: {err}") from None
     if not ok:
@@ -309,7 +158,7 @@ def load_classifier(directory: str | os.PathLike, base: str | os.PathLike | None
     variables = {"params": {"base": base_weights.params, "head": jax.tree.map(jnp.asarray, head_params)}}
     if base_weights.batch_stats is not None:
         variables["batch_stats"] = {"base": base_weights.batch_stats}
-    return TrainedClassifier(model=Classifier(base=base_weights.model, head=head), variables=variables,
+    return TrainedClassifier(model=heads.Classifier(base=base_weights.model, head=head), variables=variables,
                              preprocessing=mode, image_size=image_size, class_names=tuple(names),
                              meta=config)
 

@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from vggjax.inference.classifier import CLASSIFIER, Classifier, Head, TrainedClassifier, hidden_layers, save
+from vggjax.inference.heads import Classifier, Head, hidden_layers
+from vggjax.inference.classifier import CLASSIFIER, TrainedClassifier, save
 from vggjax.model.vgg import TOP, create, without_top
 from vggjax.utils import atomic, digests
 from vggjax.utils.trees import diff

@@ -1,7 +1,7 @@
 """The VGG family and the book's classifier as Flax NNX modules, on the Linen face's architecture.
 
 Each NNX module keeps its Linen twin as `config`: the options, the layer names and shapes
-(`vgg.variable_shapes`) and the forward pass (`vgg.forward`, `classifier.head_forward`) are the
+(`vgg.variable_shapes`) and the forward pass (`vgg.forward`, `heads.head_forward`) are the
 Linen ones, so the two faces cannot drift apart. Only parameter storage differs: here each layer
 is an attribute named as in Keras (`model.block5_conv3.kernel`), BatchNorm statistics are
 `nnx.BatchStat`s, and `model.train()` / `model.eval()` switch BatchNorm and dropout.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vggjax.model import conv, vgg
-from vggjax.inference import classifier
+from vggjax.inference import heads
 from vggjax.utils.trees import diff
 
 
@@ -122,20 +122,20 @@ def _layer_shapes(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
 class Head(nnx.Module):
     """The book's head (flatten -> Dense(units) relu -> Dropout -> Dense(num_outputs)) in NNX;
     `in_features` is the pooled feature size (4*4*512 for VGG16 at 150x150, flattened). Keyword
-    arguments as the Linen `vggjax.inference.classifier.Head`."""
+    arguments as the Linen `vggjax.inference.heads.Head`."""
 
     def __init__(self, in_features: int, *, rngs: nnx.Rngs, **options):
-        self.config = classifier.Head(**options)
-        c, init = self.config, classifier.HEAD_KERNEL_INIT
+        self.config = heads.Head(**options)
+        c, init = self.config, heads.HEAD_KERNEL_INIT
         dtypes = dict(dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init)
-        for name, width in classifier.hidden_layers(c):
+        for name, width in heads.hidden_layers(c):
             setattr(self, name, nnx.Linear(in_features, width, rngs=rngs, **dtypes))
             in_features = width
         self.dropout = nnx.Dropout(c.dropout_rate, deterministic=True, rngs=rngs)
         self.logits = nnx.Linear(in_features, c.num_outputs, rngs=rngs, **dtypes)
 
     def __call__(self, x):
-        return classifier.head_forward(self.config, self, x)
+        return heads.head_forward(self.config, self, x)
 
     def dense(self, name, units, x):  # the layers `head_forward` runs
         return getattr(self, name)(x)
@@ -160,8 +160,8 @@ class Classifier(nnx.Module):
             self.base.set_attributes(use_running_average=True, raise_if_not_found=False)
 
     @property
-    def config(self) -> classifier.Classifier:
-        return classifier.Classifier(base=self.base.config, head=self.head.config,
+    def config(self) -> heads.Classifier:
+        return heads.Classifier(base=self.base.config, head=self.head.config,
                                            train_base_batch_norm=self.train_base_batch_norm)
 
 
@@ -217,10 +217,10 @@ def from_linen(module, linen_variables: Mapping, preprocessing: str | None = Non
     its dropout draws from `rngs` (default nnx.Rngs(0))."""
     def build():
         rngs = nnx.Rngs(0)
-        if isinstance(module, classifier.Classifier):
+        if isinstance(module, heads.Classifier):
             base = VGG(rngs=rngs, preprocessing=preprocessing, **_fields(module.base))
             head_params = linen_variables["params"]["head"]
-            first = ([name for name, _ in classifier.hidden_layers(module.head)] + ["logits"])[0]
+            first = ([name for name, _ in heads.hidden_layers(module.head)] + ["logits"])[0]
             size = int(head_params[first]["kernel"].shape[0])
             head = Head(size, rngs=rngs, **_fields(module.head))
             return Classifier(base, head, module.train_base_batch_norm)

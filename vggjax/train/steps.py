@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vggjax.inference.classifier import class_logits
+from vggjax.inference.heads import class_logits
 from vggjax.model.compute_dtype import with_compute_dtype
 from vggjax.train import augmentation
 from vggjax.train.parallel import batch_sharding, replicated
@@ -53,7 +53,7 @@ def batch_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict
     """Masked loss and accuracy of one batch: padded examples (mask False) count zero.
 
     logits (B, K): softmax cross-entropy against integer labels; a binary head's (B, 1) goes
-    through `classifier.class_logits`, the rule predicting uses, which makes this its sigmoid
+    through `heads.class_logits`, the rule predicting uses, which makes this its sigmoid
     cross-entropy against labels in {0, 1} and "correct" mean logit > 0. Returns float32 "loss"
     and "accuracy" means over the real examples (0 when there are none) and int32 "count" of them.
     """

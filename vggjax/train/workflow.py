@@ -50,8 +50,8 @@ from vggjax.utils import atomic, locks
 from vggjax.train import splits
 from vggjax.train import feature_cache, freezing, loop, metric_writers, parallel, report, steps, synthetic
 from vggjax.model.compute_dtype import with_compute_dtype
-from vggjax.inference.classifier import (CLASSIFIER, Classifier, Head, TrainedClassifier, save,
-                                         init_classifier, load_classifier)
+from vggjax.inference.heads import Classifier, Head, init_classifier
+from vggjax.inference.classifier import CLASSIFIER, TrainedClassifier, save, load_classifier
 from vggjax.utils.trees import digest
 from vggjax.weights import download, store
 from vggjax.train.config import PHASE_FREEZING, PHASES, Config

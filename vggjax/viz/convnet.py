@@ -20,7 +20,7 @@ from vggjax.utils import checks
 from vggjax.utils.images import resize
 from vggjax.model.vgg import PERTURBATIONS, TAPPED, TAPS, VGG
 from vggjax.weights.preprocessing import preprocess_input
-from vggjax.inference.classifier import class_logits
+from vggjax.inference.heads import class_logits
 from vggjax.utils.trees import flatten, unflatten
 
 METHODS = ("gradcam", "gradcam++", "hirescam")
