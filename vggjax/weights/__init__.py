@@ -1,6 +1,6 @@
 """Pretrained weights: reading the published Keras/torchvision/timm files (`keras`, `torch`) and
-whole Keras models (`keras_model`), fetching them (`download`; timm's from the Hugging Face Hub:
-`hub`), what a complete set looks like (`spec`), and the converted
+whole Keras models (`keras_model`; their layer graph: `keras_graph`), fetching them (`download`;
+timm's from the Hugging Face Hub: `hub`), what a complete set looks like (`spec`), and the converted
 weights directory users load (`store`: `load`, `convert_file`, `save`, `Pretrained`), and
 `torch.save` files read without torch or running their pickles (`torch_pickle`)."""
 from vggjax.weights.store import (METADATA, SOURCES, Pretrained, convert_file, default_output_dir,
