@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_pool [--rounds 5] [--reps 3] [--dtypes float32,bfloat16] [--smoke] [--out F]
 
-nn.max_pool's gradient is XLA's select-and-scatter; vggjax.model.vgg.max_pool2x2 (a reshape and
+nn.max_pool's gradient is XLA's select-and-scatter; vggjax.model.pooling.max_pool2x2 (a reshape and
 a max, its gradient a mask) is what the model uses. Shapes: one 64x64x64x64 pool, and VGG16's
 five pools at 150x150, batch 20 (the fine-tune step's). Reports the first call (trace +
 compile + one run) and the median seconds of one forward + backward, and the ratio.
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from vggjax.model.vgg import max_pool2x2
+from vggjax.model.pooling import max_pool2x2
 
 SHAPES = [(64, 64, 64, 64)] + [(20, s, s, c) for s, c in
                                ((150, 64), (75, 128), (37, 256), (18, 512), (9, 512))]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import vggjax
-from vggjax.model.vgg import (ARCHS, adaptive_pool_matrix, arch_name, find_arch, init_random,
-                              max_pool2x2)
+from vggjax.model.pooling import adaptive_pool_matrix, max_pool2x2
+from vggjax.model.vgg import ARCHS, arch_name, find_arch, init_random
 from vggjax.model.summary import summary_rows
 
 

@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vggjax.model.vgg import VGG, torch_pool
+from vggjax.model.pooling import torch_pool
+from vggjax.model.vgg import VGG
 from vggjax.utils.trees import diff
 
 

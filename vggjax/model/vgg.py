@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vggjax.model.conv import Conv3x3
+from vggjax.model.pooling import TORCH_GRID, max_pool2x2, torch_pool
+from vggjax.utils.deprecation import moved_names
 from vggjax.utils.trees import flatten
 
 # Convolutions per block; every block doubles the width up to 512 and ends in a 2x2 max pool.
@@ -29,75 +31,16 @@ MIN_SIZE = 32  # five 2x2 poolings: anything smaller pools to nothing
 PERTURBATIONS, TAPPED, TAPS = "perturbations", "intermediates", "taps"
 
 
+__getattr__ = moved_names(__name__, {"adaptive_pool_matrix": "vggjax.model.pooling"})
+
 # torchvision's BatchNorm2d: eps 1e-5, momentum 0.1 (Flax counts the other way: 0.9).
 BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
-FC_UNITS, TOP_GRID = 4096, 7  # fc1/fc2 width; the top reads a 7x7x512 grid
-
-
-@jax.custom_jvp
-def _pool2x2(x):
-    n, h, w, c = x.shape
-    return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
-
-
-@_pool2x2.defjvp
-def _pool2x2_jvp(primals, tangents):
-    # The tangent is linear in t through a one-hot mask of each window's first maximum, so
-    # reverse mode (its transpose) is one broadcast-and-select: no select-and-scatter, which
-    # XLA:CPU runs slowly.
-    (x,), (t,) = primals, tangents
-    y = _pool2x2(x)
-    n, h, w, c = x.shape
-    x6, t6 = (a.reshape(n, h // 2, 2, w // 2, 2, c) for a in (x, t))
-    # Corners compared with y as is (no broadcast of y to x's size); the first maximum in
-    # row-major window order takes the whole gradient (as XLA's select-and-scatter, TF and
-    # torch do), not a share split among ties.
-    e00, e01, e10 = (x6[:, :, i, :, j] == y for i, j in ((0, 0), (0, 1), (1, 0)))
-    first = jnp.where(e00, 0, jnp.where(e01, 1, jnp.where(e10, 2, 3))).astype(jnp.int8)
-    corner = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1)  # window row, -, column, -
-    onehot = first[:, :, None, :, None, :] == corner
-    return y, jnp.where(onehot, t6, jnp.zeros((), t.dtype)).sum(axis=(2, 4))
-
-
-def max_pool2x2(x):
-    """VGG's 2x2 stride-2 VALID max pool: (N, H, W, C) -> (N, H//2, W//2, C), any float dtype.
-
-    Equal to `nn.max_pool(x, (2, 2), strides=(2, 2))` in values and gradients: an odd last
-    row/column is dropped, a tied window sends its whole gradient to its first maximum in
-    row-major order. The gradient is a mask instead of XLA:CPU's slow select-and-scatter.
-    A window holding NaN pools to NaN and sends its gradient to its last element (XLA's
-    choice there depends on where the NaN sits).
-    """
-    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-    return _pool2x2(x[:, :h, :w])
+FC_UNITS, TOP_GRID = 4096, TORCH_GRID  # fc1/fc2 width; the top reads a 7x7x512 grid
 
 
 def conv_names(block_sizes: Sequence[int]) -> list[str]:
     """Keras names of the conv layers in order: block1_conv1 ... block5_convN."""
     return [f"block{b}_conv{i}" for b, n in enumerate(block_sizes, 1) for i in range(1, n + 1)]
-
-
-def torch_pool(x):
-    """torchvision's AdaptiveAvgPool2d((7, 7)) in front of its classifier: (N, H, W, C) ->
-    (N, 7, 7, C), the identity on a 7x7 grid (224x224 images)."""
-    if x.shape[1:3] == (TOP_GRID, TOP_GRID):
-        return x
-    ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], TOP_GRID), x.dtype)
-    pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], TOP_GRID), x.dtype)
-    return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
-
-
-def adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32 averaging matrix with torch's AdaptiveAvgPool bin edges.
-
-    Bin i covers [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out)), so bins overlap when n_in is not
-    a multiple of n_out, exactly as torchvision's head sees them.
-    """
-    m = np.zeros((n_out, n_in), np.float32)
-    for i in range(n_out):
-        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
 
 
 class VGG(nn.Module):
