@@ -1,11 +1,15 @@
 """vggjax.train.data on a real image folder (JPEG/PNG files written with PIL) and on mocked tfds cats_vs_dogs."""
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vggjax.train import data
+from vggjax.train import data, splits
 
 SIZE, BATCH = 16, 4
 CLASSES = ("cats", "dogs")
@@ -161,6 +165,32 @@ def test_folder_errors_name_the_problem(folder, tmp_path):
     (tmp_path / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="none of its 1 files"):
         data.load_split(str(tmp_path), "train", SIZE, BATCH, shuffle=False)
+
+
+def test_the_folder_is_listed_as_tfds_image_folder_lists_it(folder):
+    """`splits.list_folder` keeps the rule of tfds' ImageFolder (awkward files included)."""
+    import tensorflow_datasets as tfds
+
+    root, _, _ = folder
+    with splits.tfds_temp_cleanup():
+        info = tfds.folder_dataset.ImageFolder(str(root)).info
+    for split in ("train", "validation", "test"):
+        class_names, paths, labels = data.list_folder(str(root), split)
+        assert class_names == info.features["label"].names
+        assert len(paths) == len(labels) == info.splits[split].num_examples
+
+
+def test_tfds_temp_folders_are_removed_and_tempfile_left_alone():
+    """Only the empty tmp*tfds folders made inside the block go; the process' temp folder stays."""
+    temp = tempfile.gettempdir()
+    older = tempfile.mkdtemp("tfds")
+    with splits.tfds_temp_cleanup():
+        assert tempfile.gettempdir() == temp and tempfile.tempdir == temp
+        leaked, filled, other = tempfile.mkdtemp("tfds"), tempfile.mkdtemp("tfds"), tempfile.mkdtemp()
+        Path(filled, "metadata.json").write_text("{}")
+    assert [os.path.isdir(p) for p in (older, leaked, filled, other)] == [True, False, True, True]
+    for path in (older, filled, other):
+        shutil.rmtree(path)
 
 
 def test_tfds_slicing_gives_the_books_balanced_disjoint_splits():

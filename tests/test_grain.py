@@ -1,8 +1,10 @@
 """The Grain pipeline (no TensorFlow): the same batches as the tf.data one for the same seed, the same
 photo pixels, Keras' nearest resizing, shards, and the workflow with TensorFlow blocked."""
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 
@@ -189,9 +191,11 @@ def test_two_shards_see_each_example_once_in_the_same_steps(folder):  # noqa: F8
 
 def test_bad_settings_are_one_line(folder):  # noqa: F811
     root, _, _ = folder
+    temp = set(os.listdir(tempfile.gettempdir()))
     with pytest.raises(ValueError, match=r"^tfds cats_vs_dogs is not prepared in ArrayRecord under "
                                          r"[^\n]*tfds build cats_vs_dogs --file_format=array_record`$"):
         grain_data.load_split("tfds", "train", SIZE, BATCH, shuffle=False, data_dir=str(root / "none"))
+    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.endswith("tfds") and n not in temp]
     with pytest.raises(ValueError, match=r"interpolation must be one of \('bilinear', 'nearest'\)"):
         grain_data.load_split(str(root), "train", SIZE, BATCH, shuffle=False, interpolation="bicubic")
     with pytest.raises(ValueError, match=r"no_such/train: no such folder"):

@@ -18,13 +18,11 @@ Sources:
   images go to `train`, the next 500 to `validation`, the next 500 to `test` (`BOOK_SPLITS`), so
   each split is balanced and disjoint from the others. Reading stops as soon as the requested
   split is complete; its encoded JPEGs are kept in memory (about 35 MB per 1000 images).
-- a directory `DIR/{train,validation,test}/<class>/*.jpg`: indexed by
-  `tfds.folder_dataset.ImageFolder`, which defines the split names, the class names (sorted
-  directory names, shared by all splits) and the label ids. ImageFolder's own `as_dataset` is
-  not used to read: it decodes inside the pipeline, so one bad file kills an epoch, and its
-  shuffle is unseeded. The files are listed by ImageFolder's rule (sorted class directories,
-  `.jpg/.jpeg/.png` in any case, other files ignored) and the count is checked against
-  ImageFolder's.
+- a directory `DIR/{train,validation,test}/<class>/*.jpg`: listed by `splits.list_folder`, the
+  rule of `tfds.folder_dataset.ImageFolder` (class names the sorted class directories, labels
+  their index, `.jpg/.jpeg/.png` in any case, other files ignored), as the Grain pipeline lists
+  it. ImageFolder itself is not used: it walks every split at each call, and its `as_dataset`
+  decodes inside the pipeline, so one bad file kills an epoch, and its shuffle is unseeded.
 
 Every image is decoded once up front, in parallel, with the very decoder the epochs use
 (`tf.io.decode_image(channels=3)`, which turns grayscale, palette, 16-bit, RGBA (alpha dropped,
@@ -49,7 +47,7 @@ import numpy as np
 from vggjax.utils.extras import require
 from vggjax.train.splits import (BOOK_SPLITS, IMAGE_EXTENSIONS, SkippedFilesWarning, Split,  # noqa: F401
                                  check_image_folder, check_tfds_split, decodable, list_folder,
-                                 tfds_scratch, tfds_slice)
+                                 tfds_slice, tfds_temp_cleanup)
 
 tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
 tfds = require("tensorflow_datasets", "vggjax.train.data")
@@ -114,7 +112,7 @@ def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int
     """(class_names, encoded images, labels, image/filenames) of the `split` slice
     (`splits.tfds_slice`) of cats_vs_dogs, read with tfds.load."""
     check_tfds_split(split, per_class)  # before any download
-    with tfds_scratch():
+    with tfds_temp_cleanup():
         ds, info = tfds.load("cats_vs_dogs", split="train", shuffle_files=False, data_dir=data_dir,
                              with_info=True, decoders={"image": tfds.decode.SkipDecoding()})
     class_names = info.features["label"].names
@@ -125,22 +123,14 @@ def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int
 
 
 def _folder_examples(root: str, split: str):
-    """(class_names, paths, labels, paths as names) of `root/split`, as ImageFolder indexes it."""
+    """(class_names, paths, labels, paths as names) of `root/split` (`splits.list_folder`)."""
     if not tf.io.gfile.isdir(root):
         raise ValueError(f"image folder {root!r} does not exist (expected {root}/<split>/<class>/*.jpg)")
-    with tfds_scratch():
-        builder = tfds.folder_dataset.ImageFolder(root)
-    splits = builder.info.splits
-    if split not in splits:
-        raise ValueError(f"image folder {root!r} has no split {split!r}; ImageFolder found {sorted(splits)}")
-    label = builder.info.features["label"]
-    class_names, paths, indices = list_folder(root, split)  # the one listing rule, checked here
-    labels = [label.str2int(class_names[i]) for i in indices]
-    split_dir = os.path.join(root, split)
-    if len(paths) != splits[split].num_examples:
-        raise RuntimeError(f"{split_dir}: listed {len(paths)} images but ImageFolder counts "
-                           f"{splits[split].num_examples}; its listing rule changed")
-    return label.names, paths, labels, paths
+    if not os.path.isdir(os.path.join(root, split)):
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise ValueError(f"image folder {root!r} has no split {split!r}; found {found}")
+    class_names, paths, labels = list_folder(root, split)
+    return class_names, paths, labels, paths
 
 
 def _read(encoded: tf.Tensor, from_files: bool) -> tf.Tensor:

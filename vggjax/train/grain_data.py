@@ -31,7 +31,7 @@ from typing import Mapping
 import numpy as np
 
 from vggjax.train.splits import (BOOK_SPLITS, Split, check_tfds_split, decodable, list_folder,
-                                 tfds_scratch, tfds_slice)
+                                 tfds_slice, tfds_temp_cleanup)
 from vggjax.utils.batches import pad_batch
 from vggjax.utils.extras import require
 
@@ -94,7 +94,7 @@ def tfds_source(data_dir: str | None = None):
     ValueError when it is not prepared in ArrayRecord under `data_dir` (tfds' default if None)."""
     tfds = require("tensorflow_datasets", "the grain pipeline's tfds source")
     try:
-        with tfds_scratch():
+        with tfds_temp_cleanup():
             source = tfds.data_source("cats_vs_dogs", split="train", data_dir=data_dir, download=False,
                                       decoders={"image": tfds.decode.SkipDecoding()})
     except ImportError:

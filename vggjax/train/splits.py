@@ -14,6 +14,7 @@ import importlib
 import itertools
 import math
 import os
+import re
 import tempfile
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
@@ -33,6 +34,8 @@ BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}
 SPLITS = tuple(BOOK_SPLITS)  # the split names, a folder's DIR/<split>/ too
 # What tfds.folder_dataset.ImageFolder lists (its _SUPPORTED_IMAGE_FORMAT); anything else is ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The folders tfds' `tempfile.mkdtemp("tfds")` makes (tempfile's names: "tmp" + 8 of [a-z0-9_]).
+_TFDS_TEMP = re.compile(r"tmp[a-z0-9_]{8}tfds")
 # How many skipped files the warning names before summarising the rest.
 _NAMED_IN_WARNING = 20
 
@@ -219,21 +222,14 @@ def check_image_folder(root: str, splits=SPLITS) -> dict[str, dict[str, int]]:
     """
     counts, ignored = {}, []
     for split in splits:
-        split_dir = os.path.join(root, split)
-        if not os.path.isdir(split_dir):
-            raise ValueError(f"{split_dir}: no such folder (expected {root}/<split>/<class>/*.jpg)")
+        split_dir, listed, others = walk_split(root, split)
+        ignored += others
         classes = {}
-        for entry in sorted(os.listdir(split_dir)):
-            class_dir = os.path.join(split_dir, entry)
-            if not os.path.isdir(class_dir):
-                ignored.append(class_dir)
-                continue
-            files = [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir))]
-            images = [f for f in files if os.path.isfile(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
-            ignored += [f for f in files if f not in images]
-            classes[entry] = len(images)
-        if not classes:
-            raise ValueError(f"{split_dir} is empty: expected one folder of images per class")
+        for name, paths in listed.items():
+            # A folder named like an image is listed (ImageFolder's rule) but holds no pixels.
+            images = [p for p in paths if os.path.isfile(p)]
+            ignored += [p for p in paths if not os.path.isfile(p)]
+            classes[name] = len(images)
         if len(classes) < 2:
             raise ValueError(f"{split_dir} has one class folder ({next(iter(classes))}); a classifier "
                              "needs at least 2")
@@ -281,24 +277,42 @@ def named(paths) -> str:
     return ", ".join(paths[:_NAMED_IN_WARNING]) + (f" and {more} more" if more > 0 else "")
 
 
-def list_folder(root: str, split: str) -> tuple[list[str], list[str], list[int]]:
-    """(class_names, paths, labels) of root/split by ImageFolder's rule: class names the sorted
-    folder names, files with a .jpg/.jpeg/.png suffix (any case) in sorted order. ValueError
-    naming the folder when it is missing or holds no class folder."""
+def walk_split(root: str, split: str) -> tuple[str, dict[str, list[str]], list[str]]:
+    """(split folder, {class: its image paths}, the other entries' paths) of root/split: the one
+    listing of the book's layout, by ImageFolder's rule. Classes are the sub-folders, images the
+    entries whose name ends in IMAGE_EXTENSIONS (any case), both sorted; hidden entries count like
+    any other, as ImageFolder lists them. ValueError naming the folder when it is missing or
+    holds no class folder."""
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise ValueError(f"{split_dir}: no such folder (expected {root}/<split>/<class>/*.jpg)")
-    class_names = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
-    if not class_names:
+    classes, others = {}, []
+    for entry in sorted(os.listdir(split_dir)):
+        class_dir = os.path.join(split_dir, entry)
+        if not os.path.isdir(class_dir):
+            others.append(class_dir)
+            continue
+        classes[entry] = []
+        for name in sorted(os.listdir(class_dir)):
+            path = os.path.join(class_dir, name)
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                classes[entry].append(path)
+            else:
+                others.append(path)
+    if not classes:
         raise ValueError(f"{split_dir} is empty: expected one folder of images per class")
+    return split_dir, classes, others
+
+
+def list_folder(root: str, split: str) -> tuple[list[str], list[str], list[int]]:
+    """(class_names, paths, labels) of root/split as `walk_split` lists it: the paths class by
+    class, each labelled with its class's index. ValueError as `walk_split`."""
+    _, classes, _ = walk_split(root, split)
     paths, labels = [], []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(split_dir, name)
-        for file_name in sorted(os.listdir(class_dir)):
-            if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(class_dir, file_name))
-                labels.append(label)
-    return class_names, paths, labels
+    for label, images in enumerate(classes.values()):
+        paths += images
+        labels += [label] * len(images)
+    return list(classes), paths, labels
 
 
 def check_tfds_split(split: str, per_class: Mapping[str, int] = BOOK_SPLITS) -> None:
@@ -330,12 +344,26 @@ def tfds_slice(examples: Iterable[tuple[int, Any]], split: str, class_names: Seq
 
 
 @contextlib.contextmanager
-def tfds_scratch():
-    """Point `tempfile` at a directory removed afterwards: tfds' builder constructor makes a
-    `tmp*tfds` directory for metadata it would fetch from GCS and never removes it (one per call)."""
-    with tempfile.TemporaryDirectory(prefix="vggjax-tfds-") as scratch:
-        previous, tempfile.tempdir = tempfile.tempdir, scratch
-        try:
-            yield
-        finally:
-            tempfile.tempdir = previous
+def tfds_temp_cleanup():
+    """Yields nothing; afterwards removes the empty `tmp*tfds` folders made in the meantime."""
+    # tfds' DatasetInfo.initialize_from_bucket makes tempfile.mkdtemp("tfds") for any builder
+    # whose data_dir has no dataset_info.json (a dataset not prepared yet) and never removes it.
+    # tfds takes no folder for it, and pointing `tempfile.tempdir` elsewhere would move every
+    # thread's temp files for the duration, so the leftovers are removed instead. Only empty
+    # ones: tfds fills one only when its GCS access is on (4.9: never outside its own tests).
+    temp = tempfile.gettempdir()
+    before = _tfds_temp_dirs(temp)
+    try:
+        yield
+    finally:
+        for name in _tfds_temp_dirs(temp) - before:
+            with contextlib.suppress(OSError):  # filled or removed meanwhile: not a leftover
+                os.rmdir(os.path.join(temp, name))
+
+
+def _tfds_temp_dirs(temp: str) -> set[str]:
+    """The names in `temp` that `tempfile.mkdtemp("tfds")` makes: tmp + 8 random characters + tfds."""
+    try:
+        return {n for n in os.listdir(temp) if _TFDS_TEMP.fullmatch(n)}
+    except OSError:
+        return set()
