@@ -201,10 +201,11 @@ def loader(pipeline: str, tfds_data_dir: str | None = None):
 
 
 def load_book_splits(data: str, image_size: int, batch_size: int, *, pipeline: str = "tfdata",
-                     seed: int = 0, tfds_data_dir: str | None = None) -> dict[str, Split]:
+                     seed: int = 0, tfds_data_dir: str | None = None, check: bool = True) -> dict[str, Split]:
     """{"train" (shuffled), "validation", "test"}: the book's splits of an image folder
-    (DIR/<split>/<class>/*.jpg, checked first) or of "tfds", decoded by `pipeline`."""
-    if data != "tfds":
+    (DIR/<split>/<class>/*.jpg, checked first unless the caller did: `check=False`) or of
+    "tfds", decoded by `pipeline`."""
+    if data != "tfds" and check:
         check_image_folder(data)
     load_split = loader(pipeline, tfds_data_dir)
     return {name: load_split(data, name, image_size, batch_size, shuffle=name == "train", seed=seed)

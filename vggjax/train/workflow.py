@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 def run(config: Config, restart: bool = False) -> dict:
     """Run `config.phases` (plus `frozen` when `finetune` needs it) in the book's order.
 
-    Before any work: the data folder is checked (`data.check_image_folder`), the weights loaded
+    Before any work: the data folder is checked (`splits.check_image_folder`), the weights loaded
     and verified, and the workdir claimed (`claim_workdir`: a workdir of another run is refused
     unless `restart`). Returns {phase: results} for the phases run now (also merged into
     workdir/results.json).
@@ -121,7 +121,7 @@ def _run(config: Config, weights: store.Pretrained, mode: str, identity: Mapping
     # One input pipeline per process, each reading its rows of every global batch.
     loaded = {name: split.shard(jax.process_index(), n_proc) for name, split in splits.load_book_splits(
         config.data, config.image_size, config.batch_size, pipeline=config.pipeline,
-        seed=config.seed, tfds_data_dir=config.tfds_data_dir).items()}
+        seed=config.seed, tfds_data_dir=config.tfds_data_dir, check=False).items()}  # `run` checked it
     mesh = parallel.make_mesh() if config.data_parallel else None
     logger.info(f"data {config.data}: " + ", ".join(f"{n} {s.num_examples}" for n, s in loaded.items())
         + f" images at {config.image_size}x{config.image_size}, classes {list(loaded['train'].class_names)}; "
