@@ -13,6 +13,7 @@ from PIL import Image
 import vggjax
 from vggjax.inference import classifier
 from vggjax.inference.heads import Head, init_classifier
+from vggjax.inference.predictor import load_predictor, predict_files
 from vggjax.utils.images import load_image
 from vggjax.weights.preprocessing import imagenet_classes
 from helpers import write_jpegs
@@ -188,7 +189,60 @@ def test_a_decompression_bomb_is_one_line_and_the_other_images_are_classified(ex
     good, bomb = write_jpegs(tmp_path, [(40, 40), (120, 100)], seed=7)
     # Pillow's own limit, lowered so that a small file trips it (its real check, not a stand-in).
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 40 * 40)
-    assert predict.main([str(bomb), str(good), "--weights", str(directory)]) == 0
+    # --quiet: stderr is then the skip line alone (without it the progress bar ends there too).
+    assert predict.main([str(bomb), str(good), "--weights", str(directory), "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert re.fullmatch(rf"skipped {re.escape(str(bomb))}: too large to decode safely \(.*\)\n", err), err
     assert str(good) in out and "P(dogs)" in out
+
+
+class ShapeSpy:
+    """A predictor that records the shape of every batch the model is run on."""
+
+    def __init__(self, predictor):
+        self.predictor, self.shapes = predictor, []
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def probabilities(self, pixels):
+        self.shapes.append(pixels.shape)
+        return self.predictor.probabilities(pixels)
+
+
+def test_batched_records_equal_per_image_ones_in_order_with_one_shape(exported, tmp_path):
+    clf, directory = exported
+    paths = write_jpegs(tmp_path, [(40 + 4 * i, 36 + 3 * i) for i in range(6)], seed=11)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    files = [*paths[:4], broken, *paths[4:]]  # 7 files, batches of 3: the last batch holds one
+    batched = ShapeSpy(load_predictor(directory))
+    records = predict_files(batched, files, top=2, batch_size=3, progress=False)
+    one_by_one = predict_files(load_predictor(directory), files, top=2, batch_size=1, progress=False)
+
+    assert [r["file"] for r in records] == [r["file"] for r in one_by_one] == list(map(str, files))
+    assert records[4] == one_by_one[4] and "broken.jpg" in records[4]["error"] and "top" not in records[4]
+    assert batched.shapes == [(3, 32, 32, 3)] * 3  # the short batches padded: one compiled shape
+    want = classifier.predict(clf, np.stack([load_image(p, (32, 32)) for p in paths]))
+    by_class = lambda record: [p for _, p in sorted((t["index"], t["probability"]) for t in record["top"])]
+    for r, single, p in zip(records[:4] + records[5:], one_by_one[:4] + one_by_one[5:], want):
+        assert [t["name"] for t in r["top"]] == [t["name"] for t in single["top"]]
+        np.testing.assert_allclose(by_class(r), by_class(single), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(by_class(r), p, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        predict_files(batched, files, top=2, batch_size=0)
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_the_bar_is_on_stderr_quiet_removes_it_and_stdout_stays(exported, capsys, tmp_path, json_flag):
+    _, directory = exported
+    paths = write_jpegs(tmp_path, [(40, 40), (44, 52), (60, 36)], seed=12)
+    args = [*map(str, paths), "--weights", str(directory), *json_flag]
+    assert predict.main(args) == 0
+    shown = capsys.readouterr()
+    # stderr is no terminal here: the log-file form, the bar's last state as one line
+    assert re.fullmatch(r"predict: 100%\|#{10}\| 3/3 \[.*img/s\]\n", shown.err), shown.err
+    assert predict.main(args + ["--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out == shown.out
+    assert str(paths[0]) in shown.out and "predict" not in shown.out

@@ -5,7 +5,9 @@
     vggjax predict cat.jpg --weights runs/finetune_catsdogs/classifiers/finetune   # the class, then P(dogs)
 
 Images are read and resized as keras.utils.load_img(target_size=(224, 224)) does (nearest by
-default). The logic lives in vggjax.inference.predictor; this file only parses arguments and prints.
+default) and classified 32 at a time, with a progress bar on stderr (--quiet: none); stdout holds
+only the predictions. The logic lives in vggjax.inference.predictor; this file only parses
+arguments and prints.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     parser.add_argument("--interpolation", choices=images.INTERPOLATIONS, default="nearest",
                         help="resizing filter, as keras.utils.load_img (default nearest)")
-    args = console.parse_command(parser, argv, quiet=False)  # predict draws no progress bar
+    args = console.parse_command(parser, argv)  # --quiet: no progress bar (stderr)
     if args.cam is not None and os.path.exists(args.cam) and not os.path.isdir(args.cam):
         parser.error(f"--cam {args.cam} exists and is not a directory")
     try:
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             parser.error(f"--top {args.top} exceeds the {predictor.num_classes} classes of {args.weights}")
         top = args.top or min(5, predictor.num_classes)
         records = predict_files(predictor, args.images, top, args.cam, args.interpolation,
-                                cam_overlay=convnet.cam_overlay)
+                                cam_overlay=convnet.cam_overlay, progress=not args.quiet)
     except (ValueError, OSError) as err:
         print(errors.error_line(err), file=sys.stderr)
         return 1

@@ -32,7 +32,7 @@ from vggjax import weights
 
 from vggjax.utils import atomic, digests
 from vggjax.inference import heads
-from vggjax.utils.batches import pad_batch
+from vggjax.utils.batches import run_padded
 from vggjax.utils.deprecation import moved_names
 from vggjax.weights.preprocessing import MODES, check_images, preprocess_input
 from vggjax.utils.trees import diff, digest, flatten, non_finite, unflatten
@@ -183,10 +183,9 @@ def predict(classifier: TrainedClassifier | str | os.PathLike, images, batch_siz
     if images.ndim != 4 or images.shape[1:] != (s, s, 3):
         raise ValueError(f"expected RGB images of shape (N, {s}, {s}, 3) (the size this classifier "
                          f"was trained at), found {images.shape}")
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = pad_batch({"image": images[start:start + batch_size]}, batch_size)
-        out.append(np.asarray(classifier.probabilities(classifier.variables, batch["image"]))[batch["mask"]])
+    run = functools.partial(classifier.probabilities, classifier.variables)
+    out = [run_padded(run, images[start:start + batch_size], batch_size)
+           for start in range(0, len(images), batch_size)]
     k = max(classifier.model.head.num_outputs, 2)
     return np.concatenate(out) if out else np.zeros((0, k), np.float32)
 

@@ -14,6 +14,8 @@ import vggjax
 from vggjax.inference import artifact
 from vggjax.inference.classifier import CLASSIFIER, class_probabilities, load_classifier
 from vggjax.utils import atomic, images
+from vggjax.utils.batches import run_padded
+from vggjax.utils.progress import advance, progress_bar
 from vggjax.weights.preprocessing import check_images
 
 IMAGENET_SIZE = 224  # what keras.utils.load_img(target_size=(224, 224)) feeds VGG16 with top
@@ -88,51 +90,93 @@ CamOverlay = Callable[[Predictor, np.ndarray, np.ndarray], np.ndarray]
 
 def predict_files(predictor: Predictor, paths: Sequence[str | os.PathLike], top: int = 5,
                   cam_dir: str | os.PathLike | None = None, interpolation: str = "nearest",
-                  cam_overlay: CamOverlay | None = None) -> list[dict]:
+                  cam_overlay: CamOverlay | None = None, batch_size: int = 32,
+                  progress: bool = True) -> list[dict]:
     """One record per file, in order: {"file", "top": [{"index", "wnid"?, "name",
     "probability"}, ...], "cam"?} or, for a file that cannot be read, {"file", "error"}.
 
     Each image is read and resized as `keras.utils.load_img(target_size=(S, S),
-    interpolation=...)` does. With `cam_dir`, `cam_overlay`'s picture at the file's own size
-    is written to cam_dir/<stem>_cam.png; all those paths are checked before
-    any work (`atomic.RefusedError` if one is a file vggjax did not write).
+    interpolation=...)` does. The model runs on batches of `batch_size` files (as Keras'
+    `predict`), each padded to one shape (`batches.run_padded`: one compilation); the records
+    do not depend on it beyond float rounding. With `cam_dir`, `cam_overlay`'s picture at the
+    file's own size is written to cam_dir/<stem>_cam.png (one image at a time); all those paths
+    are checked before any work (`atomic.RefusedError` if one is a file vggjax did not write).
+    `progress`: a bar on stderr counting files (`vggjax.utils.progress`; False: none).
     """
+    paths = list(paths)
+    _check_request(predictor, top, interpolation, cam_dir, cam_overlay, batch_size)
+    cams = [None] * len(paths)
+    if cam_dir is not None:
+        cams = _cam_paths(paths, Path(cam_dir))
+        for cam in cams:
+            atomic.check_target(cam, directory=False)
+    # Fewer files than a batch: the batch is that many, not `batch_size` rows of mostly padding
+    # (a single photo would otherwise cost 32 images' work); still one shape for the whole call.
+    size = max(1, min(batch_size, len(paths)))
+    records = []
+    with progress_bar(total=len(paths), desc="predict", unit="img", enabled=progress) as bar:
+        for start in range(0, len(paths), size):
+            chunk = slice(start, start + size)
+            records += _predict_batch(predictor, paths[chunk], cams[chunk], size, top, interpolation,
+                                      cam_overlay)
+            advance(bar, len(paths[chunk]))  # unreadable files count too: the bar ends at len(paths)
+    return records
+
+
+def _check_request(predictor: Predictor, top: int, interpolation: str, cam_dir, cam_overlay,
+                   batch_size: int) -> None:
+    """ValueError for `predict_files` arguments that cannot work, before any file is read."""
     if not 1 <= top <= predictor.num_classes:
         raise ValueError(f"top must lie in [1, {predictor.num_classes}], found {top}")
     if interpolation not in images.INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {images.INTERPOLATIONS}, found {interpolation!r}")
-    size = (predictor.image_size, predictor.image_size)
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
     if cam_dir is not None and cam_overlay is None:
         raise ValueError("cam_dir needs cam_overlay (vggjax.viz.convnet.cam_overlay) to draw the maps")
     if cam_dir is not None and predictor.cam_layer is None:
         raise ValueError("Grad-CAM needs the model's gradients, which an exported artifact does not "
                          "carry: pass the directory it was exported from to use --cam")
-    cams = _cam_paths(paths, Path(cam_dir)) if cam_dir is not None else None
-    for cam in cams or ():
-        atomic.check_target(cam, directory=False)
-    records = []
+
+
+def _predict_batch(predictor: Predictor, paths: Sequence[str | os.PathLike], cams: Sequence[Path | None],
+                   size: int, top: int, interpolation: str, cam_overlay: CamOverlay | None) -> list[dict]:
+    """`predict_files`' records for at most `size` files: the readable ones' pixels, uint8
+    (n, S, S, 3), classified in one call padded to `size` rows; `cams[i]` None: no Grad-CAM."""
+    shape = (predictor.image_size, predictor.image_size)
+    pixels, errors = {}, {}
     for i, path in enumerate(paths):
         try:
-            pixels = images.load_image(path, size, interpolation)[None]
+            pixels[i] = images.load_image(path, shape, interpolation)
         except ValueError as err:
-            records.append({"file": str(path), "error": str(err)})
+            errors[i] = str(err)
+    if pixels:
+        probs = run_padded(predictor.probabilities, np.stack(list(pixels.values())), size)
+        probs = dict(zip(pixels, probs))  # file index -> (num_classes,) float32
+    records = []
+    for i, path in enumerate(paths):
+        if i in errors:
+            records.append({"file": str(path), "error": errors[i]})
             continue
-        probs = predictor.probabilities(pixels)[0]
-        order = np.argsort(-probs, kind="stable")[:top]
-        if predictor.class_names is None:
-            names = vggjax.decode_predictions(probs[None], top=top)[0]
-            best = [{"index": int(i), "wnid": w, "name": n, "probability": float(p)}
-                    for i, (w, n, p) in zip(order, names)]
-        else:
-            best = [{"index": int(i), "name": predictor.class_names[i], "probability": float(probs[i])}
-                    for i in order]
-        record = {"file": str(path), "top": best}
-        if cams is not None:
+        record = {"file": str(path), "top": _top_classes(predictor, probs[i], top)}
+        if cams[i] is not None:
             original = images.load_image(path)  # the overlay is drawn at the file's own size
-            overlay = cam_overlay(predictor, pixels, original)
+            overlay = cam_overlay(predictor, pixels[i][None], original)
             record["cam"] = str(images.save_png(cams[i], overlay))
         records.append(record)
     return records
+
+
+def _top_classes(predictor: Predictor, probs: np.ndarray, top: int) -> list[dict]:
+    """The `top` classes of one image's (num_classes,) float32 probabilities, best first:
+    [{"index", "wnid" (ImageNet only), "name", "probability"}, ...]."""
+    order = np.argsort(-probs, kind="stable")[:top]
+    if predictor.class_names is None:
+        names = vggjax.decode_predictions(probs[None], top=top)[0]
+        return [{"index": int(i), "wnid": w, "name": n, "probability": float(p)}
+                for i, (w, n, p) in zip(order, names)]
+    return [{"index": int(i), "name": predictor.class_names[i], "probability": float(probs[i])}
+            for i in order]
 
 
 def _cam_paths(paths: Sequence[str | os.PathLike], cam_dir: Path) -> list[Path]:
