@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import filelock
 import pytest
 
+import helpers
 from helpers import random_variables, script_env, write_vgg16
 
 
@@ -66,6 +67,27 @@ def built_once(directory, build):
     return directory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onednn_library(shared_dir):
+    """The oneDNN conv library, built once per test run into a cache of its own, for the scripts'
+    fresh caches (`helpers.script_env`). Not built where it cannot be (no compiler, headers or
+    x86-64): then every script tries, and reports, as a user's would."""
+    def build(directory):
+        from vggjax.model import onednn_build
+
+        previous = os.environ.get("VGGJAX_CACHE")
+        os.environ["VGGJAX_CACHE"] = str(directory)
+        try:
+            onednn_build.build()
+        except RuntimeError:
+            pass
+        finally:
+            os.environ.pop("VGGJAX_CACHE") if previous is None else os.environ.update(VGGJAX_CACHE=previous)
+
+    directory = built_once(shared_dir / "onednn_cache", build)
+    helpers.ONEDNN_LIBRARY[:] = sorted((directory / "onednn").glob("onednn_conv-*.so"))[:1]
+
+
 @pytest.fixture(scope="session")
 def vgg16_with_top(shared_dir):
     """(legacy h5, converted dir) of `helpers.write_vgg16(seed=5, logit_scale=3.0)`: 553 MB of
@@ -95,7 +117,8 @@ def torch_vgg16_files(shared_dir):
 
 @pytest.fixture
 def subprocess_env(tmp_path):
-    """`helpers.script_env`: the checkout importable, an empty $VGGJAX_CACHE."""
+    """`helpers.script_env`: the checkout importable, a fresh $VGGJAX_CACHE (with this run's
+    oneDNN conv library)."""
     return script_env(tmp_path)
 
 

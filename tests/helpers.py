@@ -109,11 +109,25 @@ def assert_parity(what: str, ours, theirs, tol: float = TOL, top1: bool = True) 
         np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1), err_msg=f"{what}: top-1 differs")
 
 
-def script_env(tmp_path, **extra) -> dict:
+# The oneDNN conv library this test run built once (conftest's `_onednn_library`), None where it
+# cannot be built. Fresh caches get a hard link to it: a cold build is ~7 s of g++ per script.
+ONEDNN_LIBRARY: list[Path] = []
+
+
+def script_env(tmp_path, onednn_built: bool = True, **extra) -> dict:
     """Environment for running a repo script in a subprocess: the checkout importable even when
-    vggjax is not installed, an empty $VGGJAX_CACHE under `tmp_path`, quiet TensorFlow."""
-    env = dict(os.environ, VGGJAX_CACHE=str(tmp_path / "cache"), TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    vggjax is not installed, quiet TensorFlow, a fresh $VGGJAX_CACHE under `tmp_path` holding
+    only the oneDNN conv library this run built (`onednn_built=False`: empty, for the tests of
+    that build itself)."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, VGGJAX_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="2", **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    if onednn_built and ONEDNN_LIBRARY and not (cache / "onednn" / ONEDNN_LIBRARY[0].name).exists():
+        (cache / "onednn").mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(ONEDNN_LIBRARY[0], cache / "onednn" / ONEDNN_LIBRARY[0].name)
+        except OSError:  # another file system
+            shutil.copy2(ONEDNN_LIBRARY[0], cache / "onednn" / ONEDNN_LIBRARY[0].name)
     return env
 
 

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from helpers import script_env
 from vggjax.model import onednn
 
 pytestmark = pytest.mark.skipif(onednn.unavailable() is not None,
@@ -44,7 +45,7 @@ def test_the_filter_keeps_our_errors_only():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cap", CAPS)
-def test_address_sanitizer_finds_nothing(cap, tmp_path, subprocess_env):
+def test_address_sanitizer_finds_nothing(cap, tmp_path):
     cxx = os.environ.get("CXX", "g++")
     runtime = [subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
                for lib in ("libasan.so", "libstdc++.so.6")]  # without libstdc++ preloaded too, ASan's
@@ -54,8 +55,8 @@ def test_address_sanitizer_finds_nothing(cap, tmp_path, subprocess_env):
     wrapper = tmp_path / "asan-cxx"
     wrapper.write_text(f'#!/bin/sh\nexec {cxx} -fsanitize=address -fno-omit-frame-pointer "$@"\n')
     wrapper.chmod(0o755)
-    env = dict(subprocess_env, CXX=str(wrapper), LD_PRELOAD=" ".join(runtime),
-               ASAN_OPTIONS="detect_leaks=0", **CAPS[cap])  # its own cache: the ASan build
+    env = script_env(tmp_path, onednn_built=False, CXX=str(wrapper), LD_PRELOAD=" ".join(runtime),
+                     ASAN_OPTIONS="detect_leaks=0", **CAPS[cap])  # its own cache: the ASan build
     proc = subprocess.run([sys.executable, WORKLOAD], env=env, capture_output=True, text=True, timeout=600)
     assert "AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
     assert proc.returncode == 0, proc.stderr[-3000:]

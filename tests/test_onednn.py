@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import vggjax
+from helpers import script_env
 from vggjax.model import conv, cpu, onednn
 from vggjax.weights.preprocessing import preprocess_input
 from test_winograd import _data, _photos  # the same random convs and smooth photos
@@ -272,7 +273,7 @@ print("ERR", float(jnp.abs(got - want).max() / jnp.abs(want).max()))
     assert float(proc.stdout.split("ERR")[1]) < 2e-5, proc.stdout
 
 
-def test_fallback_when_the_native_part_cannot_be_built(subprocess_env):
+def test_fallback_when_the_native_part_cannot_be_built(tmp_path):
     """No compiler (CXX=false) and an empty cache: import works, "auto" keeps XLA's conv and says
     why once, "onednn" asked for explicitly is a clear error."""
     code = """
@@ -291,7 +292,7 @@ try:
 except RuntimeError as e:
     print("ERROR", e)
 """
-    env = dict(subprocess_env, CXX="false", JAX_PLATFORMS="cpu")
+    env = script_env(tmp_path, onednn_built=False, CXX="false", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REASON building the oneDNN conv failed (false)" in proc.stdout
@@ -326,14 +327,14 @@ print("OK")
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_processes_starting_together_build_once_and_both_load_it(tmp_path, subprocess_env):
+def test_processes_starting_together_build_once_and_both_load_it(tmp_path):
     """Two processes (pytest workers, data-parallel hosts) with one empty cache: the second waits
     for the first's build instead of refusing its half-recorded library."""
     builds = tmp_path / "builds.log"
     cxx = tmp_path / "slow-g++"
     cxx.write_text(f'#!/bin/sh\necho build >> {builds}\nsleep 2\nexec g++ "$@"\n')
     cxx.chmod(0o755)
-    env = dict(subprocess_env, CXX=str(cxx), JAX_PLATFORMS="cpu")
+    env = script_env(tmp_path, onednn_built=False, CXX=str(cxx), JAX_PLATFORMS="cpu")
     code = "from vggjax.model import onednn; print('REASON', onednn.unavailable())"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -99,6 +99,7 @@ def test_full_file_converted_without_top_keeps_only_the_conv_base(vgg16_full_h5,
         np.testing.assert_array_equal(layer["kernel"], params[name]["kernel"])
 
 
+@pytest.mark.slow  # Keras 3's layout: test_vgg19_notop_matches_keras[keras3]; the top: the legacy test above
 def test_vgg19_keras3_weights_h5_with_top_matches_keras(keras, make_variables, tmp_path):
     model = keras.applications.VGG19(weights=None)
     set_keras_weights(model, make_variables("vgg19", include_top=True, seed=2,
