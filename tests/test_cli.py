@@ -20,13 +20,17 @@ def test_vggjax_lists_its_commands_and_refuses_others(capsys):
         main.main([])
     assert end.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: vggjax {convert,predict,export} ...") and "  predict   classify" in out
+    assert out.startswith("usage: vggjax {convert,predict,export,finetune} ...") and "  predict   classify" in out
+    assert "  finetune  the book's transfer learning" in out
     with pytest.raises(SystemExit) as end:
         main.main(["convertt"])
     assert end.value.code == 2 and capsys.readouterr().err.endswith("vggjax: error: unknown command 'convertt'\n")
     with pytest.raises(SystemExit) as end:
         main.main(["convert", "--help"])
     assert end.value.code == 0 and capsys.readouterr().out.startswith("usage: vggjax convert [-h] --source")
+    with pytest.raises(SystemExit) as end:
+        main.main(["finetune", "--help"])
+    assert end.value.code == 0 and capsys.readouterr().out.startswith("usage: vggjax finetune [-h] [--weights DIR]")
 
 
 def test_a_command_names_its_flag_where_the_library_names_its_argument(tmp_path):

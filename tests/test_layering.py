@@ -13,7 +13,7 @@ from helpers import REPO
 PACKAGE = Path(REPO) / "vggjax"
 # Each package and the vggjax packages it may import from (lazily or not): the README's graph,
 #   utils <- model <- weights <- inference <- {losses, viz, train, export} ; train <- nnx ;
-#   {viz, export} <- cli
+#   {viz, export, train} <- cli
 BELOW = {
     "utils": set(),
     "model": {"utils"},
@@ -25,7 +25,7 @@ BELOW = {
     "export": {"inference", "weights", "model", "utils"},
     "nnx": {"train", "inference", "weights", "model", "utils"},
     "testing": {"weights", "model", "utils"},
-    "cli": {"viz", "export", "inference", "weights", "model", "utils"},
+    "cli": {"viz", "export", "train", "inference", "weights", "model", "utils"},
 }
 ALLOWED = {package: below | {package} for package, below in BELOW.items()}
 

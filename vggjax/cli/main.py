@@ -18,8 +18,10 @@ COMMANDS = {
                 "classifier)", "the files written so far are complete"),
     "export": ("vggjax.cli.export", "an artifact that runs without vggjax: StableHLO, SavedModel or ONNX",
                "nothing was written"),
+    "finetune": ("vggjax.cli.finetune", "the book's transfer learning on an image folder: feature "
+                 "extraction, frozen base, block5 fine-tuning", "run the same command again to resume"),
 }
-USAGE = "usage: vggjax {convert,predict,export} ... [-h]"
+USAGE = "usage: vggjax {convert,predict,export,finetune} ... [-h]"
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
