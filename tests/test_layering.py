@@ -2,6 +2,7 @@
 below it (imports inside functions count), no two modules import each other even through others,
 and `import vggjax` loads neither TensorFlow nor torch."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,13 @@ def test_the_public_api_is_reachable_from_its_package():
     assert vggjax.viz.grad_cam is convnet.grad_cam and vggjax.viz.overlay is convnet.overlay
     assert vggjax.inference.load_classifier is classifier.load_classifier
     assert vggjax.train.fit is loop.fit and vggjax.train.TrainState is steps.TrainState
+
+
+def test_the_readme_code_layout_names_every_module_and_only_those():
+    readme = (Path(REPO) / "README.md").read_text()
+    layout = readme[readme.index("## Code layout"):]
+    for package in ALLOWED:
+        row = next(line for line in layout.splitlines() if line.startswith(f"| `{package}/` |"))
+        named = {name for name in re.findall(r"`(\w+\.py)`", row) if name != "__main__.py"}
+        modules = {p.name for p in (PACKAGE / package).glob("*.py") if p.name != "__init__.py"}
+        assert named == modules, (package, sorted(named - modules), sorted(modules - named))
