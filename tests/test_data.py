@@ -168,7 +168,7 @@ def test_folder_errors_name_the_problem(folder, tmp_path):
 
 
 def test_the_folder_is_listed_as_tfds_image_folder_lists_it(folder):
-    """`splits.list_folder` keeps the rule of tfds' ImageFolder (awkward files included)."""
+    """`image_folder.list_folder` keeps the rule of tfds' ImageFolder (awkward files included)."""
     import tensorflow_datasets as tfds
 
     root, _, _ = folder

@@ -143,7 +143,8 @@ def test_import_vggjax_loads_neither_tensorflow_nor_torch(subprocess_env):
     ("vggjax.model.onednn", "vggjax.model.cpu", "describe_cpu"),
     ("vggjax.train.loop", "vggjax.train.steps", "make_train_step"),
     ("vggjax.inference.classifier", "vggjax.inference.heads", "Head"),
-    ("vggjax.model.vgg", "vggjax.model.pooling", "adaptive_pool_matrix")])
+    ("vggjax.model.vgg", "vggjax.model.pooling", "adaptive_pool_matrix"),
+    ("vggjax.train.splits", "vggjax.train.image_folder", "list_folder")])
 def test_a_moved_name_still_works_for_a_release_with_a_warning(old, new, name):
     import importlib
 

@@ -18,7 +18,7 @@ Sources:
   images go to `train`, the next 500 to `validation`, the next 500 to `test` (`BOOK_SPLITS`), so
   each split is balanced and disjoint from the others. Reading stops as soon as the requested
   split is complete; its encoded JPEGs are kept in memory (about 35 MB per 1000 images).
-- a directory `DIR/{train,validation,test}/<class>/*.jpg`: listed by `splits.list_folder`, the
+- a directory `DIR/{train,validation,test}/<class>/*.jpg`: listed by `image_folder.list_folder`, the
   rule of `tfds.folder_dataset.ImageFolder` (class names the sorted class directories, labels
   their index, `.jpg/.jpeg/.png` in any case, other files ignored), as the Grain pipeline lists
   it. ImageFolder itself is not used: it walks every split at each call, and its `as_dataset`
@@ -45,8 +45,8 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from vggjax.utils.extras import require
-from vggjax.train.splits import (BOOK_SPLITS, IMAGE_EXTENSIONS, SkippedFilesWarning, Split,  # noqa: F401
-                                 check_image_folder, check_tfds_split, decodable, list_folder,
+from vggjax.train.image_folder import IMAGE_EXTENSIONS, SkippedFilesWarning, decodable, list_folder  # noqa: F401
+from vggjax.train.splits import (BOOK_SPLITS, Split, check_image_folder, check_tfds_split,  # noqa: F401
                                  tfds_slice, tfds_temp_cleanup)
 
 tf = require("tensorflow", "vggjax.train.data (tf.data input pipelines)")
@@ -123,7 +123,7 @@ def _tfds_examples(split: str, data_dir: str | None, per_class: Mapping[str, int
 
 
 def _folder_examples(root: str, split: str):
-    """(class_names, paths, labels, paths as names) of `root/split` (`splits.list_folder`)."""
+    """(class_names, paths, labels, paths as names) of `root/split` (`image_folder.list_folder`)."""
     if not tf.io.gfile.isdir(root):
         raise ValueError(f"image folder {root!r} does not exist (expected {root}/<split>/<class>/*.jpg)")
     if not os.path.isdir(os.path.join(root, split)):

@@ -4,7 +4,7 @@ cats_vs_dogs (`tfds.data_source`), decoding with simplejpeg/Pillow.
 Same contract as `vggjax.train.data` (a `splits.Split`: static-shape uint8 batches, the last one
 padded and masked, order a function of (seed, epoch), `batches(epoch, skip=k)` resuming
 bit-exactly, `shard` for multi-host): only the decoding differs. Files are listed by
-ImageFolder's rule (`splits.list_folder`), decoded once up front (by the decoder the epochs use)
+ImageFolder's rule (`image_folder.list_folder`), decoded once up front (by the decoder the epochs use)
 to skip unreadable ones (one `SkippedFilesWarning`), and at each epoch decoded, resized and
 batched by Grain worker threads, one batch per thread at a time, written straight into its
 array; only file paths (or tfds record numbers) are kept in memory, plus Grain's prefetch buffer
@@ -30,8 +30,8 @@ from typing import Mapping
 
 import numpy as np
 
-from vggjax.train.splits import (BOOK_SPLITS, Split, check_tfds_split, decodable, list_folder,
-                                 tfds_slice, tfds_temp_cleanup)
+from vggjax.train.image_folder import decodable, list_folder
+from vggjax.train.splits import BOOK_SPLITS, Split, check_tfds_split, tfds_slice, tfds_temp_cleanup
 from vggjax.utils.batches import pad_batch
 from vggjax.utils.extras import require
 

@@ -1,7 +1,8 @@
 """What a split is, whatever decodes it: the `Batches` protocol the training loop, the feature
 cache and predict consume, its padded batches (`pad_batch`) and epoch order (`epoch_order`);
 `Split` (image files or tfds records: order, sharding, padded static-shape batches) and
-`ArraySplit` (arrays in memory); the book's layout checks and ImageFolder's listing rule. No
+`ArraySplit` (arrays in memory); the book's splits and the check of an image folder's (its
+listing: `vggjax.train.image_folder`). No
 TensorFlow here: `vggjax.train.data` (tf.data) and `vggjax.train.grain_data` (Grain) decode a
 `Split`'s batches.
 """
@@ -21,7 +22,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 
 import numpy as np
 
+from vggjax.train.image_folder import SkippedFilesWarning, named, walk_split
 from vggjax.utils.batches import pad_batch
+from vggjax.utils.deprecation import moved_names
 
 # The module that loads and decodes the splits of each pipeline (Config.pipeline, --pipeline).
 PIPELINES = {"tfdata": "vggjax.train.data", "grain": "vggjax.train.grain_data"}
@@ -29,19 +32,14 @@ PIPELINES = {"tfdata": "vggjax.train.data", "grain": "vggjax.train.grain_data"}
 # resize rule), so feature caches and resumed runs made with the old pixels are not reused.
 # grain 2: JPEGs through simplejpeg's fast IDCT (tf.data's pixels) instead of Pillow's.
 PIXELS = {"tfdata": 1, "grain": 2}
+# Moved to `vggjax.train.image_folder`.
+__getattr__ = moved_names(__name__, dict.fromkeys(
+    ("list_folder", "walk_split", "decodable", "IMAGE_EXTENSIONS"), "vggjax.train.image_folder"))
 # Images per class in each split, in slicing order (the book's protocol: 2000/1000/1000).
 BOOK_SPLITS = {"train": 1000, "validation": 500, "test": 500}
 SPLITS = tuple(BOOK_SPLITS)  # the split names, a folder's DIR/<split>/ too
-# What tfds.folder_dataset.ImageFolder lists (its _SUPPORTED_IMAGE_FORMAT); anything else is ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # The folders tfds' `tempfile.mkdtemp("tfds")` makes (tempfile's names: "tmp" + 8 of [a-z0-9_]).
 _TFDS_TEMP = re.compile(r"tmp[a-z0-9_]{8}tfds")
-# How many skipped files the warning names before summarising the rest.
-_NAMED_IN_WARNING = 20
-
-
-class SkippedFilesWarning(UserWarning):
-    """Some images could not be read or decoded and were left out of a split."""
 
 
 class Batches(Protocol):
@@ -248,72 +246,6 @@ def check_image_folder(root: str, splits=SPLITS) -> dict[str, dict[str, int]]:
                       f".png images directly inside a class folder: {named(ignored)}",
                       SkippedFilesWarning, stacklevel=2)
     return counts
-
-
-def decodable(where: str, names: Sequence[str], ok, labels: Sequence[int],
-              class_names: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """(indices of the decodable examples, the names of the others) of a split listed at `where`,
-    `ok` a bool per name, `labels` its class index. The others are named in one
-    SkippedFilesWarning; ValueError when no example is decodable, or none of a class (a
-    "2-class" model would learn one class)."""
-    ok = np.asarray(ok, bool)
-    skipped = tuple(n for n, good in zip(names, ok) if not good)
-    if not ok.any():
-        raise ValueError(f"{where}: none of its {len(names)} files could be decoded as an image")
-    labels = np.asarray(labels)
-    for k, name in enumerate(class_names):
-        if (labels == k).any() and not ok[labels == k].any():
-            lost = [n for n, label in zip(names, labels) if label == k]
-            raise ValueError(f"{where}: class {name!r} has no image that can be decoded (skipped "
-                             f"{named(lost)}): fix or remove those files, or that class")
-    if skipped:
-        warnings.warn(f"{where}: skipped {len(skipped)} of {len(names)} files that could not be "
-                      f"read or decoded as images: {named(skipped)}", SkippedFilesWarning, stacklevel=3)
-    return np.flatnonzero(ok), skipped
-
-
-def named(paths) -> str:
-    """The first paths of a warning, then how many more."""
-    more = len(paths) - _NAMED_IN_WARNING
-    return ", ".join(paths[:_NAMED_IN_WARNING]) + (f" and {more} more" if more > 0 else "")
-
-
-def walk_split(root: str, split: str) -> tuple[str, dict[str, list[str]], list[str]]:
-    """(split folder, {class: its image paths}, the other entries' paths) of root/split: the one
-    listing of the book's layout, by ImageFolder's rule. Classes are the sub-folders, images the
-    entries whose name ends in IMAGE_EXTENSIONS (any case), both sorted; hidden entries count like
-    any other, as ImageFolder lists them. ValueError naming the folder when it is missing or
-    holds no class folder."""
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        raise ValueError(f"{split_dir}: no such folder (expected {root}/<split>/<class>/*.jpg)")
-    classes, others = {}, []
-    for entry in sorted(os.listdir(split_dir)):
-        class_dir = os.path.join(split_dir, entry)
-        if not os.path.isdir(class_dir):
-            others.append(class_dir)
-            continue
-        classes[entry] = []
-        for name in sorted(os.listdir(class_dir)):
-            path = os.path.join(class_dir, name)
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                classes[entry].append(path)
-            else:
-                others.append(path)
-    if not classes:
-        raise ValueError(f"{split_dir} is empty: expected one folder of images per class")
-    return split_dir, classes, others
-
-
-def list_folder(root: str, split: str) -> tuple[list[str], list[str], list[int]]:
-    """(class_names, paths, labels) of root/split as `walk_split` lists it: the paths class by
-    class, each labelled with its class's index. ValueError as `walk_split`."""
-    _, classes, _ = walk_split(root, split)
-    paths, labels = [], []
-    for label, images in enumerate(classes.values()):
-        paths += images
-        labels += [label] * len(images)
-    return list(classes), paths, labels
 
 
 def check_tfds_split(split: str, per_class: Mapping[str, int] = BOOK_SPLITS) -> None:
