@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 try:
@@ -27,6 +26,7 @@ from vggjax.utils import atomic, console, images, interrupts
 from vggjax.utils.progress import progress_bar
 
 from vggjax.viz import convnet
+from vggjax.weights.random_weights import CAFFE_INPUT_RMS, random_variables
 
 ACTIVATION_LAYERS = ("block1_conv1", "block1_conv2", "block2_conv1", "block3_conv1")
 FILTER_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1")
@@ -35,18 +35,9 @@ FILTER_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1")
 def smoke_inputs(out: Path):
     """Random VGG16 weights with top and a generated picture: the offline smoke run."""
     model = vggjax.VGG16()
-    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 224, 224, 3), np.float32))
-    rng = np.random.default_rng(0)
-
-    def he_normal(path, leaf):  # NumPy draws 138M numbers in seconds; model.init takes ~20 s
-        if len(leaf.shape) == 1:
-            return np.zeros(leaf.shape, np.float32)
-        std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-        # Caffe inputs have an RMS of ~70: scale the first conv so logits stay in softmax's range.
-        std /= 70.0 if "block1_conv1" in jax.tree_util.keystr(path) else 1.0
-        return rng.standard_normal(leaf.shape, np.float32) * np.float32(std)
-
-    variables = jax.tree_util.tree_map_with_path(he_normal, shapes)
+    # Scaled for caffe inputs so logits stay in softmax's range; NumPy draws the 138M numbers
+    # in seconds, where model.init takes ~20 s.
+    variables = random_variables("vgg16", include_top=True, seed=0, input_rms=CAFFE_INPUT_RMS)
     yy, xx = np.mgrid[0:180, 0:240]
     picture = np.stack([90 + 60 * np.sin(xx / 40.0), 110 + 50 * np.cos(yy / 30.0),
                         140 + 40 * np.sin((xx + yy) / 50.0)], axis=-1)

@@ -1,6 +1,6 @@
-"""What several test files share: seeded random weights and images, a converted Keras VGG16 with
-JPEGs, the parity assertion, and running the repo's scripts as a user would (a subprocess with its
-own cache), on a disk that fills up."""
+"""What several test files share: seeded random weights (the library's `random_variables`) and
+images, a converted Keras VGG16 with JPEGs, the parity assertion, and running the repo's scripts as
+a user would (a subprocess with its own cache), on a disk that fills up."""
 import contextlib
 import logging
 import os
@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 
 import vggjax
-from vggjax.utils.trees import unflatten
 from vggjax.weights.keras import write_legacy_h5
-from vggjax.weights.spec import expected_shapes
+from vggjax.weights.random_weights import CAFFE_INPUT_RMS, random_variables  # tests import them from here
+
 
 @contextlib.contextmanager
 def logged():
@@ -52,34 +52,6 @@ def tensorboard_scalars(logdir) -> dict:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # fp32 max abs error against the reference frameworks (probabilities, logits, features)
-
-
-def random_variables(arch: str, include_top: bool = True, seed: int = 0, input_rms: float = 1.0,
-                     logit_scale: float = 1.0) -> dict:
-    """Seeded float32 NumPy {"params", ["batch_stats"]} for `arch`, keyed like vggjax's.
-
-    Kernels are He-normal so activations keep their scale through the ReLUs; the first conv
-    is divided by `input_rms` (the inputs' RMS: ~70 for caffe-preprocessed images, ~1 for
-    torch-preprocessed ones) so activations are O(1), and the classifier is scaled by
-    `logit_scale`, so logits are spread enough that softmax is far from uniform and top-1 is
-    stable. Biases and BatchNorm statistics are small random numbers, never all zeros/ones,
-    so a converter that drops or swaps them is caught.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, shape in sorted(expected_shapes(arch, include_top).items()):
-        layer, name = path.split("/")[-2:]
-        if name == "kernel":
-            std = np.sqrt((1.0 if layer == "predictions" else 2.0) / np.prod(shape[:-1]))
-            std *= logit_scale if layer == "predictions" else 1.0
-            std /= input_rms if layer == "block1_conv1" else 1.0
-            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        elif name in ("scale", "var"):
-            value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        else:  # bias, BN bias, BN mean
-            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1)
-        out[path] = value
-    return unflatten(out)
 
 
 def block_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -135,9 +107,6 @@ def run_script(script: str, *args, env: dict, cwd=None, timeout: float = 300) ->
     """`python <repo>/<script> args...` to completion, output captured as text."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], env=env,
                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-CAFFE_INPUT_RMS = 70.0  # caffe-preprocessed 0..255 images: keeps random-weight activations O(1)
 
 
 def write_vgg16(directory: Path, seed: int = 0,

@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 
 import vggjax
 from helpers import TOL, assert_parity, normal_images as images
-from vggjax.testing.reference import random_vgg, vgg
-from vggjax.weights.torch import feature_indices, from_state_dict, read_torch_file
+from vggjax.testing.reference import random_vgg, randomize, vgg
+from vggjax.weights.random_weights import random_variables
+from vggjax.weights.torch import feature_indices, from_state_dict, read_torch_file, to_state_dict
 
 def torch_forward(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     """`module` on NHWC `x`; 4-D results come back NHWC."""
@@ -43,6 +44,26 @@ def test_feature_indices_are_the_published_torchvision_keys():
         convs = [int(k.split(".")[1]) for k, v in state.items()
                  if k.startswith("features.") and k.endswith("weight") and v.ndim == 4]
         assert list(feature_indices(arch).values()) == convs
+
+
+def test_to_state_dict_is_from_state_dict_backwards():
+    for arch, top, classes in (("vgg11_bn", "torchvision", 7), ("vgg11", "timm", 5), ("vgg13_bn", None, 1000)):
+        variables = random_variables(arch, top is not None, seed=2, num_classes=classes)
+        back, include_top = from_state_dict(to_state_dict(variables, arch, top), arch, f"{arch} {top}")
+        assert include_top == (top is not None)
+        jax.tree.map(np.testing.assert_array_equal, back, variables)
+    with pytest.raises(ValueError, match="variables lack vgg11's params/fc1/bias, params/fc1/kernel"):
+        to_state_dict(random_variables("vgg11", include_top=False), "vgg11", "torchvision")
+
+
+def test_the_torch_reference_holds_the_same_random_numbers_as_ours():
+    # One generator: randomize copies random_variables' numbers in, whatever the head's size.
+    model = randomize(vgg("vgg11_bn", num_classes=7), seed=3)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    ours, _ = from_state_dict(state, "vgg11_bn", "randomize")
+    jax.tree.map(np.testing.assert_array_equal, ours,
+                 random_variables("vgg11_bn", include_top=True, seed=3, num_classes=7))
+    assert int(state["features.1.num_batches_tracked"]) == 1234
 
 
 # --- parity: full models through convert_file + load ---------------------------------------

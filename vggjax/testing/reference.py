@@ -21,6 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vggjax.model.vgg import find_arch
+from vggjax.weights.random_weights import random_variables
+from vggjax.weights.torch import to_state_dict
+
 # torchvision's cfgs: ints are conv widths, "M" a 2x2 max pool.
 CFGS = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -72,25 +76,36 @@ def vgg(arch: str, num_classes: int = 1000) -> VGG:
     return VGG(make_layers(CFGS[ARCH_CFG[name]], batch_norm=bn == "bn"), num_classes)
 
 
+def _arch(model: VGG) -> str | None:
+    """The vggjax arch name of `model` ("vgg16", "vgg11_bn", ...) from its `features`."""
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.features)
+    batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in model.features)
+    return find_arch(convs, batch_norm)
+
+
 @torch.no_grad()
 def randomize(model: VGG, seed: int) -> VGG:
-    """Seeded random weights that keep activations O(1) and give logits of a few units.
+    """`model` with `weights.random_weights.random_variables(arch, seed=seed)`: the numbers
+    vggjax's own tests draw, copied in through `weights.torch.to_state_dict`, so activations
+    stay O(1) on torch-preprocessed inputs and logits are a few units.
 
     Biases and every BatchNorm tensor are random too (running stats included), so a
-    converter that drops or swaps any of them changes the logits.
+    converter that drops or swaps any of them changes the logits. A `classifier` without a
+    final Linear (lpips's trunk) is the conv base only; the head's size is the model's own.
     """
-    g = torch.Generator().manual_seed(seed)
+    arch, head = _arch(model), model.classifier[-1]
+    top = isinstance(head, nn.Linear)
+    variables = random_variables(arch, include_top=top, seed=seed,
+                                 num_classes=head.out_features if top else 1000)
+    state = to_state_dict(variables, arch, "torchvision" if top else None)
+    result = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    # Every tensor but BatchNorm's step counters must have come from `state`: none left as it was.
+    left = [k for k in result.missing_keys if not k.endswith(".num_batches_tracked")]
+    if left or result.unexpected_keys:
+        raise ValueError(f"{arch}: not randomised {left}, unexpected {result.unexpected_keys}")
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            gain = 1.0 if m is model.classifier[-1] else 2.0  # He init where a ReLU follows
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (gain / m.weight[0].numel()) ** 0.5)
-            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
-            m.num_batches_tracked.fill_(1234)
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.fill_(1234)  # as a trained model's: readers must skip it, not expect 0
     return model.eval()
 
 

@@ -1,4 +1,5 @@
-"""torchvision and timm VGG state dicts (.pth, .pt, .bin, .safetensors) as vggjax variables."""
+"""torchvision and timm VGG state dicts (.pth, .pt, .bin, .safetensors) as vggjax variables, and
+vggjax variables as those state dicts (`to_state_dict`: the same layout table, both ways)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 
 from vggjax.model.vgg import ARCHS, WIDTHS, find_arch
-from vggjax.utils.trees import diff, unflatten
+from vggjax.utils.trees import diff, flatten, unflatten
 from vggjax.weights.spec import check_floats, check_variables, expected_shapes
 from vggjax.weights.torch_pickle import read_state_dict
 
@@ -17,10 +18,11 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 class Layout(NamedTuple):
-    """How one torch tensor is stored: its shape given the Keras shape, and the conversion."""
+    """How one torch tensor is stored: its shape given the Keras shape, and the conversions."""
 
     torch_shape: Callable[[tuple], tuple]
     to_keras: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]  # the inverse of to_keras
 
 
 def _fc1_from_conv(w: np.ndarray) -> np.ndarray:
@@ -33,16 +35,24 @@ def _fc1_from_conv(w: np.ndarray) -> np.ndarray:
     return out
 
 
+def _fc1_to_conv(w: np.ndarray) -> np.ndarray:
+    # (H*W*C, out) -> (out, C, H, W): `_fc1_from_conv` backwards.
+    return np.ascontiguousarray(w.T.reshape(w.shape[1], *POOLED).transpose(0, 3, 1, 2))
+
+
 LAYOUTS = {
-    "vector": Layout(lambda s: s, lambda w: w),
-    "conv": Layout(lambda s: (s[3], s[2], s[0], s[1]), lambda w: w.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
-    "linear": Layout(lambda s: s[::-1], lambda w: w.T),  # (out, in) -> (in, out)
+    "vector": Layout(lambda s: s, lambda w: w, lambda w: w),
+    "conv": Layout(lambda s: (s[3], s[2], s[0], s[1]), lambda w: w.transpose(2, 3, 1, 0),  # OIHW -> HWIO
+                   lambda w: w.transpose(3, 2, 0, 1)),
+    "linear": Layout(lambda s: s[::-1], lambda w: w.T, lambda w: w.T),  # (out, in) <-> (in, out)
     # torchvision's fc1: nn.Linear over torch.flatten of (C, 7, 7).
     "fc1_linear": Layout(lambda s: (s[1], s[0]),
-                         lambda w: _fc1_from_conv(w.reshape(w.shape[0], POOLED[2], *POOLED[:2]))),
+                         lambda w: _fc1_from_conv(w.reshape(w.shape[0], POOLED[2], *POOLED[:2])),
+                         lambda w: _fc1_to_conv(w).reshape(w.shape[1], -1)),
     # timm's ConvMlp: fc1 is the same weights as a 7x7 conv, fc2 as a 1x1 conv.
-    "fc1_conv": Layout(lambda s: (s[1], POOLED[2], *POOLED[:2]), _fc1_from_conv),
-    "conv1x1": Layout(lambda s: (s[1], s[0], 1, 1), lambda w: w[:, :, 0, 0].T),
+    "fc1_conv": Layout(lambda s: (s[1], POOLED[2], *POOLED[:2]), _fc1_from_conv, _fc1_to_conv),
+    "conv1x1": Layout(lambda s: (s[1], s[0], 1, 1), lambda w: w[:, :, 0, 0].T,
+                      lambda w: w.T[:, :, None, None]),
 }
 
 # The classifier modules of each library: torch module -> (Keras layer, layout of its weight).
@@ -143,6 +153,21 @@ def from_state_dict(state: Mapping[str, np.ndarray], arch: str, source: str) -> 
     variables = unflatten(flat)
     check_variables(variables, arch, include_top, source, num_classes)
     return variables, include_top
+
+
+def to_state_dict(variables: Mapping, arch: str, top: str | None = "torchvision") -> dict[str, np.ndarray]:
+    """`from_state_dict` backwards: vggjax `variables` of `arch` as a state dict of float32 NumPy
+    arrays in torch's layout (conv kernels OIHW, linear weights (out, in)), with the classifier
+    under `top`'s keys ("torchvision" or "timm"; None: the conv base only, `variables`' top is
+    ignored). No `num_batches_tracked` entries: torch's BatchNorm keeps its own."""
+    if top is not None and top not in TOP_LAYOUTS:
+        raise ValueError(f"unknown classifier layout {top!r}; expected one of {sorted(TOP_LAYOUTS)} or None")
+    flat, plan = flatten(variables), _plan(arch, top)
+    missing = sorted(path for path, _ in plan.values() if path not in flat)
+    if missing:
+        raise ValueError(f"variables lack {arch}'s " + ", ".join(missing))
+    return {key: np.ascontiguousarray(LAYOUTS[layout].to_torch(np.asarray(flat[path], np.float32)))
+            for key, (path, layout) in plan.items()}
 
 
 def _tensor_dict_from_safetensors(path: str) -> dict[str, np.ndarray]:
