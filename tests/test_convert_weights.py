@@ -104,7 +104,8 @@ def test_overwrite_keeps_user_folders_the_input_and_the_working_directory(notop_
         assert result.returncode == 1, result.stdout
         assert re.fullmatch(rf"error: .*{pattern}.*\n", result.stderr), result.stderr
     assert (mine / "notes.txt").read_text() == "mine" and notop_h5.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mine", notop_h5.name])
+    # Nothing written beside them ("cache": the script's $VGGJAX_CACHE, helpers.script_env).
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", "mine", notop_h5.name])
 
 
 def test_overwrite_refuses_a_vggjax_output_the_user_added_a_file_to(notop_h5, tmp_path, subprocess_env):
@@ -197,3 +198,11 @@ def test_class_names_come_from_a_list_or_a_file(tmp_path):
     assert parse_class_names(str(tmp_path / "names.txt")) == ("cats", "dogs")
     with pytest.raises(ValueError, match=r"--class-names 'a,a': expected distinct names"):
         parse_class_names("a,a")
+
+
+def test_a_conversion_shows_its_steps_on_stderr_and_quiet_removes_them(notop_h5, tmp_path, subprocess_env):
+    shown = run_cli(subprocess_env, *convert_args(notop_h5, tmp_path / "a"))
+    quiet = run_cli(subprocess_env, *convert_args(notop_h5, tmp_path / "b", "--quiet"))
+    assert shown.returncode == quiet.returncode == 0, shown.stderr + quiet.stderr
+    assert re.fullmatch(rf"converting {notop_h5.name}: 100%\|##########\| 2/2 \[.*step.*\]\n", shown.stderr)
+    assert quiet.stderr == "" and quiet.stdout == shown.stdout.replace(str(tmp_path / "a"), str(tmp_path / "b"))

@@ -161,7 +161,8 @@ def weights_file(tmp_path_factory, make_variables):
 
 
 def _convert_args(h5, out):
-    return ["--source", "keras", "--arch", "vgg16", "--input", h5, "--output", out, "--overwrite"]
+    return ["--source", "keras", "--arch", "vgg16", "--input", h5, "--output", out, "--overwrite",
+            "--quiet"]  # no progress bar: stderr is the one line
 
 
 @pytest.mark.parametrize("sig, instant", [

@@ -42,6 +42,16 @@ def test_in_a_log_file_a_bar_prints_whole_lines_at_most_per_tenth_and_interval(c
     assert capsys.readouterr().err == "" and len(calls) == len(lines)
 
 
+def test_in_a_log_file_a_bar_ended_by_an_error_leaves_the_error_its_one_line(capsys):
+    try:
+        with progress_bar(total=2, desc="converting w.h5", unit="step") as bar:
+            advance(bar, 1)
+            raise ValueError("w.h5 is damaged")
+    except ValueError:
+        pass
+    assert capsys.readouterr().err == ""  # the command prints "error: w.h5 is damaged", alone
+
+
 def test_in_a_terminal_it_is_tqdm_s_live_bar():
     """Under a pseudo-terminal (80 columns) stderr is a tty: one line redrawn in place."""
     code = ("from vggjax.utils.progress import progress_bar\n"

@@ -50,6 +50,11 @@ class _LogBar(std.tqdm):
     def flush(self) -> None:
         self.stream.flush()
 
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:  # an error or an interrupt ends it: its own line says where and why
+            self.leave = False
+        return super().__exit__(kind, value, traceback)
+
 
 def in_notebook() -> bool:
     """True inside a Jupyter kernel with widgets, where `tqdm.auto` draws an HTML bar."""

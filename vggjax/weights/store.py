@@ -14,6 +14,7 @@ import numpy as np
 from vggjax.utils import atomic, digests
 from vggjax.utils.cache import cache_dir
 from vggjax.utils.orbax_tree import restore_tree, save_tree
+from vggjax.utils.progress import advance, progress_bar
 from vggjax.model.vgg import ARCHS, TOP_INPUTS, VGG, create, without_top
 from vggjax.weights.preprocessing import MODES, prepare_images
 from vggjax.utils.trees import digest, flatten
@@ -100,6 +101,19 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     if os.path.isdir(input_path):
         raise ValueError(f"--input {input_path} is a directory; expected a weights file "
                          "(.h5, .pth, .pt, .bin or .safetensors)")
+    # Reading, checking and digesting, then the write and its bit-for-bit check: a few seconds
+    # each for a 500 MB file, shown as steps (the bytes are read by h5py / the unpickler).
+    with progress_bar(total=2, desc=f"converting {os.path.basename(input_path)}", unit="step",
+                      enabled=progress) as bar:
+        variables, meta = _read_checked(source, arch, input_path, include_top)
+        advance(bar, 1)
+        meta = save(output_dir, variables, meta, overwrite=overwrite, protect=[input_path])
+        advance(bar, 1)
+    return meta
+
+
+def _read_checked(source: str, arch: str, input_path: str, include_top: bool) -> tuple[dict, dict]:
+    """(variables, metadata) of `convert_file`'s input, checked: the top kept or dropped as asked."""
     variables, has_top = read_weights(source, arch, input_path)
     if include_top and not has_top:
         raise ValueError(f"{input_path} holds no classifier (fc1, fc2, predictions): it is a "
@@ -113,7 +127,7 @@ def convert_file(source: str, arch: str, input_path: str | os.PathLike | None = 
     meta = dict(arch=arch, source=source, source_file=os.path.abspath(input_path),
                 source_sha256=digests.file_digest(input_path),
                 include_top=include_top, **SOURCES[source], num_classes=num_classes)
-    return save(output_dir, variables, meta, overwrite=overwrite, protect=[input_path])
+    return variables, meta
 
 
 def save(directory: str | os.PathLike, variables: Mapping, meta: Mapping,
