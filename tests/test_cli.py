@@ -28,6 +28,10 @@ def test_vggjax_lists_its_commands_and_refuses_others(capsys):
     with pytest.raises(SystemExit) as end:
         main.main(["convert", "--help"])
     assert end.value.code == 0 and capsys.readouterr().out.startswith("usage: vggjax convert [-h] --source")
+    for command, flag in (("predict", "--top"), ("finetune", "--epochs")):  # the error names no function
+        with pytest.raises(SystemExit) as end:
+            main.main([command, flag, "abc"])
+        assert end.value.code == 2 and "invalid" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as end:
         main.main(["finetune", "--help"])
     assert end.value.code == 0 and capsys.readouterr().out.startswith("usage: vggjax finetune [-h] [--weights DIR]")

@@ -32,7 +32,8 @@ def write_folder(root, classes=("cats", "dogs"), per_class=2, splits=SPLITS, siz
     (dict(batch_size=0), r"batch_size \(--batch-size\) must be an integer >= 1, found 0"),
     (dict(steps_per_epoch=0), r"steps_per_epoch \(--steps-per-epoch\) must be an integer >= 1 or None"),
     (dict(steps_per_epoch=-1), r"steps_per_epoch .* found -1"),
-    (dict(epochs=dict.fromkeys(PHASES, -1)), r"epochs \(--epochs\) must be an integer >= 0"),
+    (dict(epochs=dict.fromkeys(PHASES, -1)), r"^epochs \(--epochs\) must be an integer >= 0 \(0: evaluate only\) "
+                                             r"for phase\(s\) features, frozen, finetune, found -1$"),  # said once
     (dict(learning_rates=dict.fromkeys(PHASES, 0.0)), r"learning_rates must be > 0"),
     (dict(dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
     (dict(seed=99999999999999999999), r"seed \(--seed\) must be an integer in \[0, 2\*\*32\), found 9999"),

@@ -25,7 +25,10 @@ from vggjax.viz import convnet
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would name this function: "invalid positive_int value"
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, found {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, found {value}")
     return value

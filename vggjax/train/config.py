@@ -39,7 +39,10 @@ def _phases(text: str) -> tuple[str, ...]:
 
 
 def _per_phase(text: str) -> dict[str, int]:
-    return dict.fromkeys(PHASES, int(text))
+    try:
+        return dict.fromkeys(PHASES, int(text))
+    except ValueError:  # argparse would name this function: "invalid _per_phase value"
+        raise argparse.ArgumentTypeError(f"expected one integer for every phase, found {text!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +134,14 @@ class Config:
         need(integer(self.head_units, 1), "head_units", "an integer >= 1", self.head_units)
         need(isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1,
              "dropout_rate", "in [0, 1)", self.dropout_rate)
-        for p in self.phases_to_run:
-            need(integer(self.epochs[p], 0), "epochs", "an integer >= 0 (0: evaluate only) for "
-                 f"phase {p}", self.epochs[p])
-            rate = self.learning_rates[p]
-            need(isinstance(rate, (int, float)) and rate > 0, "learning_rates", f"> 0 for phase {p}", rate)
+        for name, rule, ok in (("epochs", "an integer >= 0 (0: evaluate only)", lambda v: integer(v, 0)),
+                               ("learning_rates", "> 0", lambda v: isinstance(v, (int, float)) and v > 0)):
+            bad = {}  # one problem per wrong value, naming its phases (--epochs -1 sets all three)
+            for p in self.phases_to_run:
+                if not ok(getattr(self, name)[p]):
+                    bad.setdefault(repr(getattr(self, name)[p]), (getattr(self, name)[p], []))[1].append(p)
+            for value, phases in bad.values():
+                need(False, name, f"{rule} for phase(s) {', '.join(phases)}", value)
         need(self.preprocess is None or self.preprocess in MODES, "preprocess",
              f"None or one of {sorted(MODES)}", self.preprocess)
         need(isinstance(self.data, str) and self.data != "", "data", "'tfds' or a folder", self.data)
